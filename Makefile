@@ -1,0 +1,58 @@
+# edgevlm: MobileVLM on Jetson Orin with TensorRT + Triton.  `make help` lists the targets.
+#
+#   PRESET=tiny           model shape for random-weight checkpoints (see edgevlm/presets.py)
+#   MODEL=dir             a real MobileVLM checkpoint directory instead of a random one
+#   NAME=...              artifact folder name (default: the preset, or the MODEL dir's name)
+#   CLIP=dir              local openai CLIP directory for V1 checkpoints (upstream's choice)
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PRESET ?= tiny
+MODEL ?=
+NAME ?= $(if $(MODEL),$(notdir $(abspath $(MODEL))),$(PRESET))
+ART := artifacts/$(NAME)
+CKPT := $(if $(MODEL),$(MODEL),$(ART)/checkpoint)
+CLIP ?=
+PYTEST_ARGS ?=
+
+.PHONY: help setup checkpoint onnx verify test clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+
+setup: $(VENV)/.installed ## create .venv with everything the other targets need (idempotent)
+
+$(VENV)/.installed: pyproject.toml
+	@echo "== setup: $(VENV)"
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@# torch first and pinned: the local CPU wheel; anything looser pulls multi-GB CUDA builds.
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q torch==2.13.0
+	$(VENV)/bin/pip install -q -e ".[build,test]"
+	@touch $@
+
+checkpoint: setup ## write a random-weight checkpoint for PRESET (upstream layout)
+	@if [ -n "$(MODEL)" ]; then echo "MODEL=$(MODEL) given: nothing to write"; \
+	else $(PY) build/make_checkpoint.py --preset $(PRESET) --out $(ART)/checkpoint; fi
+
+$(ART)/checkpoint/config.json:
+	$(MAKE) --no-print-directory checkpoint PRESET=$(PRESET) NAME=$(NAME)
+
+onnx: setup $(if $(MODEL),,$(ART)/checkpoint/config.json) ## export vision_encoder.onnx + decoder.onnx + manifest
+	$(PY) build/export_onnx.py --checkpoint $(CKPT) --out $(ART)/onnx $(if $(CLIP),--clip $(CLIP))
+
+$(ART)/onnx/manifest.json:
+	$(MAKE) --no-print-directory onnx PRESET=$(PRESET) NAME=$(NAME) MODEL=$(MODEL) CLIP=$(CLIP)
+
+verify: setup $(ART)/onnx/manifest.json ## PyTorch vs ONNX Runtime parity on real photos
+	$(PY) build/verify.py --checkpoint $(CKPT) --onnx $(ART)/onnx $(if $(CLIP),--clip $(CLIP))
+
+test: setup ## the whole test suite (what CI runs)
+	@# pytest exits 5 when it collected no test: that is a failure here, said plainly.
+	$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests"; exit 1; fi; exit $$rc
+
+clean: ## remove built artifacts (keeps .venv)
+	rm -rf artifacts

@@ -1,0 +1,32 @@
+"""Export a MobileVLM checkpoint to vision_encoder.onnx + decoder.onnx + manifest.
+
+    python build/export_onnx.py --checkpoint DIR --out artifacts/NAME/onnx [--clip CLIP_DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from edgevlm.checkpoint import CheckpointError
+from edgevlm.graph import GraphError
+from edgevlm.onnx_export import export_onnx
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--checkpoint", required=True, help="MobileVLM checkpoint directory")
+    ap.add_argument("--out", required=True, help="output directory (replaced when done)")
+    ap.add_argument("--clip", default=None,
+                    help="local openai/clip-vit-large-patch14-336 directory (V1 uses it upstream)")
+    args = ap.parse_args(argv)
+    try:
+        export_onnx(args.checkpoint, args.out, clip_dir=args.clip, log=lambda m: print(m, flush=True))
+    except (CheckpointError, GraphError) as e:
+        print(f"onnx: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,43 @@
+"""Parity of the exported ONNX graphs with the PyTorch reference, on real photos.
+
+    python build/verify.py --checkpoint DIR --onnx artifacts/NAME/onnx
+
+Exits 1 when an error exceeds the tolerance or a greedy token differs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from edgevlm.checkpoint import CheckpointError
+from edgevlm.manifest import ManifestError
+from edgevlm.parity import run_parity
+from edgevlm.samples import SAMPLES
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--checkpoint", required=True)
+    ap.add_argument("--onnx", required=True, help="directory written by export_onnx.py")
+    ap.add_argument("--clip", default=None, help="local CLIP directory (as for the export)")
+    ap.add_argument("--images", default=",".join(SAMPLES),
+                    help=f"comma-separated sample photos (of {', '.join(SAMPLES)})")
+    ap.add_argument("--tokens", type=int, default=32, help="greedy tokens to compare")
+    ap.add_argument("--tol", type=float, default=1e-3,
+                    help="max error relative to the compared values' magnitude")
+    args = ap.parse_args(argv)
+    print(f"verify: PyTorch reference vs ONNX Runtime, {args.onnx}", flush=True)
+    try:
+        report = run_parity(args.checkpoint, args.onnx, clip_dir=args.clip,
+                            images=[i for i in args.images.split(",") if i],
+                            new_tokens=args.tokens, log=lambda m: print(m, flush=True))
+    except (CheckpointError, ManifestError, KeyError, ValueError) as e:
+        print(f"verify: error: {e}", file=sys.stderr)
+        return 1
+    print(report.summary(args.tol))
+    return 0 if report.ok(args.tol) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,286 @@
+"""MobileVLM checkpoints in the upstream Hugging Face layout: the key layout and the reader.
+
+A checkpoint directory holds config.json, the weights (`pytorch_model.bin` or
+`model.safetensors`, optionally sharded with an `*.index.json`) and the LLaMA SentencePiece
+tokenizer. One state dict carries the LLM, the projector (`model.mm_projector.*`) and a copy
+of the CLIP tower (`model.vision_tower.vision_tower.vision_model.*`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from edgevlm.presets import LDP, LDPV2, ModelConfig, TextConfig, VisionConfig, match_preset
+from edgevlm.reference.projector import se_width
+
+VISION_PREFIX = "model.vision_tower.vision_tower."
+PROJECTOR_PREFIX = "model.mm_projector."
+CLIP_HEAD_DIM = 64  # every OpenAI CLIP ViT; config.json does not record the tower's head count
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
+
+WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+WEIGHT_SINGLES = ("model.safetensors", "pytorch_model.bin")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that does not hold a loadable MobileVLM checkpoint."""
+
+
+# --- the layout: every key of the upstream state dict and its shape ------------------------
+
+def vision_layout(v: VisionConfig) -> dict[str, tuple[int, ...]]:
+    """Keys of transformers' CLIPVisionModel (prefix `vision_model.`), all layers."""
+    c, f = v.hidden_size, v.intermediate_size
+    keys = {
+        "vision_model.embeddings.class_embedding": (c,),
+        "vision_model.embeddings.patch_embedding.weight": (c, 3, v.patch_size, v.patch_size),
+        "vision_model.embeddings.position_embedding.weight": (v.num_patches + 1, c),
+        "vision_model.pre_layrnorm.weight": (c,), "vision_model.pre_layrnorm.bias": (c,),
+        "vision_model.post_layernorm.weight": (c,), "vision_model.post_layernorm.bias": (c,),
+    }
+    for i in range(v.num_layers):
+        p = f"vision_model.encoder.layers.{i}."
+        for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            keys[p + f"self_attn.{proj}.weight"], keys[p + f"self_attn.{proj}.bias"] = (c, c), (c,)
+        for ln in ("layer_norm1", "layer_norm2"):
+            keys[p + f"{ln}.weight"], keys[p + f"{ln}.bias"] = (c,), (c,)
+        keys[p + "mlp.fc1.weight"], keys[p + "mlp.fc1.bias"] = (f, c), (f,)
+        keys[p + "mlp.fc2.weight"], keys[p + "mlp.fc2.bias"] = (c, f), (c,)
+    return keys
+
+
+def projector_layout(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Keys inside `model.mm_projector.`."""
+    i, d = cfg.vision.hidden_size, cfg.text.hidden_size
+    if cfg.projector_type.startswith(LDPV2):
+        return {"mlp.mlp.0.weight": (d, i), "mlp.mlp.0.bias": (d,),
+                "mlp.mlp.2.weight": (d, d), "mlp.mlp.2.bias": (d,),
+                "peg.peg.0.weight": (d, 1, 3, 3), "peg.peg.0.bias": (d,)}
+    if cfg.projector_type.startswith(LDP):
+        sq = se_width(d)
+        keys = {"model.mlp.1.weight": (d, i), "model.mlp.1.bias": (d,),
+                "model.mlp.3.weight": (d, d), "model.mlp.3.bias": (d,)}
+        for b in (1, 2):
+            p = f"model.mb_block.{b}.block."
+            keys.update({
+                p + "0.0.weight": (d, 1, 3, 3), p + "0.1.weight": (d,), p + "0.1.bias": (d,),
+                p + "1.fc1.weight": (sq, d, 1, 1), p + "1.fc1.bias": (sq,),
+                p + "1.fc2.weight": (d, sq, 1, 1), p + "1.fc2.bias": (d,),
+                p + "2.0.weight": (d, d, 1, 1), p + "2.1.weight": (d,), p + "2.1.bias": (d,),
+            })
+        return keys
+    raise CheckpointError(f"config.json: mm_projector_type {cfg.projector_type!r} is not "
+                          f"supported (expected {LDP!r} or {LDPV2!r})")
+
+
+def llm_layout(t: TextConfig) -> dict[str, tuple[int, ...]]:
+    """Keys of LlamaForCausalLM."""
+    d, f, kv = t.hidden_size, t.intermediate_size, t.num_kv_heads * t.head_dim
+    keys = {"model.embed_tokens.weight": (t.vocab_size, d), "model.norm.weight": (d,),
+            "lm_head.weight": (t.vocab_size, d)}
+    for i in range(t.num_layers):
+        p = f"model.layers.{i}."
+        keys.update({
+            p + "self_attn.q_proj.weight": (t.num_heads * t.head_dim, d),
+            p + "self_attn.k_proj.weight": (kv, d), p + "self_attn.v_proj.weight": (kv, d),
+            p + "self_attn.o_proj.weight": (d, t.num_heads * t.head_dim),
+            p + "mlp.gate_proj.weight": (f, d), p + "mlp.up_proj.weight": (f, d),
+            p + "mlp.down_proj.weight": (d, f),
+            p + "input_layernorm.weight": (d,), p + "post_attention_layernorm.weight": (d,),
+        })
+    return keys
+
+
+def layout(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """The whole checkpoint state dict: key -> shape, in upstream key names."""
+    keys = llm_layout(cfg.text)
+    keys.update({PROJECTOR_PREFIX + k: s for k, s in projector_layout(cfg).items()})
+    keys.update({VISION_PREFIX + k: s for k, s in vision_layout(cfg.vision).items()})
+    return keys
+
+
+# --- reading --------------------------------------------------------------------------------
+
+@dataclass
+class Weights:
+    """State dicts of the three parts, keyed as the reference modules expect."""
+
+    vision: dict[str, torch.Tensor]  # CLIPVisionModel keys ("vision_model....")
+    projector: dict[str, torch.Tensor]
+    llm: dict[str, torch.Tensor]  # LlamaForCausalLM keys
+    vision_source: str  # where the CLIP weights came from
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    config: ModelConfig
+    raw_config: dict
+    weight_files: list[Path]
+    tensors: dict[str, torch.Tensor]  # lazily mapped from disk
+
+    def weights(self, clip_dir: str | Path | None = None) -> Weights:
+        """Split the state dict into its parts, honouring upstream's choice of CLIP weights.
+
+        V2 runs the CLIP copy stored in the checkpoint. V1 upstream re-loads pristine
+        openai/clip-vit-large-patch14-336 from the hub instead; pass its local directory as
+        `clip_dir` to reproduce that. Without it the stored copy is used (the tower was frozen
+        in training, so the two differ only by bf16 rounding) and a note says so.
+        """
+        t = self.tensors
+        vision = {k[len(VISION_PREFIX):]: t[k] for k in t if k.startswith(VISION_PREFIX)}
+        source = f"{self.path.name} (stored copy)"
+        if self.config.version == "v1":
+            if clip_dir is not None:
+                vision, source = read_clip_dir(Path(clip_dir), self.config.vision), str(clip_dir)
+            else:
+                print(f"note: {self.path.name} is MobileVLM V1, which upstream runs with the "
+                      "hub's openai CLIP weights; using the stored copy (pass a local CLIP "
+                      "directory to use those instead)", file=sys.stderr)
+        projector = {k[len(PROJECTOR_PREFIX):]: t[k] for k in t if k.startswith(PROJECTOR_PREFIX)}
+        llm = {k: t[k] for k in llm_layout(self.config.text)}
+        return Weights(vision, projector, llm, source)
+
+    def sha256(self) -> str:
+        """Digest of config.json and the weight files, for manifests."""
+        h = hashlib.sha256()
+        for f in [self.path / "config.json", *self.weight_files]:
+            h.update(f.name.encode())
+            with open(f, "rb") as fh:
+                while chunk := fh.read(1 << 24):
+                    h.update(chunk)
+        return h.hexdigest()
+
+    @property
+    def tokenizer_path(self) -> Path:
+        return self.path / "tokenizer.model"
+
+
+def read_checkpoint(path: str | Path) -> Checkpoint:
+    """Open and validate a checkpoint directory. Raises CheckpointError naming the problem."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise CheckpointError(f"{path}: no config.json (is this a MobileVLM checkpoint directory?)")
+    raw = json.loads((path / "config.json").read_text())
+    if not (path / "tokenizer.model").is_file():
+        raise CheckpointError(f"{path}: no tokenizer.model (the LLaMA SentencePiece tokenizer)")
+    files = weight_files(path)
+    tensors = {}
+    for f in files:
+        tensors.update(_load_file(f))
+    # transformers < 4.32 saved RoPE's inv_freq buffer; it is recomputed, never loaded.
+    tensors = {k: v for k, v in tensors.items() if not k.endswith("rotary_emb.inv_freq")}
+    config = config_from_checkpoint(raw, tensors, name=path.name)
+    check_tensors(tensors, layout(config), where=str(path))
+    return Checkpoint(path, config, raw, files, tensors)
+
+
+def weight_files(path: Path) -> list[Path]:
+    for index in WEIGHT_INDEXES:
+        if (path / index).is_file():
+            weight_map = json.loads((path / index).read_text())["weight_map"]
+            files = [path / f for f in sorted(set(weight_map.values()))]
+            missing = [f.name for f in files if not f.is_file()]
+            if missing:
+                raise CheckpointError(f"{path}: {index} names missing shard(s): {', '.join(missing)}")
+            return files
+    for single in WEIGHT_SINGLES:
+        if (path / single).is_file():
+            return [path / single]
+    raise CheckpointError(f"{path}: no weights (expected one of "
+                          f"{', '.join(WEIGHT_SINGLES + WEIGHT_INDEXES)})")
+
+
+def _load_file(f: Path) -> dict[str, torch.Tensor]:
+    try:
+        if f.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            return load_file(str(f))  # memory-mapped
+        return torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:
+        raise CheckpointError(f"{f}: cannot read weights: {e}") from e
+
+
+def config_from_checkpoint(raw: dict, tensors: dict[str, torch.Tensor], name: str) -> ModelConfig:
+    """config.json gives the LLM and projector; the CLIP tower's dims come from its weights."""
+    def need(key):
+        if key not in raw:
+            raise CheckpointError(f"config.json: missing {key!r}")
+        return raw[key]
+
+    ptype = need("mm_projector_type")
+    if not (ptype.startswith(LDPV2) or ptype.startswith(LDP)):
+        raise CheckpointError(f"config.json: mm_projector_type {ptype!r} is not supported "
+                              f"(expected {LDP!r} or {LDPV2!r})")
+    if raw.get("mm_vision_select_feature", "patch") != "patch":
+        raise CheckpointError("config.json: only mm_vision_select_feature 'patch' is supported")
+    if raw.get("mm_use_im_start_end"):
+        raise CheckpointError("config.json: mm_use_im_start_end true is not supported")
+    heads = need("num_attention_heads")
+    text = TextConfig(
+        vocab_size=need("vocab_size"), hidden_size=need("hidden_size"),
+        intermediate_size=need("intermediate_size"), num_layers=need("num_hidden_layers"),
+        num_heads=heads, num_kv_heads=raw.get("num_key_value_heads") or heads,
+        max_position=raw.get("max_sequence_length") or need("max_position_embeddings"),
+        rms_norm_eps=need("rms_norm_eps"), rope_theta=raw.get("rope_theta", 10000.0),
+        bos_token_id=raw.get("bos_token_id", 1), eos_token_id=raw.get("eos_token_id", 2),
+        pad_token_id=raw.get("pad_token_id", 0))
+
+    def shape(key):
+        full = VISION_PREFIX + key
+        if full not in tensors:
+            raise CheckpointError(f"missing key {full}")
+        return tuple(tensors[full].shape)
+
+    c, _, patch, _ = shape("vision_model.embeddings.patch_embedding.weight")
+    positions = shape("vision_model.embeddings.position_embedding.weight")[0]
+    grid = int(round((positions - 1) ** 0.5))
+    if grid * grid != positions - 1 or grid % 2:
+        raise CheckpointError(f"{VISION_PREFIX}vision_model.embeddings.position_embedding.weight: "
+                              f"{positions} positions is not 1 + an even square grid")
+    layers = 0
+    while VISION_PREFIX + f"vision_model.encoder.layers.{layers}.mlp.fc1.weight" in tensors:
+        layers += 1
+    vision = VisionConfig(
+        image_size=grid * patch, patch_size=patch, hidden_size=c,
+        intermediate_size=shape("vision_model.encoder.layers.0.mlp.fc1.weight")[0],
+        num_layers=layers, num_heads=max(1, c // CLIP_HEAD_DIM),
+        select_layer=raw.get("mm_vision_select_layer", -2))
+    if raw.get("mm_hidden_size", c) != c:
+        raise CheckpointError(f"config.json: mm_hidden_size {raw['mm_hidden_size']} does not "
+                              f"match the vision tower width {c}")
+    return match_preset(ModelConfig(name, ptype, vision, text))
+
+
+def check_tensors(tensors: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]],
+                  where: str) -> None:
+    missing = [k for k in expected if k not in tensors]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise CheckpointError(f"{where}: missing key {missing[0]}{more}")
+    for k, s in expected.items():
+        if tuple(tensors[k].shape) != s:
+            raise CheckpointError(f"{where}: key {k} has shape {list(tensors[k].shape)}, "
+                                  f"expected {list(s)} from config.json")
+    extra = sorted(k for k in tensors if k not in expected)
+    if extra:
+        more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
+        raise CheckpointError(f"{where}: unexpected key {extra[0]}{more}; does config.json "
+                              "match the weights?")
+
+
+def read_clip_dir(path: Path, v: VisionConfig) -> dict[str, torch.Tensor]:
+    """CLIP weights from a local Hugging Face CLIP directory (CLIPModel or CLIPVisionModel)."""
+    tensors = {}
+    for f in weight_files(path):
+        tensors.update(_load_file(f))
+    vision = {k: t for k, t in tensors.items() if k.startswith("vision_model.")}
+    vision = {k: t for k, t in vision.items() if not k.endswith("position_ids")}
+    check_tensors(vision, vision_layout(v), where=str(path))
+    return vision

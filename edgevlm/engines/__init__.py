@@ -1,0 +1,1 @@
+"""Runners for the exported graphs: ONNX Runtime here, TensorRT on the Orin."""

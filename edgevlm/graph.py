@@ -1,0 +1,119 @@
+"""ONNX graph cleanup with onnx-graphsurgeon: fold, prune, sort, pin the opset, save.
+
+torch's exporter emits opset 18. TensorRT 8.5 (JetPack 5) parses up to opset 17, and the onnx
+version converter has no Split adapter for 18 -> 17, so the few constructs that changed in
+opset 18 are rewritten here by hand. Anything else from opset 18 fails loudly.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+TARGET_OPSET = 17
+TARGET_IR_VERSION = 8  # the IR that goes with opset 17 (onnx 1.12), as TensorRT 8.5 expects
+EXPORT_OPSET = 18  # what torch's dynamo exporter emits natively
+EXTERNAL_DATA_BYTES = 1_800_000_000  # stay clear of protobuf's 2 GiB limit
+# Ops whose opset-18 form moved `axes` from an attribute to an input.
+_REDUCE_AXES_MOVED = {"ReduceL1", "ReduceL2", "ReduceLogSum", "ReduceLogSumExp", "ReduceMax",
+                      "ReduceMean", "ReduceMin", "ReduceProd", "ReduceSumSquare"}
+# Ops new in opset 18: no opset-17 form at all.
+_NEW_IN_18 = {"CenterCropPad", "Col2Im", "GroupNormalization", "BitwiseAnd", "BitwiseOr",
+              "BitwiseXor", "BitwiseNot"}
+
+
+def _uses_opset18_features(node: gs.Node) -> bool:
+    """Opset-18 versions of older ops that use what opset 17 cannot express."""
+    if node.op == "Pad":
+        return len(node.inputs) > 3  # the new `axes` input
+    if node.op == "Resize":
+        return bool({"antialias", "axes", "keep_aspect_ratio_policy"} & set(node.attrs))
+    if node.op in ("ScatterElements", "ScatterND"):
+        return node.attrs.get("reduction") in ("max", "min")
+    if node.op == "LpPool":
+        return "ceil_mode" in node.attrs
+    return node.op in _NEW_IN_18
+
+
+class GraphError(RuntimeError):
+    pass
+
+
+def clean(src: Path, dst: Path, input_names: list[str], output_names: list[str]) -> None:
+    """src ONNX -> cleaned, opset-17 ONNX at dst (external data beside it when large)."""
+    graph = gs.import_onnx(onnx.load(str(src)))
+    graph.fold_constants().cleanup(remove_unused_graph_inputs=False).toposort()
+    downgrade_to_opset17(graph)
+    graph.cleanup().toposort()
+    got_in, got_out = [t.name for t in graph.inputs], [t.name for t in graph.outputs]
+    if got_in != input_names or got_out != output_names:
+        raise GraphError(f"{dst.name}: IO names changed in export: inputs {got_in}, "
+                         f"outputs {got_out}; expected {input_names} -> {output_names}")
+    model = gs.export_onnx(graph)
+    for entry in model.opset_import:  # the exporter's import list still says 18
+        if entry.domain in ("", "ai.onnx"):
+            entry.version = TARGET_OPSET
+    model.ir_version = TARGET_IR_VERSION
+    save(model, dst)
+
+
+def downgrade_to_opset17(graph: gs.Graph) -> None:
+    for node in graph.nodes:
+        if node.domain not in (None, "", "ai.onnx"):
+            raise GraphError(f"node {node.name}: custom domain {node.domain!r} in an exported graph")
+        if _uses_opset18_features(node):
+            raise GraphError(f"node {node.name}: this {node.op} has no opset-17 form; "
+                             "extend graph.downgrade_to_opset17")
+        if node.op in _REDUCE_AXES_MOVED:
+            if node.attrs.pop("noop_with_empty_axes", 0) and len(node.inputs) < 2:
+                raise GraphError(f"node {node.name}: {node.op} with noop_with_empty_axes")
+            if len(node.inputs) > 1:
+                node.attrs["axes"] = [int(a) for a in _constant(node, node.inputs[1], "axes")]
+                node.inputs = node.inputs[:1]
+        elif node.op == "Split" and "num_outputs" in node.attrs:
+            n = node.attrs.pop("num_outputs")
+            shape = node.inputs[0].shape
+            axis = node.attrs.get("axis", 0)
+            dim = shape[axis] if shape is not None else None
+            if not isinstance(dim, int):
+                raise GraphError(f"node {node.name}: Split over a dynamic axis")
+            # opset 18 gives the last chunk the remainder (ceil-sized chunks first)
+            step = -(-dim // n)
+            sizes = [min(step, dim - i * step) for i in range(n)]
+            node.inputs.append(gs.Constant(f"{node.name}_split", np.array(sizes, np.int64)))
+
+
+def _constant(node: gs.Node, t: gs.Tensor, what: str) -> np.ndarray:
+    if isinstance(t, gs.Constant):
+        return np.asarray(t.values)
+    if t.inputs and t.inputs[0].op == "Constant":
+        return np.asarray(t.inputs[0].attrs["value"].values)
+    raise GraphError(f"node {node.name}: {what} is computed at run time; cannot downgrade")
+
+
+def save(model: onnx.ModelProto, dst: Path) -> None:
+    """Save, moving the weights to `<name>.data` when the graph is near protobuf's limit."""
+    big = sum(t.ByteSize() for t in model.graph.initializer) > EXTERNAL_DATA_BYTES
+    if big:
+        onnx.save_model(model, str(dst), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=dst.name + ".data", size_threshold=1024)
+    else:
+        onnx.save_model(model, str(dst))
+    onnx.checker.check_model(str(dst))  # path form: works for external data too
+
+
+def io_specs(path: Path) -> dict:
+    """{"inputs": [...], "outputs": [...]} with name, dtype and shape (ints or axis names)."""
+    model = onnx.load(str(path), load_external_data=False)
+
+    def spec(v):
+        t = v.type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") else d.dim_param for d in t.shape.dim]
+        return {"name": v.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name,
+                "shape": dims}
+
+    return {"inputs": [spec(v) for v in model.graph.input],
+            "outputs": [spec(v) for v in model.graph.output]}

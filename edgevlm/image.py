@@ -1,0 +1,72 @@
+"""Image preprocessing as upstream MobileVLM does it, with numpy and Pillow only.
+
+decode -> RGB -> pad to a centred square with the CLIP-mean colour -> PIL bicubic to the
+tower's size -> scale to [0, 1] -> normalise with CLIP mean/std -> float32 [3, S, S].
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from edgevlm.presets import CLIP_MEAN, CLIP_STD
+
+PAD_COLOUR = tuple(int(m * 255) for m in CLIP_MEAN)  # (122, 116, 104)
+DEFAULT_MAX_PIXELS = 50_000_000  # refuse decompression bombs before decoding them
+
+
+class ImageError(ValueError):
+    """An input that is not a decodable, acceptably sized image."""
+
+
+def load_image(src, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """bytes, a path, a PIL image or an HxWx3 uint8 array -> RGB PIL image."""
+    if isinstance(src, Image.Image):
+        img = src
+    elif isinstance(src, np.ndarray):
+        if src.dtype != np.uint8 or src.ndim != 3 or src.shape[2] not in (3, 4):
+            raise ImageError(f"image array must be HxWx3 uint8, got {src.dtype} {src.shape}")
+        img = Image.fromarray(src)
+    else:
+        data = Path(src).read_bytes() if isinstance(src, (str, Path)) else bytes(src)
+        if not data:
+            raise ImageError("image is empty")
+        try:
+            img = Image.open(io.BytesIO(data))
+        except Image.DecompressionBombError:  # Pillow's own, higher limit
+            raise ImageError(f"image is over the {max_pixels} pixel limit") from None
+        except Exception as e:  # PIL raises several unrelated types for garbage input
+            raise ImageError(f"cannot decode image: {e}") from None
+    w, h = img.size
+    if w * h > max_pixels:  # checked on the header, before any pixel is decoded
+        raise ImageError(f"image is {w}x{h} = {w * h} pixels, over the {max_pixels} pixel limit")
+    if w < 1 or h < 1:
+        raise ImageError(f"image has no pixels ({w}x{h})")
+    try:
+        return img.convert("RGB")
+    except Exception as e:
+        raise ImageError(f"cannot decode image: {e}") from None
+
+
+def expand_to_square(img: Image.Image, fill=PAD_COLOUR) -> Image.Image:
+    w, h = img.size
+    if w == h:
+        return img
+    side = max(w, h)
+    out = Image.new(img.mode, (side, side), fill)
+    out.paste(img, ((side - w) // 2, (side - h) // 2))
+    return out
+
+
+def preprocess(src, size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Any accepted image -> pixel_values float32 [3, size, size]."""
+    img = expand_to_square(load_image(src, max_pixels))
+    # CLIPImageProcessor: shortest edge to `size` with PIL bicubic (a square gives size x size),
+    # then a centre crop that is a no-op here.
+    img = img.resize((size, size), Image.Resampling.BICUBIC)
+    x = (np.asarray(img, dtype=np.float64) * (1 / 255)).astype(np.float32)
+    x = (x - np.array(CLIP_MEAN, np.float32)) / np.array(CLIP_STD, np.float32)
+    return np.ascontiguousarray(x.transpose(2, 0, 1))

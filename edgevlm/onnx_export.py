@@ -1,0 +1,169 @@
+"""Checkpoint -> ONNX: vision_encoder.onnx, decoder.onnx, embedding table, tokenizer, manifest.
+
+Tensor contract (float32 graphs; TensorRT lowers them to FP16/INT8 on the device):
+  vision_encoder  pixel_values [batch, 3, S, S]  ->  image_embeds [batch, N, D]
+  decoder         inputs_embeds [batch, seq, D], position_ids [batch, seq] int64,
+                  past_key_<i> / past_value_<i> [batch, kv_heads, past, head_dim]
+              ->  logits [batch, vocab] (last position),
+                  present_key_<i> / present_value_<i> [batch, kv_heads, past + seq, head_dim]
+Prefill passes past = 0; each decode step passes seq = 1 and the previous step's presents.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import io
+import logging
+import shutil
+import time
+import warnings
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from edgevlm import graph
+from edgevlm.checkpoint import TOKENIZER_FILES, read_checkpoint
+from edgevlm.image import PAD_COLOUR
+from edgevlm.manifest import write_manifest
+from edgevlm.presets import CLIP_MEAN, CLIP_STD, IMAGE_TOKEN_INDEX, ModelConfig
+from edgevlm.prompt import STOP_STRING
+from edgevlm.reference.llama import LlamaDecoder
+from edgevlm.reference.model import MobileVLM
+from edgevlm.staging import staged_dir
+
+MAX_BATCH = 64
+VISION_IO = (["pixel_values"], ["image_embeds"])
+
+
+def decoder_io(num_layers: int) -> tuple[list[str], list[str]]:
+    kv = [f"{{}}_{kind}_{i}" for i in range(num_layers) for kind in ("key", "value")]
+    return (["inputs_embeds", "position_ids"] + [k.format("past") for k in kv],
+            ["logits"] + [k.format("present") for k in kv])
+
+
+class _DecoderGraph(torch.nn.Module):
+    """The decoder with its KV cache flattened into separate graph inputs and outputs."""
+
+    def __init__(self, decoder: LlamaDecoder):
+        super().__init__()
+        self.decoder = decoder
+
+    def forward(self, inputs_embeds, position_ids, *past):
+        pairs = [(past[2 * i], past[2 * i + 1]) for i in range(len(past) // 2)]
+        logits, presents = self.decoder(inputs_embeds, position_ids, pairs)
+        return (logits, *[t for kv in presents for t in kv])
+
+
+def _torch_export(module, args, path: Path, names, dynamic_shapes) -> None:
+    """torch.onnx (dynamo) export, keeping its progress chatter out of our output."""
+    chatter = io.StringIO()
+    # It also logs one warning per torchvision op it cannot register; we use none of them.
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
+    with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(chatter):
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, args, str(path), input_names=names[0], output_names=names[1],
+                          dynamic_shapes=dynamic_shapes, opset_version=graph.EXPORT_OPSET,
+                          dynamo=True, external_data=True, optimize=True)
+
+
+def export_vision(model: MobileVLM, cfg: ModelConfig, path: Path) -> None:
+    s = cfg.vision.image_size
+    batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
+    # Example batch 2: torch.export specialises dimensions whose example size is 0 or 1.
+    _torch_export(model.vision, (torch.zeros(2, 3, s, s),), path, VISION_IO, ({0: batch},))
+
+
+def export_decoder(model: MobileVLM, cfg: ModelConfig, path: Path) -> None:
+    t = cfg.text
+    batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
+    seq = torch.export.Dim("seq", min=1, max=t.max_position)
+    past = torch.export.Dim("past", min=0, max=t.max_position)
+    b, s, p = 2, 3, 4
+    kv = [torch.zeros(b, t.num_kv_heads, p, t.head_dim) for _ in range(2 * t.num_layers)]
+    args = (torch.zeros(b, s, t.hidden_size), torch.arange(p, p + s).repeat(b, 1), *kv)
+    shapes = ({0: batch, 1: seq}, {0: batch, 1: seq}, tuple({0: batch, 2: past} for _ in kv))
+    _torch_export(_DecoderGraph(model.decoder), args, path, decoder_io(t.num_layers), shapes)
+
+
+def memory_gb() -> tuple[float, float]:
+    """(current, peak) resident memory of this process in GB, for progress lines."""
+    status = Path("/proc/self/status")
+    if not status.is_file():
+        return 0.0, 0.0
+    fields = dict(line.split(":", 1) for line in status.read_text().splitlines() if ":" in line)
+    kb = lambda k: int(fields.get(k, "0 kB").split()[0])
+    return kb("VmRSS") / 1e6, kb("VmHWM") / 1e6
+
+
+def export_onnx(checkpoint_dir: str | Path, out_dir: str | Path, clip_dir: str | Path | None = None,
+                log=print) -> Path:
+    """Export a checkpoint into out_dir (replaced whole, or left untouched on failure)."""
+    t0 = time.monotonic()
+    _log = log
+
+    def log(msg):  # every progress line carries elapsed time and memory
+        rss, peak = memory_gb()
+        _log(f"{msg}  [{time.monotonic() - t0:.0f} s, RSS {rss:.1f} GB, peak {peak:.1f} GB]")
+
+    ckpt = read_checkpoint(checkpoint_dir)
+    cfg = ckpt.config
+    out_dir = Path(out_dir)
+    log(f"onnx: {ckpt.path} -> {out_dir} ({cfg.name}, {cfg.version}, {cfg.projector_type})")
+    with staged_dir(out_dir) as tmp:
+        raw = tmp / "raw"
+        raw.mkdir()
+        weights = ckpt.weights(clip_dir)
+        model = MobileVLM.from_weights(cfg, weights)
+        vision_source = weights.vision_source
+        del weights
+        log(f"onnx: [1/4] vision encoder ({cfg.vision.layers_used} CLIP layers + projector)")
+        export_vision(model, cfg, raw / "vision_encoder.onnx")
+        log(f"onnx: [2/4] decoder ({cfg.text.num_layers} layers, KV cache as IO)")
+        export_decoder(model, cfg, raw / "decoder.onnx")
+        np.save(tmp / "embed_tokens.npy", model.decoder.model.embed_tokens.weight.detach().numpy())
+        del model
+        gc.collect()
+        log("onnx: [3/4] graph cleanup (fold constants, prune, opset 17): vision encoder")
+        graph.clean(raw / "vision_encoder.onnx", tmp / "vision_encoder.onnx", *VISION_IO)
+        log("onnx: [3/4] graph cleanup: decoder")
+        graph.clean(raw / "decoder.onnx", tmp / "decoder.onnx", *decoder_io(cfg.text.num_layers))
+        shutil.rmtree(raw)
+        log("onnx: [4/4] tokenizer, manifest")
+        for name in TOKENIZER_FILES:
+            if (ckpt.path / name).is_file():
+                shutil.copy2(ckpt.path / name, tmp / name)
+        write_manifest(tmp, _manifest(ckpt, cfg, tmp, vision_source))
+    sizes = {p.name: p.stat().st_size for p in out_dir.iterdir()}
+    total = sum(sizes.values()) / 1e6
+    log(f"onnx: done in {time.monotonic() - t0:.1f} s, {total:.1f} MB in {out_dir}")
+    return out_dir
+
+
+def _manifest(ckpt, cfg: ModelConfig, root: Path, vision_source: str) -> dict:
+    import onnx
+    files = {"vision_encoder": "vision_encoder.onnx", "decoder": "decoder.onnx",
+             "embed_tokens": "embed_tokens.npy", "tokenizer": "tokenizer.model"}
+    for key in ("vision_encoder", "decoder"):  # external weights of graphs over 2 GB
+        if (root / f"{key}.onnx.data").is_file():
+            files[f"{key}_data"] = f"{key}.onnx.data"
+    return {
+        "kind": "onnx",
+        "model": cfg.to_dict(),
+        "source": {"checkpoint": str(ckpt.path.resolve()), "sha256": ckpt.sha256(),
+                   "vision_weights": vision_source},
+        "image": {"size": cfg.vision.image_size, "mean": list(CLIP_MEAN), "std": list(CLIP_STD),
+                  "pad_colour": list(PAD_COLOUR), "tokens": cfg.image_tokens},
+        "prompt": {"template": "v1", "image_token_index": IMAGE_TOKEN_INDEX,
+                   "stop": [STOP_STRING], "eos_token_id": cfg.text.eos_token_id,
+                   "bos_token_id": cfg.text.bos_token_id},
+        "files": files,
+        "io": {"vision_encoder": graph.io_specs(root / "vision_encoder.onnx"),
+               "decoder": graph.io_specs(root / "decoder.onnx")},
+        "limits": {"max_batch": MAX_BATCH, "max_context": cfg.text.max_position},
+        "opset": graph.TARGET_OPSET,
+        "exporter": {"torch": torch.__version__, "onnx": onnx.__version__},
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }

@@ -1,0 +1,140 @@
+"""PyTorch reference vs the exported ONNX graphs under ONNX Runtime, on real photos.
+
+For every photo (and one text-only prompt) both sides preprocess, encode the image, splice,
+prefill and decode greedily for a fixed number of tokens without stopping at EOS. Reported:
+the largest image-embedding error, the largest logit error over the steps where the two
+token streams still agree, and whether the streams are identical.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from edgevlm.checkpoint import read_checkpoint
+from edgevlm.embedding import EmbeddingTable
+from edgevlm.engines.onnxruntime import OrtDecoder, OrtVisionEncoder
+from edgevlm.image import preprocess
+from edgevlm.manifest import OnnxArtifacts
+from edgevlm.prompt import build_prompt, tokenize_prompt
+from edgevlm.reference.model import MobileVLM
+from edgevlm.samples import sample_images
+from edgevlm.tokenizer import Tokenizer
+
+QUESTION = "What is in the image? Describe it in one sentence."
+TEXT_ONLY = "Name three colours."
+
+
+@dataclass
+class Case:
+    name: str
+    prompt_tokens: int
+    ref_tokens: list[int]
+    onnx_tokens: list[int]
+    logits_err: float
+    logits_scale: float
+    image_err: float | None = None
+    image_scale: float | None = None
+
+    @property
+    def tokens_match(self) -> bool:
+        return self.ref_tokens == self.onnx_tokens
+
+
+@dataclass
+class Report:
+    cases: list[Case] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def worst(self, attr: str) -> float:
+        vals = [getattr(c, attr) for c in self.cases if getattr(c, attr) is not None]
+        return max(vals) if vals else 0.0
+
+    def ok(self, tol: float) -> bool:
+        """Errors are judged relative to the size of what is compared (at least 1)."""
+        return (all(c.tokens_match for c in self.cases)
+                and self.worst("image_err") <= tol * max(1.0, self.worst("image_scale"))
+                and self.worst("logits_err") <= tol * max(1.0, self.worst("logits_scale")))
+
+    def summary(self, tol: float) -> str:
+        same = sum(c.tokens_match for c in self.cases)
+        n = len(self.cases[0].ref_tokens) if self.cases else 0
+        return (f"parity {'PASS' if self.ok(tol) else 'FAIL'}: "
+                f"image_embeds max|d| {self.worst('image_err'):.2e} (|x| up to {self.worst('image_scale'):.2f}), "
+                f"logits max|d| {self.worst('logits_err'):.2e} (|x| up to {self.worst('logits_scale'):.2f}), "
+                f"greedy {n} tokens identical in {same}/{len(self.cases)} prompts, "
+                f"tol {tol:g} relative, {self.seconds:.1f} s")
+
+
+def onnx_greedy(decoder: OrtDecoder, table: EmbeddingTable, ids: list[int],
+                image_embeds: np.ndarray | None, n: int) -> tuple[list[int], np.ndarray]:
+    x = table.embed(ids, image_embeds)
+    past = decoder.empty_cache()
+    pos, out, rows = 0, [], []
+    for _ in range(n):
+        positions = np.arange(pos, pos + x.shape[1], dtype=np.int64)[None]
+        logits, past = decoder(x, positions, past)
+        pos += x.shape[1]
+        tok = int(logits[0].argmax())
+        out.append(tok)
+        rows.append(logits[0])
+        x = table.embed([tok])
+    return out, np.stack(rows)
+
+
+def _logits_err(ref_tokens, ref_rows, onnx_tokens, onnx_rows) -> float:
+    """Max |d| over the steps up to and including the first divergence (after it the two
+    sides condition on different tokens and their logits are not comparable)."""
+    err = 0.0
+    for i, (a, b) in enumerate(zip(ref_tokens, onnx_tokens)):
+        err = max(err, float(np.abs(ref_rows[i] - onnx_rows[i]).max()))
+        if a != b:
+            break
+    return err
+
+
+def run_parity(checkpoint: str | Path, onnx_dir: str | Path, *, clip_dir=None, images=None,
+               new_tokens: int = 32, log=print) -> Report:
+    t0 = time.monotonic()
+    art = OnnxArtifacts.open(onnx_dir)
+    ckpt = read_checkpoint(checkpoint)
+    cfg = ckpt.config
+    if not cfg.same_shape(art.config):
+        raise ValueError(f"{onnx_dir} was exported from a {art.config.name} model, "
+                         f"but {checkpoint} is {cfg.name}")
+    model = MobileVLM.from_weights(cfg, ckpt.weights(clip_dir))
+    vision = OrtVisionEncoder(art.path("vision_encoder"))
+    decoder = OrtDecoder(art.path("decoder"), cfg.text)
+    table = EmbeddingTable(art.path("embed_tokens"))
+    tok = Tokenizer(art.path("tokenizer"))
+
+    report = Report()
+    cases = [(name, data) for name, data in sample_images(images).items()] + [("text-only", None)]
+    for name, data in cases:
+        ids = tokenize_prompt(tok, build_prompt(QUESTION if data else TEXT_ONLY, image=data is not None))
+        px = preprocess(data, cfg.vision.image_size)[None] if data else None
+        img_err = img_scale = ref_embeds = onnx_embeds = None
+        with torch.no_grad():
+            if px is not None:
+                ref_embeds = model.vision(torch.from_numpy(px)).numpy()
+                onnx_embeds = vision(px)
+                img_err = float(np.abs(ref_embeds - onnx_embeds).max())
+                img_scale = float(np.abs(ref_embeds).max())
+            ref_tokens, ref_rows = model.generate(
+                ids, torch.from_numpy(px) if px is not None else None, max_new_tokens=new_tokens,
+                stop_ids=[], return_logits=True)
+        onnx_tokens, onnx_rows = onnx_greedy(decoder, table, ids, onnx_embeds, new_tokens)
+        case = Case(name, len(ids), ref_tokens, onnx_tokens,
+                    _logits_err(ref_tokens, ref_rows.numpy(), onnx_tokens, onnx_rows),
+                    float(np.abs(ref_rows.numpy()).max()), img_err, img_scale)
+        report.cases.append(case)
+        image = f"image max|d| {img_err:.2e}, " if img_err is not None else ""
+        log(f"  {name:10s} {case.prompt_tokens:4d} prompt tokens, {image}"
+            f"logits max|d| {case.logits_err:.2e}, tokens {'identical' if case.tokens_match else 'DIFFER'}"
+            f"  {tok.decode(onnx_tokens)[:40]!r}")
+    report.seconds = time.monotonic() - t0
+    return report

@@ -1,0 +1,110 @@
+"""MobileVLM assembled: vision encoder (tower + projector), embedding splice, generation."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from edgevlm.presets import IMAGE_TOKEN_INDEX, ModelConfig
+from edgevlm.reference.clip import CLIPVisionTower
+from edgevlm.reference.llama import LlamaDecoder
+from edgevlm.reference.projector import build_projector
+
+
+class VisionEncoder(nn.Module):
+    """pixel_values [B, 3, S, S] -> image_embeds [B, image_tokens, D_llm]."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.tower = CLIPVisionTower(cfg.vision)
+        self.projector = build_projector(cfg)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.projector(self.tower(pixel_values))
+
+
+class MobileVLM(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.vision = VisionEncoder(cfg)
+        self.decoder = LlamaDecoder(cfg.text)
+
+    @classmethod
+    def from_weights(cls, cfg: ModelConfig, weights, dtype=torch.float32) -> MobileVLM:
+        """Build from a `checkpoint.Weights` (vision, projector and LLM state dicts)."""
+        with torch.device("meta"):
+            model = cls(cfg)
+        wanted = set(model.vision.tower.state_dict())
+        tower = {k: v for k, v in weights.vision.items() if k in wanted}  # skip unused layers
+        model.vision.tower.load_state_dict(tower, strict=True, assign=True)
+        model.vision.projector.load_state_dict(weights.projector, strict=True, assign=True)
+        model.decoder.load_state_dict(weights.llm, strict=True, assign=True)
+        return model.to(dtype).eval()
+
+    def embed(self, input_ids: Sequence[int], image_embeds: torch.Tensor | None) -> torch.Tensor:
+        """Token ids with IMAGE_TOKEN_INDEX placeholders -> inputs_embeds [1, L, D].
+
+        Each placeholder is replaced by the next image's image_tokens rows, so L grows by
+        image_tokens - 1 per image; text around it is embedded as usual.
+        """
+        table = self.decoder.model.embed_tokens.weight
+        parts, text, image_i = [], [], 0
+        for tok in input_ids:
+            if tok != IMAGE_TOKEN_INDEX:
+                text.append(tok)
+                continue
+            if image_embeds is None or image_i >= image_embeds.shape[0]:
+                raise ValueError("the prompt has more image placeholders than images")
+            parts += [table[torch.tensor(text, dtype=torch.long)], image_embeds[image_i].to(table.dtype)]
+            text, image_i = [], image_i + 1
+        parts.append(table[torch.tensor(text, dtype=torch.long)])
+        return torch.cat(parts)[None]
+
+    @torch.no_grad()
+    def generate(self, input_ids: Sequence[int], pixel_values: torch.Tensor | None = None, *,
+                 max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0,
+                 top_k: int = 0, seed: int | None = None, stop_ids: Sequence[int] | None = None,
+                 return_logits: bool = False):
+        """Generate token ids after the prompt. temperature 0 means greedy.
+
+        Returns the new ids, and with return_logits also the logits row each was chosen from.
+        """
+        stop = set(stop_ids if stop_ids is not None else [self.cfg.text.eos_token_id])
+        image_embeds = self.vision(pixel_values) if pixel_values is not None else None
+        x = self.embed(input_ids, image_embeds)
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        past = self.decoder.empty_cache(dtype=x.dtype)
+        pos = 0
+        out, rows = [], []
+        for _ in range(max_new_tokens):
+            positions = torch.arange(pos, pos + x.shape[1])[None]
+            logits, past = self.decoder(x, positions, past)
+            pos += x.shape[1]
+            tok = sample(logits[0], temperature, top_p, top_k, gen)
+            out.append(tok)
+            rows.append(logits[0])
+            if tok in stop:
+                break
+            x = self.decoder.model.embed_tokens.weight[tok][None, None]
+        return (out, torch.stack(rows)) if return_logits else out
+
+
+def sample(logits: torch.Tensor, temperature: float, top_p: float, top_k: int,
+           generator: torch.Generator | None) -> int:
+    if temperature <= 0:
+        return int(logits.argmax())
+    logits = logits.float() / temperature
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.numel())).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if top_p < 1.0:
+        sorted_p, idx = probs.sort(descending=True)
+        # Keep the smallest prefix whose mass reaches top_p (the top token always stays).
+        drop = sorted_p.cumsum(0) - sorted_p >= top_p
+        sorted_p[drop] = 0
+        probs = torch.zeros_like(probs).scatter(0, idx, sorted_p)
+    return int(torch.multinomial(probs / probs.sum(), 1, generator=generator))

@@ -1,0 +1,206 @@
+"""Random-weight MobileVLM checkpoints in the exact upstream layout, for any preset.
+
+With no model hub on our machines, these exercise the real loading path: the same config.json
+fields, key names, bf16 `pytorch_model.bin` (or safetensors, sharded or not) and a real
+SentencePiece BPE `tokenizer.model` with LLaMA's settings (byte fallback, <unk>/<s>/</s> at
+0/1/2, identity normalisation, split digits) trained on English text from Python's own
+docstrings, padded to the preset's vocabulary size.
+"""
+
+from __future__ import annotations
+
+import ast
+import collections
+import io
+import json
+import os
+import re
+import sysconfig
+from pathlib import Path
+
+import torch
+
+from edgevlm.checkpoint import layout
+from edgevlm.presets import ModelConfig
+from edgevlm.prompt import SYSTEM_V1
+from edgevlm.staging import staged_dir
+
+
+def write_random_checkpoint(out_dir: str | Path, cfg: ModelConfig, *, seed: int = 0,
+                            fmt: str = "bin", shard_bytes: int | None = None) -> Path:
+    """Write a random checkpoint for `cfg` into out_dir (atomically). Returns out_dir.
+
+    fmt is "bin" (torch pickles, as the released checkpoints) or "safetensors"; shard_bytes
+    splits the weights into shards with an index file, as large checkpoints are saved.
+    """
+    out_dir = Path(out_dir)
+    with staged_dir(out_dir) as tmp:
+        tensors = random_state_dict(cfg, seed)
+        _save_weights(tensors, tmp, fmt, shard_bytes)
+        del tensors
+        (tmp / "config.json").write_text(json.dumps(upstream_config(cfg), indent=2) + "\n")
+        (tmp / "generation_config.json").write_text(json.dumps(
+            {"bos_token_id": cfg.text.bos_token_id, "eos_token_id": cfg.text.eos_token_id,
+             "pad_token_id": cfg.text.pad_token_id}, indent=2) + "\n")
+        write_tokenizer(tmp, cfg.text.vocab_size)
+    return out_dir
+
+
+def random_state_dict(cfg: ModelConfig, seed: int) -> dict[str, torch.Tensor]:
+    """bf16 tensors for every key of the layout, scaled so activations neither vanish nor blow
+    up through the layers, and so greedy decoding has clear winners (logit spread ~3)."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for key, shape in layout(cfg).items():
+        if len(shape) == 1 and key.endswith(".weight"):  # norm scales: near one, not exactly
+            t = 1.0 + 0.1 * torch.randn(shape, generator=g)
+        elif len(shape) == 1:  # biases and the CLS embedding
+            t = 0.02 * torch.randn(shape, generator=g)
+        elif key.endswith("embed_tokens.weight") or key.endswith("position_embedding.weight"):
+            t = 0.5 * torch.randn(shape, generator=g)
+        else:
+            fan_in = 1
+            for s in shape[1:]:
+                fan_in *= s
+            scale = 3.0 if key == "lm_head.weight" else 1.0
+            t = torch.randn(shape, generator=g) * (scale / fan_in ** 0.5)
+        out[key] = t.to(torch.bfloat16)
+    return out
+
+
+def _save_weights(tensors: dict[str, torch.Tensor], out: Path, fmt: str,
+                  shard_bytes: int | None) -> None:
+    if fmt not in ("bin", "safetensors"):
+        raise ValueError(f"unknown weight format {fmt!r} (bin or safetensors)")
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for k, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if shard_bytes and shards[-1] and size + nbytes > shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][k] = t
+        size += nbytes
+    stem, ext = ("pytorch_model", "bin") if fmt == "bin" else ("model", "safetensors")
+
+    def save(part, name):
+        if fmt == "bin":
+            torch.save(part, out / name)
+        else:
+            from safetensors.torch import save_file
+            save_file(part, str(out / name), metadata={"format": "pt"})
+
+    if len(shards) == 1 and not shard_bytes:
+        save(shards[0], f"{stem}.{ext}")
+        return
+    weight_map = {}
+    for i, part in enumerate(shards, 1):
+        name = f"{stem}-{i:05d}-of-{len(shards):05d}.{ext}"
+        save(part, name)
+        weight_map.update({k: name for k in part})
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    (out / f"{stem}.{ext}.index.json").write_text(json.dumps(
+        {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
+
+
+def upstream_config(cfg: ModelConfig) -> dict:
+    """config.json with the fields the released MobileVLM checkpoints carry."""
+    t, v = cfg.text, cfg.vision
+    return {
+        "_name_or_path": f"edgevlm-random/{cfg.name}",
+        "architectures": ["MobileLlamaForCausalLM"],
+        "model_type": "mobilevlm",
+        "bos_token_id": t.bos_token_id, "eos_token_id": t.eos_token_id,
+        "pad_token_id": t.pad_token_id,
+        "hidden_act": "silu", "hidden_size": t.hidden_size,
+        "intermediate_size": t.intermediate_size, "initializer_range": 0.02,
+        "max_position_embeddings": t.max_position, "max_sequence_length": t.max_position,
+        "num_attention_heads": t.num_heads, "num_hidden_layers": t.num_layers,
+        "num_key_value_heads": t.num_kv_heads, "pretraining_tp": 1,
+        "rms_norm_eps": t.rms_norm_eps, "rope_scaling": None, "rope_theta": t.rope_theta,
+        "tie_word_embeddings": False, "torch_dtype": "bfloat16", "use_cache": True,
+        "vocab_size": t.vocab_size,
+        "freeze_mm_mlp_adapter": False, "image_aspect_ratio": "pad",
+        "image_grid_pinpoints": None, "mm_hidden_size": v.hidden_size,
+        "mm_projector_type": cfg.projector_type, "mm_use_im_patch_token": False,
+        "mm_use_im_start_end": False, "mm_vision_select_feature": "patch",
+        "mm_vision_select_layer": v.select_layer,
+        "mm_vision_tower": "openai/clip-vit-large-patch14-336",
+        "tune_mm_mlp_adapter": False, "use_mm_proj": True, "vision_tower_type": "clip",
+    }
+
+
+# --- tokenizer -------------------------------------------------------------------------------
+
+def write_tokenizer(out: Path, vocab_size: int) -> None:
+    model = train_tokenizer(vocab_size)
+    (out / "tokenizer.model").write_bytes(model)
+    special = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+    (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
+    (out / "tokenizer_config.json").write_text(json.dumps(
+        {**special, "add_bos_token": True, "add_eos_token": False, "legacy": True,
+         "model_max_length": 2048, "pad_token": None, "padding_side": "right",
+         "tokenizer_class": "LlamaTokenizer"}, indent=2) + "\n")
+
+
+_TOKENIZER_CACHE: dict[int, bytes] = {}
+
+
+def train_tokenizer(vocab_size: int) -> bytes:
+    """A serialized SentencePiece BPE model with LLaMA's settings and exactly vocab_size pieces."""
+    if vocab_size in _TOKENIZER_CACHE:
+        return _TOKENIZER_CACHE[vocab_size]
+    import sentencepiece as spm
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    texts = corpus()
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(texts), model_writer=buf, vocab_size=vocab_size,
+        model_type="bpe", byte_fallback=True, character_coverage=1.0,
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, normalization_rule_name="identity",
+        remove_extra_whitespaces=False, split_digits=True, allow_whitespace_only_pieces=True,
+        hard_vocab_limit=False, num_threads=2, minloglevel=2, seed_sentencepiece_size=200000)
+    proto = pb.ModelProto()
+    proto.ParseFromString(buf.getvalue())
+    # The corpus may not support vocab_size merges; fill up with its most frequent words not
+    # yet in the vocabulary, scored below every learned merge so they are merged last.
+    have = {p.piece for p in proto.pieces}
+    low = min(p.score for p in proto.pieces) - 1.0
+    words = collections.Counter(w for line in texts for w in re.findall(r"[A-Za-z]{2,}", line))
+    fill = (("\u2581" + w) for w, _ in words.most_common())
+    fill = (w for w in fill if w not in have)
+    i = 0
+    while len(proto.pieces) < vocab_size:
+        piece = next(fill, None) or f"\u2581<extra_{i}>"
+        i += 1
+        proto.pieces.add(piece=piece, score=low - len(proto.pieces) * 1e-3,
+                         type=pb.ModelProto.SentencePiece.NORMAL)
+    _TOKENIZER_CACHE[vocab_size] = proto.SerializeToString()
+    return _TOKENIZER_CACHE[vocab_size]
+
+
+def corpus() -> list[str]:
+    """English lines: the docstrings of the Python standard library, plus the chat template."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    lines = [SYSTEM_V1, "USER: What is in the image? ASSISTANT: A cat.</s>"]
+    files = []
+    for d, subdirs, names in os.walk(root):
+        # Prune installed packages and the test suite: only the library's own prose.
+        subdirs[:] = sorted(s for s in subdirs if s not in ("site-packages", "test", "tests",
+                                                            "idlelib", "__pycache__"))
+        files += [Path(d) / n for n in sorted(names) if n.endswith(".py")]
+    for f in files:
+        try:
+            tree = ast.parse(f.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError, ValueError):
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                doc = ast.get_docstring(node)
+                if doc:
+                    lines.extend(s.strip() for s in doc.splitlines() if s.strip())
+        if len(lines) > 30_000:
+            break
+    return lines
+

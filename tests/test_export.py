@@ -1,0 +1,145 @@
+"""ONNX export of tiny V1 (LDP) and V2 (LDPv2) models: contract, parity, atomic outputs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from edgevlm import graph, onnx_export
+from edgevlm.checkpoint import CheckpointError
+from edgevlm.manifest import ManifestError, OnnxArtifacts
+from edgevlm.onnx_export import decoder_io, export_onnx
+from edgevlm.parity import run_parity
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module", params=["tiny", "tiny-v1"])
+def exported(request, tmp_path_factory):
+    ckpt = request.getfixturevalue("tiny_ckpt" if request.param == "tiny" else "tiny_v1_ckpt")
+    out = tmp_path_factory.mktemp("onnx") / request.param
+    export_onnx(ckpt, out, log=lambda m: None)
+    return ckpt, out
+
+
+def test_manifest_describes_the_tensor_contract(exported):
+    ckpt, out = exported
+    art = OnnxArtifacts.open(out)
+    m = art.manifest
+    cfg = art.config
+    assert m["opset"] == 17 and m["source"]["sha256"] and m["image"]["tokens"] == cfg.image_tokens
+    v = m["io"]["vision_encoder"]
+    assert v["inputs"] == [{"name": "pixel_values", "dtype": "float32",
+                            "shape": ["batch", 3, cfg.vision.image_size, cfg.vision.image_size]}]
+    assert v["outputs"][0]["shape"] == ["batch", cfg.image_tokens, cfg.text.hidden_size]
+    d = m["io"]["decoder"]
+    ins, outs = decoder_io(cfg.text.num_layers)
+    assert [t["name"] for t in d["inputs"]] == ins and [t["name"] for t in d["outputs"]] == outs
+    assert d["inputs"][0]["shape"] == ["batch", "seq", cfg.text.hidden_size]
+    assert d["inputs"][1]["dtype"] == "int64"
+    assert d["inputs"][2]["shape"] == ["batch", cfg.text.num_kv_heads, "past", cfg.text.head_dim]
+    assert d["outputs"][0]["shape"] == ["batch", cfg.text.vocab_size]
+    assert not list(out.parent.glob(".*partial"))
+
+
+def test_graphs_are_opset_17_and_checker_clean(exported):
+    _, out = exported
+    for name in ("vision_encoder.onnx", "decoder.onnx"):
+        model = onnx.load(str(out / name))
+        assert {o.domain: o.version for o in model.opset_import}.get("", 17) == 17
+        assert model.ir_version == 8  # TensorRT 8.5 (JetPack 5) rejects newer IR versions
+        onnx.checker.check_model(model, full_check=True)
+        assert not [n for n in model.graph.node if n.op_type == "Constant"]  # folded
+
+
+def test_parity_with_the_pytorch_reference_on_real_photos(exported):
+    ckpt, out = exported
+    report = run_parity(ckpt, out, images=["chelsea", "camera"], new_tokens=32, log=lambda m: None)
+    assert report.ok(1e-3), report.summary(1e-3)
+    assert len(report.cases) == 3 and all(c.tokens_match for c in report.cases)
+    assert report.worst("logits_err") < 1e-3
+
+
+def test_decoder_handles_batches_and_a_prefill_then_decode_split(exported):
+    _, out = exported
+    art = OnnxArtifacts.open(out)
+    t = art.config.text
+    sess = ort.InferenceSession(str(art.path("decoder")))
+    ins, _ = decoder_io(t.num_layers)
+    x = np.random.default_rng(0).standard_normal((2, 7, t.hidden_size)).astype(np.float32)
+
+    def run(xs, pos, past):
+        feeds = {"inputs_embeds": xs, "position_ids": pos, **dict(zip(ins[2:], past))}
+        return sess.run(None, feeds)
+
+    empty = [np.zeros((2, t.num_kv_heads, 0, t.head_dim), np.float32)] * (2 * t.num_layers)
+    full = run(x, np.tile(np.arange(7), (2, 1)), empty)
+    first = run(x[:, :5], np.tile(np.arange(5), (2, 1)), empty)
+    mid = run(x[:, 5:6], np.full((2, 1), 5), first[1:])
+    last = run(x[:, 6:], np.full((2, 1), 6), mid[1:])
+    np.testing.assert_allclose(last[0], full[0], atol=1e-4)
+    assert last[1].shape == (2, t.num_kv_heads, 7, t.head_dim)
+
+
+def test_failed_export_leaves_no_files_and_keeps_the_previous_output(tmp_path, tiny_ckpt, monkeypatch):
+    out = tmp_path / "onnx"
+    with pytest.raises(CheckpointError):
+        export_onnx(tmp_path / "nowhere", out, log=lambda m: None)
+    assert not out.exists()
+
+    out.mkdir()
+    (out / "manifest.json").write_text("{}")
+
+    def broken(*a, **k):
+        raise graph.GraphError("simulated failure in graph cleanup")
+
+    monkeypatch.setattr(onnx_export.graph, "clean", broken)
+    with pytest.raises(graph.GraphError):
+        export_onnx(tiny_ckpt, out, log=lambda m: None)
+    assert [p.name for p in tmp_path.iterdir()] == ["onnx"]  # no .partial directory
+    assert json.loads((out / "manifest.json").read_text()) == {}
+    with pytest.raises(ManifestError, match="format"):
+        OnnxArtifacts.open(out)
+
+
+def test_opset18_split_and_reduce_are_rewritten_for_opset17(tmp_path):
+    h = onnx.helper
+    x = h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 6])
+    outs = [h.make_tensor_value_info(n, onnx.TensorProto.FLOAT, s) for n, s in
+            (("a", [2, 3]), ("b", [2, 3]), ("m", [2, 1]))]
+    axes = h.make_tensor("axes", onnx.TensorProto.INT64, [1], [1])
+    nodes = [h.make_node("Split", ["x"], ["a", "b"], axis=1, num_outputs=2),
+             h.make_node("ReduceMean", ["x", "axes"], ["m"], keepdims=1, noop_with_empty_axes=0)]
+    model = h.make_model(h.make_graph(nodes, "g", [x], outs, [axes]), opset_imports=[h.make_opsetid("", 18)])
+    model.ir_version = 8
+    onnx.save(model, tmp_path / "in.onnx")
+    graph.clean(tmp_path / "in.onnx", tmp_path / "out.onnx", ["x"], ["a", "b", "m"])
+    data = np.arange(12, dtype=np.float32).reshape(2, 6)
+    want = ort.InferenceSession(str(tmp_path / "in.onnx")).run(None, {"x": data})
+    got = ort.InferenceSession(str(tmp_path / "out.onnx")).run(None, {"x": data})
+    for w, g in zip(want, got):
+        np.testing.assert_array_equal(w, g)
+    cleaned = onnx.load(str(tmp_path / "out.onnx"))
+    assert (cleaned.opset_import[0].version, cleaned.ir_version) == (17, 8)
+
+
+def test_verify_cli_fails_on_a_broken_graph(exported, tmp_path):
+    import shutil
+    ckpt, out = exported
+    broken = shutil.copytree(out, tmp_path / "broken")
+    table = np.load(broken / "embed_tokens.npy")
+    np.save(broken / "embed_tokens.npy", table + 0.05 * np.random.default_rng(0).standard_normal(table.shape).astype(np.float32))
+    cmd = [sys.executable, str(ROOT / "build" / "verify.py"), "--checkpoint", str(ckpt),
+           "--images", "chelsea", "--tokens", "8"]
+    good = subprocess.run(cmd + ["--onnx", str(out)], capture_output=True, text=True)
+    bad = subprocess.run(cmd + ["--onnx", str(broken)], capture_output=True, text=True)
+    assert good.returncode == 0, good.stdout + good.stderr
+    assert "parity PASS" in good.stdout.splitlines()[-1]
+    assert bad.returncode == 1 and "parity FAIL" in bad.stdout
