@@ -15,22 +15,30 @@ NAME ?= $(if $(MODEL),$(notdir $(abspath $(MODEL))),$(PRESET))
 ART := artifacts/$(NAME)
 CKPT := $(if $(MODEL),$(MODEL),$(ART)/checkpoint)
 CLIP ?=
+TARGET ?= cpu
+ENGINES ?=
+HOST ?= 127.0.0.1
+GRPC_PORT ?= 8001
+HTTP_PORT ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: help setup checkpoint onnx verify test clean
+.PHONY: help setup checkpoint onnx verify repo serve demo test clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
 
 setup: $(VENV)/.installed ## create .venv with everything the other targets need (idempotent)
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml client/pyproject.toml
 	@echo "== setup: $(VENV)"
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@# torch first and pinned: the local CPU wheel; anything looser pulls multi-GB CUDA builds.
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q torch==2.13.0
-	$(VENV)/bin/pip install -q -e ".[build,test]"
+	$(VENV)/bin/pip install -q -e ".[build,serve,test]" -e ./client
+	@# Only the tritonserver binary, python backend and stubs of this wheel are used; its
+	@# own pins (numpy, tritonclient) would fight ours, hence --no-deps.
+	$(VENV)/bin/pip install -q --no-deps nvidia-pytriton==0.7.0
 	@touch $@
 
 checkpoint: setup ## write a random-weight checkpoint for PRESET (upstream layout)
@@ -48,6 +56,17 @@ $(ART)/onnx/manifest.json:
 
 verify: setup $(ART)/onnx/manifest.json ## PyTorch vs ONNX Runtime parity on real photos
 	$(PY) build/verify.py --checkpoint $(CKPT) --onnx $(ART)/onnx $(if $(CLIP),--clip $(CLIP))
+
+repo: setup $(ART)/onnx/manifest.json ## render the Triton model repository (TARGET=cpu|jetson)
+	$(PY) build/render_repository.py --onnx $(ART)/onnx --out $(ART)/repository --target $(TARGET) \
+		$(if $(ENGINES),--engines $(ENGINES))
+
+serve: repo ## run tritonserver on the repository (HOST=127.0.0.1, GRPC_PORT=8001; Ctrl-C stops)
+	$(PY) -m edgevlm.tritonserver --repository $(ART)/repository --host $(HOST) \
+		--grpc-port $(GRPC_PORT) --http-port $(HTTP_PORT)
+
+demo: repo ## the whole path: checkpoint, ONNX, repository, tritonserver, a streamed answer
+	$(PY) build/demo.py --repository $(ART)/repository $(if $(MODEL),,--random-weights)
 
 test: setup ## the whole test suite (what CI runs)
 	@# pytest exits 5 when it collected no test: that is a failure here, said plainly.

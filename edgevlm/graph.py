@@ -7,6 +7,9 @@ opset 18 are rewritten here by hand. Anything else from opset 18 fails loudly.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +19,7 @@ import onnx_graphsurgeon as gs
 TARGET_OPSET = 17
 TARGET_IR_VERSION = 8  # the IR that goes with opset 17 (onnx 1.12), as TensorRT 8.5 expects
 EXPORT_OPSET = 18  # what torch's dynamo exporter emits natively
-EXTERNAL_DATA_BYTES = 1_800_000_000  # stay clear of protobuf's 2 GiB limit
+FOLD_MAX_BYTES = 64 << 20  # never materialise a folded constant larger than this
 # Ops whose opset-18 form moved `axes` from an attribute to an input.
 _REDUCE_AXES_MOVED = {"ReduceL1", "ReduceL2", "ReduceLogSum", "ReduceLogSumExp", "ReduceMax",
                       "ReduceMean", "ReduceMin", "ReduceProd", "ReduceSumSquare"}
@@ -43,21 +46,51 @@ class GraphError(RuntimeError):
 
 
 def clean(src: Path, dst: Path, input_names: list[str], output_names: list[str]) -> None:
-    """src ONNX -> cleaned, opset-17 ONNX at dst (external data beside it when large)."""
-    graph = gs.import_onnx(onnx.load(str(src)))
-    graph.fold_constants().cleanup(remove_unused_graph_inputs=False).toposort()
-    downgrade_to_opset17(graph)
-    graph.cleanup().toposort()
-    got_in, got_out = [t.name for t in graph.inputs], [t.name for t in graph.outputs]
-    if got_in != input_names or got_out != output_names:
-        raise GraphError(f"{dst.name}: IO names changed in export: inputs {got_in}, "
-                         f"outputs {got_out}; expected {input_names} -> {output_names}")
-    model = gs.export_onnx(graph)
+    """src ONNX (+ its external data) -> cleaned opset-17 ONNX at dst (+ `<dst>.data`).
+
+    The weights are never loaded: graphsurgeon keeps each external initializer's TensorProto
+    (a file reference) as is, so rewriting a 1.7B decoder costs megabytes, not three copies of
+    its 5.6 GB. The exporter's data file moves beside dst unchanged.
+    """
+    model = onnx.load(str(src), load_external_data=False)
+    with _cwd(src.parent):  # a weight that folding does need is read relative to src
+        graph = gs.import_onnx(model)
+        graph.fold_constants(size_threshold=FOLD_MAX_BYTES).cleanup(
+            remove_unused_graph_inputs=False).toposort()
+        downgrade_to_opset17(graph)
+        graph.cleanup().toposort()
+        got_in, got_out = [t.name for t in graph.inputs], [t.name for t in graph.outputs]
+        if got_in != input_names or got_out != output_names:
+            raise GraphError(f"{dst.name}: IO names changed in export: inputs {got_in}, "
+                             f"outputs {got_out}; expected {input_names} -> {output_names}")
+        model = gs.export_onnx(graph)
     for entry in model.opset_import:  # the exporter's import list still says 18
         if entry.domain in ("", "ai.onnx"):
             entry.version = TARGET_OPSET
     model.ir_version = TARGET_IR_VERSION
-    save(model, dst)
+    external = [t for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    files = {e.value for t in external for e in t.external_data if e.key == "location"}
+    if len(files) > 1:
+        raise GraphError(f"{src.name}: weights spread over several files: {sorted(files)}")
+    if files:
+        data = dst.with_name(dst.name + ".data")
+        shutil.move(str(src.parent / files.pop()), data)
+        for t in external:
+            for e in t.external_data:
+                if e.key == "location":
+                    e.value = data.name
+    onnx.save_model(model, str(dst))
+    onnx.checker.check_model(str(dst))  # the path form also checks the data file's extents
+
+
+@contextlib.contextmanager
+def _cwd(path: Path):
+    old = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(old)
 
 
 def downgrade_to_opset17(graph: gs.Graph) -> None:
@@ -92,17 +125,6 @@ def _constant(node: gs.Node, t: gs.Tensor, what: str) -> np.ndarray:
     if t.inputs and t.inputs[0].op == "Constant":
         return np.asarray(t.inputs[0].attrs["value"].values)
     raise GraphError(f"node {node.name}: {what} is computed at run time; cannot downgrade")
-
-
-def save(model: onnx.ModelProto, dst: Path) -> None:
-    """Save, moving the weights to `<name>.data` when the graph is near protobuf's limit."""
-    big = sum(t.ByteSize() for t in model.graph.initializer) > EXTERNAL_DATA_BYTES
-    if big:
-        onnx.save_model(model, str(dst), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=dst.name + ".data", size_threshold=1024)
-    else:
-        onnx.save_model(model, str(dst))
-    onnx.checker.check_model(str(dst))  # path form: works for external data too
 
 
 def io_specs(path: Path) -> dict:

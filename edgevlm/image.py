@@ -38,6 +38,8 @@ def load_image(src, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
             img = Image.open(io.BytesIO(data))
         except Image.DecompressionBombError:  # Pillow's own, higher limit
             raise ImageError(f"image is over the {max_pixels} pixel limit") from None
+        except Image.UnidentifiedImageError:
+            raise ImageError("cannot decode image: not a recognised image format") from None
         except Exception as e:  # PIL raises several unrelated types for garbage input
             raise ImageError(f"cannot decode image: {e}") from None
     w, h = img.size

@@ -124,7 +124,12 @@ def export_onnx(checkpoint_dir: str | Path, out_dir: str | Path, clip_dir: str |
         log(f"onnx: [2/4] decoder ({cfg.text.num_layers} layers, KV cache as IO)")
         export_decoder(model, cfg, raw / "decoder.onnx")
         np.save(tmp / "embed_tokens.npy", model.decoder.model.embed_tokens.weight.detach().numpy())
+        # The exporter's IR keeps references to the parameters after export: release their
+        # storage outright, and the checkpoint's mapped weights with it.
+        for t in [*model.parameters(), *model.buffers()]:
+            t.data = torch.empty(0)
         del model
+        ckpt.tensors.clear()
         gc.collect()
         log("onnx: [3/4] graph cleanup (fold constants, prune, opset 17): vision encoder")
         graph.clean(raw / "vision_encoder.onnx", tmp / "vision_encoder.onnx", *VISION_IO)
@@ -146,7 +151,7 @@ def _manifest(ckpt, cfg: ModelConfig, root: Path, vision_source: str) -> dict:
     import onnx
     files = {"vision_encoder": "vision_encoder.onnx", "decoder": "decoder.onnx",
              "embed_tokens": "embed_tokens.npy", "tokenizer": "tokenizer.model"}
-    for key in ("vision_encoder", "decoder"):  # external weights of graphs over 2 GB
+    for key in ("vision_encoder", "decoder"):  # weights beside each graph
         if (root / f"{key}.onnx.data").is_file():
             files[f"{key}_data"] = f"{key}.onnx.data"
     return {

@@ -15,6 +15,7 @@ import io
 import json
 import os
 import re
+import struct
 import sysconfig
 from pathlib import Path
 
@@ -151,7 +152,6 @@ def train_tokenizer(vocab_size: int) -> bytes:
     if vocab_size in _TOKENIZER_CACHE:
         return _TOKENIZER_CACHE[vocab_size]
     import sentencepiece as spm
-    from sentencepiece import sentencepiece_model_pb2 as pb
 
     texts = corpus()
     buf = io.BytesIO()
@@ -161,23 +161,43 @@ def train_tokenizer(vocab_size: int) -> bytes:
         unk_id=0, bos_id=1, eos_id=2, pad_id=-1, normalization_rule_name="identity",
         remove_extra_whitespaces=False, split_digits=True, allow_whitespace_only_pieces=True,
         hard_vocab_limit=False, num_threads=2, minloglevel=2, seed_sentencepiece_size=200000)
-    proto = pb.ModelProto()
-    proto.ParseFromString(buf.getvalue())
+    model = buf.getvalue()
+    sp = spm.SentencePieceProcessor(model_proto=model)
     # The corpus may not support vocab_size merges; fill up with its most frequent words not
     # yet in the vocabulary, scored below every learned merge so they are merged last.
-    have = {p.piece for p in proto.pieces}
-    low = min(p.score for p in proto.pieces) - 1.0
+    have = {sp.id_to_piece(i) for i in range(sp.vocab_size())}
+    low = min(sp.get_score(i) for i in range(sp.vocab_size())) - 1.0
     words = collections.Counter(w for line in texts for w in re.findall(r"[A-Za-z]{2,}", line))
-    fill = (("\u2581" + w) for w, _ in words.most_common())
-    fill = (w for w in fill if w not in have)
-    i = 0
-    while len(proto.pieces) < vocab_size:
-        piece = next(fill, None) or f"\u2581<extra_{i}>"
-        i += 1
-        proto.pieces.add(piece=piece, score=low - len(proto.pieces) * 1e-3,
-                         type=pb.ModelProto.SentencePiece.NORMAL)
-    _TOKENIZER_CACHE[vocab_size] = proto.SerializeToString()
-    return _TOKENIZER_CACHE[vocab_size]
+    fill = (w for w in (("\u2581" + w) for w, _ in words.most_common()) if w not in have)
+    extra = []
+    for i in range(vocab_size - sp.vocab_size()):
+        extra.append(_piece_bytes(next(fill, None) or f"\u2581<extra_{i}>", low - i * 1e-3))
+    model += b"".join(extra)
+    if spm.SentencePieceProcessor(model_proto=model).vocab_size() != vocab_size:
+        raise RuntimeError(f"tokenizer has the wrong size after padding to {vocab_size}")
+    _TOKENIZER_CACHE[vocab_size] = model
+    return model
+
+
+def _piece_bytes(piece: str, score: float) -> bytes:
+    """One `pieces` entry of sentencepiece's ModelProto, in protobuf wire format.
+
+    Repeated fields may be appended to a serialized message, so padding the vocabulary
+    needs no generated protobuf module (whose version pins fight tritonclient's).
+    """
+    def varint(n: int) -> bytes:
+        out = bytearray()
+        while True:
+            out.append((n & 0x7F) | (0x80 if n > 0x7F else 0))
+            n >>= 7
+            if not n:
+                return bytes(out)
+
+    text = piece.encode()
+    body = b"\x0a" + varint(len(text)) + text  # 1: piece
+    body += b"\x15" + struct.pack("<f", score)  # 2: score
+    body += b"\x18\x01"  # 3: type NORMAL
+    return b"\x0a" + varint(len(body)) + body  # ModelProto field 1: pieces
 
 
 def corpus() -> list[str]:

@@ -43,9 +43,60 @@ class OrtDecoder:
         z = np.zeros((batch, c.num_kv_heads, 0, c.head_dim), np.float32)
         return [z] * (2 * c.num_layers)
 
+    def new_sequence(self, capacity: int) -> OrtSequence:
+        """State for one batch-1 sequence of up to `capacity` positions."""
+        return OrtSequence(self, capacity)
+
     def __call__(self, inputs_embeds: np.ndarray, position_ids: np.ndarray,
                  past: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
         feeds = {"inputs_embeds": inputs_embeds, "position_ids": position_ids}
         feeds.update(zip(self.past_names, past))
         logits, *present = self.sess.run(self.output_names, feeds)
         return logits, present
+
+
+class OrtSequence:
+    """A batch-1 sequence whose KV cache lives in two preallocated buffers per tensor.
+
+    decoder.onnx concatenates past and new KV into `present`. With IO binding, ONNX Runtime
+    reads `past` from one buffer and writes `present` straight into the other, both bound as
+    contiguous views at the front of a flat allocation sized for the whole sequence; the two
+    swap roles each step. Nothing is allocated or copied by the host per token; the only
+    per-token copy of the cache is the one the graph's Concat does (TensorRT 10.3 behaves the
+    same with concat-KV; in-place KV update needs TensorRT >= 10.15).
+    """
+
+    def __init__(self, decoder: OrtDecoder, capacity: int):
+        c = decoder.cfg
+        self.d = decoder
+        self.capacity = capacity
+        self.row = c.num_kv_heads * c.head_dim  # floats per position per tensor
+        n = 2 * c.num_layers
+        self.buffers = [np.empty((n, capacity * self.row), np.float32) for _ in range(2)]
+        self.logits = np.empty((1, c.vocab_size), np.float32)
+        self.length = 0  # positions held in the cache
+        self.current = 0  # which buffer holds the cache
+        self.binding = decoder.sess.io_binding()
+
+    def _view(self, buf: np.ndarray, i: int, length: int) -> np.ndarray:
+        c = self.d.cfg
+        return buf[i, : length * self.row].reshape(1, c.num_kv_heads, length, c.head_dim)
+
+    def forward(self, inputs_embeds: np.ndarray) -> np.ndarray:
+        """Append inputs_embeds [1, S, D]; returns the last position's logits [vocab]."""
+        s = inputs_embeds.shape[1]
+        p = self.length
+        if p + s > self.capacity:
+            raise ValueError(f"sequence capacity {self.capacity} exceeded")
+        b = self.binding
+        b.bind_cpu_input("inputs_embeds", np.ascontiguousarray(inputs_embeds, np.float32))
+        b.bind_cpu_input("position_ids", np.arange(p, p + s, dtype=np.int64)[None])
+        src, dst = self.buffers[self.current], self.buffers[1 - self.current]
+        for i, (past, present) in enumerate(zip(self.d.past_names, self.d.output_names[1:])):
+            b.bind_cpu_input(past, self._view(src, i, p))
+            b.bind_output(present, "cpu", 0, np.float32, [1, *self._view(dst, i, p + s).shape[1:]],
+                          self._view(dst, i, p + s).ctypes.data)
+        b.bind_output("logits", "cpu", 0, np.float32, list(self.logits.shape), self.logits.ctypes.data)
+        self.d.sess.run_with_iobinding(b)
+        self.length, self.current = p + s, 1 - self.current
+        return self.logits[0]

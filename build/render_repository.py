@@ -1,0 +1,35 @@
+"""Render the Triton model repository for a target (cpu: ONNX Runtime; jetson: TensorRT).
+
+    python build/render_repository.py --onnx artifacts/NAME/onnx --out artifacts/NAME/repository
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from edgevlm.manifest import ManifestError
+from edgevlm.repository import TARGETS, render_repository
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--onnx", required=True, help="directory written by export_onnx.py")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--target", default="cpu", choices=TARGETS)
+    ap.add_argument("--engines", default=None, help="TensorRT engine directory (jetson target)")
+    ap.add_argument("--max-sequences", type=int, default=4, help="streams decoded at once")
+    ap.add_argument("--max-tokens", type=int, default=256, help="default max_tokens per request")
+    args = ap.parse_args(argv)
+    try:
+        out = render_repository(args.onnx, args.out, args.target, engine_dir=args.engines,
+                                max_sequences=args.max_sequences, default_max_tokens=args.max_tokens)
+    except (ManifestError, ValueError) as e:
+        print(f"repo: error: {e}", file=sys.stderr)
+        return 1
+    print(f"repo: {args.target} model repository in {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

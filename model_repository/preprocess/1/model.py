@@ -1,0 +1,51 @@
+"""Triton model `preprocess`.
+
+Inputs:  image BYTES [1] (optional; encoded JPEG/PNG/...), prompt BYTES [1] (UTF-8),
+         raw_prompt BOOL [1] (optional; the prompt is already in the `v1` template).
+Outputs: pixel_values FP32 [N, 3, S, S] (N = 0 without an image), input_ids INT64 [L]
+         (-200 marks the image). Bad input gets INVALID_ARG with a one-line reason.
+"""
+
+import json
+import sys
+
+import triton_python_backend_utils as pb_utils
+
+
+def _params(args):
+    params = {k: v["string_value"] for k, v in json.loads(args["model_config"])["parameters"].items()}
+    src = params.get("edgevlm_src")
+    if src and src not in sys.path:  # where edgevlm is not installed (e.g. a stock container)
+        sys.path.append(src)
+    return params
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        params = _params(args)
+        from edgevlm.sampling import InvalidRequest
+        from edgevlm.serving import Preprocessor
+        self.invalid = InvalidRequest
+        self.pre = Preprocessor(params["onnx_dir"], max_image_pixels=int(params["max_image_pixels"]))
+        self.log = pb_utils.Logger
+
+    def execute(self, requests):
+        responses = []
+        for request in requests:
+            try:
+                image = pb_utils.get_input_tensor_by_name(request, "image")
+                raw = pb_utils.get_input_tensor_by_name(request, "raw_prompt")
+                pixel_values, ids = self.pre(
+                    image.as_numpy().reshape(-1)[0] if image is not None else None,
+                    pb_utils.get_input_tensor_by_name(request, "prompt").as_numpy(),
+                    bool(raw.as_numpy().reshape(-1)[0]) if raw is not None else False)
+                responses.append(pb_utils.InferenceResponse(
+                    [pb_utils.Tensor("pixel_values", pixel_values), pb_utils.Tensor("input_ids", ids)]))
+            except self.invalid as e:
+                responses.append(pb_utils.InferenceResponse(
+                    error=pb_utils.TritonError(str(e), pb_utils.TritonError.INVALID_ARG)))
+            except Exception as e:  # a bug, not the request: say so, keep serving
+                self.log.log_error(f"preprocess: {type(e).__name__}: {e}")
+                responses.append(pb_utils.InferenceResponse(
+                    error=pb_utils.TritonError(f"preprocess failed: {type(e).__name__}: {e}")))
+        return responses

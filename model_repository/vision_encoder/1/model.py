@@ -1,0 +1,42 @@
+"""Triton model `vision_encoder`.
+
+Inputs:  pixel_values FP32 [N, 3, S, S], N = 0 (text-only request) or 1.
+Outputs: image_embeds FP32 [N, T, D], encode_ms FP32 [1] (0 when N = 0).
+Runs ONNX Runtime (cpu target) or a TensorRT engine (jetson target) in process.
+"""
+
+import json
+import sys
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+
+def _params(args):
+    params = {k: v["string_value"] for k, v in json.loads(args["model_config"])["parameters"].items()}
+    src = params.get("edgevlm_src")
+    if src and src not in sys.path:
+        sys.path.append(src)
+    return params
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        params = _params(args)
+        from edgevlm.serving import VisionEncoder
+        self.encoder = VisionEncoder(params["onnx_dir"], params["runner"], params.get("engine_dir", ""))
+
+    def execute(self, requests):
+        responses = []
+        for request in requests:
+            try:
+                px = pb_utils.get_input_tensor_by_name(request, "pixel_values").as_numpy()
+                embeds, ms = self.encoder(px)
+                responses.append(pb_utils.InferenceResponse([
+                    pb_utils.Tensor("image_embeds", embeds),
+                    pb_utils.Tensor("encode_ms", np.array([ms], np.float32))]))
+            except Exception as e:
+                pb_utils.Logger.log_error(f"vision_encoder: {type(e).__name__}: {e}")
+                responses.append(pb_utils.InferenceResponse(
+                    error=pb_utils.TritonError(f"vision_encoder failed: {type(e).__name__}: {e}")))
+        return responses
