@@ -37,10 +37,12 @@ class IncrementalDecoder:
         return self._release()
 
     def flush(self) -> str:
-        """At the end: whatever is still held back (a trailing partial character is dropped)."""
+        """At the end: whatever is still held back, decoded as the tokenizer decodes it (an
+        incomplete trailing character shows as U+FFFD), so the stream adds up to
+        tokenizer.decode(all generated ids)."""
         if not self.stopped:
             tail = self.tok.decode(self.ids[self.prefix:])[len(self.tok.decode(self.ids[self.prefix:self.read])):]
-            self.text += tail.rstrip("\ufffd")
+            self.text += tail
             self.read = len(self.ids)
         return self._release(final=True)
 

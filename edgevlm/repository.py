@@ -17,7 +17,7 @@ from edgevlm.manifest import ManifestError, OnnxArtifacts, read_manifest
 from edgevlm.staging import staged_dir
 
 SOURCE = Path(__file__).resolve().parents[1] / "model_repository"
-MODELS = ("mobilevlm", "preprocess", "vision_encoder", "generate")
+MODELS = ("mobilevlm", "preprocess", "vision_encoder")
 TARGETS = ("cpu", "jetson")
 
 

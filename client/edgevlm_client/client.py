@@ -15,7 +15,7 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from edgevlm_client.errors import InvalidRequest, ServerUnavailable, Timeout, from_triton
+from edgevlm_client.errors import InvalidRequest, ServerError, ServerUnavailable, Timeout, from_triton
 
 DEFAULT_URL = "127.0.0.1:8001"
 MODEL = "mobilevlm"
@@ -126,6 +126,8 @@ class Stream:
                         yield delta
                 if final:
                     self._done = True
+                    if not self.stats:  # every finished generation ends with its stats
+                        raise ServerError("the stream ended without an answer")
         finally:
             self._close(cancel=not self._done)
 

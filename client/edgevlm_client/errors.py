@@ -42,13 +42,26 @@ def from_triton(exc) -> EdgeVLMError:
     """Map a tritonclient InferenceServerException to our type (call as `raise ... from exc`)."""
     status = str(exc.status()) if hasattr(exc, "status") and exc.status() else ""
     message = reason(exc.message() if hasattr(exc, "message") else str(exc))
-    cls = _BY_STATUS.get(status)
-    if cls is None:
-        low = message.lower()
-        if "failed to connect" in low or "unavailable" in low or "connection refused" in low:
-            cls = ServerUnavailable
-        elif "deadline" in low or "timeout" in low:
-            cls = Timeout
-        else:
-            cls = ServerError
+    cls = _BY_STATUS.get(status) or _classify(message)
     return cls(message)
+
+
+_UNAVAILABLE = ("failed to connect", "connection refused", "unavailable", "server exiting",
+                "is not ready", "socket closed")
+_SERVER_FAULT = ("internal error", "stub process", "not healthy", "failed to", "exception")
+
+
+def _classify(message: str) -> type[EdgeVLMError]:
+    """Errors on a gRPC stream arrive as a message only, without a status code. The server's
+    own failures say "internal error"; Triton's refusals of malformed tensors and our models'
+    one-line reasons are the request's fault."""
+    low = message.lower()
+    if any(s in low for s in _UNAVAILABLE):
+        return ServerUnavailable
+    if "deadline" in low or "timed out" in low:
+        return Timeout
+    if "cancelled" in low:
+        return Cancelled
+    if any(s in low for s in _SERVER_FAULT):
+        return ServerError
+    return InvalidRequest

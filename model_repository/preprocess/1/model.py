@@ -35,10 +35,12 @@ class TritonPythonModel:
             try:
                 image = pb_utils.get_input_tensor_by_name(request, "image")
                 raw = pb_utils.get_input_tensor_by_name(request, "raw_prompt")
+                prompt = pb_utils.get_input_tensor_by_name(request, "prompt")
+                if prompt is None:
+                    raise self.invalid("prompt is required")
                 pixel_values, ids = self.pre(
                     image.as_numpy().reshape(-1)[0] if image is not None else None,
-                    pb_utils.get_input_tensor_by_name(request, "prompt").as_numpy(),
-                    bool(raw.as_numpy().reshape(-1)[0]) if raw is not None else False)
+                    prompt.as_numpy(), bool(raw.as_numpy().reshape(-1)[0]) if raw is not None else False)
                 responses.append(pb_utils.InferenceResponse(
                     [pb_utils.Tensor("pixel_values", pixel_values), pb_utils.Tensor("input_ids", ids)]))
             except self.invalid as e:
@@ -47,5 +49,5 @@ class TritonPythonModel:
             except Exception as e:  # a bug, not the request: say so, keep serving
                 self.log.log_error(f"preprocess: {type(e).__name__}: {e}")
                 responses.append(pb_utils.InferenceResponse(
-                    error=pb_utils.TritonError(f"preprocess failed: {type(e).__name__}: {e}")))
+                    error=pb_utils.TritonError(f"internal error: preprocess: {type(e).__name__}: {e}")))
         return responses

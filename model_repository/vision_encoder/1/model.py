@@ -38,5 +38,5 @@ class TritonPythonModel:
             except Exception as e:
                 pb_utils.Logger.log_error(f"vision_encoder: {type(e).__name__}: {e}")
                 responses.append(pb_utils.InferenceResponse(
-                    error=pb_utils.TritonError(f"vision_encoder failed: {type(e).__name__}: {e}")))
+                    error=pb_utils.TritonError(f"internal error: vision_encoder: {type(e).__name__}: {e}")))
         return responses

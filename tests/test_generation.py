@@ -1,0 +1,82 @@
+"""The decode loop's parts without Triton: detokenization, sampling, parameters, KV cache."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from edgevlm.detokenize import IncrementalDecoder
+from edgevlm.embedding import EmbeddingTable
+from edgevlm.engines.onnxruntime import OrtDecoder
+from edgevlm.generation import Generator
+from edgevlm.manifest import OnnxArtifacts
+from edgevlm.parity import onnx_greedy
+from edgevlm.sampling import InvalidRequest, Sampler, SamplingParams
+from edgevlm.tokenizer import Tokenizer
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_ckpt):
+    return Tokenizer(tiny_ckpt / "tokenizer.model")
+
+
+def test_stream_adds_up_to_the_full_decode_even_through_multibyte_characters(tok):
+    rng = np.random.default_rng(0)
+    for text in ["Grüße aus 東京 🎉 und mehr", "plain words only", "\n\nlines\nand 1234"]:
+        ids = tok.encode(text, add_bos=False) + [int(i) for i in rng.integers(3, tok.vocab_size, 20)]
+        d = IncrementalDecoder(tok)
+        out = "".join(d.push(i) for i in ids) + d.flush()
+        assert out == tok.decode(ids)
+        d = IncrementalDecoder(tok)
+        partial = [d.push(i) for i in tok.encode(text, add_bos=False)]
+        assert all("\ufffd" not in p for p in partial)  # never half a character mid-stream
+
+
+def test_stop_string_is_never_streamed_and_cuts_the_text(tok):
+    ids = tok.encode("The answer is yes. STOP here", add_bos=False)
+    d = IncrementalDecoder(tok, stop=["STOP"])
+    pieces = []
+    for i in ids:
+        pieces.append(d.push(i))
+        if d.stopped:
+            break
+    pieces.append(d.flush())
+    assert "".join(pieces) == "The answer is yes. "
+    assert not any("S" in p for p in pieces)
+
+
+@pytest.mark.parametrize("bad,reason", [(dict(max_tokens=0), "max_tokens"), (dict(temperature=float("nan")), "temperature"),
+                                        (dict(top_p=1.5), "top_p"), (dict(top_k=-1), "top_k"),
+                                        (dict(repetition_penalty=0.0), "repetition_penalty"),
+                                        (dict(stop=("x",) * 17), "stop")])
+def test_parameters_out_of_range_are_refused(bad, reason):
+    with pytest.raises(InvalidRequest, match=reason):
+        SamplingParams(**bad).validate()
+
+
+def test_repetition_penalty_demotes_seen_tokens():
+    logits = np.array([0.0, 2.0, 1.9], np.float32)
+    assert Sampler(SamplingParams(), [1])(logits) == 1
+    assert Sampler(SamplingParams(repetition_penalty=1.5), [1])(logits) == 2
+
+
+def test_seeded_sampling_repeats_and_top_k_limits():
+    logits = np.log(np.array([0.4, 0.3, 0.2, 0.1]))
+    p = SamplingParams(temperature=1.0, top_k=2, seed=3)
+    a = [Sampler(p, [])(logits) for _ in range(30)]
+    assert a == [Sampler(p, [])(logits) for _ in range(30)] and set(a) <= {0, 1}
+
+
+def test_generator_matches_plain_onnx_greedy_and_counts_stats(tiny_onnx):
+    art = OnnxArtifacts.open(tiny_onnx)
+    cfg = art.config
+    dec, table, tok = OrtDecoder(art.path("decoder"), cfg.text), EmbeddingTable(art.path("embed_tokens")), Tokenizer(art.path("tokenizer"))
+    ids = tok.encode("USER: Name three colours. ASSISTANT:")
+    want, _ = onnx_greedy(dec, table, ids, None, 16)
+    events = list(Generator(dec, table, tok, cfg.text.max_position).generate(ids, None, SamplingParams(max_tokens=16)))
+    stats = events[-1].stats
+    want_text = tok.decode(want[:want.index(tok.eos_id)] if tok.eos_id in want else want)
+    assert "".join(e.text for e in events) == want_text
+    assert stats.prefill_tokens == len(ids) and stats.decode_tokens == min(16, len(want))
+    with pytest.raises(InvalidRequest, match="the context holds"):
+        list(Generator(dec, table, tok, 20).generate(ids, None, SamplingParams()))

@@ -1,0 +1,168 @@
+"""The Triton ensemble on a real tritonserver over real gRPC (cpu target, tiny model)."""
+
+from __future__ import annotations
+
+import re
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import torch
+import tritonclient.grpc as grpcclient
+
+from edgevlm.checkpoint import read_checkpoint
+from edgevlm.image import preprocess
+from edgevlm.prompt import build_prompt, tokenize_prompt
+from edgevlm.reference.model import MobileVLM
+from edgevlm.repository import render_repository
+from edgevlm.samples import sample_image
+from edgevlm.tokenizer import Tokenizer
+from edgevlm.tritonserver import TritonServer
+from edgevlm_client import Client, InvalidRequest
+from edgevlm_client.client import Stream, build_inputs
+
+from test_image import _png_header_only
+
+
+@pytest.fixture(scope="module")
+def server(tiny_onnx, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("serve")
+    repo = render_repository(tiny_onnx, tmp / "repository", max_sequences=4, default_max_tokens=32)
+    srv = TritonServer(repo, log_path=tmp / "tritonserver.log")
+    srv.start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return Client(server.grpc_url, timeout_s=60)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_ckpt):
+    ck = read_checkpoint(tiny_ckpt)
+    return MobileVLM.from_weights(ck.config, ck.weights()), Tokenizer(ck.tokenizer_path)
+
+
+def expected(reference, image: bytes | None, question: str, max_tokens: int) -> tuple[str, int]:
+    model, tok = reference
+    ids = tokenize_prompt(tok, build_prompt(question, image=image is not None))
+    px = torch.from_numpy(preprocess(image, model.cfg.vision.image_size)[None]) if image else None
+    tokens = model.generate(ids, px, max_new_tokens=max_tokens)
+    return tok.decode(tokens), len(tokens)
+
+
+@pytest.mark.parametrize("photo,question", [("chelsea", "What is in the image?"),
+                                            ("camera", "Who is holding the camera?"),
+                                            (None, "Name three colours.")])
+def test_streamed_text_is_the_pytorch_reference_greedy_output(client, reference, photo, question):
+    image = sample_image(photo) if photo else None
+    want, n = expected(reference, image, question, 24)
+    stream = client.stream(question, image=image, max_tokens=24)
+    deltas = list(stream)
+    assert "".join(deltas) == want
+    assert len(deltas) > 1  # streamed, not one blob
+    st = stream.stats
+    assert st["decode_tokens"] == n and st["finish_reason"] in ("length", "stop")
+    assert st["prefill_tokens"] > 0 and st["decode_tokens_per_s"] > 0
+    assert (st["image_encode_ms"] > 0) == (image is not None)
+
+
+def test_eight_concurrent_streams_all_complete_correctly(client, reference):
+    jobs = [(p, q, 8 + 3 * i) for i, (p, q) in enumerate(
+        [(p, q) for p in ("chelsea", "coffee", "astronaut", None) for q in ("What is this?", "Describe it.")])]
+    wants = [expected(reference, sample_image(p) if p else None, q, n)[0] for p, q, n in jobs]
+    with ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(lambda j: client.generate(j[1], image=sample_image(j[0]) if j[0] else None,
+                                                      max_tokens=j[2]).text, jobs))
+    assert got == wants
+
+
+def _raw(prompt=b"Hi", **extra):
+    """Inputs built by hand, for the malformed requests the client would never send."""
+    inputs = []
+    if prompt is not None:
+        t = grpcclient.InferInput("prompt", [1], "BYTES")
+        t.set_data_from_numpy(np.array([prompt], dtype=object))
+        inputs.append(t)
+    for name, (dtype, value) in extra.items():
+        t = grpcclient.InferInput(name, list(np.shape(value)), dtype)
+        t.set_data_from_numpy(np.asarray(value, dtype={"INT32": np.int32, "FP32": np.float32,
+                                                       "INT64": np.int64, "BYTES": object}[dtype]))
+        inputs.append(t)
+    return inputs
+
+
+BAD = {
+    "undecodable image": (dict(prompt="What?", image=b"\x89PNG not really"), "cannot decode image"),
+    "decompression bomb": (dict(prompt="What?", image=_png_header_only(100_000, 100_000)), "pixel limit"),
+    "empty prompt": (dict(prompt="  "), "prompt is empty"),
+    "prompt over the context": (dict(prompt="word " * 600), r"prompt is \d+ tokens, the context holds 512"),
+    "negative temperature": (dict(prompt="Hi", temperature=-1.0), "temperature must be in"),
+    "top_p zero": (dict(prompt="Hi", top_p=0.0), "top_p must be in"),
+    "max_tokens zero": (dict(prompt="Hi", max_tokens=0), "max_tokens must be >= 1"),
+    "negative seed": (dict(prompt="Hi", seed=-5), "seed must be >= 0"),
+    "empty stop string": (dict(prompt="Hi", stop=[""]), "stop takes"),
+}
+RAW_BAD = {
+    "temperature as int": (_raw(temperature=("INT32", [1])), "temperature"),
+    "missing prompt": (_raw(prompt=None, max_tokens=("INT32", [4])), "prompt"),
+    "prompt not utf-8": (_raw(prompt=b"\xff\xfe bad"), "not valid UTF-8"),
+    "two temperatures": (_raw(temperature=("FP32", [0.5, 0.7])), "temperature"),
+}
+
+
+def _good_request_still_works(client):
+    assert client.health()
+    assert client.generate("Name three colours.", max_tokens=4).tokens == 4
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_input_gets_a_one_line_reason_and_the_server_keeps_serving(client, case):
+    kwargs, reason = BAD[case]
+    prompt = kwargs.pop("prompt")
+    with pytest.raises(InvalidRequest, match=reason) as e:
+        client.generate(prompt, **kwargs)
+    assert "\n" not in str(e.value)
+    _good_request_still_works(client)
+
+
+@pytest.mark.parametrize("case", list(RAW_BAD))
+def test_malformed_tensors_are_refused(server, client, case):
+    inputs, reason = RAW_BAD[case]
+    with pytest.raises(InvalidRequest, match=reason):
+        list(Stream(server.grpc_url, "mobilevlm", inputs, 30))
+    _good_request_still_works(client)
+
+
+def test_cancelled_stream_stops_generating(server, client):
+    stream = client.stream("Tell me a long story.", max_tokens=380, temperature=0.8, seed=1)
+    got = []
+    for delta in stream:
+        got.append(delta)
+        if len(got) == 3:
+            break  # leaving the loop closes the stream, cancelling the request
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        found = re.findall(r"mobilevlm: cancelled after (\d+) of 380 tokens", server.log_tail(400))
+        if found:
+            break
+        time.sleep(0.2)
+    assert found, "the server did not report the cancellation:\n" + server.log_tail()
+    assert int(found[-1]) < 380
+    _good_request_still_works(client)
+
+
+def test_sampling_with_a_seed_is_reproducible(client):
+    a = client.generate("Say something.", max_tokens=12, temperature=0.9, top_p=0.9, top_k=50, seed=7)
+    b = client.generate("Say something.", max_tokens=12, temperature=0.9, top_p=0.9, top_k=50, seed=7)
+    assert a.text == b.text and a.tokens == 12
+
+
+def test_stop_string_ends_the_answer_before_it(client, reference):
+    full, _ = expected(reference, None, "Name three colours.", 24)
+    cut = full[6:9]  # some text from inside the greedy answer
+    r = client.generate("Name three colours.", max_tokens=24, stop=[cut])
+    assert r.text == full[:full.index(cut)] and r.finish_reason == "stop"
