@@ -55,6 +55,7 @@ def render_repository(onnx_dir: str | Path, out_dir: str | Path, target: str = "
     with staged_dir(out_dir) as tmp:
         for model in MODELS:
             shutil.copytree(SOURCE / model, tmp / model, ignore=shutil.ignore_patterns("__pycache__"))
+            shutil.copy2(SOURCE / "_shared" / "model_params.py", tmp / model / "1")
             config = tmp / model / "config.pbtxt"
             config.write_text(Template(config.read_text()).substitute(values))
     return out_dir

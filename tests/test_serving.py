@@ -166,3 +166,16 @@ def test_stop_string_ends_the_answer_before_it(client, reference):
     cut = full[6:9]  # some text from inside the greedy answer
     r = client.generate("Name three colours.", max_tokens=24, stop=[cut])
     assert r.text == full[:full.index(cut)] and r.finish_reason == "stop"
+
+
+def test_rendered_repository_is_complete_and_refuses_unbuilt_jetson(tiny_onnx, tmp_path):
+    from edgevlm.manifest import ManifestError
+    repo = render_repository(tiny_onnx, tmp_path / "repo")
+    assert sorted(p.name for p in repo.iterdir()) == ["mobilevlm", "preprocess", "vision_encoder"]
+    for model in repo.iterdir():
+        config = (model / "config.pbtxt").read_text()
+        assert "${" not in config and f'name: "{model.name}"' in config
+        assert (model / "1" / "model.py").is_file() and (model / "1" / "model_params.py").is_file()
+    with pytest.raises(ManifestError, match="make engines"):
+        render_repository(tiny_onnx, tmp_path / "jetson", "jetson")
+    assert not (tmp_path / "jetson").exists()

@@ -13,23 +13,15 @@ stream stops at the next token and frees its KV cache.
 """
 
 import json
-import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
+from model_params import model_params
 
 PARAMS = ("max_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed", "stop")
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
-
-
-def _params(args):
-    params = {k: v["string_value"] for k, v in json.loads(args["model_config"])["parameters"].items()}
-    src = params.get("edgevlm_src")
-    if src and src not in sys.path:  # where edgevlm is not installed (e.g. a stock container)
-        sys.path.append(src)
-    return params
 
 
 def _response(text, stats=b""):
@@ -48,7 +40,7 @@ class TritonPythonModel:
         config = json.loads(args["model_config"])
         if not pb_utils.using_decoupled_model_transaction_policy(config):
             raise pb_utils.TritonModelException("mobilevlm must be decoupled (it streams)")
-        params = _params(args)
+        params = model_params(args)
         from edgevlm import serving
         from edgevlm.sampling import InvalidRequest
         self.serving, self.invalid = serving, InvalidRequest

@@ -6,23 +6,14 @@ Outputs: pixel_values FP32 [N, 3, S, S] (N = 0 without an image), input_ids INT6
          (-200 marks the image). Bad input gets INVALID_ARG with a one-line reason.
 """
 
-import json
-import sys
 
 import triton_python_backend_utils as pb_utils
-
-
-def _params(args):
-    params = {k: v["string_value"] for k, v in json.loads(args["model_config"])["parameters"].items()}
-    src = params.get("edgevlm_src")
-    if src and src not in sys.path:  # where edgevlm is not installed (e.g. a stock container)
-        sys.path.append(src)
-    return params
+from model_params import model_params
 
 
 class TritonPythonModel:
     def initialize(self, args):
-        params = _params(args)
+        params = model_params(args)
         from edgevlm.sampling import InvalidRequest
         from edgevlm.serving import Preprocessor
         self.invalid = InvalidRequest

@@ -5,24 +5,15 @@ Outputs: image_embeds FP32 [N, T, D], encode_ms FP32 [1] (0 when N = 0).
 Runs ONNX Runtime (cpu target) or a TensorRT engine (jetson target) in process.
 """
 
-import json
-import sys
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
-
-
-def _params(args):
-    params = {k: v["string_value"] for k, v in json.loads(args["model_config"])["parameters"].items()}
-    src = params.get("edgevlm_src")
-    if src and src not in sys.path:
-        sys.path.append(src)
-    return params
+from model_params import model_params
 
 
 class TritonPythonModel:
     def initialize(self, args):
-        params = _params(args)
+        params = model_params(args)
         from edgevlm.serving import VisionEncoder
         self.encoder = VisionEncoder(params["onnx_dir"], params["runner"], params.get("engine_dir", ""))
 
