@@ -8,6 +8,8 @@ Both targets share the configs and the tensor contract; only parameters differ.
 
 from __future__ import annotations
 
+import importlib.metadata
+import os
 import shutil
 from pathlib import Path
 from string import Template
@@ -21,14 +23,61 @@ MODELS = ("mobilevlm", "preprocess", "vision_encoder")
 TARGETS = ("cpu", "jetson")
 
 
-def check_engines(engine_dir: Path, art: OnnxArtifacts) -> None:
-    """The engines must have been built from these ONNX graphs."""
+def device_tag() -> str:
+    """`<TensorRT version>-sm<compute capability>` of this machine, the engine folder name.
+
+    EDGEVLM_TRT_VERSION / EDGEVLM_SM override detection (tests, cross-checks)."""
+    trt, sm = os.environ.get("EDGEVLM_TRT_VERSION"), os.environ.get("EDGEVLM_SM")
+    if not trt:
+        try:
+            trt = importlib.metadata.version("tensorrt")
+        except importlib.metadata.PackageNotFoundError:
+            try:
+                import tensorrt
+                trt = tensorrt.__version__
+            except ImportError:
+                raise ManifestError("no TensorRT on this machine: run `make engines` and `make repo "
+                                    "TARGET=jetson` on the Orin, or pass ENGINES=dir") from None
+    if not sm:
+        sm = _compute_capability()
+    return f"{trt}-sm{sm}"
+
+
+def _compute_capability() -> str:
+    try:
+        from cuda.bindings import runtime as cudart  # cuda-python, shipped beside TensorRT
+    except ImportError:
+        raise ManifestError("cannot tell the GPU's compute capability (no cuda-python); "
+                            "set EDGEVLM_SM=87 on an Orin or pass ENGINES=") from None
+    err, major = cudart.cudaDeviceGetAttribute(cudart.cudaDeviceAttr.cudaDevAttrComputeCapabilityMajor, 0)
+    err2, minor = cudart.cudaDeviceGetAttribute(cudart.cudaDeviceAttr.cudaDevAttrComputeCapabilityMinor, 0)
+    if err or err2:
+        raise ManifestError(f"cannot query the GPU: {err or err2}")
+    return f"{major}{minor}"
+
+
+def select_engines(onnx_root: Path) -> Path:
+    """The engine folder beside the export that was built for this device."""
+    root = Path(onnx_root).parent / "engines"
+    tag = device_tag()
+    if not (root / tag).is_dir():
+        have = sorted(p.name for p in root.iterdir()) if root.is_dir() else []
+        raise ManifestError(f"no engines for this device ({tag}) in {root}"
+                            + (f"; found {', '.join(have)}" if have else "") + ": run `make engines`")
+    return root / tag
+
+
+def check_engines(engine_dir: Path, art: OnnxArtifacts, tag: str | None = None) -> None:
+    """The engines must be TensorRT engines built from these ONNX graphs (for this device)."""
     m = read_manifest(engine_dir)
     if m.get("kind") != "tensorrt":
         raise ManifestError(f"{engine_dir}: not a TensorRT engine directory (kind {m.get('kind')!r})")
     if m.get("onnx_sha256") != art.manifest["source"]["sha256"]:
         raise ManifestError(f"{engine_dir}: engines were built from another export "
                             "(checkpoint hash differs); run `make engines` again")
+    if tag is not None and m.get("device_tag") != tag:
+        raise ManifestError(f"{engine_dir}: engines are for {m.get('device_tag')!r}, "
+                            f"this device is {tag!r}; run `make engines` here")
 
 
 def render_repository(onnx_dir: str | Path, out_dir: str | Path, target: str = "cpu", *,
@@ -39,10 +88,12 @@ def render_repository(onnx_dir: str | Path, out_dir: str | Path, target: str = "
     art = OnnxArtifacts.open(onnx_dir)
     cfg = art.config
     if target == "jetson":
+        tag = None
         if engine_dir is None:
-            raise ManifestError("the jetson target needs engines: run `make engines` on the Orin")
+            engine_dir = select_engines(art.root)  # this device's folder, by TensorRT + SM
+            tag = device_tag()
         engine_dir = Path(engine_dir).resolve()
-        check_engines(engine_dir, art)
+        check_engines(engine_dir, art, tag)
     values = {
         "image_size": cfg.vision.image_size, "image_tokens": cfg.image_tokens,
         "hidden_size": cfg.text.hidden_size, "onnx_dir": str(art.root.resolve()),

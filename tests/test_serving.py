@@ -179,3 +179,34 @@ def test_rendered_repository_is_complete_and_refuses_unbuilt_jetson(tiny_onnx, t
     with pytest.raises(ManifestError, match="make engines"):
         render_repository(tiny_onnx, tmp_path / "jetson", "jetson")
     assert not (tmp_path / "jetson").exists()
+
+
+def test_jetson_target_selects_this_devices_engines_by_manifest(tiny_onnx, tmp_path, monkeypatch):
+    """Engine selection and manifest checks only: building or loading engines needs TensorRT."""
+    import json
+    import shutil
+
+    from edgevlm.manifest import ManifestError
+    art_root = tmp_path / "model"
+    onnx_dir = shutil.copytree(tiny_onnx, art_root / "onnx")
+    sha = json.loads((onnx_dir / "manifest.json").read_text())["source"]["sha256"]
+    monkeypatch.setenv("EDGEVLM_TRT_VERSION", "10.3.0")
+    monkeypatch.setenv("EDGEVLM_SM", "87")
+    with pytest.raises(ManifestError, match=r"no engines for this device \(10.3.0-sm87\)"):
+        render_repository(onnx_dir, tmp_path / "r0", "jetson")
+    for tag, digest in (("10.3.0-sm87", sha), ("8.5.2-sm87", sha)):
+        (art_root / "engines" / tag).mkdir(parents=True)
+        (art_root / "engines" / tag / "manifest.json").write_text(json.dumps(
+            {"format": 1, "kind": "tensorrt", "onnx_sha256": digest, "device_tag": tag}))
+    repo = render_repository(onnx_dir, tmp_path / "r1", "jetson")
+    config = (repo / "mobilevlm" / "config.pbtxt").read_text()
+    assert 'string_value: "tensorrt"' in config and "engines/10.3.0-sm87" in config
+    monkeypatch.setenv("EDGEVLM_TRT_VERSION", "8.5.2")
+    (art_root / "engines" / "8.5.2-sm87" / "manifest.json").write_text(json.dumps(
+        {"format": 1, "kind": "tensorrt", "onnx_sha256": "other", "device_tag": "8.5.2-sm87"}))
+    with pytest.raises(ManifestError, match="built from another export"):
+        render_repository(onnx_dir, tmp_path / "r2", "jetson")
+    with pytest.raises(ManifestError, match="are for '10.3.0-sm87'"):
+        from edgevlm.manifest import OnnxArtifacts
+        from edgevlm.repository import check_engines
+        check_engines(art_root / "engines" / "10.3.0-sm87", OnnxArtifacts.open(onnx_dir), "8.5.2-sm87")

@@ -13,7 +13,6 @@ stream stops at the next token and frees its KV cache.
 """
 
 import json
-import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -49,8 +48,6 @@ class TritonPythonModel:
         self.default_max_tokens = int(params["default_max_tokens"])
         self.pool = ThreadPoolExecutor(max_workers=int(params["max_sequences"]),
                                        thread_name_prefix="decode")
-        self.lock = threading.Lock()
-        self.active = 0
 
     def _bls(self, model, inputs, outputs):
         """Run a composing model; its error becomes this request's error, reason intact."""
@@ -84,8 +81,6 @@ class TritonPythonModel:
         return None
 
     def _decode(self, inputs, sender, request):
-        with self.lock:
-            self.active += 1
         try:
             s = self.serving
             params = s.sampling_params(inputs, self.default_max_tokens)
@@ -110,9 +105,6 @@ class TritonPythonModel:
                 sender.send(_error(f"internal error: {type(e).__name__}: {e}", invalid=False), flags=FINAL)
             except Exception as send_error:  # the stream may already be closed
                 pb_utils.Logger.log_error(f"mobilevlm: could not report the failure: {send_error}")
-        finally:
-            with self.lock:
-                self.active -= 1
 
     def finalize(self):
         self.pool.shutdown(wait=True, cancel_futures=True)
