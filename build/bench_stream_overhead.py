@@ -35,6 +35,7 @@ def gaps_ms(times: list[float]) -> list[float]:
 def in_process(onnx_dir: str, tokens: int, runs: int) -> list[float]:
     gen = load_generator(onnx_dir)
     ids = tokenize_prompt(gen.tok, build_prompt(QUESTION, image=False))
+    list(gen.generate(ids, None, SamplingParams(max_tokens=4)))  # warm-up, as on the server side
     out = []
     for _ in range(runs):
         times = []
