@@ -7,6 +7,7 @@ in-process and the same code runs on the cpu and jetson targets.
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from edgevlm.tokenizer import Tokenizer
 
 MAX_PROMPT_CHARS = 100_000
 MAX_IMAGE_BYTES = 32 << 20
+MAX_TURNS = 64
 
 # Optional generation inputs: name -> (numpy kinds accepted, python type)
 PARAM_INPUTS = {"max_tokens": ("iu", int), "temperature": ("f", float), "top_p": ("f", float),
@@ -75,8 +77,11 @@ class Preprocessor:
         self.tok = Tokenizer(art.path("tokenizer"))
         self.max_image_pixels = max_image_pixels
 
-    def __call__(self, image: bytes | None, prompt, raw_prompt: bool = False):
+    def __call__(self, image: bytes | None, prompt, raw_prompt: bool = False, history=None):
         prompt = text(prompt, "prompt")
+        turns = parse_history(history)
+        if turns and raw_prompt:
+            raise InvalidRequest("history and raw_prompt exclude each other (a raw prompt holds its history)")
         if not prompt.strip():
             raise InvalidRequest("prompt is empty")
         if len(prompt) > MAX_PROMPT_CHARS:
@@ -98,12 +103,27 @@ class Preprocessor:
                 raise InvalidRequest(f"raw prompt has {placeholders} {IMAGE_PLACEHOLDER} placeholder(s) "
                                      f"for {n_images} image(s)")
         else:
-            prompt = build_prompt(prompt, image=n_images > 0)
+            prompt = build_prompt(prompt, image=n_images > 0, history=turns)
         ids = np.asarray(tokenize_prompt(self.tok, prompt), np.int64)
         n = len(ids) + n_images * (self.cfg.image_tokens - 1)
         if n >= self.cfg.text.max_position:
             raise InvalidRequest(f"prompt is {n} tokens, the context holds {self.cfg.text.max_position}")
         return pixel_values, ids
+
+
+def parse_history(value) -> list[tuple[str, str]]:
+    """history input: JSON [[question, answer], ...] -> turns for build_prompt."""
+    if value is None:
+        return []
+    raw = text(value, "history")
+    try:
+        turns = json.loads(raw) if raw.strip() else []
+    except json.JSONDecodeError as e:
+        raise InvalidRequest(f"history is not JSON: {e.msg} at character {e.pos}") from None
+    if (not isinstance(turns, list) or len(turns) > MAX_TURNS
+            or not all(isinstance(t, list) and len(t) == 2 and all(isinstance(x, str) for x in t) for t in turns)):
+        raise InvalidRequest(f"history must be a JSON list of at most {MAX_TURNS} [question, answer] string pairs")
+    return [(q, a) for q, a in turns]
 
 
 class VisionEncoder:

@@ -210,3 +210,28 @@ def test_jetson_target_selects_this_devices_engines_by_manifest(tiny_onnx, tmp_p
         from edgevlm.manifest import OnnxArtifacts
         from edgevlm.repository import check_engines
         check_engines(art_root / "engines" / "10.3.0-sm87", OnnxArtifacts.open(onnx_dir), "8.5.2-sm87")
+
+
+def test_chat_follow_up_uses_the_multi_turn_template(client, reference):
+    model, tok = reference
+    image = sample_image("chelsea")
+    chat = client.chat(image=image, max_tokens=12)
+    first = chat.ask("What is in the image?")
+    second = "".join(chat.stream("What colour is it?"))
+    assert len(chat.turns) == 2 and chat.turns[0] == ("What is in the image?", first.text.strip())
+    # the reference, given the same two-turn `v1` prompt (image in turn one), says the same
+    prompt = build_prompt("What colour is it?", history=[("What is in the image?", first.text.strip())])
+    assert "</s>USER: What colour is it? ASSISTANT:" in prompt
+    ids = tokenize_prompt(tok, prompt)
+    px = torch.from_numpy(preprocess(image, model.cfg.vision.image_size)[None])
+    assert second == tok.decode(model.generate(ids, px, max_new_tokens=12))
+
+
+@pytest.mark.parametrize("history,reason", [("not json", "history is not JSON"),
+                                            ('[["only a question"]]', "history must be a JSON list"),
+                                            ('{"q": "a"}', "history must be a JSON list")])
+def test_malformed_history_is_refused(server, client, history, reason):
+    inputs = _raw(history=("BYTES", [history.encode()]))
+    with pytest.raises(InvalidRequest, match=reason):
+        list(Stream(server.grpc_url, "mobilevlm", inputs, 30))
+    _good_request_still_works(client)

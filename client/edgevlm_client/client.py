@@ -66,7 +66,8 @@ def _tensor(name: str, value, dtype: str) -> grpcclient.InferInput:
     return t
 
 
-def build_inputs(prompt: str, image=None, *, raw_prompt: bool = False, max_tokens: int | None = None,
+def build_inputs(prompt: str, image=None, *, raw_prompt: bool = False,
+                 history: Sequence[tuple[str, str]] | None = None, max_tokens: int | None = None,
                  temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,
                  repetition_penalty: float | None = None, seed: int | None = None,
                  stop: Sequence[str] | None = None) -> list[grpcclient.InferInput]:
@@ -75,6 +76,8 @@ def build_inputs(prompt: str, image=None, *, raw_prompt: bool = False, max_token
         inputs.append(_tensor("image", image_bytes(image), "BYTES"))
     if raw_prompt:
         inputs.append(_tensor("raw_prompt", True, "BOOL"))
+    if history:
+        inputs.append(_tensor("history", json.dumps([list(t) for t in history]).encode("utf-8"), "BYTES"))
     for name, value, dtype in (("max_tokens", max_tokens, "INT32"), ("temperature", temperature, "FP32"),
                                ("top_p", top_p, "FP32"), ("top_k", top_k, "INT32"),
                                ("repetition_penalty", repetition_penalty, "FP32"), ("seed", seed, "INT64")):
@@ -162,6 +165,10 @@ class Client:
             pass
         return Result(s.text, s.stats)
 
+    def chat(self, image=None, **options) -> Chat:
+        """A multi-turn conversation, about `image` if given (see Chat)."""
+        return Chat(self, image, **options)
+
     def health(self) -> bool:
         try:
             with grpcclient.InferenceServerClient(self.url) as c:
@@ -175,3 +182,27 @@ class Client:
             if time.monotonic() > deadline:
                 raise ServerUnavailable(f"{self.url}: not ready after {timeout_s:.0f} s")
             time.sleep(0.25)
+
+
+class Chat:
+    """Follow-up questions about the same frame. Each request carries the earlier turns; the
+    server lays them out in the model's template, with the image in the first turn."""
+
+    def __init__(self, client: Client, image=None, **options):
+        self.client = client
+        self.image = image_bytes(image) if image is not None else None  # encoded once
+        self.options = options
+        self.turns: list[tuple[str, str]] = []
+
+    def stream(self, question: str, **options) -> Iterator[str]:
+        """Text deltas of the answer; the turn joins the history once the answer is complete."""
+        s = self.client.stream(question, image=self.image, history=self.turns, **{**self.options, **options})
+        yield from s
+        self.turns.append((question, s.text.strip()))
+
+    def ask(self, question: str, **options) -> Result:
+        s = self.client.stream(question, image=self.image, history=self.turns, **{**self.options, **options})
+        for _ in s:
+            pass
+        self.turns.append((question, s.text.strip()))
+        return Result(s.text, s.stats)

@@ -1,7 +1,8 @@
 """Triton model `preprocess`.
 
 Inputs:  image BYTES [1] (optional; encoded JPEG/PNG/...), prompt BYTES [1] (UTF-8),
-         raw_prompt BOOL [1] (optional; the prompt is already in the `v1` template).
+         raw_prompt BOOL [1] (optional; the prompt is already in the `v1` template),
+         history BYTES [1] (optional; JSON [[question, answer], ...] of earlier turns).
 Outputs: pixel_values FP32 [N, 3, S, S] (N = 0 without an image), input_ids INT64 [L]
          (-200 marks the image). Bad input gets INVALID_ARG with a one-line reason.
 """
@@ -29,9 +30,11 @@ class TritonPythonModel:
                 prompt = pb_utils.get_input_tensor_by_name(request, "prompt")
                 if prompt is None:
                     raise self.invalid("prompt is required")
+                history = pb_utils.get_input_tensor_by_name(request, "history")
                 pixel_values, ids = self.pre(
                     image.as_numpy().reshape(-1)[0] if image is not None else None,
-                    prompt.as_numpy(), bool(raw.as_numpy().reshape(-1)[0]) if raw is not None else False)
+                    prompt.as_numpy(), bool(raw.as_numpy().reshape(-1)[0]) if raw is not None else False,
+                    history.as_numpy() if history is not None else None)
                 responses.append(pb_utils.InferenceResponse(
                     [pb_utils.Tensor("pixel_values", pixel_values), pb_utils.Tensor("input_ids", ids)]))
             except self.invalid as e:
