@@ -1,11 +1,15 @@
-"""Shared fixtures: random-weight tiny checkpoints in the upstream layout, written once."""
+"""Shared fixtures: tiny random-weight checkpoints in the upstream layout, their ONNX export,
+and one real tritonserver serving it, each made once per test session."""
 
 from __future__ import annotations
 
 import pytest
+from edgevlm_client import Client
 
 from edgevlm.presets import PRESETS
+from edgevlm.repository import render_repository
 from edgevlm.synthetic import write_random_checkpoint
+from edgevlm.tritonserver import TritonServer
 
 
 @pytest.fixture(scope="session")
@@ -26,3 +30,18 @@ def tiny_onnx(tiny_ckpt, tmp_path_factory):
     """The tiny V2 checkpoint exported to ONNX."""
     from edgevlm.onnx_export import export_onnx
     return export_onnx(tiny_ckpt, tmp_path_factory.mktemp("onnx") / "tiny", log=lambda m: None)
+
+
+@pytest.fixture(scope="session")
+def server(tiny_onnx, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("serve")
+    repo = render_repository(tiny_onnx, tmp / "repository", max_sequences=4, default_max_tokens=32)
+    srv = TritonServer(repo, log_path=tmp / "tritonserver.log")
+    srv.start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="session")
+def client(server):
+    return Client(server.grpc_url, timeout_s=60)

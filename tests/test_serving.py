@@ -26,21 +26,6 @@ from test_image import _png_header_only
 
 
 @pytest.fixture(scope="module")
-def server(tiny_onnx, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("serve")
-    repo = render_repository(tiny_onnx, tmp / "repository", max_sequences=4, default_max_tokens=32)
-    srv = TritonServer(repo, log_path=tmp / "tritonserver.log")
-    srv.start()
-    yield srv
-    srv.stop()
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return Client(server.grpc_url, timeout_s=60)
-
-
-@pytest.fixture(scope="module")
 def reference(tiny_ckpt):
     ck = read_checkpoint(tiny_ckpt)
     return MobileVLM.from_weights(ck.config, ck.weights()), Tokenizer(ck.tokenizer_path)

@@ -38,6 +38,25 @@ def cmd_ask(args) -> int:
     return 0
 
 
+def cmd_chat(args) -> int:
+    """Interactive multi-turn chat about one image: one question per line, empty line or EOF ends."""
+    chat = Client(args.url, timeout_s=args.timeout_s).chat(
+        image=args.image, **({"max_tokens": args.max_tokens} if args.max_tokens else {}))
+    interactive = sys.stdin.isatty()
+    while True:
+        if interactive:
+            sys.stdout.write("you> ")
+            sys.stdout.flush()
+        line = sys.stdin.readline()
+        if not line.strip():
+            return 0
+        sys.stdout.write("vlm> ")
+        for delta in chat.stream(line.strip()):
+            sys.stdout.write(delta)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+
+
 def cmd_health(args) -> int:
     ok = Client(args.url).health()
     print(f"{args.url}: {'ready' if ok else 'not ready'}")
@@ -59,6 +78,11 @@ def main(argv=None) -> int:
     ask.add_argument("--timeout-s", type=float, default=300.0)
     ask.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
     ask.set_defaults(func=cmd_ask)
+    chat = sub.add_parser("chat", help="multi-turn chat (reads questions from stdin)")
+    chat.add_argument("--image", help="image file the conversation is about")
+    chat.add_argument("--max-tokens", type=int)
+    chat.add_argument("--timeout-s", type=float, default=300.0)
+    chat.set_defaults(func=cmd_chat)
     health = sub.add_parser("health", help="is the server ready?")
     health.set_defaults(func=cmd_health)
     args = ap.parse_args(argv)
