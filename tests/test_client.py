@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import venv
@@ -37,7 +38,10 @@ def test_client_installs_alone_without_torch_or_onnxruntime(tmp_path):
     env_dir = tmp_path / "venv"
     venv.create(env_dir, with_pip=True)
     pip = env_dir / "bin" / "pip"
-    r = subprocess.run([str(pip), "install", "-q", str(ROOT / "client")], capture_output=True, text=True, timeout=600)
+    # from a copy: setuptools leaves build/ and *.egg-info beside the sources it builds
+    src = shutil.copytree(ROOT / "client", tmp_path / "client",
+                          ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
+    r = subprocess.run([str(pip), "install", "-q", str(src)], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     installed = subprocess.run([str(pip), "list", "--format=freeze"], capture_output=True, text=True).stdout.lower()
     assert "edgevlm-client" in installed and "tritonclient" in installed
