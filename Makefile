@@ -20,9 +20,13 @@ ENGINES ?=
 HOST ?= 127.0.0.1
 GRPC_PORT ?= 8001
 HTTP_PORT ?= 8000
+GATEWAY_PORT ?= 8080
+TLS_CERT ?=
+TLS_KEY ?=
+TLS_CLIENT_CA ?=
 PYTEST_ARGS ?=
 
-.PHONY: help setup checkpoint onnx verify repo serve demo test clean
+.PHONY: help setup checkpoint onnx verify repo serve gateway demo test clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -35,7 +39,7 @@ $(VENV)/.installed: pyproject.toml client/pyproject.toml
 	@# torch first and pinned: the local CPU wheel; anything looser pulls multi-GB CUDA builds.
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q torch==2.13.0
-	$(VENV)/bin/pip install -q -e ".[build,serve,test]" -e ./client
+	$(VENV)/bin/pip install -q -e ".[build,serve,test]" -e "./client[images,gateway]"
 	@# Only the tritonserver binary, python backend and stubs of this wheel are used; its
 	@# own pins (numpy, tritonclient) would fight ours, hence --no-deps.
 	$(VENV)/bin/pip install -q --no-deps nvidia-pytriton==0.7.0
@@ -61,9 +65,13 @@ repo: setup $(ART)/onnx/manifest.json ## render the Triton model repository (TAR
 	$(PY) build/render_repository.py --onnx $(ART)/onnx --out $(ART)/repository --target $(TARGET) \
 		$(if $(ENGINES),--engines $(ENGINES))
 
-serve: repo ## run tritonserver on the repository (HOST=127.0.0.1, GRPC_PORT=8001; Ctrl-C stops)
+serve: repo ## run tritonserver on the repository (HOST=127.0.0.1, GRPC_PORT=8001, TLS_CERT/TLS_KEY; Ctrl-C stops)
 	$(PY) -m edgevlm.tritonserver --repository $(ART)/repository --host $(HOST) \
-		--grpc-port $(GRPC_PORT) --http-port $(HTTP_PORT)
+		--grpc-port $(GRPC_PORT) --http-port $(HTTP_PORT) \
+		$(if $(TLS_CERT),--tls-cert $(TLS_CERT) --tls-key $(TLS_KEY)) $(if $(TLS_CLIENT_CA),--tls-client-ca $(TLS_CLIENT_CA))
+
+gateway: setup ## OpenAI-compatible HTTP gateway to a running server (GATEWAY_PORT=8080, loopback)
+	$(VENV)/bin/edgevlm-client --url 127.0.0.1:$(GRPC_PORT) gateway --host $(HOST) --port $(GATEWAY_PORT)
 
 demo: repo ## the whole path: checkpoint, ONNX, repository, tritonserver, a streamed answer
 	$(PY) build/demo.py --repository $(ART)/repository $(if $(MODEL),,--random-weights)

@@ -16,6 +16,9 @@ from edgevlm.presets import CLIP_MEAN, CLIP_STD
 
 PAD_COLOUR = tuple(int(m * 255) for m in CLIP_MEAN)  # (122, 116, 104)
 DEFAULT_MAX_PIXELS = 50_000_000  # refuse decompression bombs before decoding them
+# What cameras and services send. Pillow would open dozens more; each is parser surface a
+# network-facing server does not need (the client sniffs the same list before sending).
+FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF")
 
 
 class ImageError(ValueError):
@@ -35,11 +38,11 @@ def load_image(src, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
         if not data:
             raise ImageError("image is empty")
         try:
-            img = Image.open(io.BytesIO(data))
+            img = Image.open(io.BytesIO(data), formats=FORMATS)
         except Image.DecompressionBombError:  # Pillow's own, higher limit
             raise ImageError(f"image is over the {max_pixels} pixel limit") from None
         except Image.UnidentifiedImageError:
-            raise ImageError("cannot decode image: not a recognised image format") from None
+            raise ImageError(f"cannot decode image: not {', '.join(FORMATS)}") from None
         except Exception as e:  # PIL raises several unrelated types for garbage input
             raise ImageError(f"cannot decode image: {e}") from None
     w, h = img.size

@@ -100,7 +100,7 @@ def render_repository(onnx_dir: str | Path, out_dir: str | Path, target: str = "
         "engine_dir": str(engine_dir or ""), "runner": "tensorrt" if target == "jetson" else "onnxruntime",
         "max_sequences": max_sequences, "default_max_tokens": default_max_tokens,
         "max_image_pixels": max_image_pixels, "preprocess_instances": 1,
-        "edgevlm_src": str(SOURCE.parent),
+        "edgevlm_src": str(SOURCE.parent), "model_name": cfg.name, "max_context": cfg.text.max_position,
     }
     out_dir = Path(out_dir)
     with staged_dir(out_dir) as tmp:

@@ -17,7 +17,7 @@ from edgevlm.embedding import EmbeddingTable
 from edgevlm.image import DEFAULT_MAX_PIXELS, ImageError, preprocess
 from edgevlm.manifest import OnnxArtifacts
 from edgevlm.presets import IMAGE_TOKEN_INDEX
-from edgevlm.prompt import IMAGE_PLACEHOLDER, build_prompt, tokenize_prompt
+from edgevlm.prompt import IMAGE_PLACEHOLDER, SYSTEM_V1, build_prompt, tokenize_prompt
 from edgevlm.sampling import InvalidRequest, SamplingParams
 from edgevlm.tokenizer import Tokenizer
 
@@ -77,11 +77,16 @@ class Preprocessor:
         self.tok = Tokenizer(art.path("tokenizer"))
         self.max_image_pixels = max_image_pixels
 
-    def __call__(self, image: bytes | None, prompt, raw_prompt: bool = False, history=None):
+    def __call__(self, image: bytes | None, prompt, raw_prompt: bool = False, history=None, system=None):
         prompt = text(prompt, "prompt")
         turns = parse_history(history)
         if turns and raw_prompt:
             raise InvalidRequest("history and raw_prompt exclude each other (a raw prompt holds its history)")
+        system = text(system, "system").strip() if system is not None else SYSTEM_V1
+        if raw_prompt and system != SYSTEM_V1:
+            raise InvalidRequest("system and raw_prompt exclude each other (a raw prompt holds its system line)")
+        if len(system) > MAX_PROMPT_CHARS:
+            raise InvalidRequest(f"system is {len(system)} characters, over the {MAX_PROMPT_CHARS} limit")
         if not prompt.strip():
             raise InvalidRequest("prompt is empty")
         if len(prompt) > MAX_PROMPT_CHARS:
@@ -103,7 +108,7 @@ class Preprocessor:
                 raise InvalidRequest(f"raw prompt has {placeholders} {IMAGE_PLACEHOLDER} placeholder(s) "
                                      f"for {n_images} image(s)")
         else:
-            prompt = build_prompt(prompt, image=n_images > 0, history=turns)
+            prompt = build_prompt(prompt, image=n_images > 0, history=turns, system=system)
         ids = np.asarray(tokenize_prompt(self.tok, prompt), np.int64)
         n = len(ids) + n_images * (self.cfg.image_tokens - 1)
         if n >= self.cfg.text.max_position:

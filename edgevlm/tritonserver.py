@@ -19,6 +19,8 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
 SYSTEM_BACKENDS = Path("/opt/tritonserver/backends")
@@ -61,11 +63,27 @@ def locate(work_dir: Path) -> tuple[Path, Path, dict]:
     return root / "bin" / "tritonserver", work_dir / "backends", env
 
 
+@dataclass(frozen=True)
+class GrpcTLS:
+    """gRPC over TLS: the server's PEM certificate and key; with `client_ca`, mutual TLS
+    (clients must present a certificate that CA signed)."""
+    cert: Path
+    key: Path
+    client_ca: Path | None = None
+
+    def args(self) -> list[str]:
+        out = [f"--grpc-server-cert={self.cert}", f"--grpc-server-key={self.key}"]
+        if self.client_ca:
+            return out + [f"--grpc-root-cert={self.client_ca}", "--grpc-use-ssl-mutual=true"]
+        return out + ["--grpc-use-ssl=true"]
+
+
 class TritonServer:
     """A tritonserver process bound to `host` (loopback by default) on free or given ports."""
 
     def __init__(self, repository: str | Path, *, host: str = "127.0.0.1", grpc_port: int = 0,
-                 http_port: int = 0, log_path: str | Path | None = None, verbose: bool = False):
+                 http_port: int = 0, log_path: str | Path | None = None, verbose: bool = False,
+                 tls: GrpcTLS | None = None):
         self.repository = Path(repository).resolve()
         self.host = host
         self.grpc_port = grpc_port or free_port(host)
@@ -73,6 +91,7 @@ class TritonServer:
         self.work = Path(tempfile.mkdtemp(prefix="edgevlm-triton-"))
         self.log_path = Path(log_path) if log_path else self.work / "tritonserver.log"
         self.verbose = verbose
+        self.tls = tls
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -88,7 +107,7 @@ class TritonServer:
                 "--exit-timeout-secs=10", "--disable-auto-complete-config",
                 # Image embeddings (1.2 MB at 1.7B) cross to the stubs in one region.
                 "--backend-config=python,shm-default-byte-size=8388608",
-                f"--log-verbose={1 if self.verbose else 0}"]
+                f"--log-verbose={1 if self.verbose else 0}"] + (self.tls.args() if self.tls else [])
         # The python stub runs the first `python` on PATH: ours, with edgevlm installed.
         env = {**os.environ, **env,
                "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
@@ -112,12 +131,11 @@ class TritonServer:
         raise ServerError(f"tritonserver not ready after {timeout_s:.0f} s:\n{self.log_tail()}")
 
     def ready(self) -> bool:
-        import tritonclient.grpc as grpcclient
-        from tritonclient.utils import InferenceServerException
+        """Over HTTP on loopback: independent of how gRPC is secured."""
         try:
-            with grpcclient.InferenceServerClient(self.grpc_url) as c:
-                return c.is_server_ready(client_timeout=2.0)
-        except InferenceServerException:
+            with urllib.request.urlopen(f"http://{self.host}:{self.http_port}/v2/health/ready", timeout=2.0) as r:
+                return r.status == 200
+        except OSError:
             return False
 
     def log_tail(self, lines: int = 30) -> str:
@@ -158,9 +176,16 @@ def main(argv=None) -> int:
     ap.add_argument("--grpc-port", type=int, default=8001)
     ap.add_argument("--http-port", type=int, default=8000)
     ap.add_argument("--verbose", action="store_true")
+    ap.add_argument("--tls-cert", help="PEM server certificate: serve gRPC over TLS")
+    ap.add_argument("--tls-key", help="PEM key of --tls-cert")
+    ap.add_argument("--tls-client-ca", help="PEM CA: require client certificates it signed (mutual TLS)")
     args = ap.parse_args(argv)
+    if bool(args.tls_cert) != bool(args.tls_key):
+        ap.error("--tls-cert and --tls-key go together")
+    tls = GrpcTLS(Path(args.tls_cert), Path(args.tls_key), Path(args.tls_client_ca) if args.tls_client_ca else None) \
+        if args.tls_cert else None
     server = TritonServer(args.repository, host=args.host, grpc_port=args.grpc_port,
-                          http_port=args.http_port, verbose=args.verbose)
+                          http_port=args.http_port, verbose=args.verbose, tls=tls)
     print(f"serve: starting tritonserver on {args.repository} (log: {server.log_path})", flush=True)
     try:
         server.start()

@@ -45,3 +45,68 @@ def server(tiny_onnx, tmp_path_factory):
 @pytest.fixture(scope="session")
 def client(server):
     return Client(server.grpc_url, timeout_s=60)
+
+
+@pytest.fixture(scope="session")
+def certs(tmp_path_factory):
+    """A CA, a server certificate for 127.0.0.1/localhost and a client certificate, all made
+    now with the openssl CLI (PEM paths by name)."""
+    import shutil
+    import subprocess
+    if shutil.which("openssl") is None:
+        pytest.skip("no openssl CLI to make test certificates")
+    d = tmp_path_factory.mktemp("certs")
+
+    def run(*args):
+        subprocess.run(["openssl", *args], cwd=d, check=True, capture_output=True, timeout=60)
+
+    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=edgevlm test CA",
+        "-keyout", "ca.key", "-out", "ca.pem")
+    (d / "server.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    for name, ext in (("server", ["-extfile", "server.ext"]), ("client", [])):
+        run("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN=edgevlm test {name}",
+            "-keyout", f"{name}.key", "-out", f"{name}.csr")
+        run("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+            "-days", "1", "-out", f"{name}.pem", *ext)
+    return {name: d / name for name in ("ca.pem", "server.pem", "server.key", "client.pem", "client.key")}
+
+
+@pytest.fixture(scope="session")
+def start_gateway():
+    """Factory: an OpenAI-compatible gateway process on a free loopback port; stopped at the end."""
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    from edgevlm.tritonserver import free_port
+    procs = []
+
+    def start(grpc_url: str, *args: str, ready_status=(503,)) -> str:
+        port = free_port()
+        proc = subprocess.Popen([sys.executable, "-m", "edgevlm_client.cli", "--url", grpc_url, "gateway",
+                                 "--port", str(port), "--log-level", "warning", *args])
+        procs.append(proc)
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, "the gateway exited"
+            try:
+                urllib.request.urlopen(base + "/health", timeout=2).close()
+                return base
+            except urllib.error.HTTPError as e:  # answering: up, whatever the model server's state
+                if e.code in ready_status:
+                    return base
+            except OSError:
+                pass
+            time.sleep(0.1)
+        raise TimeoutError("gateway did not start")
+
+    yield start
+    for proc in procs:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

@@ -20,7 +20,8 @@ from edgevlm.samples import sample_image
 from edgevlm.tokenizer import Tokenizer
 from edgevlm.tritonserver import TritonServer
 from edgevlm_client import Client, InvalidRequest
-from edgevlm_client.client import Stream, build_inputs
+from edgevlm_client.client import Stream
+from edgevlm_client.request import build_inputs
 
 from test_image import _png_header_only
 
@@ -81,7 +82,7 @@ def _raw(prompt=b"Hi", **extra):
 
 
 BAD = {
-    "undecodable image": (dict(prompt="What?", image=b"\x89PNG not really"), "cannot decode image"),
+    "undecodable image": (dict(prompt="What?", image=b"\x89PNG\r\n\x1a\n not really"), "cannot decode image"),
     "decompression bomb": (dict(prompt="What?", image=_png_header_only(100_000, 100_000)), "pixel limit"),
     "empty prompt": (dict(prompt="  "), "prompt is empty"),
     "prompt over the context": (dict(prompt="word " * 600), r"prompt is \d+ tokens, the context holds 512"),
@@ -118,7 +119,7 @@ def test_bad_input_gets_a_one_line_reason_and_the_server_keeps_serving(client, c
 def test_malformed_tensors_are_refused(server, client, case):
     inputs, reason = RAW_BAD[case]
     with pytest.raises(InvalidRequest, match=reason):
-        list(Stream(server.grpc_url, "mobilevlm", inputs, 30))
+        list(Stream(client, inputs, 30))
     _good_request_still_works(client)
 
 
@@ -218,5 +219,5 @@ def test_chat_follow_up_uses_the_multi_turn_template(client, reference):
 def test_malformed_history_is_refused(server, client, history, reason):
     inputs = _raw(history=("BYTES", [history.encode()]))
     with pytest.raises(InvalidRequest, match=reason):
-        list(Stream(server.grpc_url, "mobilevlm", inputs, 30))
+        list(Stream(client, inputs, 30))
     _good_request_still_works(client)

@@ -39,11 +39,15 @@ def reason(message: str) -> str:
 
 
 def from_triton(exc) -> EdgeVLMError:
-    """Map a tritonclient InferenceServerException to our type (call as `raise ... from exc`)."""
-    status = str(exc.status()) if hasattr(exc, "status") and exc.status() else ""
-    message = reason(exc.message() if hasattr(exc, "message") else str(exc))
+    """Map a tritonclient InferenceServerException, or a grpc.RpcError from the asyncio
+    stream, to our type (call as `raise ... from exc`)."""
+    if callable(getattr(exc, "code", None)) and callable(getattr(exc, "details", None)):  # grpc.RpcError
+        status, message = str(exc.code()), reason(exc.details() or "")
+    else:
+        status = str(exc.status()) if callable(getattr(exc, "status", None)) and exc.status() else ""
+        message = reason(exc.message() if callable(getattr(exc, "message", None)) else str(exc))
     cls = _BY_STATUS.get(status) or _classify(message)
-    return cls(message)
+    return cls(message or status)
 
 
 _UNAVAILABLE = ("failed to connect", "connection refused", "unavailable", "server exiting",

@@ -1,7 +1,8 @@
 """Triton model `mobilevlm` (decoupled): the entry point clients stream from.
 
 Inputs:  image BYTES [1] (optional; encoded JPEG/PNG/...), prompt BYTES [1], raw_prompt BOOL [1],
-         history BYTES [1] (JSON [[question, answer], ...] of earlier turns),
+         history BYTES [1] (JSON [[question, answer], ...] of earlier turns), system BYTES [1]
+         (replaces the template's system line),
          max_tokens INT32, temperature FP32, top_p FP32, top_k INT32, repetition_penalty FP32,
          seed INT64 (each optional, [1]), stop BYTES [K] (optional).
 Outputs: one response per text delta: text BYTES [1] and stats BYTES [1], which is empty
@@ -64,7 +65,8 @@ class TritonPythonModel:
             sender = request.get_response_sender()
             try:
                 get = lambda name: pb_utils.get_input_tensor_by_name(request, name)  # noqa: E731
-                pre_inputs = [t for t in (get("image"), get("prompt"), get("raw_prompt"), get("history"))
+                pre_inputs = [t for t in (get("image"), get("prompt"), get("raw_prompt"), get("history"),
+                                                get("system"))
                               if t is not None]
                 pixel_values, input_ids = self._bls("preprocess", pre_inputs, ["pixel_values", "input_ids"])
                 embeds, encode_ms = self._bls("vision_encoder", [pb_utils.Tensor("pixel_values", pixel_values)],

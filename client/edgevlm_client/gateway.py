@@ -1,0 +1,211 @@
+"""OpenAI-compatible HTTP gateway in front of the Triton gRPC server (Starlette + uvicorn).
+
+    POST /v1/chat/completions   text and image_url parts, `stream: true` as server-sent events
+    GET  /v1/models             the one model served
+    GET  /health                200 when the model server is ready
+
+Every request becomes one gRPC stream to `mobilevlm`; nothing is computed here. Remote image
+URLs are refused unless enabled, request bodies and images are capped, and a client that
+goes away cancels its generation on the server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import urllib.request
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from edgevlm_client import openai_api as api
+from edgevlm_client.aio import AsyncClient
+from edgevlm_client.connection import TLS
+from edgevlm_client.errors import EdgeVLMError
+
+MB = 1 << 20
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    grpc_url: str = "127.0.0.1:8001"
+    tls: TLS | None = None
+    model_id: str | None = None        # default: the checkpoint name the server reports
+    api_key: str | None = None         # when set, requests need "Authorization: Bearer <key>"
+    allow_remote_images: bool = False  # fetch http(s) image URLs (off: the gateway makes no outbound calls)
+    max_body_bytes: int = 20 * MB
+    max_image_bytes: int = 10 * MB
+    remote_timeout_s: float = 10.0
+    timeout_s: float = 300.0           # longest wait for the model server's next response
+
+
+def _error(e: api.APIError) -> JSONResponse:
+    return JSONResponse(e.body(), status_code=e.status)
+
+
+def _sse(data: dict | str) -> bytes:
+    return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n".encode()
+
+
+class Gateway:
+    def __init__(self, config: GatewayConfig):
+        self.config = config
+        self.client = AsyncClient(config.grpc_url, tls=config.tls, timeout_s=config.timeout_s)
+        self._model_id = config.model_id
+
+    async def model_id(self) -> str:
+        if self._model_id is None:
+            self._model_id = (await self.client.metadata()).model_name or self.client.model
+        return self._model_id
+
+    def _authorize(self, request: Request) -> None:
+        if self.config.api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        token = header[7:] if header.lower().startswith("bearer ") else ""
+        if not hmac.compare_digest(token.encode(), self.config.api_key.encode()):
+            raise api.APIError(401, "missing or wrong API key (Authorization: Bearer <key>)",
+                               type="authentication_error", code="invalid_api_key")
+
+    async def _json_body(self, request: Request):
+        limit = self.config.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > limit:
+            raise api.APIError(413, f"request body is {declared} bytes, over the {limit} byte limit",
+                               code="body_too_large")
+        body = bytearray()
+        async for piece in request.stream():
+            body += piece
+            if len(body) > limit:
+                raise api.APIError(413, f"request body is over the {limit} byte limit", code="body_too_large")
+        try:
+            return json.loads(body)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise api.APIError(400, f"request body is not valid JSON: {e}") from None
+
+    async def _image(self, url: str | None) -> bytes | None:
+        if url is None:
+            return None
+        if url.startswith("data:"):
+            return api.decode_data_url(url, self.config.max_image_bytes)
+        if not url.startswith(("http://", "https://")):
+            raise api.APIError(400, "image_url must be a data: URL" +
+                               (" or http(s)" if self.config.allow_remote_images else ""), param="image_url")
+        if not self.config.allow_remote_images:
+            raise api.APIError(400, "remote image URLs are disabled on this gateway: send the image as a "
+                               "base64 data URL (or start the gateway with --allow-remote-images)",
+                               param="image_url", code="remote_images_disabled")
+        return await asyncio.to_thread(self._fetch, url)
+
+    def _fetch(self, url: str) -> bytes:
+        limit = self.config.max_image_bytes
+        try:
+            with urllib.request.urlopen(url, timeout=self.config.remote_timeout_s) as r:
+                data = r.read(limit + 1)
+        except Exception as e:  # URLError, HTTPError, timeouts, bad hosts: all the caller's URL
+            raise api.APIError(400, f"cannot fetch image_url: {e}", param="image_url") from None
+        if len(data) > limit:
+            raise api.APIError(413, f"image is over the {limit} byte limit", param="image_url",
+                               code="image_too_large")
+        return data
+
+    async def models(self, request: Request) -> Response:
+        self._authorize(request)
+        mid = await self.model_id()
+        return JSONResponse({"object": "list", "data": [
+            {"id": mid, "object": "model", "created": 0, "owned_by": "edgevlm"}]})
+
+    async def health(self, request: Request) -> Response:
+        ok = await self.client.health()
+        return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
+
+    async def chat_completions(self, request: Request) -> Response:
+        self._authorize(request)
+        req = api.parse_chat_request(await self._json_body(request))
+        mid = await self.model_id()
+        if req.model not in (mid, self.client.model):
+            raise api.APIError(404, f"model {req.model!r} is not served here; this gateway serves {mid!r}",
+                               param="model", code="model_not_found")
+        image = await self._image(req.image_url)
+        stream = self.client.stream(req.question, image=image, history=req.history, system=req.system,
+                                    **req.options)
+        cid = api.new_id()
+        if not req.stream:
+            try:
+                async for _ in stream:
+                    pass
+            finally:
+                await stream.aclose()
+            return JSONResponse(api.completion(cid, mid, stream.text, stream.stats))
+        # Wait for the first text before answering, so a refused request still gets its status.
+        deltas = stream.__aiter__()
+        try:
+            first = await deltas.__anext__()
+        except StopAsyncIteration:
+            first = ""
+        except BaseException:
+            await stream.aclose()
+            raise
+        return StreamingResponse(self._events(stream, deltas, first, cid, mid, req.include_usage),
+                                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    async def _events(self, stream, deltas: AsyncIterator[str], first: str, cid: str, mid: str,
+                      include_usage: bool) -> AsyncIterator[bytes]:
+        created = None
+        try:
+            first_chunk = api.chunk(cid, mid, {"role": "assistant", "content": first})
+            created = first_chunk["created"]
+            yield _sse(first_chunk)
+            async for delta in deltas:
+                yield _sse(api.chunk(cid, mid, {"content": delta}, created=created))
+            yield _sse(api.chunk(cid, mid, {}, stream.stats.get("finish_reason") or "stop", created=created))
+            if include_usage:
+                yield _sse(api.usage_chunk(cid, mid, stream.stats, created=created))
+            yield _sse("[DONE]")
+        except EdgeVLMError as e:  # after the status line: the error goes in the stream
+            yield _sse(api.from_client_error(e).body())
+        finally:  # also on client disconnect: cancels the generation on the server
+            await stream.aclose()
+
+
+def create_app(config: GatewayConfig) -> Starlette:
+    gw = Gateway(config)
+
+    async def api_error(request, exc: api.APIError):
+        return _error(exc)
+
+    async def client_error(request, exc: EdgeVLMError):
+        return _error(api.from_client_error(exc))
+
+    async def http_error(request, exc: HTTPException):
+        return _error(api.APIError(exc.status_code, exc.detail or "error",
+                                   type="invalid_request_error" if exc.status_code < 500 else "server_error"))
+
+    async def unexpected(request, exc: Exception):
+        return _error(api.APIError(500, f"gateway error: {type(exc).__name__}: {exc}", type="server_error"))
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        yield
+        await gw.client.close()
+
+    app = Starlette(routes=[
+        Route("/v1/chat/completions", gw.chat_completions, methods=["POST"]),
+        Route("/v1/models", gw.models, methods=["GET"]),
+        Route("/health", gw.health, methods=["GET"]),
+    ], exception_handlers={api.APIError: api_error, EdgeVLMError: client_error, HTTPException: http_error,
+                           Exception: unexpected}, lifespan=lifespan)
+    app.state.gateway = gw
+    return app
+
+
+def serve(config: GatewayConfig, host: str = "127.0.0.1", port: int = 8080, log_level: str = "info") -> None:
+    import uvicorn
+    uvicorn.run(create_app(config), host=host, port=port, log_level=log_level)

@@ -1,0 +1,213 @@
+"""The OpenAI chat-completions API in terms of this model: request parsing and checking,
+response and stream-chunk shapes, errors in OpenAI's shape. No I/O here (see gateway.py).
+
+The model takes one image per conversation, in its first user turn; earlier turns become
+the `history` input and system messages replace the template's system line.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from edgevlm_client import errors
+
+ROLES = ("system", "developer", "user", "assistant")
+MAX_STOP = 4
+_DATA_URL = re.compile(r"data:(image/[\w.+-]+)?(;[\w-]+=[\w.-]+)*;base64,", re.ASCII)
+
+
+class APIError(Exception):
+    """An error answered in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def from_client_error(e: errors.EdgeVLMError) -> APIError:
+    """The client library's typed errors as HTTP statuses."""
+    if isinstance(e, errors.InvalidRequest):
+        return APIError(400, str(e))
+    if isinstance(e, errors.ServerUnavailable):
+        return APIError(503, f"model server unavailable: {e}", type="server_error", code="server_unavailable")
+    if isinstance(e, errors.Timeout):
+        return APIError(504, f"model server timed out: {e}", type="server_error", code="timeout")
+    return APIError(500, f"model server error: {e}", type="server_error")
+
+
+@dataclass
+class ChatRequest:
+    model: str
+    question: str
+    history: list[tuple[str, str]] = field(default_factory=list)
+    system: str | None = None
+    image_url: str | None = None          # a data: URL or, where allowed, http(s)
+    stream: bool = False
+    include_usage: bool = False
+    options: dict = field(default_factory=dict)  # max_tokens, temperature, top_p, stop, seed
+
+
+def _type_error(param: str, want: str) -> APIError:
+    return APIError(400, f"'{param}' must be {want}", param=param)
+
+
+def _number(body: dict, name: str, kind, want: str):
+    v = body.get(name)
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, kind):
+        raise _type_error(name, want)
+    return v
+
+
+def _content(message: dict, i: int) -> tuple[str, list[str]]:
+    """A message's text and its image URLs."""
+    content = message.get("content")
+    param = f"messages[{i}].content"
+    if isinstance(content, str):
+        return content, []
+    if not isinstance(content, list):
+        raise _type_error(param, "a string or a list of content parts")
+    texts, images = [], []
+    for j, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text" and isinstance(part.get("text"), str):
+            texts.append(part["text"])
+        elif kind == "image_url":
+            url = part.get("image_url")
+            url = url.get("url") if isinstance(url, dict) else url
+            if not isinstance(url, str):
+                raise _type_error(f"{param}[{j}].image_url.url", "a string")
+            images.append(url)
+        else:
+            raise APIError(400, f"unsupported content part {kind!r} (this model reads 'text' and 'image_url')",
+                           param=f"{param}[{j}]")
+    return "\n".join(texts), images
+
+
+def parse_chat_request(body) -> ChatRequest:
+    if not isinstance(body, dict):
+        raise APIError(400, "the request body must be a JSON object")
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise _type_error("model", "a model id (GET /v1/models lists it)")
+    for name, why in (("tools", "tool calls"), ("functions", "function calls"), ("audio", "audio output")):
+        if body.get(name):
+            raise APIError(400, f"'{name}' is not supported: this model does not do {why}", param=name)
+    n = _number(body, "n", int, "an integer")
+    if n not in (None, 1):
+        raise APIError(400, "'n' must be 1: one answer per request", param="n")
+    for name in ("presence_penalty", "frequency_penalty"):
+        if _number(body, name, (int, float), "a number") not in (None, 0):
+            raise APIError(400, f"'{name}' is not supported (only 0)", param=name)
+    if body.get("logprobs"):
+        raise APIError(400, "'logprobs' is not supported", param="logprobs")
+
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise _type_error("messages", "a non-empty list")
+    system: list[str] = []
+    turns: list[list] = []  # [role, text], consecutive messages of one role merged
+    images: list[str] = []
+    for i, m in enumerate(messages):
+        role = m.get("role") if isinstance(m, dict) else None
+        if role not in ROLES:
+            raise APIError(400, f"messages[{i}]: role must be one of {', '.join(ROLES)}", param=f"messages[{i}].role")
+        text, urls = _content(m, i)
+        if role in ("system", "developer"):
+            if urls:
+                raise APIError(400, f"messages[{i}]: images go in a user message", param=f"messages[{i}].content")
+            system.append(text)
+            continue
+        if urls and role != "user":
+            raise APIError(400, f"messages[{i}]: images go in a user message", param=f"messages[{i}].content")
+        images.extend(urls)
+        if turns and turns[-1][0] == role:
+            turns[-1][1] += "\n" + text
+        else:
+            turns.append([role, text])
+    if len(images) > 1:
+        raise APIError(400, f"{len(images)} images: this model reads one image per conversation",
+                       param="messages")
+    if not turns or turns[0][0] != "user" or turns[-1][0] != "user":
+        raise APIError(400, "the conversation must start and end with a user message", param="messages")
+    history = [(turns[k][1], turns[k + 1][1]) for k in range(0, len(turns) - 1, 2)]
+
+    options = {}
+    max_tokens = _number(body, "max_completion_tokens", int, "an integer")
+    if max_tokens is None:
+        max_tokens = _number(body, "max_tokens", int, "an integer")
+    if max_tokens is not None:
+        options["max_tokens"] = max_tokens
+    for name in ("temperature", "top_p"):
+        v = _number(body, name, (int, float), "a number")
+        if v is not None:
+            options[name] = float(v)
+    seed = _number(body, "seed", int, "an integer")
+    if seed is not None:
+        options["seed"] = seed
+    stop = body.get("stop")
+    if stop is not None:
+        stop = [stop] if isinstance(stop, str) else stop
+        if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop) or len(stop) > MAX_STOP:
+            raise _type_error("stop", f"a non-empty string or a list of up to {MAX_STOP}")
+        options["stop"] = stop
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise _type_error("stream", "true or false")
+    stream_options = body.get("stream_options") or {}
+    if not isinstance(stream_options, dict):
+        raise _type_error("stream_options", "an object")
+    return ChatRequest(model=model, question=turns[-1][1], history=history,
+                       system="\n".join(system) if system else None, image_url=images[0] if images else None,
+                       stream=stream, include_usage=bool(stream_options.get("include_usage")), options=options)
+
+
+def decode_data_url(url: str, max_bytes: int) -> bytes:
+    """data:image/...;base64,... -> the image bytes, size-checked before decoding."""
+    m = _DATA_URL.match(url)
+    if not m:
+        raise APIError(400, "image data URL must be data:image/<type>;base64,<data>", param="image_url")
+    payload = url[m.end():]
+    if len(payload) * 3 // 4 > max_bytes:
+        raise APIError(413, f"image is over the {max_bytes} byte limit", param="image_url",
+                       code="image_too_large")
+    try:
+        return base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise APIError(400, "image data URL is not valid base64", param="image_url") from None
+
+
+def new_id() -> str:
+    return "chatcmpl-" + uuid.uuid4().hex
+
+
+def usage(stats: dict) -> dict:
+    prompt, completion = int(stats.get("prefill_tokens", 0)), int(stats.get("decode_tokens", 0))
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def completion(cid: str, model: str, text: str, stats: dict) -> dict:
+    return {"id": cid, "object": "chat.completion", "created": int(time.time()), "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                         "finish_reason": stats.get("finish_reason") or "stop", "logprobs": None}],
+            "usage": usage(stats)}
+
+
+def chunk(cid: str, model: str, delta: dict, finish_reason: str | None = None, created: int | None = None) -> dict:
+    return {"id": cid, "object": "chat.completion.chunk", "created": created or int(time.time()), "model": model,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}]}
+
+
+def usage_chunk(cid: str, model: str, stats: dict, created: int | None = None) -> dict:
+    return {"id": cid, "object": "chat.completion.chunk", "created": created or int(time.time()), "model": model,
+            "choices": [], "usage": usage(stats)}

@@ -1,0 +1,231 @@
+"""The OpenAI-compatible gateway, driven by the official `openai` SDK and by raw HTTP, in
+front of a real tritonserver."""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import http.server
+import json
+import re
+import threading
+import time
+from urllib.parse import urlparse
+
+import openai
+import pytest
+
+from edgevlm.samples import sample_image
+from edgevlm.tritonserver import free_port
+
+MAX_BODY_MB = 1.0
+
+
+def data_url(image: bytes, mime: str = "image/jpeg") -> str:
+    return f"data:{mime};base64," + base64.b64encode(image).decode()
+
+
+def user_with_image(text: str, image: bytes) -> dict:
+    return {"role": "user", "content": [{"type": "text", "text": text},
+                                        {"type": "image_url", "image_url": {"url": data_url(image)}}]}
+
+
+@pytest.fixture(scope="module")
+def gateway(server, start_gateway):
+    return start_gateway(server.grpc_url, "--max-body-mb", str(MAX_BODY_MB), "--max-image-mb", "0.5",
+                         ready_status=())
+
+
+@pytest.fixture(scope="module")
+def sdk(gateway):
+    return openai.OpenAI(base_url=gateway + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def post(base: str, body: bytes | dict, headers: dict | None = None) -> tuple[int, dict]:
+    url = urlparse(base)
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=60)
+    try:
+        payload = body if isinstance(body, bytes) else json.dumps(body).encode()
+        conn.request("POST", "/v1/chat/completions", body=payload,
+                     headers={"Content-Type": "application/json", **(headers or {})})
+        r = conn.getresponse()
+        return r.status, json.loads(r.read())
+    finally:
+        conn.close()
+
+
+def test_models_lists_the_served_checkpoint(sdk):
+    assert [m.id for m in sdk.models.list().data] == ["tiny"]
+
+
+def test_sdk_chat_completion_with_an_image_matches_the_grpc_client(sdk, client):
+    image = sample_image("chelsea")
+    want = client.generate("What is in the image?", image=image, max_tokens=12)
+    r = sdk.chat.completions.create(model="tiny", messages=[user_with_image("What is in the image?", image)],
+                                    max_tokens=12)
+    assert r.choices[0].message.content == want.text and r.choices[0].message.role == "assistant"
+    assert r.choices[0].finish_reason == "length"
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (want.prompt_tokens, 12)
+    assert r.usage.total_tokens == want.prompt_tokens + 12
+
+
+def test_sdk_streamed_chat_completion_with_an_image(sdk, client):
+    image = sample_image("coffee")
+    want = client.generate("Describe it.", image=image, max_tokens=16, seed=5, temperature=0.7, top_p=0.9)
+    chunks = list(sdk.chat.completions.create(
+        model="tiny", messages=[user_with_image("Describe it.", image)], max_tokens=16, seed=5, temperature=0.7,
+        top_p=0.9, stream=True, stream_options={"include_usage": True}))
+    content = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    assert len(content) > 1 and "".join(content) == want.text
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["length"]
+    assert chunks[-1].usage.completion_tokens == 16 and chunks[-1].usage.prompt_tokens == want.prompt_tokens
+    assert len({c.id for c in chunks}) == 1
+
+
+def test_conversation_system_and_stop_reach_the_model(sdk, client):
+    image = sample_image("astronaut")
+    first = client.generate("What is this?", image=image, max_tokens=6).text.strip()
+    want = client.generate("And the colours?", image=image, max_tokens=12, history=[("What is this?", first)],
+                           system="Answer briefly.").text
+    messages = [{"role": "system", "content": "Answer briefly."}, user_with_image("What is this?", image),
+                {"role": "assistant", "content": first}, {"role": "user", "content": "And the colours?"}]
+    r = sdk.chat.completions.create(model="tiny", messages=messages, max_tokens=12)
+    assert r.choices[0].message.content == want
+    cut = want.strip()[3:6]
+    stopped = sdk.chat.completions.create(model="tiny", messages=messages, max_tokens=12, stop=[cut])
+    assert cut not in stopped.choices[0].message.content and stopped.choices[0].finish_reason == "stop"
+
+
+BAD = {
+    "malformed JSON": (b'{"model": "tiny", "messages": [', 400, "not valid JSON"),
+    "not an object": (b"[1, 2]", 400, "must be a JSON object"),
+    "no messages": ({"model": "tiny", "messages": []}, 400, "'messages' must be a non-empty list"),
+    "unknown model": ({"model": "gpt-4o", "messages": [{"role": "user", "content": "Hi"}]}, 404,
+                      "is not served here"),
+    "bad role": ({"model": "tiny", "messages": [{"role": "robot", "content": "Hi"}]}, 400, "role must be"),
+    "ends with assistant": ({"model": "tiny", "messages": [{"role": "user", "content": "Hi"},
+                                                           {"role": "assistant", "content": "Yo"}]},
+                            400, "start and end with a user message"),
+    "two images": ({"model": "tiny", "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": data_url(b"\xff\xd8\xff")}},
+        {"type": "image_url", "image_url": {"url": data_url(b"\xff\xd8\xff")}}]}]}, 400, "one image"),
+    "remote image URL": ({"model": "tiny", "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "http://127.0.0.1:9/cat.jpg"}}]}]}, 400,
+        "remote image URLs are disabled"),
+    "file URL": ({"model": "tiny", "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "file:///etc/passwd"}}]}]}, 400, "must be a data: URL"),
+    "bad base64": ({"model": "tiny", "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,@@@"}}]}]}, 400, "not valid base64"),
+    "undecodable image": ({"model": "tiny", "messages": [{"role": "user", "content": [
+        {"type": "text", "text": "What?"},
+        {"type": "image_url", "image_url": {"url": data_url(b"GIF89a garbage", "image/gif")}}]}]}, 400,
+        "cannot decode image"),
+    "oversized image": ({"model": "tiny", "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": data_url(b"\xff" * 600_000)}}]}]}, 413, "byte limit"),
+    "n = 2": ({"model": "tiny", "n": 2, "messages": [{"role": "user", "content": "Hi"}]}, 400, "'n' must be 1"),
+    "tools": ({"model": "tiny", "tools": [{"type": "function"}], "messages": [{"role": "user", "content": "Hi"}]},
+              400, "'tools' is not supported"),
+    "max_tokens as string": ({"model": "tiny", "max_tokens": "8", "messages": [{"role": "user", "content": "Hi"}]},
+                             400, "'max_tokens' must be an integer"),
+    "temperature out of range": ({"model": "tiny", "temperature": -1, "messages": [
+        {"role": "user", "content": "Hi"}]}, 400, "temperature must be in"),
+    "prompt over the context": ({"model": "tiny", "messages": [{"role": "user", "content": "word " * 600}]}, 400,
+                                "the context holds 512"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_requests_get_openai_shaped_errors(gateway, sdk, case):
+    body, status, message = BAD[case]
+    got_status, got = post(gateway, body)
+    assert got_status == status, got
+    assert set(got["error"]) == {"message", "type", "param", "code"} and message in got["error"]["message"]
+    assert "\n" not in got["error"]["message"]
+    assert sdk.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}],
+                                       max_tokens=3).usage.completion_tokens == 3
+
+
+def test_oversized_body_is_refused_with_413(gateway):
+    body = json.dumps({"model": "tiny", "messages": [{"role": "user", "content": "x" * int(MAX_BODY_MB * 2 ** 20)}]})
+    status, got = post(gateway, body.encode())
+    assert status == 413 and "byte limit" in got["error"]["message"]
+
+
+def test_sdk_raises_typed_errors(sdk):
+    with pytest.raises(openai.BadRequestError, match="temperature must be in"):
+        sdk.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}], temperature=-1,
+                                    stream=True)
+    with pytest.raises(openai.NotFoundError):
+        sdk.chat.completions.create(model="other", messages=[{"role": "user", "content": "Hi"}])
+
+
+def test_unknown_route_and_method_answer_in_openai_shape(gateway):
+    url = urlparse(gateway)
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=10)
+    for method, path, status in (("GET", "/v1/nothing", 404), ("GET", "/v1/chat/completions", 405)):
+        conn.request(method, path)
+        r = conn.getresponse()
+        assert r.status == status and "error" in json.loads(r.read())
+    conn.close()
+
+
+def test_client_going_away_mid_stream_cancels_generation(gateway, server):
+    url = urlparse(gateway)
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=30)
+    conn.request("POST", "/v1/chat/completions", body=json.dumps({
+        "model": "tiny", "stream": True, "max_tokens": 350, "temperature": 0.8, "seed": 2,
+        "messages": [{"role": "user", "content": "Tell me a long story."}]}),
+        headers={"Content-Type": "application/json"})
+    r = conn.getresponse()
+    assert r.status == 200 and r.getheader("content-type").startswith("text/event-stream")
+    assert r.readline().startswith(b"data: {")
+    conn.sock.shutdown(2)
+    conn.close()
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        found = re.findall(r"mobilevlm: cancelled after (\d+) of 350 tokens", server.log_tail(400))
+        if found:
+            break
+        time.sleep(0.2)
+    assert found and int(found[-1]) < 350, server.log_tail()
+
+
+def test_model_server_down_gives_503(start_gateway):
+    base = start_gateway(f"127.0.0.1:{free_port()}")
+    status, got = post(base, {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}]})
+    assert status == 503 and got["error"]["code"] == "server_unavailable"
+
+
+class _OneImage(http.server.BaseHTTPRequestHandler):
+    image = b""
+
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("Content-Type", "image/jpeg")
+        self.end_headers()
+        self.wfile.write(self.image)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_api_key_and_remote_images_when_enabled(server, client, start_gateway):
+    image = sample_image("chelsea")
+    _OneImage.image = image
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _OneImage)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        base = start_gateway(server.grpc_url, "--allow-remote-images", "--api-key", "s3cret", ready_status=())
+        messages = [{"role": "user", "content": [
+            {"type": "text", "text": "What is in the image?"},
+            {"type": "image_url", "image_url": {"url": f"http://127.0.0.1:{httpd.server_port}/cat.jpg"}}]}]
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=base + "/v1", api_key="wrong", max_retries=0).chat.completions.create(
+                model="tiny", messages=messages, max_tokens=4)
+        sdk = openai.OpenAI(base_url=base + "/v1", api_key="s3cret", max_retries=0, timeout=60)
+        r = sdk.chat.completions.create(model="tiny", messages=messages, max_tokens=10)
+        assert r.choices[0].message.content == client.generate("What is in the image?", image=image,
+                                                               max_tokens=10).text
+    finally:
+        httpd.shutdown()
