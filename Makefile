@@ -66,7 +66,7 @@ repo: setup $(ART)/onnx/manifest.json ## render the Triton model repository (TAR
 		$(if $(ENGINES),--engines $(ENGINES))
 
 serve: repo ## run tritonserver on the repository (HOST=127.0.0.1, GRPC_PORT=8001, TLS_CERT/TLS_KEY; Ctrl-C stops)
-	$(PY) -m edgevlm.tritonserver --repository $(ART)/repository --host $(HOST) \
+	$(PY) -m edgevlm.serve --repository $(ART)/repository --host $(HOST) \
 		--grpc-port $(GRPC_PORT) --http-port $(HTTP_PORT) \
 		$(if $(TLS_CERT),--tls-cert $(TLS_CERT) --tls-key $(TLS_KEY)) $(if $(TLS_CLIENT_CA),--tls-client-ca $(TLS_CLIENT_CA))
 

@@ -125,6 +125,8 @@ def parse_history(value) -> list[tuple[str, str]]:
         turns = json.loads(raw) if raw.strip() else []
     except json.JSONDecodeError as e:
         raise InvalidRequest(f"history is not JSON: {e.msg} at character {e.pos}") from None
+    except RecursionError:  # found by fuzzing: "[[[[..." exhausts the parser's stack
+        raise InvalidRequest("history nests too deeply") from None
     if (not isinstance(turns, list) or len(turns) > MAX_TURNS
             or not all(isinstance(t, list) and len(t) == 2 and all(isinstance(x, str) for x in t) for t in turns)):
         raise InvalidRequest(f"history must be a JSON list of at most {MAX_TURNS} [question, answer] string pairs")

@@ -4,14 +4,14 @@ The server is the system `tritonserver` where one is installed (Jetson container
 binary bundled in the nvidia-pytriton wheel, run with a backend directory of our own that
 holds the python backend and the stub built for this interpreter.
 
-    python -m edgevlm.tritonserver --repository artifacts/tiny/repository
+    python -m edgevlm.serve --repository artifacts/tiny/repository     (supervised; make serve)
 """
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -78,20 +78,34 @@ class GrpcTLS:
         return out + ["--grpc-use-ssl=true"]
 
 
+# What model clients need: health, metadata, model-config (Client.metadata()) and inference.
+# The rest changes or reveals server state; it answers only requests carrying the admin
+# header (value in `admin_key`, and in <work dir>/admin-key for the operator).
+ADMIN_APIS = "model-repository,shared-memory,statistics,trace,logging"
+ADMIN_HEADER = "edgevlm-admin-key"
+
+
 class TritonServer:
-    """A tritonserver process bound to `host` (loopback by default) on free or given ports."""
+    """A tritonserver process bound to `host` (loopback by default) on free or given ports.
+
+    Shipped configuration: no model control (the repository is fixed at start), admin APIs
+    restricted to the admin key, Prometheus metrics read-only on `metrics_port`.
+    """
 
     def __init__(self, repository: str | Path, *, host: str = "127.0.0.1", grpc_port: int = 0,
                  http_port: int = 0, log_path: str | Path | None = None, verbose: bool = False,
-                 tls: GrpcTLS | None = None):
+                 tls: GrpcTLS | None = None, metrics_port: int = 0):
         self.repository = Path(repository).resolve()
         self.host = host
         self.grpc_port = grpc_port or free_port(host)
         self.http_port = http_port or free_port(host)
+        self.metrics_port = metrics_port or free_port(host)
+        self.admin_key = secrets.token_urlsafe(24)
         self.work = Path(tempfile.mkdtemp(prefix="edgevlm-triton-"))
         self.log_path = Path(log_path) if log_path else self.work / "tritonserver.log"
         self.verbose = verbose
         self.tls = tls
+        self._located: tuple[Path, Path, dict] | None = None
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -99,11 +113,17 @@ class TritonServer:
         return f"{self.host}:{self.grpc_port}"
 
     def command(self) -> tuple[list[str], dict]:
-        exe, backends, env = locate(self.work)
+        if self._located is None:  # once: a restart must not rewrite a stub binary still exiting
+            self._located = locate(self.work)
+        exe, backends, env = self._located
         argv = [str(exe), f"--model-repository={self.repository}", f"--backend-directory={backends}",
                 f"--grpc-address={self.host}", f"--grpc-port={self.grpc_port}",
                 f"--http-address={self.host}", f"--http-port={self.http_port}",
-                "--allow-metrics=false", "--model-control-mode=none", "--strict-readiness=true",
+                f"--metrics-address={self.host}", f"--metrics-port={self.metrics_port}",
+                "--allow-metrics=true", "--allow-gpu-metrics=false", "--allow-cpu-metrics=false",
+                f"--grpc-restricted-protocol={ADMIN_APIS}:{ADMIN_HEADER}={self.admin_key}",
+                f"--http-restricted-api={ADMIN_APIS}:{ADMIN_HEADER}={self.admin_key}",
+                "--model-control-mode=none", "--strict-readiness=true",
                 "--exit-timeout-secs=10", "--disable-auto-complete-config",
                 # Image embeddings (1.2 MB at 1.7B) cross to the stubs in one region.
                 "--backend-config=python,shm-default-byte-size=8388608",
@@ -113,9 +133,57 @@ class TritonServer:
                "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
         return argv, env
 
+    def admin_headers(self, protocol: str = "grpc") -> dict[str, str]:
+        """Headers that open the restricted APIs (Triton prefixes the gRPC one)."""
+        name = f"triton-grpc-protocol-{ADMIN_HEADER}" if protocol == "grpc" else ADMIN_HEADER
+        return {name: self.admin_key}
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{self.host}:{self.metrics_port}/metrics"
+
+    def metrics(self) -> dict[str, float]:
+        """Prometheus samples by name with labels, e.g. 'edgevlm_active_sequences{model="mobilevlm"}'."""
+        with urllib.request.urlopen(self.metrics_url, timeout=5.0) as r:
+            text = r.read().decode()
+        out = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                name, _, value = line.rpartition(" ")
+                out[name] = float(value)
+        return out
+
+    def pids(self) -> list[int]:
+        """The server and its python stubs (one process group)."""
+        if self.proc is None:
+            return []
+        pids = []
+        for d in Path("/proc").iterdir():
+            if d.name.isdigit():
+                try:
+                    if os.getpgid(int(d.name)) == self.proc.pid:
+                        pids.append(int(d.name))
+                except OSError:
+                    pass
+        return pids
+
+    def rss_mb(self) -> float:
+        """Resident memory of the server and its stubs together, MiB."""
+        total = 0
+        for pid in self.pids():
+            try:
+                for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1])
+            except OSError:
+                pass
+        return total / 1024
+
     def start(self, timeout_s: float = 180.0) -> TritonServer:
         argv, env = self.command()
-        log = open(self.log_path, "wb")
+        (self.work / "admin-key").write_text(self.admin_key + "\n")
+        (self.work / "admin-key").chmod(0o600)
+        log = open(self.log_path, "ab")  # appended: a restarted server keeps the earlier log
         # Own session: stop() can take down the stubs with the server.
         self.proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
@@ -144,13 +212,37 @@ class TritonServer:
         except OSError:
             return ""
 
+    def stub_alive(self, model: str) -> bool:
+        """Is the python stub process of `model` running?"""
+        for pid in self.pids():
+            try:
+                argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if argv[0].endswith(b"triton_python_backend_stub") and any(f"/{model}/".encode() in a for a in argv):
+                return True
+        return False
+
+    def restart(self, timeout_s: float = 180.0) -> TritonServer:
+        """Kill at once (a server needing a restart cannot finish its requests) and start again
+        on the same ports."""
+        self._terminate(graceful_s=0)
+        return self.start(timeout_s)
+
     def stop(self, timeout_s: float = 15.0) -> None:
         if self.proc is None:
             return
-        if self.proc.poll() is None:
+        self._terminate(graceful_s=timeout_s)
+        if self.log_path.parent != self.work:
+            shutil.rmtree(self.work, ignore_errors=True)
+
+    def _terminate(self, graceful_s: float) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None and graceful_s > 0:
             self.proc.send_signal(signal.SIGINT)
             try:
-                self.proc.wait(timeout_s)
+                self.proc.wait(graceful_s)
             except subprocess.TimeoutExpired:
                 pass
         try:  # whatever is left of the session (server or orphaned stubs)
@@ -159,52 +251,9 @@ class TritonServer:
             pass
         self.proc.wait()
         self.proc = None
-        if self.log_path.parent != self.work:
-            shutil.rmtree(self.work, ignore_errors=True)
 
     def __enter__(self) -> TritonServer:
         return self.start()
 
     def __exit__(self, *exc) -> None:
         self.stop()
-
-
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description="Serve a rendered model repository with tritonserver.")
-    ap.add_argument("--repository", required=True)
-    ap.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
-    ap.add_argument("--grpc-port", type=int, default=8001)
-    ap.add_argument("--http-port", type=int, default=8000)
-    ap.add_argument("--verbose", action="store_true")
-    ap.add_argument("--tls-cert", help="PEM server certificate: serve gRPC over TLS")
-    ap.add_argument("--tls-key", help="PEM key of --tls-cert")
-    ap.add_argument("--tls-client-ca", help="PEM CA: require client certificates it signed (mutual TLS)")
-    args = ap.parse_args(argv)
-    if bool(args.tls_cert) != bool(args.tls_key):
-        ap.error("--tls-cert and --tls-key go together")
-    tls = GrpcTLS(Path(args.tls_cert), Path(args.tls_key), Path(args.tls_client_ca) if args.tls_client_ca else None) \
-        if args.tls_cert else None
-    server = TritonServer(args.repository, host=args.host, grpc_port=args.grpc_port,
-                          http_port=args.http_port, verbose=args.verbose, tls=tls)
-    print(f"serve: starting tritonserver on {args.repository} (log: {server.log_path})", flush=True)
-    try:
-        server.start()
-    except ServerError as e:
-        print(f"serve: error: {e}", file=sys.stderr)
-        return 1
-    print(f"serve: ready, gRPC at {server.grpc_url} (Ctrl-C stops)", flush=True)
-    stop = []
-    signal.signal(signal.SIGTERM, lambda *a: stop.append(1))
-    try:
-        while not stop and server.proc.poll() is None:
-            time.sleep(0.5)
-    except KeyboardInterrupt:
-        pass
-    code = server.proc.returncode if server.proc.poll() is not None else 0
-    print("serve: stopping", flush=True)
-    server.stop()
-    return code or 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -12,9 +12,14 @@ Outputs: one response per text delta: text BYTES [1] and stats BYTES [1], which 
 Per request: `preprocess` and `vision_encoder` run through BLS inside execute(); the decode
 loop then runs on a worker thread (up to `max_sequences` at once) and streams. A cancelled
 stream stops at the next token and frees its KV cache.
+
+Prometheus metrics (Triton's metrics endpoint): edgevlm_active_sequences (gauge; back to 0
+when idle, or a sequence leaked), edgevlm_requests_total{outcome=complete|cancelled|invalid|
+error}, edgevlm_generated_tokens_total.
 """
 
 import json
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -36,6 +41,33 @@ def _error(message, invalid):
     return pb_utils.InferenceResponse(error=pb_utils.TritonError(message, code))
 
 
+class Metrics:
+    OUTCOMES = ("complete", "cancelled", "invalid", "error")
+
+    def __init__(self):
+        G, C = pb_utils.MetricFamily.GAUGE, pb_utils.MetricFamily.COUNTER
+        self.families = [
+            pb_utils.MetricFamily("edgevlm_active_sequences", "Sequences being decoded now", G),
+            pb_utils.MetricFamily("edgevlm_requests_total", "Finished requests by outcome", C),
+            pb_utils.MetricFamily("edgevlm_generated_tokens_total", "Tokens generated", C)]
+        labels = {"model": "mobilevlm"}
+        self.active = self.families[0].Metric(labels=labels)
+        self.outcomes = {o: self.families[1].Metric(labels={**labels, "outcome": o}) for o in self.OUTCOMES}
+        self.tokens = self.families[2].Metric(labels=labels)
+        self.lock = threading.Lock()
+
+    def finished(self, outcome, tokens=0):
+        with self.lock:
+            self.outcomes[outcome].increment(1)
+            if tokens:
+                self.tokens.increment(tokens)
+
+    def close(self):
+        # a Metric must go before its MetricFamily
+        self.active = self.outcomes = self.tokens = None
+        self.families = None
+
+
 class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
@@ -50,6 +82,7 @@ class TritonPythonModel:
         self.default_max_tokens = int(params["default_max_tokens"])
         self.pool = ThreadPoolExecutor(max_workers=int(params["max_sequences"]),
                                        thread_name_prefix="decode")
+        self.metrics = Metrics()
 
     def _bls(self, model, inputs, outputs):
         """Run a composing model; its error becomes this request's error, reason intact."""
@@ -75,9 +108,11 @@ class TritonPythonModel:
                 inputs = {name: get(name).as_numpy().copy() for name in PARAMS if get(name) is not None}
                 inputs.update(input_ids=input_ids.copy(), image_embeds=embeds.copy(), encode_ms=encode_ms.copy())
             except self.invalid as e:
+                self.metrics.finished("invalid")
                 sender.send(_error(str(e), invalid=True), flags=FINAL)
                 continue
             except Exception as e:
+                self.metrics.finished("error")
                 pb_utils.Logger.log_error(f"mobilevlm: {type(e).__name__}: {e}")
                 sender.send(_error(f"internal error: {type(e).__name__}: {e}", invalid=False), flags=FINAL)
                 continue
@@ -85,6 +120,9 @@ class TritonPythonModel:
         return None
 
     def _decode(self, inputs, sender, request):
+        with self.metrics.lock:
+            self.metrics.active.increment(1)
+        outcome, tokens = "error", 0
         try:
             s = self.serving
             params = s.sampling_params(inputs, self.default_max_tokens)
@@ -95,13 +133,18 @@ class TritonPythonModel:
                                            cancelled=lambda: sender.is_cancelled() or request.is_cancelled()):
                 if not event.final:
                     sender.send(_response(event.text))
-                elif event.stats.finish_reason == "cancelled":
+                    continue
+                tokens = event.stats.decode_tokens
+                if event.stats.finish_reason == "cancelled":
+                    outcome = "cancelled"
                     pb_utils.Logger.log_info(f"mobilevlm: cancelled after {event.stats.decode_tokens} "
                                              f"of {params.max_tokens} tokens")
                     sender.send(flags=FINAL)  # FINAL is owed even to a cancelled request
                 else:
+                    outcome = "complete"
                     sender.send(_response(event.text, json.dumps(event.stats.to_dict()).encode()), flags=FINAL)
         except self.invalid as e:
+            outcome = "invalid"
             sender.send(_error(str(e), invalid=True), flags=FINAL)
         except Exception as e:
             pb_utils.Logger.log_error(f"mobilevlm: {type(e).__name__}: {e}")
@@ -109,6 +152,11 @@ class TritonPythonModel:
                 sender.send(_error(f"internal error: {type(e).__name__}: {e}", invalid=False), flags=FINAL)
             except Exception as send_error:  # the stream may already be closed
                 pb_utils.Logger.log_error(f"mobilevlm: could not report the failure: {send_error}")
+        finally:
+            self.metrics.finished(outcome, tokens)
+            with self.metrics.lock:
+                self.metrics.active.increment(-1)
 
     def finalize(self):
         self.pool.shutdown(wait=True, cancel_futures=True)
+        self.metrics.close()
