@@ -26,7 +26,7 @@ TLS_KEY ?=
 TLS_CLIENT_CA ?=
 PYTEST_ARGS ?=
 
-.PHONY: help setup checkpoint onnx verify repo serve gateway demo test clean
+.PHONY: help setup checkpoint onnx verify repo serve gateway bench demo test clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -72,6 +72,15 @@ serve: repo ## run tritonserver on the repository (HOST=127.0.0.1, GRPC_PORT=800
 
 gateway: setup ## OpenAI-compatible HTTP gateway to a running server (GATEWAY_PORT=8080, loopback)
 	$(VENV)/bin/edgevlm-client --url 127.0.0.1:$(GRPC_PORT) gateway --host $(HOST) --port $(GATEWAY_PORT)
+
+BENCH_PRESETS ?= tiny mobilevlm-v2-1.7b
+QUICK ?=
+bench: setup ## benchmarks, not in make test (BENCH_PRESETS="tiny mobilevlm-v2-1.7b", QUICK=1 smoke): JSON + docs/BENCHMARKS.md
+	$(VENV)/bin/pip install -q -e ".[bench]"
+	@for p in $(BENCH_PRESETS); do \
+		$(MAKE) --no-print-directory artifacts/$$p/onnx/manifest.json PRESET=$$p NAME=$$p || exit 1; done
+	$(PY) build/bench.py $(foreach p,$(BENCH_PRESETS),--onnx $(p)=artifacts/$(p)/onnx --checkpoint $(p)=artifacts/$(p)/checkpoint) \
+		$(if $(QUICK),--quick)
 
 demo: repo ## the whole path: checkpoint, ONNX, repository, tritonserver, a streamed answer
 	$(PY) build/demo.py --repository $(ART)/repository $(if $(MODEL),,--random-weights)

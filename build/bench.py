@@ -1,0 +1,348 @@
+"""`make bench`: the tracked figures of the cpu target, same machine, same thread count.
+
+    python build/bench.py --onnx tiny=artifacts/tiny/onnx --onnx mobilevlm-v2-1.7b=artifacts/mobilevlm-v2-1.7b/onnx \
+        [--checkpoint mobilevlm-v2-1.7b=artifacts/mobilevlm-v2-1.7b/checkpoint] [--quick]
+
+Per model, medians of repeated runs:
+  decode      ms/token of the decoder at context 200, 500, 1000 (KV-cache scaling)
+  triton      per-token cost over Triton + gRPC streaming vs the in-process loop (ratio)
+  ttft        time to first token with an image: image encode, prefill, first decode, and
+              the client-seen TTFT; peak resident memory of the server (stubs included)
+  hf          our ONNX Runtime path vs transformers' generate on the same checkpoint weights
+Writes artifacts/bench/<model>.json, docs/BENCHMARKS.md and docs/bench_decode_vs_context.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from edgevlm.manifest import OnnxArtifacts
+from edgevlm.prompt import build_prompt, tokenize_prompt
+from edgevlm.repository import render_repository
+from edgevlm.samples import sample_image
+from edgevlm.serving import load_generator
+from edgevlm.tritonserver import TritonServer
+from edgevlm_client import Client
+
+ROOT = Path(__file__).resolve().parents[1]
+CONTEXTS = (200, 500, 1000)
+QUESTION = "Tell me a long story about a robot."
+
+
+def log(msg: str) -> None:
+    print(f"bench: {msg}", file=sys.stderr, flush=True)
+
+
+def machine() -> dict:
+    cpu = "?"
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    mem_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    import onnxruntime
+    import torch
+    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(mem_gb, 1), "gpu": "none",
+            "python": platform.python_version(), "onnxruntime": onnxruntime.__version__,
+            "torch": torch.__version__, "threads": torch.get_num_threads()}
+
+
+def med(values) -> float:
+    return round(statistics.median(values), 3)
+
+
+def random_ids(vocab: int, n: int, seed: int = 0) -> list[int]:
+    return [1] + np.random.default_rng(seed).integers(3, vocab, n - 1).tolist()
+
+
+def decode_scaling(onnx_dir: Path, contexts, steps: int, runs: int) -> dict:
+    """ms per decode step with `ctx` positions already in the KV cache."""
+    gen = load_generator(onnx_dir)
+    out = {}
+    for ctx in contexts:
+        if ctx + steps >= gen.max_context:
+            log(f"  context {ctx}: over this model's {gen.max_context}, skipped")
+            continue
+        per_run = []
+        for r in range(runs):
+            seq = gen.decoder.new_sequence(ctx + steps + 1)
+            logits = seq.forward(gen.table.embed(random_ids(gen.tok.vocab_size, ctx, r)))
+            times = []
+            for _ in range(steps):
+                t0 = time.perf_counter()
+                logits = seq.forward(gen.table.embed([int(np.argmax(logits))]))
+                times.append((time.perf_counter() - t0) * 1e3)
+            per_run.append(statistics.median(times))
+        out[str(ctx)] = med(per_run)
+        log(f"  decode at context {ctx}: {out[str(ctx)]} ms/token")
+    return out
+
+
+def in_process_gaps(onnx_dir: Path, tokens: int, runs: int) -> list[float]:
+    from edgevlm.sampling import SamplingParams
+    gen = load_generator(onnx_dir)
+    ids = tokenize_prompt(gen.tok, build_prompt(QUESTION, image=False))
+    list(gen.generate(ids, None, SamplingParams(max_tokens=4)))
+    gaps = []
+    for _ in range(runs):
+        times = [time.perf_counter() for e in gen.generate(ids, None, SamplingParams(max_tokens=tokens)) if e.text]
+        gaps += [(b - a) * 1e3 for a, b in zip(times, times[1:])]
+    return gaps
+
+
+class PeakRSS:
+    """Samples the server's resident memory (stubs included) in the background."""
+
+    def __init__(self, server: TritonServer, interval_s: float = 0.2):
+        self.server, self.interval_s, self.peak = server, interval_s, 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self._stop.wait(self.interval_s):
+            self.peak = max(self.peak, self.server.rss_mb())
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+def served(onnx_dir: Path, tokens: int, runs: int, ttft_tokens: int) -> dict:
+    """Triton + gRPC: per-token gaps, TTFT split with an image, server memory."""
+    image = sample_image("chelsea")
+    with tempfile.TemporaryDirectory() as tmp:
+        repo = render_repository(onnx_dir, Path(tmp) / "repository", max_sequences=1)
+        with TritonServer(repo) as server, PeakRSS(server) as rss:
+            client = Client(server.grpc_url, timeout_s=1800)
+            client.generate(QUESTION, max_tokens=4)
+            client.generate("What is in the image?", image=image, max_tokens=2)
+            idle_mb = server.rss_mb()
+            gaps = []
+            for _ in range(runs):
+                times = [time.perf_counter() for _ in client.stream(QUESTION, max_tokens=tokens)]
+                gaps += [(b - a) * 1e3 for a, b in zip(times, times[1:])]
+            split = {"image_encode_ms": [], "prefill_ms": [], "first_decode_ms": [], "client_ttft_ms": []}
+            for _ in range(runs):
+                t0 = time.perf_counter()
+                stream = client.stream("What is in the image?", image=image, max_tokens=ttft_tokens)
+                first = None
+                for _delta in stream:
+                    first = first or time.perf_counter()
+                s = stream.stats
+                split["image_encode_ms"].append(s["image_encode_ms"])
+                split["prefill_ms"].append(s["prefill_ms"])
+                split["first_decode_ms"].append(s["decode_ms"] / max(s["decode_tokens"], 1))
+                split["client_ttft_ms"].append(((first or time.perf_counter()) - t0) * 1e3)
+    ttft = {k: med(v) for k, v in split.items()}
+    # the rest of the client's wait: image decode and resize in preprocess, BLS, gRPC
+    ttft["preprocess_and_transport_ms"] = round(ttft["client_ttft_ms"] - ttft["image_encode_ms"] - ttft["prefill_ms"], 3)
+    return {"gaps": gaps, "ttft": ttft, "prompt_tokens": s["prefill_tokens"],
+            "server_rss_idle_mb": round(idle_mb), "server_rss_peak_mb": round(rss.peak)}
+
+
+def transformers_vs_ours(checkpoint: Path, onnx_dir: Path, prompt_len: int, tokens: int, runs: int) -> dict:
+    """Greedy text-only generation, same weights, FP32 both: TTFT and decode tok/s."""
+    import torch
+    import transformers
+
+    from edgevlm.checkpoint import read_checkpoint
+    ck = read_checkpoint(checkpoint)
+    t = ck.config.text
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=t.vocab_size, hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
+        num_hidden_layers=t.num_layers, num_attention_heads=t.num_heads, num_key_value_heads=t.num_kv_heads,
+        max_position_embeddings=t.max_position, rms_norm_eps=t.rms_norm_eps, tie_word_embeddings=False))
+    hf.load_state_dict({k: v.float() for k, v in ck.weights().llm.items()}, strict=True)
+    hf.eval()
+    ids = random_ids(t.vocab_size, prompt_len, 7)
+    x = torch.tensor([ids])
+
+    def hf_run(n):
+        with torch.inference_mode():
+            t0 = time.perf_counter()
+            out = hf.generate(x, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+            return (time.perf_counter() - t0) * 1e3, out[0, prompt_len:].tolist()
+
+    hf_run(2)
+    hf_ttft = med([hf_run(1)[0] for _ in range(runs)])
+    hf_total = [hf_run(tokens) for _ in range(runs)]
+    hf_tok_s = (tokens - 1) / ((med([ms for ms, _ in hf_total]) - hf_ttft) / 1e3)
+    del hf
+
+    gen = load_generator(onnx_dir)
+
+    def ours_run(n):
+        t0 = time.perf_counter()
+        seq = gen.decoder.new_sequence(prompt_len + n + 1)
+        logits = seq.forward(gen.table.embed(ids))
+        got = [int(np.argmax(logits))]
+        ttft = (time.perf_counter() - t0) * 1e3
+        for _ in range(n - 1):
+            logits = seq.forward(gen.table.embed([got[-1]]))
+            got.append(int(np.argmax(logits)))
+        return ttft, (time.perf_counter() - t0) * 1e3, got
+
+    ours_run(2)
+    runs_ours = [ours_run(tokens) for _ in range(runs)]
+    ttft = med([r[0] for r in runs_ours])
+    tok_s = (tokens - 1) / ((med([r[1] for r in runs_ours]) - ttft) / 1e3)
+    same = sum(a == b for a, b in zip(runs_ours[0][2], hf_total[0][1]))
+    return {"prompt_tokens": prompt_len, "tokens": tokens,
+            "transformers": {"ttft_ms": hf_ttft, "decode_tok_s": round(hf_tok_s, 2)},
+            "ours": {"ttft_ms": ttft, "decode_tok_s": round(tok_s, 2)},
+            "ttft_speedup": round(hf_ttft / ttft, 2), "decode_speedup": round(tok_s / hf_tok_s, 2),
+            "greedy_tokens_identical": f"{same}/{tokens}"}
+
+
+def bench_model(name: str, onnx_dir: Path, checkpoint: Path | None, quick: bool) -> dict:
+    art = OnnxArtifacts.open(onnx_dir)
+    big = art.config.text.hidden_size >= 1024
+    runs = 2 if quick else (3 if big else 5)
+    steps = 8 if quick else 32
+    report = {"model": name, "quick": quick, "machine": machine(), "runs": runs,
+              "decoder_onnx_mb": round(sum(f.stat().st_size for f in onnx_dir.glob("decoder.onnx*")) / 2**20)}
+    log(f"{name}: decode ms/token vs context")
+    report["decode_ms_per_token"] = decode_scaling(onnx_dir, CONTEXTS, steps, runs)
+    d = report["decode_ms_per_token"]
+    if "200" in d and "1000" in d:
+        report["decode_growth_200_to_1000"] = round(d["1000"] / d["200"], 3)
+    elif "200" in d and "500" in d:
+        report["decode_growth_200_to_500"] = round(d["500"] / d["200"], 3)
+    log(f"{name}: Triton + gRPC vs in process")
+    tokens = 24 if quick else (64 if big else 200)
+    local = in_process_gaps(onnx_dir, tokens, runs)
+    s = served(onnx_dir, tokens, runs, ttft_tokens=4)
+    a, b = statistics.median(local), statistics.median(s["gaps"])
+    report["triton_overhead"] = {"in_process_ms_per_token": round(a, 3), "triton_grpc_ms_per_token": round(b, 3),
+                                 "ratio": round(b / a, 3), "samples": [len(local), len(s["gaps"])]}
+    report["ttft_with_image"] = {**s["ttft"], "prompt_tokens": s["prompt_tokens"]}
+    report["server_rss_mb"] = {"idle": s["server_rss_idle_mb"], "peak": s["server_rss_peak_mb"]}
+    if checkpoint is not None:
+        log(f"{name}: ONNX Runtime vs transformers generate")
+        report["vs_transformers"] = transformers_vs_ours(checkpoint, onnx_dir, 64 if quick else 128,
+                                                         8 if quick else 32, runs)
+    return report
+
+
+def markdown(reports: list[dict]) -> str:
+    m = reports[0]["machine"]
+    out = ["# Benchmarks", "",
+           f"Measured by `make bench` on {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, no GPU; "
+           f"ONNX Runtime {m['onnxruntime']}, torch {m['torch']} ({m['threads']} threads), Python {m['python']}. "
+           "FP32, cpu target, random weights in the exact upstream layout (speed does not depend on the "
+           "values). Medians of repeated runs. TensorRT figures on an Orin come from `make jetson-bench`.", ""]
+    out += ["## Decode ms/token vs context (KV cache)", "", "| model | " + " | ".join(f"ctx {c}" for c in CONTEXTS)
+            + " | growth |", "|---|" + "---|" * (len(CONTEXTS) + 1)]
+    for r in reports:
+        d = r["decode_ms_per_token"]
+        growth = r.get("decode_growth_200_to_1000") or r.get("decode_growth_200_to_500")
+        label = "1000/200" if "decode_growth_200_to_1000" in r else "500/200"
+        out.append(f"| {r['model']} | " + " | ".join(f"{d[str(c)]:.2f}" if str(c) in d else "—" for c in CONTEXTS)
+                   + f" | {growth:.2f}× ({label}) |")
+    out += ["", "![decode ms/token vs context](bench_decode_vs_context.png)", "",
+            "## Triton + gRPC streaming vs the in-process decode loop", "",
+            "| model | in process ms/token | Triton + gRPC ms/token | ratio |", "|---|---|---|---|"]
+    for r in reports:
+        t = r["triton_overhead"]
+        out.append(f"| {r['model']} | {t['in_process_ms_per_token']:.2f} | {t['triton_grpc_ms_per_token']:.2f} "
+                   f"| {t['ratio']:.2f} |")
+    out += ["", "## Time to first token with an image (through Triton)", "",
+            "The first token comes from the prefill's logits; the client's wait is image encode + prefill + "
+            "the rest (image decode and resize in preprocess, BLS calls, gRPC). The first decode step is the "
+            "cost of each token after it.", "",
+            "| model | prompt tokens | image encode ms | prefill ms | preprocess + transport ms | client TTFT ms | "
+            "first decode step ms | server RSS idle / peak MiB |", "|---|---|---|---|---|---|---|---|"]
+    for r in reports:
+        t = r["ttft_with_image"]
+        out.append(f"| {r['model']} | {t['prompt_tokens']} | {t['image_encode_ms']:.1f} | {t['prefill_ms']:.1f} | "
+                   f"{t['preprocess_and_transport_ms']:.1f} | {t['client_ttft_ms']:.1f} | {t['first_decode_ms']:.1f} | "
+                   f"{r['server_rss_mb']['idle']} / {r['server_rss_mb']['peak']} |")
+    hf = [r for r in reports if "vs_transformers" in r]
+    if hf:
+        out += ["", "## Our ONNX Runtime path vs transformers `generate` (same weights, FP32, greedy)", "",
+                "| model | prompt | tokens | transformers TTFT ms | ours TTFT ms | transformers tok/s | ours tok/s "
+                "| TTFT speed-up | decode speed-up | same greedy tokens |", "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in hf:
+            v = r["vs_transformers"]
+            out.append(f"| {r['model']} | {v['prompt_tokens']} | {v['tokens']} | {v['transformers']['ttft_ms']:.1f} | "
+                       f"{v['ours']['ttft_ms']:.1f} | {v['transformers']['decode_tok_s']:.1f} | "
+                       f"{v['ours']['decode_tok_s']:.1f} | {v['ttft_speedup']:.2f}× | {v['decode_speedup']:.2f}× | "
+                       f"{v['greedy_tokens_identical']} |")
+    out += ["", "Not yet measured here: INT8 / INT4 quantized decoders vs FP32 on CPU (they arrive with "
+            "`make quantize`).", ""]
+    return "\n".join(out)
+
+
+def plot(reports: list[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in reports:
+        d = r["decode_ms_per_token"]
+        xs = [int(c) for c in d]
+        ax.plot(xs, [d[str(c)] for c in xs], marker="o", label=r["model"])
+    ax.set_xlabel("context (tokens in the KV cache)")
+    ax.set_ylabel("decode ms/token")
+    ax.set_yscale("log")
+    ax.set_title("Decoder step cost vs context, ONNX Runtime FP32, CPU")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def pairs(values: list[str]) -> dict[str, Path]:
+    out = {}
+    for v in values or []:
+        name, sep, path = v.partition("=")
+        if not sep:
+            raise SystemExit(f"bench: expected NAME=DIR, got {v!r}")
+        out[name] = Path(path)
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--onnx", action="append", required=True, help="NAME=DIR of an ONNX export (repeatable)")
+    ap.add_argument("--checkpoint", action="append", help="NAME=DIR: also compare with transformers")
+    ap.add_argument("--quick", action="store_true", help="fewer runs and tokens: a smoke test")
+    ap.add_argument("--out", default=str(ROOT / "artifacts" / "bench"))
+    ap.add_argument("--doc", default=str(ROOT / "docs" / "BENCHMARKS.md"))
+    args = ap.parse_args(argv)
+    onnx, ckpts = pairs(args.onnx), pairs(args.checkpoint)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    reports = []
+    for name, onnx_dir in onnx.items():
+        report = bench_model(name, onnx_dir, ckpts.get(name), args.quick)
+        (out / f"{name}.json").write_text(json.dumps(report, indent=2) + "\n")
+        log(f"{name}: wrote {out / f'{name}.json'}")
+        reports.append(report)
+    doc = Path(args.doc)
+    doc.parent.mkdir(parents=True, exist_ok=True)
+    doc.write_text(markdown(reports))
+    plot(reports, doc.parent / "bench_decode_vs_context.png")
+    log(f"wrote {doc} and {doc.parent / 'bench_decode_vs_context.png'}")
+    print(markdown(reports))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
