@@ -16,6 +16,8 @@ ART := artifacts/$(NAME)
 CKPT := $(if $(MODEL),$(MODEL),$(ART)/checkpoint)
 CLIP ?=
 TARGET ?= cpu
+PRECISION ?= int8
+CALIB ?=
 ENGINES ?=
 HOST ?= 127.0.0.1
 GRPC_PORT ?= 8001
@@ -26,7 +28,7 @@ TLS_KEY ?=
 TLS_CLIENT_CA ?=
 PYTEST_ARGS ?=
 
-.PHONY: help setup checkpoint onnx verify repo serve gateway bench demo test clean
+.PHONY: help setup checkpoint onnx verify quantize repo serve gateway bench demo test clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -60,6 +62,10 @@ $(ART)/onnx/manifest.json:
 
 verify: setup $(ART)/onnx/manifest.json ## PyTorch vs ONNX Runtime parity on real photos
 	$(PY) build/verify.py --checkpoint $(CKPT) --onnx $(ART)/onnx $(if $(CLIP),--clip $(CLIP))
+
+quantize: setup $(ART)/onnx/manifest.json ## Q/DQ export checked against FP32 (PRECISION=int8|int4, CALIB=photo dir)
+	$(PY) build/quantize.py --onnx $(ART)/onnx --precision $(PRECISION) --out $(ART)/onnx-$(PRECISION) \
+		$(if $(CALIB),--calib-dir $(CALIB))
 
 repo: setup $(ART)/onnx/manifest.json ## render the Triton model repository (TARGET=cpu|jetson)
 	$(PY) build/render_repository.py --onnx $(ART)/onnx --out $(ART)/repository --target $(TARGET) \

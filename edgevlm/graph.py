@@ -64,10 +64,7 @@ def clean(src: Path, dst: Path, input_names: list[str], output_names: list[str])
             raise GraphError(f"{dst.name}: IO names changed in export: inputs {got_in}, "
                              f"outputs {got_out}; expected {input_names} -> {output_names}")
         model = gs.export_onnx(graph)
-    for entry in model.opset_import:  # the exporter's import list still says 18
-        if entry.domain in ("", "ai.onnx"):
-            entry.version = TARGET_OPSET
-    model.ir_version = TARGET_IR_VERSION
+    set_opset(model)  # the exporter's import list still says 18
     external = [t for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
     files = {e.value for t in external for e in t.external_data if e.key == "location"}
     if len(files) > 1:
@@ -81,6 +78,14 @@ def clean(src: Path, dst: Path, input_names: list[str], output_names: list[str])
                     e.value = data.name
     onnx.save_model(model, str(dst))
     onnx.checker.check_model(str(dst))  # the path form also checks the data file's extents
+
+
+def set_opset(model: onnx.ModelProto, version: int = TARGET_OPSET, ir_version: int = TARGET_IR_VERSION) -> None:
+    """Label the default domain's opset (the graph must already be valid at it)."""
+    for entry in model.opset_import:
+        if entry.domain in ("", "ai.onnx"):
+            entry.version = version
+    model.ir_version = ir_version
 
 
 @contextlib.contextmanager

@@ -1,0 +1,33 @@
+"""make quantize: Q/DQ INT8 or INT4 export from an FP32 export, checked with ONNX Runtime.
+
+    python build/quantize.py --onnx artifacts/tiny/onnx --precision int8 --out artifacts/tiny/onnx-int8
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from edgevlm.quant_check import QuantizationError, QuantReport
+from edgevlm.quantize import PRECISIONS, quantize_export
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--onnx", required=True, help="FP32 export directory (make onnx)")
+    ap.add_argument("--precision", required=True, choices=PRECISIONS)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--calib-dir", help="calibration photos (default: scikit-image's samples)")
+    args = ap.parse_args(argv)
+    try:
+        report = quantize_export(args.onnx, args.out, args.precision, calib_dir=args.calib_dir)
+    except (QuantizationError, ValueError, OSError) as e:
+        print(f"quantize: error: {e}", file=sys.stderr)
+        return 1
+    print(f"quantize: wrote {args.out}")
+    print("quantize: " + QuantReport(**report).summary(args.precision))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,135 @@
+"""A quantized export against its FP32 source, both under ONNX Runtime.
+
+Per photo (plus one text-only prompt), end to end through each export's own vision encoder
+and decoder: image-embedding cosine; prefill logit error; teacher-forced top-1 agreement
+(the quantized decoder fed the FP32 greedy tokens: does it pick the same next token?);
+and whether free-running greedy decoding gives the same tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from edgevlm.embedding import EmbeddingTable
+from edgevlm.engines.onnxruntime import OrtDecoder, OrtVisionEncoder
+from edgevlm.image import preprocess
+from edgevlm.manifest import OnnxArtifacts
+from edgevlm.prompt import build_prompt, tokenize_prompt
+from edgevlm.tokenizer import Tokenizer
+
+QUESTION = "What is in the image? Describe it in one sentence."
+TEXT_ONLY = "Name three colours."
+STEPS = 32
+
+# What a working quantization reaches; a broken graph (wrong scales, a lost DQ) falls far below.
+THRESHOLDS = {
+    "int8": {"image_cosine_min": 0.98, "teacher_forced_agreement": 0.90, "logits_cosine_min": 0.99},
+    "int4": {"image_cosine_min": 0.98, "teacher_forced_agreement": 0.50, "logits_cosine_min": 0.95},
+}
+
+
+class QuantizationError(ValueError):
+    pass
+
+
+@dataclass
+class QuantReport:
+    image_cosine_min: float = 1.0
+    image_cosine_mean: float = 1.0
+    logits_cosine_min: float = 1.0
+    logits_max_abs_err: float = 0.0
+    logits_max_abs: float = 0.0
+    teacher_forced_agreement: float = 1.0
+    greedy_identical: int = 0
+    cases: int = 0
+    first_divergence: list[int] = field(default_factory=list)
+    size_mb: dict = field(default_factory=dict)
+
+    def failures(self, precision: str) -> list[str]:
+        t = THRESHOLDS[precision]
+        return [f"{k} {getattr(self, k):.4f} < {v}" for k, v in t.items() if getattr(self, k) < v]
+
+    def raise_if_failed(self, precision: str) -> None:
+        bad = self.failures(precision)
+        if bad:
+            raise QuantizationError(f"{precision} graph fails its accuracy check: {'; '.join(bad)}")
+
+    def summary(self, precision: str) -> str:
+        s = self.size_mb
+        return (f"{precision}: image cosine min {self.image_cosine_min:.4f} | logits cosine min "
+                f"{self.logits_cosine_min:.4f}, max |d| {self.logits_max_abs_err:.3g} of {self.logits_max_abs:.3g} | "
+                f"teacher-forced top-1 {100 * self.teacher_forced_agreement:.1f}% | greedy {STEPS} tokens identical "
+                f"{self.greedy_identical}/{self.cases} | decoder {s.get('decoder_fp32', 0):.1f} -> "
+                f"{s.get('decoder', 0):.1f} MB, vision {s.get('vision_fp32', 0):.1f} -> {s.get('vision', 0):.1f} MB")
+
+    def to_dict(self) -> dict:
+        return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in asdict(self).items()}
+
+
+def _size_mb(root: Path, key: str) -> float:
+    return sum(p.stat().st_size for p in root.glob(f"{key}.onnx*")) / 2**20
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a, b = a.reshape(-1, a.shape[-1]).astype(np.float64), b.reshape(-1, b.shape[-1]).astype(np.float64)
+    return (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1) + 1e-12)
+
+
+class _Pipeline:
+    def __init__(self, root: Path):
+        art = OnnxArtifacts.open(root)
+        self.cfg = art.config
+        self.vision = OrtVisionEncoder(art.path("vision_encoder"))
+        self.decoder = OrtDecoder(art.path("decoder"), self.cfg.text)
+        self.table = EmbeddingTable(art.path("embed_tokens"))
+
+    def prefill(self, ids, image_embeds, capacity):
+        seq = self.decoder.new_sequence(capacity)
+        return seq, seq.forward(self.table.embed(ids, image_embeds))
+
+    def step(self, seq, token):
+        return seq.forward(self.table.embed([token]))
+
+
+def check_quantized(fp32_dir: str | Path, quant_dir: str | Path, images: dict[str, bytes]) -> QuantReport:
+    fp32_dir, quant_dir = Path(fp32_dir), Path(quant_dir)
+    ref, q = _Pipeline(fp32_dir), _Pipeline(quant_dir)
+    tok = Tokenizer(OnnxArtifacts.open(fp32_dir).path("tokenizer"))
+    r = QuantReport(size_mb={"decoder_fp32": _size_mb(fp32_dir, "decoder"), "decoder": _size_mb(quant_dir, "decoder"),
+                             "vision_fp32": _size_mb(fp32_dir, "vision_encoder"),
+                             "vision": _size_mb(quant_dir, "vision_encoder")})
+    cosines, agree, total = [], 0, 0
+    cases = [(name, img) for name, img in list(images.items())[:4]] + [("text-only", None)]
+    for _name, img in cases:
+        emb_ref = emb_q = None
+        if img is not None:
+            px = preprocess(img, ref.cfg.vision.image_size)[None]
+            emb_ref, emb_q = ref.vision(px), q.vision(px)
+            cosines.extend(_cosine(emb_ref, emb_q).tolist())
+        ids = tokenize_prompt(tok, build_prompt(QUESTION if img is not None else TEXT_ONLY, image=img is not None))
+        n = len(ids) + (0 if img is None else ref.cfg.image_tokens - 1)
+        seq_r, lr = ref.prefill(ids, emb_ref, n + STEPS + 1)
+        seq_t, lt = q.prefill(ids, emb_q, n + STEPS + 1)  # teacher-forced: fed the FP32 tokens
+        seq_f, lf = q.prefill(ids, emb_q, n + STEPS + 1)  # free-running
+        r.logits_cosine_min = min(r.logits_cosine_min, float(_cosine(lr, lt).min()))
+        r.logits_max_abs_err = max(r.logits_max_abs_err, float(np.abs(lr - lt).max()))
+        r.logits_max_abs = max(r.logits_max_abs, float(np.abs(lr).max()))
+        ref_tokens, free_tokens = [], []
+        for i in range(STEPS):
+            t_ref, t_q, t_free = int(np.argmax(lr)), int(np.argmax(lt)), int(np.argmax(lf))
+            agree += t_ref == t_q
+            total += 1
+            ref_tokens.append(t_ref)
+            free_tokens.append(t_free)
+            if i + 1 < STEPS:
+                lr, lt, lf = ref.step(seq_r, t_ref), q.step(seq_t, t_ref), q.step(seq_f, t_free)
+        r.cases += 1
+        r.greedy_identical += ref_tokens == free_tokens
+        r.first_divergence.append(next((i for i, (a, b) in enumerate(zip(ref_tokens, free_tokens)) if a != b), STEPS))
+    if cosines:
+        r.image_cosine_min, r.image_cosine_mean = float(np.min(cosines)), float(np.mean(cosines))
+    r.teacher_forced_agreement = agree / total
+    return r

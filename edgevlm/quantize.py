@@ -1,0 +1,198 @@
+"""Explicit (Q/DQ) quantization of an ONNX export with ONNX Runtime's quantization tools.
+
+    int8   vision encoder W8A8 (weights per channel, activations per tensor, symmetric,
+           MinMax-calibrated on real photos); decoder INT8 weight-only, per output channel
+    int4   the same vision encoder; decoder INT4 weight-only, blocks of 128 along K,
+           symmetric, round-to-nearest (RTN)
+
+Only MatMuls with constant weights in the decoder are quantized: RMSNorm, RoPE, softmax and
+the lm_head (a Gemm on the last position) stay FP32, so do LayerNorms in the vision tower.
+Every graph is checked against FP32 with ONNX Runtime before it is written (see
+quant_check.py). The output is a complete export directory (`onnx-int8/`, `onnx-int4/`)
+that the cpu runners and the engine builder open like any other.
+
+TensorRT: both forms are explicit Q/DQ with zero points 0. The INT8 decoder stays at opset 17
+(per-axis DequantizeLinear) and the W8A8 vision encoder too; weight-only DQ feeding a MatMul
+needs TensorRT 10. The INT4 decoder needs opset 21 (INT4 type, `block_size`), TensorRT 10+.
+Tools: ONNX Runtime's quantize_static (vision) and its weight-only MatMul quantizer in QDQ form
+(INT4); INT8 weight-only is a short pass here, as that quantizer writes 8-bit weights only as
+its own MatMulNBits operator.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from collections.abc import Callable, Iterable
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from edgevlm import graph
+from edgevlm.image import preprocess
+from edgevlm.manifest import OnnxArtifacts, write_manifest
+from edgevlm.staging import staged_dir
+
+PRECISIONS = ("int8", "int4")
+INT4_BLOCK = 128
+
+
+def calibration_images(directory: str | Path | None = None, limit: int = 32) -> dict[str, bytes]:
+    """Photos from a directory (JPEG/PNG/...), or scikit-image's bundled samples."""
+    if directory is None:
+        from edgevlm.samples import sample_images
+        return sample_images()
+    files = sorted(p for p in Path(directory).iterdir()
+                   if p.suffix.lower() in (".jpg", ".jpeg", ".png", ".webp", ".bmp"))[:limit]
+    if not files:
+        raise ValueError(f"{directory}: no calibration images (.jpg, .png, .webp, .bmp)")
+    return {p.name: p.read_bytes() for p in files}
+
+
+def quantize_vision_w8a8(src: Path, dst: Path, images: Iterable[bytes], image_size: int) -> None:
+    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
+                                          quantize_static)
+
+    batches = [{"pixel_values": preprocess(img, image_size)[None]} for img in images]
+
+    class Photos(CalibrationDataReader):
+        def __init__(self):
+            self.it = iter(batches)
+
+        def get_next(self):
+            return next(self.it, None)
+
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # its advice to run ORT's pre-processing first does not apply to Q/DQ for TensorRT
+    try:
+        quantize_static(str(src), str(dst), Photos(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                        op_types_to_quantize=["MatMul", "Conv", "Gemm"], calibrate_method=CalibrationMethod.MinMax,
+                        use_external_data_format=True,
+                        # TensorRT takes symmetric Q/DQ only (zero point 0)
+                        extra_options={"ActivationSymmetric": True, "WeightSymmetric": True})
+    finally:
+        root.setLevel(level)
+
+
+def _int8_weight_only(model: onnx.ModelProto) -> int:
+    """INT8 weight-only, per output channel, symmetric: W[K, N] -> int8 W + scale[N] and a
+    per-axis DequantizeLinear (axis 1) feeding the MatMul. ONNX Runtime's weight-only
+    quantizer writes 8-bit weights only as its own MatMulNBits op, not as Q/DQ, hence this
+    small pass; the math is the standard per-channel symmetric one. Returns the count."""
+    inits = {t.name: t for t in model.graph.initializer}
+    count = 0
+    for node in list(model.graph.node):
+        if node.op_type != "MatMul" or node.input[1] not in inits:
+            continue
+        t = inits[node.input[1]]
+        w = numpy_helper.to_array(t).astype(np.float32)
+        if w.ndim != 2:
+            continue
+        scale = np.maximum(np.abs(w).max(axis=0), 1e-12) / 127.0
+        q = np.clip(np.rint(w / scale), -127, 127).astype(np.int8)
+        qt = numpy_helper.from_array(q, t.name + "_int8")
+        st = numpy_helper.from_array(scale.astype(np.float32), t.name + "_scale")
+        model.graph.initializer.remove(t)
+        del inits[t.name]
+        model.graph.initializer.extend([qt, st])
+        dq_out = t.name + "_dequantized"
+        dq = helper.make_node("DequantizeLinear", [qt.name, st.name], [dq_out], name=t.name + "_DequantizeLinear",
+                              axis=1)
+        model.graph.node.insert(list(model.graph.node).index(node), dq)
+        node.input[1] = dq_out
+        count += 1
+    return count
+
+
+def _int4_zero_points(model: onnx.ModelProto) -> None:
+    """Explicit INT4 zero points (all 0): TensorRT's ONNX importer takes the INT4 type from
+    the zero point, as ModelOpt's exports carry it."""
+    inits = {t.name: t for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "DequantizeLinear" and len(node.input) == 2:
+            w, scale = inits[node.input[0]], inits[node.input[1]]
+            if w.data_type != onnx.TensorProto.INT4:
+                continue
+            n = int(np.prod(scale.dims))
+            zp = helper.make_tensor(w.name + "_zero_point", onnx.TensorProto.INT4, list(scale.dims),
+                                    np.zeros((n + 1) // 2, np.uint8).tobytes(), raw=True)
+            model.graph.initializer.append(zp)
+            node.input.append(zp.name)
+
+
+def quantize_decoder_weights(src: Path, dst: Path, bits: int) -> None:
+    if bits == 8:
+        out = onnx.load(str(src))
+        _int8_weight_only(out)  # opset 17 stays: per-axis DequantizeLinear exists since 13
+    else:
+        from onnxruntime.quantization import QuantFormat
+        from onnxruntime.quantization.matmul_nbits_quantizer import (DefaultWeightOnlyQuantConfig,
+                                                                     MatMulNBitsQuantizer)
+        model = onnx.load(str(src), load_external_data=False)
+        # INT4 needs opset 21; ReduceMean and Split change form on the way (weights not loaded yet)
+        model = onnx.version_converter.convert_version(model, 21)
+        onnx.load_external_data_for_model(model, str(src.parent))
+        config = DefaultWeightOnlyQuantConfig(block_size=INT4_BLOCK, is_symmetric=True, quant_format=QuantFormat.QDQ,
+                                              op_types_to_quantize=("MatMul",), bits=4)
+        quantizer = MatMulNBitsQuantizer(model, algo_config=config)
+        logging.getLogger("onnxruntime.quantization").setLevel(logging.ERROR)  # opset 21 is already set
+        quantizer.process()
+        out = quantizer.model.model
+        _int4_zero_points(out)
+    onnx.save(out, str(dst), save_as_external_data=True, all_tensors_to_one_file=True,
+              location=dst.name + ".data", size_threshold=1024)
+
+
+def quantize_export(onnx_dir: str | Path, out_dir: str | Path, precision: str, *,
+                    calib_dir: str | Path | None = None, log: Callable[[str], None] = print) -> dict:
+    """Quantize an export; returns the accuracy report written into the manifest."""
+    from edgevlm.quant_check import check_quantized
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    src = OnnxArtifacts.open(onnx_dir)
+    cfg = src.config
+    images = calibration_images(calib_dir)
+    t0 = time.perf_counter()
+    with staged_dir(out_dir) as tmp:
+        log(f"quantize: vision encoder W8A8, calibrated on {len(images)} photo(s)")
+        quantize_vision_w8a8(src.path("vision_encoder"), tmp / "vision_encoder.onnx", images.values(),
+                             cfg.vision.image_size)
+        bits = 8 if precision == "int8" else 4
+        log(f"quantize: decoder INT{bits} weight-only" + (f", blocks of {INT4_BLOCK}" if bits == 4 else
+                                                          ", per output channel"))
+        quantize_decoder_weights(src.path("decoder"), tmp / "decoder.onnx", bits)
+        for key in ("embed_tokens", "tokenizer"):
+            shutil.copy2(src.path(key), tmp / src.manifest["files"][key])
+        manifest = {k: v for k, v in src.manifest.items() if k not in ("format", "files", "io", "opset", "created")}
+        files = {"vision_encoder": "vision_encoder.onnx", "decoder": "decoder.onnx",
+                 "embed_tokens": src.manifest["files"]["embed_tokens"], "tokenizer": src.manifest["files"]["tokenizer"]}
+        for key in ("vision_encoder", "decoder"):
+            if (tmp / f"{key}.onnx.data").is_file():
+                files[f"{key}_data"] = f"{key}.onnx.data"
+        manifest.update(
+            files=files, io={k: graph.io_specs(tmp / f"{k}.onnx") for k in ("vision_encoder", "decoder")},
+            opset={"vision_encoder": graph.TARGET_OPSET, "decoder": graph.TARGET_OPSET if bits == 8 else 21},
+            quantization={
+                "precision": precision, "tool": "onnxruntime.quantization",
+                "vision_encoder": {"scheme": "W8A8", "weights": "int8 per channel, symmetric",
+                                   "activations": "int8 per tensor, symmetric, MinMax",
+                                   "calibration_images": sorted(images)},
+                "decoder": {"scheme": f"INT{bits} weight-only",
+                            "weights": "per output channel, symmetric" if bits == 8 else
+                            f"blocks of {INT4_BLOCK} along K, symmetric, round-to-nearest (RTN)",
+                            "kept_fp32": ["RMSNorm", "RoPE", "softmax", "lm_head"]},
+                "source_onnx": str(src.root.resolve())},
+            created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+        write_manifest(tmp, manifest)
+        log("quantize: checking against FP32 with ONNX Runtime")
+        report = check_quantized(src.root, tmp, images)
+        report.raise_if_failed(precision)  # nothing is left behind: the staged directory goes
+        manifest["quantization"].update(accuracy=report.to_dict(), seconds=round(time.perf_counter() - t0, 1))
+        write_manifest(tmp, manifest)
+    return report.to_dict()

@@ -1,0 +1,116 @@
+"""make quantize on the tiny model: Q/DQ graphs that ONNX Runtime runs, checked against FP32,
+in the forms TensorRT takes; a broken graph fails the check; a failed run leaves nothing."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from edgevlm.manifest import OnnxArtifacts
+from edgevlm.quant_check import THRESHOLDS, QuantizationError, QuantReport, check_quantized
+from edgevlm.quantize import calibration_images, quantize_export
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module", params=["int8", "int4"])
+def quantized(request, tiny_onnx, tmp_path_factory):
+    out = tmp_path_factory.mktemp("quant") / f"onnx-{request.param}"
+    report = quantize_export(tiny_onnx, out, request.param, log=lambda m: None)
+    return request.param, out, report
+
+
+def weight_matmuls(path: Path) -> int:
+    m = onnx.load(str(path), load_external_data=False)
+    inits = {t.name for t in m.graph.initializer}
+    return sum(n.op_type == "MatMul" and n.input[1] in inits for n in m.graph.node)
+
+
+def test_quantized_export_meets_its_accuracy_thresholds(quantized):
+    precision, out, report = quantized
+    print(QuantReport(**report).summary(precision))
+    for key, floor in THRESHOLDS[precision].items():
+        assert report[key] >= floor, (key, report[key])
+    manifest = OnnxArtifacts.open(out).manifest
+    assert manifest["quantization"]["precision"] == precision
+    assert manifest["quantization"]["accuracy"] == report
+    # tiny: the FP32 lm_head is a quarter of the decoder; at 1.7B it is 5%
+    assert report["size_mb"]["decoder"] < report["size_mb"]["decoder_fp32"] * (0.5 if precision == "int8" else 0.4)
+
+
+def test_decoder_graph_is_in_the_form_tensorrt_takes(quantized, tiny_onnx):
+    precision, out, _ = quantized
+    m = onnx.load(str(out / "decoder.onnx"))
+    opset = next(o.version for o in m.opset_import if o.domain in ("", "ai.onnx"))
+    assert opset == (17 if precision == "int8" else 21)
+    inits = {t.name: t for t in m.graph.initializer}
+    dqs = [n for n in m.graph.node if n.op_type == "DequantizeLinear"]
+    assert len(dqs) == weight_matmuls(tiny_onnx / "decoder.onnx") > 0  # every weight MatMul, nothing else
+    for n in dqs:
+        w, scale = inits[n.input[0]], numpy_helper.to_array(inits[n.input[1]])
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
+        if precision == "int8":  # per output channel: 1-D scale along axis 1
+            assert w.data_type == onnx.TensorProto.INT8 and attrs == {"axis": 1}
+            assert scale.shape == (w.dims[1],)
+        else:  # blocks of 128 along K, explicit zero points of 0
+            assert w.data_type == onnx.TensorProto.INT4 and attrs["block_size"] == 128
+            assert scale.shape == (-(-w.dims[0] // 128), w.dims[1])
+            zp = inits[n.input[2]]
+            assert zp.data_type == onnx.TensorProto.INT4 and not any(zp.raw_data)
+    assert [n.op_type for n in m.graph.node].count("Gemm") == 1  # lm_head stays FP32
+
+
+def test_vision_encoder_is_w8a8_with_symmetric_scales(quantized):
+    _, out, _ = quantized
+    m = onnx.load(str(out / "vision_encoder.onnx"))
+    inits = {t.name: t for t in m.graph.initializer}
+    q = [n for n in m.graph.node if n.op_type == "QuantizeLinear"]
+    assert q, "no activation quantization"
+    for n in q + [n for n in m.graph.node if n.op_type == "DequantizeLinear"]:
+        if len(n.input) > 2 and n.input[2] in inits:
+            assert not numpy_helper.to_array(inits[n.input[2]]).any(), "TensorRT takes zero points of 0 only"
+    assert "LayerNormalization" in {n.op_type for n in m.graph.node}
+
+
+def test_a_broken_graph_fails_the_check(quantized, tiny_onnx, tmp_path):
+    precision, out, _ = quantized
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in out.iterdir():
+        (broken / f.name).write_bytes(f.read_bytes())
+    m = onnx.load(str(broken / "decoder.onnx"))
+    rng = np.random.default_rng(0)
+    for t in m.graph.initializer:  # scales off by a random factor, as a wrong export would be
+        if t.name.endswith("_scales") or t.name.endswith("_scale"):
+            a = numpy_helper.to_array(t)
+            t.CopyFrom(numpy_helper.from_array((a * rng.uniform(0.2, 5.0, a.shape)).astype(a.dtype), t.name))
+    onnx.save(m, str(broken / "decoder.onnx"), save_as_external_data=True, location="decoder.onnx.data",
+              all_tensors_to_one_file=True)
+    report = check_quantized(tiny_onnx, broken, calibration_images())
+    assert report.failures(precision)
+    with pytest.raises(QuantizationError, match="fails its accuracy check"):
+        report.raise_if_failed(precision)
+
+
+def test_quantized_export_serves_on_the_cpu_target(quantized, tmp_path):
+    from edgevlm.serving import load_generator
+    from edgevlm.sampling import SamplingParams
+    _, out, _ = quantized
+    gen = load_generator(out)
+    events = list(gen.generate(gen.tok.encode("Hello there"), None, SamplingParams(max_tokens=5)))
+    assert events[-1].stats.decode_tokens >= 1
+
+
+def test_failed_quantize_leaves_nothing_and_says_why(tiny_onnx, tmp_path):
+    out = tmp_path / "onnx-int8"
+    r = subprocess.run([sys.executable, str(ROOT / "build" / "quantize.py"), "--onnx", str(tiny_onnx),
+                        "--precision", "int8", "--out", str(out), "--calib-dir", str(tmp_path)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1 and "no calibration images" in r.stderr
+    assert not out.exists() and not list(tmp_path.glob(".onnx-int8*"))
