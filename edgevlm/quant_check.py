@@ -24,10 +24,15 @@ QUESTION = "What is in the image? Describe it in one sentence."
 TEXT_ONLY = "Name three colours."
 STEPS = 32
 
-# What a working quantization reaches; a broken graph (wrong scales, a lost DQ) falls far below.
+# What a working quantization reaches; a broken graph (wrong scales, a lost DQ) falls to ~0 on
+# every one. Top-1 agreement alone is a poor gate on random-weight models, whose next-token
+# margins are tiny (seen: INT8 at the 1.7B shape, logits cosine 0.999+, top-1 81 %); the
+# FP32 choice staying in the quantized top 5 is the steadier signal.
 THRESHOLDS = {
-    "int8": {"image_cosine_min": 0.98, "teacher_forced_agreement": 0.90, "logits_cosine_min": 0.99},
-    "int4": {"image_cosine_min": 0.98, "teacher_forced_agreement": 0.50, "logits_cosine_min": 0.95},
+    "int8": {"image_cosine_min": 0.98, "logits_cosine_min": 0.99, "teacher_forced_top5": 0.95,
+             "teacher_forced_agreement": 0.60},
+    "int4": {"image_cosine_min": 0.98, "logits_cosine_min": 0.95, "teacher_forced_top5": 0.80,
+             "teacher_forced_agreement": 0.40},
 }
 
 
@@ -42,7 +47,8 @@ class QuantReport:
     logits_cosine_min: float = 1.0
     logits_max_abs_err: float = 0.0
     logits_max_abs: float = 0.0
-    teacher_forced_agreement: float = 1.0
+    teacher_forced_agreement: float = 1.0   # quantized top-1 == FP32 greedy token
+    teacher_forced_top5: float = 1.0        # FP32 greedy token within the quantized top 5
     greedy_identical: int = 0
     cases: int = 0
     first_divergence: list[int] = field(default_factory=list)
@@ -55,13 +61,15 @@ class QuantReport:
     def raise_if_failed(self, precision: str) -> None:
         bad = self.failures(precision)
         if bad:
-            raise QuantizationError(f"{precision} graph fails its accuracy check: {'; '.join(bad)}")
+            raise QuantizationError(f"{precision} graph fails its accuracy check: {'; '.join(bad)} "
+                                    f"({self.summary(precision)})")
 
     def summary(self, precision: str) -> str:
         s = self.size_mb
         return (f"{precision}: image cosine min {self.image_cosine_min:.4f} | logits cosine min "
                 f"{self.logits_cosine_min:.4f}, max |d| {self.logits_max_abs_err:.3g} of {self.logits_max_abs:.3g} | "
-                f"teacher-forced top-1 {100 * self.teacher_forced_agreement:.1f}% | greedy {STEPS} tokens identical "
+                f"teacher-forced top-1 {100 * self.teacher_forced_agreement:.1f}%, top-5 "
+                f"{100 * self.teacher_forced_top5:.1f}% | greedy {STEPS} tokens identical "
                 f"{self.greedy_identical}/{self.cases} | decoder {s.get('decoder_fp32', 0):.1f} -> "
                 f"{s.get('decoder', 0):.1f} MB, vision {s.get('vision_fp32', 0):.1f} -> {s.get('vision', 0):.1f} MB")
 
@@ -101,7 +109,7 @@ def check_quantized(fp32_dir: str | Path, quant_dir: str | Path, images: dict[st
     r = QuantReport(size_mb={"decoder_fp32": _size_mb(fp32_dir, "decoder"), "decoder": _size_mb(quant_dir, "decoder"),
                              "vision_fp32": _size_mb(fp32_dir, "vision_encoder"),
                              "vision": _size_mb(quant_dir, "vision_encoder")})
-    cosines, agree, total = [], 0, 0
+    cosines, agree, top5, total = [], 0, 0, 0
     cases = [(name, img) for name, img in list(images.items())[:4]] + [("text-only", None)]
     for _name, img in cases:
         emb_ref = emb_q = None
@@ -121,6 +129,7 @@ def check_quantized(fp32_dir: str | Path, quant_dir: str | Path, images: dict[st
         for i in range(STEPS):
             t_ref, t_q, t_free = int(np.argmax(lr)), int(np.argmax(lt)), int(np.argmax(lf))
             agree += t_ref == t_q
+            top5 += t_ref in np.argpartition(lt.reshape(-1), -5)[-5:]
             total += 1
             ref_tokens.append(t_ref)
             free_tokens.append(t_free)
@@ -131,5 +140,5 @@ def check_quantized(fp32_dir: str | Path, quant_dir: str | Path, images: dict[st
         r.first_divergence.append(next((i for i, (a, b) in enumerate(zip(ref_tokens, free_tokens)) if a != b), STEPS))
     if cosines:
         r.image_cosine_min, r.image_cosine_mean = float(np.min(cosines)), float(np.mean(cosines))
-    r.teacher_forced_agreement = agree / total
+    r.teacher_forced_agreement, r.teacher_forced_top5 = agree / total, top5 / total
     return r
