@@ -16,7 +16,7 @@ ART := artifacts/$(NAME)
 CKPT := $(if $(MODEL),$(MODEL),$(ART)/checkpoint)
 CLIP ?=
 TARGET ?= cpu
-PRECISION ?= int8
+PRECISION ?=
 CALIB ?=
 ENGINES ?=
 HOST ?= 127.0.0.1
@@ -28,7 +28,7 @@ TLS_KEY ?=
 TLS_CLIENT_CA ?=
 PYTEST_ARGS ?=
 
-.PHONY: help setup checkpoint onnx verify quantize repo serve gateway bench demo test clean
+.PHONY: help setup checkpoint onnx verify quantize engines repo serve gateway bench demo test clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -64,8 +64,13 @@ verify: setup $(ART)/onnx/manifest.json ## PyTorch vs ONNX Runtime parity on rea
 	$(PY) build/verify.py --checkpoint $(CKPT) --onnx $(ART)/onnx $(if $(CLIP),--clip $(CLIP))
 
 quantize: setup $(ART)/onnx/manifest.json ## Q/DQ export checked against FP32 (PRECISION=int8|int4, CALIB=photo dir)
-	$(PY) build/quantize.py --onnx $(ART)/onnx --precision $(PRECISION) --out $(ART)/onnx-$(PRECISION) \
+	$(PY) build/quantize.py --onnx $(ART)/onnx --precision $(or $(PRECISION),int8) --out $(ART)/onnx-$(or $(PRECISION),int8) \
 		$(if $(CALIB),--calib-dir $(CALIB))
+
+MAX_CONTEXT ?=
+engines: setup $(ART)/onnx/manifest.json ## on the Orin: TensorRT engines (PRECISION=fp16|int8|int4, MAX_CONTEXT=)
+	$(PY) build/build_engines.py --onnx $(ART)/onnx --precision $(or $(PRECISION),fp16) \
+		$(if $(MAX_CONTEXT),--max-context $(MAX_CONTEXT))
 
 repo: setup $(ART)/onnx/manifest.json ## render the Triton model repository (TARGET=cpu|jetson)
 	$(PY) build/render_repository.py --onnx $(ART)/onnx --out $(ART)/repository --target $(TARGET) \

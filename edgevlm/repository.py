@@ -8,8 +8,6 @@ Both targets share the configs and the tensor contract; only parameters differ.
 
 from __future__ import annotations
 
-import importlib.metadata
-import os
 import shutil
 from pathlib import Path
 from string import Template
@@ -27,20 +25,12 @@ def device_tag() -> str:
     """`<TensorRT version>-sm<compute capability>` of this machine, the engine folder name.
 
     EDGEVLM_TRT_VERSION / EDGEVLM_SM override detection (tests, cross-checks)."""
-    trt, sm = os.environ.get("EDGEVLM_TRT_VERSION"), os.environ.get("EDGEVLM_SM")
-    if not trt:
-        try:
-            trt = importlib.metadata.version("tensorrt")
-        except importlib.metadata.PackageNotFoundError:
-            try:
-                import tensorrt
-                trt = tensorrt.__version__
-            except ImportError:
-                raise ManifestError("no TensorRT on this machine: run `make engines` and `make repo "
-                                    "TARGET=jetson` on the Orin, or pass ENGINES=dir") from None
-    if not sm:
-        sm = _compute_capability()
-    return f"{trt}-sm{sm}"
+    from edgevlm.jetson.device import detect
+    d = detect()
+    if not d.tensorrt:
+        raise ManifestError("no TensorRT on this machine: run `make engines` and `make repo "
+                            "TARGET=jetson` on the Orin, or pass ENGINES=dir")
+    return f"{d.tensorrt}-sm{d.sm or _compute_capability()}"
 
 
 def _compute_capability() -> str:

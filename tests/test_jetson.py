@@ -149,3 +149,47 @@ def test_roofline_matches_the_bandwidth_arithmetic():
     assert 5 < r["fp16"].image_encode_ms < 15 and nano.image_encode_ms > r["fp16"].image_encode_ms
     with pytest.raises(ValueError, match="unknown module"):
         roofline("xavier", "mobilevlm-v2-1.7b")
+
+
+def test_engine_profiles_come_from_the_manifest(tiny_onnx):
+    from edgevlm.engines.profiles import ProfileError, decoder_profiles, vision_profiles
+    from edgevlm.manifest import OnnxArtifacts
+    art = OnnxArtifacts.open(tiny_onnx)
+    prefill, decode = decoder_profiles(art, max_context=256)
+    assert prefill.shapes["inputs_embeds"] == ((1, 1, 128), (1, 72, 128), (1, 255, 128))
+    assert prefill.shapes["past_key_0"] == ((1, 4, 0, 32),) * 3
+    assert decode.shapes["inputs_embeds"] == ((1, 1, 128),) * 3
+    assert decode.shapes["past_value_1"] == ((1, 4, 1, 32), (1, 4, 136, 32), (1, 4, 255, 32))
+    assert decode.shapes["position_ids"] == ((1, 1), (1, 1), (1, 1))
+    assert set(prefill.shapes) == {t["name"] for t in art.manifest["io"]["decoder"]["inputs"]}
+    (images,) = vision_profiles(art, max_batch=4)
+    assert images.shapes["pixel_values"] == ((1, 3, 112, 112), (1, 3, 112, 112), (4, 3, 112, 112))
+    with pytest.raises(ProfileError, match="MAX_CONTEXT=4096: this model holds 2..512 tokens"):
+        decoder_profiles(art, max_context=4096)
+
+
+@pytest.mark.parametrize("env", [{}, {"EDGEVLM_TRT_VERSION": "10.3.0.30", "EDGEVLM_SM": "87"}])
+def test_make_engines_refuses_off_device_and_writes_nothing(tiny_onnx, tmp_path, env):
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+    onnx_dir = tmp_path / "tiny" / "onnx"
+    shutil.copytree(tiny_onnx, onnx_dir)
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("EDGEVLM_")}
+    script = Path(__file__).resolve().parents[1] / "build" / "build_engines.py"
+    r = subprocess.run([sys.executable, str(script), "--onnx", str(onnx_dir), "--precision", "fp16"],
+                       env={**clean, **env}, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert r.stderr.startswith("engines: refused:") and "nothing was written" in r.stderr
+    assert sorted(p.name for p in (tmp_path / "tiny").iterdir()) == ["onnx"]
+
+
+def test_tensorrt_builder_and_runners_need_tensorrt():
+    pytest.importorskip("tensorrt", reason="TensorRT is not installable on this machine (no GPU; the PyPI "
+                                           "packages are download stubs); these tests run on the Orin")
+    from edgevlm.engines.tensorrt_build import Features
+    import tensorrt as trt
+    f = Features.of(trt)
+    assert f.strongly_typed == (f.major >= 10) and f.int4 == (f.major >= 10)

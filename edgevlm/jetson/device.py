@@ -27,6 +27,8 @@ MODULES = {
     "p3767-0004": "Jetson Orin Nano 4GB", "p3767-0005": "Jetson Orin Nano 8GB (devkit)",
 }
 SOC_SM = {"tegra234": "87", "tegra264": "110"}  # Orin, Thor
+OVERRIDES = {"l4t": "EDGEVLM_L4T", "jetpack": "EDGEVLM_JETPACK", "tensorrt": "EDGEVLM_TRT_VERSION",
+             "cuda": "EDGEVLM_CUDA", "module": "EDGEVLM_MODULE", "sm": "EDGEVLM_SM"}
 
 
 class DeviceError(RuntimeError):
@@ -53,7 +55,7 @@ class Device:
         missing = [f for f in facts if getattr(self, f) in (None, "")]
         if missing:
             raise DeviceError(f"cannot tell this device's {', '.join(missing)}: not a Jetson with TensorRT? "
-                              "(set EDGEVLM_" + "/EDGEVLM_".join(m.upper() for m in missing) + " to override)")
+                              f"({'/'.join(OVERRIDES[m] for m in missing)} override)")
         return self
 
     def to_dict(self) -> dict:

@@ -1,0 +1,86 @@
+"""make engines: TensorRT engines for this device from an ONNX export (on the Orin).
+
+    python build/build_engines.py --onnx artifacts/mobilevlm-v2-1.7b/onnx --precision fp16 [--max-context 2048]
+
+Precision fp16 builds from `onnx/`; int8 / int4 from `onnx-int8/` / `onnx-int4/` (make
+quantize). Engines land in artifacts/<name>/engines/<TensorRT>-sm<cc>/ with a manifest and the
+timing cache beside them; off-device it refuses in one line, exit 2, writing nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+from edgevlm.engines.profiles import ProfileError, decoder_profiles, vision_profiles
+from edgevlm.jetson.device import DeviceError, detect
+from edgevlm.manifest import ManifestError, OnnxArtifacts, write_manifest
+from edgevlm.staging import staged_dir
+
+PRECISIONS = ("fp16", "int8", "int4")
+
+
+def onnx_sha256(art: OnnxArtifacts) -> str:
+    """The checkpoint hash the export came from: what the repository checks engines against."""
+    return art.manifest["source"]["sha256"]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--onnx", required=True, help="the FP32 export (artifacts/<name>/onnx)")
+    ap.add_argument("--precision", choices=PRECISIONS, default="fp16")
+    ap.add_argument("--max-context", type=int, help="tokens the decoder engine holds (default: the model's)")
+    ap.add_argument("--max-batch", type=int, default=4, help="images per vision-encoder call")
+    ap.add_argument("--workspace-gib", type=float, default=2.0)
+    ap.add_argument("--optimization-level", type=int, default=3, choices=range(6))
+    args = ap.parse_args(argv)
+    fp32 = Path(args.onnx)
+    src_dir = fp32 if args.precision == "fp16" else fp32.parent / f"onnx-{args.precision}"
+    try:
+        device = detect().require("tensorrt", "sm")
+        import tensorrt  # noqa: F401  (present: detect found its version)
+    except (DeviceError, ImportError) as e:
+        print(f"engines: refused: {e}. `make engines` runs on the Jetson (JetPack 5.1+ with TensorRT); "
+              "nothing was written", file=sys.stderr)
+        return 2
+    try:
+        art = OnnxArtifacts.open(src_dir)
+        dec_profiles = decoder_profiles(art, args.max_context)
+        vis_profiles = vision_profiles(art, args.max_batch)
+    except (ManifestError, ProfileError) as e:
+        hint = f" (run `make quantize PRECISION={args.precision}` first)" if args.precision != "fp16" else ""
+        print(f"engines: error: {e}{hint}", file=sys.stderr)
+        return 1
+    from edgevlm.engines.tensorrt_build import BuildError, build_engine
+    out = fp32.parent / "engines" / device.tag
+    cache = fp32.parent / "engines" / f"timing-{device.tag}.cache"  # kept across builds and precisions
+    try:
+        with staged_dir(out) as tmp:
+            built = {
+                "vision_encoder": build_engine(art.path("vision_encoder"), tmp / "vision_encoder.plan", vis_profiles,
+                                               args.precision if args.precision == "int8" else "fp16",
+                                               timing_cache=cache, workspace_gib=args.workspace_gib,
+                                               optimization_level=args.optimization_level),
+                "decoder": build_engine(art.path("decoder"), tmp / "decoder.plan", dec_profiles, args.precision,
+                                        timing_cache=cache, workspace_gib=args.workspace_gib,
+                                        optimization_level=args.optimization_level),
+            }
+            write_manifest(tmp, {
+                "kind": "tensorrt", "device_tag": device.tag, "device": device.to_dict(),
+                "precision": args.precision, "onnx_sha256": onnx_sha256(art), "source_onnx": str(src_dir.resolve()),
+                "onnx_manifest_sha256": hashlib.sha256((src_dir / "manifest.json").read_bytes()).hexdigest(),
+                "model": art.manifest["model"], "max_context": dec_profiles[1].shapes["past_key_0"][2][2] + 1,
+                "engines": built, "io": art.manifest["io"],
+                "created": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+    except BuildError as e:
+        print(f"engines: error: {e}", file=sys.stderr)
+        return 1
+    print(f"engines: wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,69 @@
+"""TensorRT optimization profiles, derived from an export's manifest (its IO shapes with
+symbolic dims `batch`, `seq`, `past`) and the context the engines should hold.
+
+    decoder  prefill: batch 1, seq 1..max_prefill, past 0      (one pass over the prompt)
+             decode:  batch 1, seq 1,            past 1..max_context-1
+    vision   batch 1..max_batch at the tower's fixed image size
+
+Two decoder profiles let TensorRT pick kernels for each phase; the runner selects the
+profile per call. Built here without TensorRT, so the shapes are tested off-device.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from edgevlm.manifest import OnnxArtifacts
+
+
+class ProfileError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]  # input -> (min, opt, max)
+
+
+def _resolve(shape: list, dims: dict[str, tuple[int, int, int]]) -> tuple[tuple[int, ...], ...]:
+    out = ([], [], [])
+    for d in shape:
+        if isinstance(d, int):
+            lo = opt = hi = d
+        elif d in dims:
+            lo, opt, hi = dims[d]
+        else:
+            raise ProfileError(f"no range for dimension {d!r}")
+        for i, v in enumerate((lo, opt, hi)):
+            out[i].append(v)
+    return tuple(tuple(x) for x in out)
+
+
+def _profile(name: str, inputs: list[dict], dims: dict[str, tuple[int, int, int]]) -> Profile:
+    for lo, opt, hi in dims.values():
+        if not 0 <= lo <= opt <= hi:
+            raise ProfileError(f"{name}: need 0 <= min <= opt <= max, got {lo}, {opt}, {hi}")
+    return Profile(name, {t["name"]: _resolve(t["shape"], dims) for t in inputs})
+
+
+def decoder_profiles(art: OnnxArtifacts, max_context: int | None = None,
+                     max_prefill: int | None = None) -> list[Profile]:
+    limit = art.manifest["limits"]["max_context"]
+    max_context = max_context or limit
+    if not 2 <= max_context <= limit:
+        raise ProfileError(f"MAX_CONTEXT={max_context}: this model holds 2..{limit} tokens")
+    max_prefill = min(max_prefill or max_context - 1, max_context - 1)
+    typical_prompt = min(art.config.image_tokens + 56, max_prefill)  # an image and a short question
+    inputs = art.manifest["io"]["decoder"]["inputs"]
+    return [
+        _profile("prefill", inputs, {"batch": (1, 1, 1), "seq": (1, typical_prompt, max_prefill), "past": (0, 0, 0)}),
+        _profile("decode", inputs, {"batch": (1, 1, 1), "seq": (1, 1, 1),
+                                    "past": (1, min(typical_prompt + 64, max_context - 1), max_context - 1)}),
+    ]
+
+
+def vision_profiles(art: OnnxArtifacts, max_batch: int = 4) -> list[Profile]:
+    if max_batch < 1:
+        raise ProfileError(f"max_batch must be >= 1, got {max_batch}")
+    return [_profile("images", art.manifest["io"]["vision_encoder"]["inputs"], {"batch": (1, 1, max_batch)})]

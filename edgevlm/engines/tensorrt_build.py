@@ -1,0 +1,132 @@
+"""ONNX -> TensorRT engines on the device (`make engines`).
+
+Written against the TensorRT Python API of the JetPack releases we target: 8.5 (JetPack 5),
+10.3 (JetPack 6.1/6.2) and 10.15+ (JetPack 7.2); what differs between them is decided in
+`Features`, nothing else branches on versions. Imported only where `tensorrt` exists.
+
+    fp16        weakly typed network, FP16 kernels allowed, RMSNorm / LayerNorm reductions
+                pinned to FP32 (OBEY_PRECISION_CONSTRAINTS)
+    int8, int4  the Q/DQ exports of `make quantize`: strongly typed on TensorRT 10 (the graph's
+                own types decide), INT8 + FP16 flags on 8.5 (INT8 only; INT4 needs 10)
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from edgevlm.engines.profiles import Profile
+
+
+class BuildError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class Features:
+    """What this TensorRT offers that the builder uses."""
+    major: int
+    strongly_typed: bool          # NetworkDefinitionCreationFlag.STRONGLY_TYPED (10.0+)
+    explicit_batch_flag: bool     # 8.x must ask for explicit batch; 10.x always is
+    optimization_level: bool      # config.builder_optimization_level (8.6+)
+    int4: bool                    # INT4 weight-only block DQ (10.0+)
+
+    @classmethod
+    def of(cls, trt) -> Features:
+        flags = trt.NetworkDefinitionCreationFlag
+        major = int(trt.__version__.split(".")[0])
+        return cls(major=major, strongly_typed=hasattr(flags, "STRONGLY_TYPED"),
+                   explicit_batch_flag=major < 10, optimization_level=hasattr(trt.IBuilderConfig,
+                                                                              "builder_optimization_level"),
+                   int4=major >= 10)
+
+
+def _network(trt, builder, features: Features, strongly_typed: bool):
+    flags = 0
+    if features.explicit_batch_flag:
+        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
+    if strongly_typed:
+        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    return builder.create_network(flags)
+
+
+def _parse(trt, network, logger, onnx_path: Path) -> None:
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):  # external weights are found beside the file
+        errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
+        raise BuildError(f"{onnx_path.name}: the ONNX parser refused the graph:\n  " + "\n  ".join(errors))
+
+
+def _pin_norms_fp32(trt, network) -> int:
+    """Under FP16, keep the reductions of RMSNorm/LayerNorm (and the pow/sqrt/reciprocal around
+    them) in FP32: their sums of squares overflow or lose precision in FP16."""
+    reductions = {trt.LayerType.REDUCE, getattr(trt.LayerType, "NORMALIZATION", trt.LayerType.REDUCE)}  # 8.6+
+    pinned = 0
+    for i in range(network.num_layers):
+        layer = network.get_layer(i)
+        if layer.type == trt.LayerType.UNARY:
+            layer.__class__ = trt.IUnaryLayer  # get_layer gives the base class; its op needs the subclass
+            norm = layer.op in (trt.UnaryOperation.SQRT, trt.UnaryOperation.RECIP)
+        elif layer.type == trt.LayerType.ELEMENTWISE:
+            layer.__class__ = trt.IElementWiseLayer
+            norm = layer.op == trt.ElementWiseOperation.POW
+        else:
+            norm = layer.type in reductions
+        if norm:
+            layer.precision = trt.float32
+            for j in range(layer.num_outputs):
+                layer.set_output_type(j, trt.float32)
+            pinned += 1
+    return pinned
+
+
+def build_engine(onnx_path: Path, plan_path: Path, profiles: list[Profile], precision: str, *,
+                 timing_cache: Path, workspace_gib: float = 2.0, optimization_level: int = 3,
+                 log: Callable[[str], None] = print) -> dict:
+    """Build one engine; returns what the manifest records about it."""
+    import tensorrt as trt
+
+    features = Features.of(trt)
+    if precision == "int4" and not features.int4:
+        raise BuildError(f"INT4 weight-only needs TensorRT 10 (JetPack 6.1+); this is {trt.__version__}")
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    strongly_typed = precision in ("int8", "int4") and features.strongly_typed
+    network = _network(trt, builder, features, strongly_typed)
+    _parse(trt, network, logger, onnx_path)
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * (1 << 30)))
+    if features.optimization_level:
+        config.builder_optimization_level = optimization_level
+    pinned = 0
+    if not strongly_typed:  # precision flags are an error on a strongly typed network
+        config.set_flag(trt.BuilderFlag.FP16)
+        if precision == "int8":
+            config.set_flag(trt.BuilderFlag.INT8)
+        pinned = _pin_norms_fp32(trt, network)
+        config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
+    for p in profiles:
+        profile = builder.create_optimization_profile()
+        for name, (lo, opt, hi) in p.shapes.items():
+            profile.set_shape(name, lo, opt, hi)
+        config.add_optimization_profile(profile)
+    cache_bytes = timing_cache.read_bytes() if timing_cache.is_file() else b""
+    cache = config.create_timing_cache(cache_bytes)
+    config.set_timing_cache(cache, False)
+    log(f"engines: building {plan_path.name} ({precision}, {'strongly typed' if strongly_typed else 'FP16'}"
+        f"{f', {pinned} norm layers pinned FP32' if pinned else ''}, profiles {', '.join(p.name for p in profiles)}); "
+        "this takes minutes on an Orin")
+    t0 = time.perf_counter()
+    plan = builder.build_serialized_network(network, config)
+    if plan is None:
+        raise BuildError(f"{onnx_path.name}: TensorRT could not build an engine (see its log above)")
+    plan_path.write_bytes(plan)
+    timing_cache.write_bytes(config.get_timing_cache().serialize())
+    seconds = time.perf_counter() - t0
+    log(f"engines: {plan_path.name} {plan_path.stat().st_size / 2**20:.0f} MiB in {seconds:.0f} s")
+    return {"file": plan_path.name, "precision": precision, "strongly_typed": strongly_typed,
+            "norm_layers_fp32": pinned, "build_seconds": round(seconds, 1),
+            "profiles": [{"name": p.name, "shapes": {k: [list(s) for s in v] for k, v in p.shapes.items()}}
+                         for p in profiles]}
