@@ -41,7 +41,7 @@ $(VENV)/.installed: pyproject.toml client/pyproject.toml
 	@# torch first and pinned: the local CPU wheel; anything looser pulls multi-GB CUDA builds.
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q torch==2.13.0
-	$(VENV)/bin/pip install -q -e ".[build,serve,test]" -e "./client[images,gateway]"
+	$(VENV)/bin/pip install -q -e ".[build,serve,test,bench]" -e "./client[images,gateway]"
 	@# Only the tritonserver binary, python backend and stubs of this wheel are used; its
 	@# own pins (numpy, tritonclient) would fight ours, hence --no-deps.
 	$(VENV)/bin/pip install -q --no-deps nvidia-pytriton==0.7.0
@@ -87,7 +87,6 @@ gateway: setup ## OpenAI-compatible HTTP gateway to a running server (GATEWAY_PO
 BENCH_PRESETS ?= tiny mobilevlm-v2-1.7b
 QUICK ?=
 bench: setup ## benchmarks, not in make test (BENCH_PRESETS="tiny mobilevlm-v2-1.7b", QUICK=1 smoke): JSON + docs/BENCHMARKS.md
-	$(VENV)/bin/pip install -q -e ".[bench]"
 	@for p in $(BENCH_PRESETS); do \
 		$(MAKE) --no-print-directory artifacts/$$p/onnx/manifest.json PRESET=$$p NAME=$$p || exit 1; done
 	$(PY) build/bench.py $(foreach p,$(BENCH_PRESETS),--onnx $(p)=artifacts/$(p)/onnx --checkpoint $(p)=artifacts/$(p)/checkpoint) \

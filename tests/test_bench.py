@@ -1,0 +1,28 @@
+"""`make bench QUICK=1` as a smoke test: every section runs and lands in JSON and markdown."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_quick_bench_writes_every_section(tiny_onnx, tiny_ckpt, tmp_path):
+    r = subprocess.run([sys.executable, str(ROOT / "build" / "bench.py"), "--quick", "--onnx", f"tiny={tiny_onnx}",
+                        "--checkpoint", f"tiny={tiny_ckpt}", "--out", str(tmp_path / "bench"),
+                        "--doc", str(tmp_path / "docs" / "BENCHMARKS.md")],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = json.loads((tmp_path / "bench" / "tiny.json").read_text())
+    assert report["triton_overhead"]["ratio"] > 0 and report["decode_growth"]["ratio"] > 0
+    assert report["ttft_with_image"]["client_ttft_ms"] >= report["ttft_with_image"]["prefill_ms"] > 0
+    assert report["server_rss_mb"]["peak"] >= report["server_rss_mb"]["idle"] > 0
+    assert report["vs_transformers"]["greedy_tokens_identical"] == "8/8"  # same weights, same greedy tokens
+    assert "fp32" in report["quantized"]
+    doc = (tmp_path / "docs" / "BENCHMARKS.md").read_text()
+    for heading in ("Decode ms/token vs context", "Triton + gRPC", "Time to first token", "transformers"):
+        assert heading in doc
+    assert (tmp_path / "docs" / "bench_decode_vs_context.png").stat().st_size > 1000
