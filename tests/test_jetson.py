@@ -193,3 +193,33 @@ def test_tensorrt_builder_and_runners_need_tensorrt():
     import tensorrt as trt
     f = Features.of(trt)
     assert f.strongly_typed == (f.major >= 10) and f.int4 == (f.major >= 10)
+
+
+def test_tensorrt_engines_match_onnx_runtime(tiny_onnx, tmp_path):
+    """On the Orin: FP16 engines of the tiny export give ONNX Runtime's greedy tokens."""
+    pytest.importorskip("tensorrt", reason="TensorRT is not installable on this machine (no GPU; the PyPI "
+                                           "packages are download stubs); this test runs on the Orin")
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import numpy as np
+
+    from edgevlm.engines.tensorrt import TrtDecoder
+    from edgevlm.jetson.device import detect
+    from edgevlm.manifest import OnnxArtifacts
+    from edgevlm.serving import load_generator
+    art = OnnxArtifacts.open(tiny_onnx)
+    script = Path(__file__).resolve().parents[1] / "build" / "build_engines.py"
+    r = subprocess.run([sys.executable, str(script), "--onnx", str(tiny_onnx), "--max-context", "256"],
+                       capture_output=True, text=True, timeout=3600)
+    assert r.returncode == 0, r.stderr
+    trt_dec = TrtDecoder(tiny_onnx.parent / "engines" / detect().tag, art.config.text)
+    ort = load_generator(tiny_onnx)
+    ids = ort.tok.encode("Name three colours.")
+    a, b = ort.decoder.new_sequence(64), trt_dec.new_sequence(64)
+    la, lb = a.forward(ort.table.embed(ids)), b.forward(ort.table.embed(ids))
+    for _ in range(16):
+        assert int(np.argmax(la)) == int(np.argmax(lb))
+        t = int(np.argmax(la))
+        la, lb = a.forward(ort.table.embed([t])), b.forward(ort.table.embed([t]))

@@ -1,0 +1,61 @@
+"""The few CUDA runtime calls the TensorRT runners need, through cuda-python (what NVIDIA's
+TensorRT samples use). Every call returns (error, *values); `check` turns errors into
+exceptions. Imported only on a machine with a GPU."""
+
+from __future__ import annotations
+
+import numpy as np
+
+try:  # cuda-python 12.x / 13.x layout, then the older alias (JetPack 5's cuda-python 11.x)
+    from cuda.bindings import runtime as cudart
+except ImportError:  # pragma: no cover - depends on the device's cuda-python
+    from cuda import cudart
+
+
+class CudaError(RuntimeError):
+    pass
+
+
+def check(result):
+    err, *values = result if isinstance(result, tuple) else (result,)
+    if int(err) != 0:
+        raise CudaError(f"CUDA error {err}: {cudart.cudaGetErrorString(err)[1]}")
+    return values[0] if len(values) == 1 else (values or None)
+
+
+class Stream:
+    def __init__(self):
+        self.handle = check(cudart.cudaStreamCreate())
+
+    def sync(self) -> None:
+        check(cudart.cudaStreamSynchronize(self.handle))
+
+    def free(self) -> None:
+        if self.handle is not None:
+            check(cudart.cudaStreamDestroy(self.handle))
+            self.handle = None
+
+
+class DeviceBuffer:
+    """nbytes of device memory, allocated once and reused."""
+
+    def __init__(self, nbytes: int):
+        self.nbytes = max(int(nbytes), 1)
+        self.ptr = int(check(cudart.cudaMalloc(self.nbytes)))
+
+    def upload(self, host: np.ndarray, stream: Stream) -> None:
+        host = np.ascontiguousarray(host)
+        if host.nbytes > self.nbytes:
+            raise ValueError(f"{host.nbytes} bytes do not fit a {self.nbytes}-byte buffer")
+        check(cudart.cudaMemcpyAsync(self.ptr, host.ctypes.data, host.nbytes,
+                                     cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, stream.handle))
+
+    def download(self, host: np.ndarray, stream: Stream) -> np.ndarray:
+        check(cudart.cudaMemcpyAsync(host.ctypes.data, self.ptr, host.nbytes,
+                                     cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost, stream.handle))
+        return host
+
+    def free(self) -> None:
+        if self.ptr:
+            check(cudart.cudaFree(self.ptr))
+            self.ptr = 0

@@ -1,0 +1,165 @@
+"""TensorRT runners for the jetson target, behind the interface of the ONNX Runtime ones:
+TrtVisionEncoder(pixel_values) -> image_embeds, TrtDecoder.new_sequence(capacity).forward(embeds).
+
+Name-based TensorRT API only (set_input_shape / set_tensor_address / execute_async_v3), which
+8.5, 8.6 and 10.x all have. Device buffers are allocated once per runner or per sequence; the
+KV cache stays on the GPU for the whole generation and only the last position's logits come
+back to the host each step. An engine folder whose manifest names another device is refused.
+
+CUDA graphs: with concat-KV (TensorRT 8.5-10.14) every decode step has a new past length, so
+a captured graph would be valid for one step only; capture needs the static-shape in-place KV
+update of TensorRT >= 10.15, which this runner does not use yet.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+
+from edgevlm.manifest import ManifestError, read_manifest
+from edgevlm.presets import TextConfig
+
+
+def open_engine(engine_dir: str | Path, name: str):
+    """Deserialize <engine_dir>/<name>.plan after checking the folder's manifest against this device."""
+    import tensorrt as trt
+
+    from edgevlm.jetson.device import detect
+    engine_dir = Path(engine_dir)
+    m = read_manifest(engine_dir)
+    here = detect().require("tensorrt", "sm").tag
+    if m.get("kind") != "tensorrt" or m.get("device_tag") != here:
+        raise ManifestError(f"{engine_dir}: engines built for {m.get('device_tag')!r}, this device is {here!r}; "
+                            "run `make engines` here")
+    logger = trt.Logger(trt.Logger.WARNING)
+    engine = trt.Runtime(logger).deserialize_cuda_engine((engine_dir / f"{name}.plan").read_bytes())
+    if engine is None:
+        raise ManifestError(f"{engine_dir / f'{name}.plan'}: TensorRT could not load the engine")
+    return trt, engine, m
+
+
+def _np_dtype(trt, engine, tensor: str):
+    return np.dtype(trt.nptype(engine.get_tensor_dtype(tensor)))
+
+
+class TrtVisionEncoder:
+    """pixel_values float32 [B, 3, S, S] -> image_embeds float32 [B, N, D]."""
+
+    def __init__(self, engine_dir: str | Path):
+        from edgevlm.engines.cuda import DeviceBuffer, Stream
+        self.trt, self.engine, m = open_engine(engine_dir, "vision_encoder")
+        self.context = self.engine.create_execution_context()
+        self.stream = Stream()
+        self.lock = threading.Lock()  # one context: one call at a time
+        lo, _opt, hi = self.engine.get_tensor_profile_shape("pixel_values", 0)
+        self.max_batch = hi[0]
+        out_shape = self.engine.get_tensor_shape("image_embeds")  # [-1, N, D]
+        self.out_dtype = _np_dtype(self.trt, self.engine, "image_embeds")
+        self.in_dtype = _np_dtype(self.trt, self.engine, "pixel_values")
+        self.tokens, self.dim = out_shape[1], out_shape[2]
+        self.inp = DeviceBuffer(int(np.prod(hi)) * self.in_dtype.itemsize)
+        self.out = DeviceBuffer(self.max_batch * self.tokens * self.dim * self.out_dtype.itemsize)
+        self.context.set_tensor_address("pixel_values", self.inp.ptr)
+        self.context.set_tensor_address("image_embeds", self.out.ptr)
+
+    def __call__(self, pixel_values: np.ndarray) -> np.ndarray:
+        results = []
+        for i in range(0, pixel_values.shape[0], self.max_batch):  # batches over the profile's maximum
+            results.append(self._run(pixel_values[i:i + self.max_batch]))
+        return np.concatenate(results)
+
+    def _run(self, px: np.ndarray) -> np.ndarray:
+        b = px.shape[0]
+        host = np.empty((b, self.tokens, self.dim), self.out_dtype)
+        with self.lock:
+            self.context.set_input_shape("pixel_values", tuple(px.shape))
+            self.inp.upload(px.astype(self.in_dtype, copy=False), self.stream)
+            if not self.context.execute_async_v3(self.stream.handle):
+                raise RuntimeError("TensorRT vision encoder: enqueue failed")
+            self.out.download(host, self.stream)
+            self.stream.sync()
+        return host.astype(np.float32, copy=False)
+
+
+class TrtDecoder:
+    """Decoder engine with two profiles: 0 = prefill, 1 = decode (see engines/profiles.py)."""
+
+    def __init__(self, engine_dir: str | Path, cfg: TextConfig):
+        self.cfg = cfg
+        self.trt, self.engine, self.manifest = open_engine(engine_dir, "decoder")
+        n = cfg.num_layers
+        self.past_names = [f"past_{kv}_{i}" for i in range(n) for kv in ("key", "value")]
+        self.present_names = [f"present_{kv}_{i}" for i in range(n) for kv in ("key", "value")]
+        self.kv_dtype = _np_dtype(self.trt, self.engine, "past_key_0")
+        self.pos_dtype = _np_dtype(self.trt, self.engine, "position_ids")  # int64 on 10.x, int32 on 8.x
+        self.embed_dtype = _np_dtype(self.trt, self.engine, "inputs_embeds")
+        self.max_prefill = self.engine.get_tensor_profile_shape("inputs_embeds", 0)[2][1]
+        self.max_context = self.engine.get_tensor_profile_shape("past_key_0", 1)[2][2] + 1
+
+    def new_sequence(self, capacity: int) -> TrtSequence:
+        if capacity > self.max_context:
+            raise ValueError(f"the decoder engine holds {self.max_context} positions, asked for {capacity}")
+        return TrtSequence(self, capacity)
+
+
+class TrtSequence:
+    """One batch-1 generation: its own two execution contexts (one per profile, so no profile
+    switch per step), its stream, and two device KV buffers per tensor used in turn: each step
+    reads `past` from one and the engine writes `present` (past + new) into the other."""
+
+    def __init__(self, d: TrtDecoder, capacity: int):
+        from edgevlm.engines.cuda import DeviceBuffer, Stream
+        c = d.cfg
+        self.d, self.capacity = d, capacity
+        self.stream = Stream()
+        self.prefill, self.decode = d.engine.create_execution_context(), d.engine.create_execution_context()
+        self.prefill.set_optimization_profile_async(0, self.stream.handle)
+        self.decode.set_optimization_profile_async(1, self.stream.handle)
+        row = c.num_kv_heads * c.head_dim * d.kv_dtype.itemsize
+        self.kv = [[DeviceBuffer(capacity * row) for _ in d.past_names] for _ in range(2)]
+        self.embeds = DeviceBuffer(max(d.max_prefill, 1) * c.hidden_size * d.embed_dtype.itemsize)
+        self.positions = DeviceBuffer(max(d.max_prefill, 1) * d.pos_dtype.itemsize)
+        logits_dtype = _np_dtype(d.trt, d.engine, "logits")
+        self.logits_dev = DeviceBuffer(c.vocab_size * logits_dtype.itemsize)
+        self.logits = np.empty((1, c.vocab_size), logits_dtype)
+        self.length, self.current = 0, 0
+
+    def forward(self, inputs_embeds: np.ndarray) -> np.ndarray:
+        """Append inputs_embeds [1, S, D]; returns the last position's logits [vocab]."""
+        d, c = self.d, self.d.cfg
+        s, p = inputs_embeds.shape[1], self.length
+        if p + s > self.capacity:
+            raise ValueError(f"sequence capacity {self.capacity} exceeded")
+        if s > 1 and p > 0:
+            raise ValueError("prefill runs once, on an empty cache (the prefill profile has past 0)")
+        ctx = self.prefill if s > 1 or p == 0 else self.decode
+        self.embeds.upload(inputs_embeds.astype(d.embed_dtype, copy=False), self.stream)
+        self.positions.upload(np.arange(p, p + s, dtype=d.pos_dtype)[None], self.stream)
+        ctx.set_input_shape("inputs_embeds", (1, s, c.hidden_size))
+        ctx.set_input_shape("position_ids", (1, s))
+        ctx.set_tensor_address("inputs_embeds", self.embeds.ptr)
+        ctx.set_tensor_address("position_ids", self.positions.ptr)
+        src, dst = self.kv[self.current], self.kv[1 - self.current]
+        for i, (past, present) in enumerate(zip(d.past_names, d.present_names)):
+            ctx.set_input_shape(past, (1, c.num_kv_heads, p, c.head_dim))
+            ctx.set_tensor_address(past, src[i].ptr)
+            ctx.set_tensor_address(present, dst[i].ptr)
+        ctx.set_tensor_address("logits", self.logits_dev.ptr)
+        if not ctx.execute_async_v3(self.stream.handle):
+            raise RuntimeError("TensorRT decoder: enqueue failed")
+        self.logits_dev.download(self.logits, self.stream)
+        self.stream.sync()
+        self.length, self.current = p + s, 1 - self.current
+        return self.logits[0].astype(np.float32, copy=False)
+
+    def __del__(self):
+        for buffers in getattr(self, "kv", []):
+            for b in buffers:
+                b.free()
+        for name in ("embeds", "positions", "logits_dev"):
+            if hasattr(self, name):
+                getattr(self, name).free()
+        if hasattr(self, "stream"):
+            self.stream.free()
