@@ -223,3 +223,24 @@ def test_tensorrt_engines_match_onnx_runtime(tiny_onnx, tmp_path):
         assert int(np.argmax(la)) == int(np.argmax(lb))
         t = int(np.argmax(la))
         la, lb = a.forward(ort.table.embed([t])), b.forward(ort.table.embed([t]))
+
+
+def test_container_and_systemd_files_hold_the_shipped_defaults():
+    import re
+    from pathlib import Path
+
+    import yaml
+    root = Path(__file__).resolve().parents[1] / "jetson"
+    compose = yaml.safe_load((root / "compose.yaml").read_text())
+    triton, engines = compose["services"]["triton"], compose["services"]["engines"]
+    assert "python3 -m edgevlm.serve" in triton["command"] and "--host ${HOST:-127.0.0.1}" in triton["command"]
+    assert triton["restart"] == "unless-stopped" and triton["runtime"] == "nvidia"
+    assert triton["shm_size"] == "2gb" and triton["healthcheck"]["test"][-1].endswith("/v2/health/ready")
+    assert triton["volumes"] == engines["volumes"] and triton["image"] == engines["image"]  # same TensorRT
+    assert engines["profiles"] == ["build"] and "build/build_engines.py" in engines["command"]
+    assert (root / "Dockerfile").read_text().count("numpy>=1.24,<2") == 1
+    unit = (root / "edgevlm.service").read_text()
+    assert re.search(r"^Restart=always$", unit, re.M) and re.search(r"^Requires=docker.service$", unit, re.M)
+    assert re.search(r"^ExecStart=/usr/bin/docker compose -f \$\{EDGEVLM_ROOT\}/jetson/compose.yaml up triton$",
+                     unit, re.M)
+    assert "WantedBy=multi-user.target" in unit
