@@ -28,6 +28,14 @@ def onnx_sha256(art: OnnxArtifacts) -> str:
     return art.manifest["source"]["sha256"]
 
 
+def decoder_onnx(art: OnnxArtifacts, precision: str) -> Path:
+    """Strongly typed builds (Q/DQ on TensorRT 10) take the FP16 copy `make quantize` writes;
+    TensorRT 8.5 builds the FP32-typed graph with precision flags instead."""
+    import tensorrt as trt
+    strongly_typed = precision != "fp16" and hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED")
+    return art.path("decoder_fp16") if strongly_typed and "decoder_fp16" in art.manifest["files"] else art.path("decoder")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--onnx", required=True, help="the FP32 export (artifacts/<name>/onnx)")
@@ -60,11 +68,13 @@ def main(argv=None) -> int:
     try:
         with staged_dir(out) as tmp:
             built = {
+                # both quantized exports carry the W8A8 vision encoder
                 "vision_encoder": build_engine(art.path("vision_encoder"), tmp / "vision_encoder.plan", vis_profiles,
-                                               args.precision if args.precision == "int8" else "fp16",
+                                               "fp16" if args.precision == "fp16" else "int8",
                                                timing_cache=cache, workspace_gib=args.workspace_gib,
                                                optimization_level=args.optimization_level),
-                "decoder": build_engine(art.path("decoder"), tmp / "decoder.plan", dec_profiles, args.precision,
+                "decoder": build_engine(decoder_onnx(art, args.precision), tmp / "decoder.plan", dec_profiles,
+                                        args.precision,
                                         timing_cache=cache, workspace_gib=args.workspace_gib,
                                         optimization_level=args.optimization_level),
             }

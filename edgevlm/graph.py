@@ -80,6 +80,10 @@ def clean(src: Path, dst: Path, input_names: list[str], output_names: list[str])
     onnx.checker.check_model(str(dst))  # the path form also checks the data file's extents
 
 
+def opset_of(model: onnx.ModelProto) -> int:
+    return next(e.version for e in model.opset_import if e.domain in ("", "ai.onnx"))
+
+
 def set_opset(model: onnx.ModelProto, version: int = TARGET_OPSET, ir_version: int = TARGET_IR_VERSION) -> None:
     """Label the default domain's opset (the graph must already be valid at it)."""
     for entry in model.opset_import:

@@ -149,10 +149,41 @@ def quantize_decoder_weights(src: Path, dst: Path, bits: int) -> None:
               location=dst.name + ".data", size_threshold=1024)
 
 
+# Kept FP32 in the FP16 copy: the norm reductions, softmax and the lm_head (a Gemm).
+FP16_KEEP_FP32 = ["ReduceMean", "Pow", "Sqrt", "Reciprocal", "Softmax", "Gemm"]
+
+
+def cast_decoder_fp16(src: Path, dst: Path) -> None:
+    """An FP16 copy of the quantized decoder for strongly typed TensorRT 10 builds, where the
+    graph's own types decide the math: activations and DQ scales in FP16 (so weight-only DQ
+    feeds FP16 MatMuls), norms / softmax / lm_head in FP32, FP32 at the inputs and outputs.
+    ONNX Runtime's float16 converter does the rewrite."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+    model = onnx.load(str(src), load_external_data=False)
+    if graph.opset_of(model) < 21:  # FP16 DQ scales need opset 19+; TensorRT 10 reads 21 (see INT4)
+        model = onnx.version_converter.convert_version(model, 21)
+    onnx.load_external_data_for_model(model, str(src.parent))
+    model = convert_float_to_float16(model, keep_io_types=True, op_block_list=FP16_KEEP_FP32)
+    onnx.save(model, str(dst), save_as_external_data=True, all_tensors_to_one_file=True,
+              location=dst.name + ".data", size_threshold=1024)
+
+
+def _fp16_agreement(quant: Path, fp16: Path, cfg, table_path: Path, tok_path: Path) -> float:
+    """Prefill logits cosine, quantized decoder vs its FP16 copy, on a text prompt."""
+    from edgevlm.embedding import EmbeddingTable
+    from edgevlm.engines.onnxruntime import OrtDecoder
+    from edgevlm.prompt import build_prompt, tokenize_prompt
+    from edgevlm.tokenizer import Tokenizer
+    ids = tokenize_prompt(Tokenizer(tok_path), build_prompt("Name three colours.", image=False))
+    x = EmbeddingTable(table_path).embed(ids)
+    a, b = (OrtDecoder(p, cfg.text).new_sequence(len(ids)).forward(x) for p in (quant, fp16))
+    return float(np.dot(a, b) / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
 def quantize_export(onnx_dir: str | Path, out_dir: str | Path, precision: str, *,
                     calib_dir: str | Path | None = None, log: Callable[[str], None] = print) -> dict:
     """Quantize an export; returns the accuracy report written into the manifest."""
-    from edgevlm.quant_check import check_quantized
+    from edgevlm.quant_check import QuantizationError, check_quantized
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     src = OnnxArtifacts.open(onnx_dir)
@@ -167,14 +198,21 @@ def quantize_export(onnx_dir: str | Path, out_dir: str | Path, precision: str, *
         log(f"quantize: decoder INT{bits} weight-only" + (f", blocks of {INT4_BLOCK}" if bits == 4 else
                                                           ", per output channel"))
         quantize_decoder_weights(src.path("decoder"), tmp / "decoder.onnx", bits)
+        log("quantize: FP16 copy of the decoder for strongly typed TensorRT builds")
+        cast_decoder_fp16(tmp / "decoder.onnx", tmp / "decoder.fp16.onnx")
         for key in ("embed_tokens", "tokenizer"):
             shutil.copy2(src.path(key), tmp / src.manifest["files"][key])
+        fp16_cosine = _fp16_agreement(tmp / "decoder.onnx", tmp / "decoder.fp16.onnx", cfg,
+                                      tmp / src.manifest["files"]["embed_tokens"], tmp / src.manifest["files"]["tokenizer"])
+        if fp16_cosine < 0.99:
+            raise QuantizationError(f"the FP16 copy of the decoder drifts from it: logits cosine {fp16_cosine:.4f}")
         manifest = {k: v for k, v in src.manifest.items() if k not in ("format", "files", "io", "opset", "created")}
         files = {"vision_encoder": "vision_encoder.onnx", "decoder": "decoder.onnx",
                  "embed_tokens": src.manifest["files"]["embed_tokens"], "tokenizer": src.manifest["files"]["tokenizer"]}
-        for key in ("vision_encoder", "decoder"):
-            if (tmp / f"{key}.onnx.data").is_file():
-                files[f"{key}_data"] = f"{key}.onnx.data"
+        files["decoder_fp16"] = "decoder.fp16.onnx"
+        for key, name in (("vision_encoder", "vision_encoder"), ("decoder", "decoder"), ("decoder_fp16", "decoder.fp16")):
+            if (tmp / f"{name}.onnx.data").is_file():
+                files[f"{key}_data"] = f"{name}.onnx.data"
         manifest.update(
             files=files, io={k: graph.io_specs(tmp / f"{k}.onnx") for k in ("vision_encoder", "decoder")},
             opset={"vision_encoder": graph.TARGET_OPSET, "decoder": graph.TARGET_OPSET if bits == 8 else 21},
@@ -186,7 +224,9 @@ def quantize_export(onnx_dir: str | Path, out_dir: str | Path, precision: str, *
                 "decoder": {"scheme": f"INT{bits} weight-only",
                             "weights": "per output channel, symmetric" if bits == 8 else
                             f"blocks of {INT4_BLOCK} along K, symmetric, round-to-nearest (RTN)",
-                            "kept_fp32": ["RMSNorm", "RoPE", "softmax", "lm_head"]},
+                            "kept_fp32": ["RMSNorm", "RoPE", "softmax", "lm_head"],
+                "fp16_copy": {"file": "decoder.fp16.onnx", "keeps_fp32": FP16_KEEP_FP32,
+                              "prefill_logits_cosine": round(fp16_cosine, 6)}},
                 "source_onnx": str(src.root.resolve())},
             created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
         write_manifest(tmp, manifest)

@@ -114,3 +114,19 @@ def test_failed_quantize_leaves_nothing_and_says_why(tiny_onnx, tmp_path):
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 1 and "no calibration images" in r.stderr
     assert not out.exists() and not list(tmp_path.glob(".onnx-int8*"))
+
+
+def test_fp16_copy_for_strongly_typed_builds(quantized):
+    precision, out, _ = quantized
+    manifest = OnnxArtifacts.open(out).manifest
+    copy = manifest["quantization"]["decoder"]["fp16_copy"]
+    assert copy["prefill_logits_cosine"] >= 0.99
+    m = onnx.load(str(out / copy["file"]))
+    assert next(o.version for o in m.opset_import if o.domain in ("", "ai.onnx")) == 21
+    inits = {t.name: t for t in m.graph.initializer}
+    dqs = [n for n in m.graph.node if n.op_type == "DequantizeLinear"]
+    assert dqs and all(inits[n.input[1]].data_type == onnx.TensorProto.FLOAT16 for n in dqs)  # FP16 MatMuls
+    assert all(i.type.tensor_type.elem_type == onnx.TensorProto.FLOAT for i in m.graph.input
+               if i.name != "position_ids")  # FP32 at the engine boundary
+    kept = {n.op_type for n in m.graph.node if n.op_type in ("ReduceMean", "Gemm")}
+    assert kept == {"ReduceMean", "Gemm"}
