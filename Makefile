@@ -28,7 +28,7 @@ TLS_KEY ?=
 TLS_CLIENT_CA ?=
 PYTEST_ARGS ?=
 
-.PHONY: help setup checkpoint onnx verify quantize engines repo serve gateway bench demo test clean
+.PHONY: help setup checkpoint onnx verify quantize engines jetson-bench repo serve gateway bench demo test clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -71,6 +71,9 @@ MAX_CONTEXT ?=
 engines: setup $(ART)/onnx/manifest.json ## on the Orin: TensorRT engines (PRECISION=fp16|int8|int4, MAX_CONTEXT=)
 	$(PY) build/build_engines.py --onnx $(ART)/onnx --precision $(or $(PRECISION),fp16) \
 		$(if $(MAX_CONTEXT),--max-context $(MAX_CONTEXT))
+
+jetson-bench: setup ## on the Orin: encode/prefill/decode, J/token, peak memory vs the roofline (JSON)
+	$(PY) build/jetson_bench.py --onnx $(ART)/onnx
 
 repo: setup $(ART)/onnx/manifest.json ## render the Triton model repository (TARGET=cpu|jetson)
 	$(PY) build/render_repository.py --onnx $(ART)/onnx --out $(ART)/repository --target $(TARGET) \

@@ -244,3 +244,15 @@ def test_container_and_systemd_files_hold_the_shipped_defaults():
     assert re.search(r"^ExecStart=/usr/bin/docker compose -f \$\{EDGEVLM_ROOT\}/jetson/compose.yaml up triton$",
                      unit, re.M)
     assert "WantedBy=multi-user.target" in unit
+
+
+def test_jetson_bench_refuses_off_device(tiny_onnx):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("EDGEVLM_")}
+    script = Path(__file__).resolve().parents[1] / "build" / "jetson_bench.py"
+    r = subprocess.run([sys.executable, str(script), "--onnx", str(tiny_onnx)], env=clean,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.startswith("jetson-bench: refused:") and r.stderr.count("\n") == 1

@@ -1,0 +1,96 @@
+"""make jetson-bench: the on-device figures, with the roofline beside them.
+
+    python build/jetson_bench.py --onnx artifacts/mobilevlm-v2-1.7b/onnx [--module agx-orin-64gb] [--runs 5]
+
+Records the power mode and versions, then through the TensorRT runners in this process: image
+encode ms, prefill ms, decode tok/s (medians), joules per generated token from tegrastats'
+input-power rail, peak RAM. Writes artifacts/bench/jetson-<module>-<mode>.json. Off the
+device it refuses in one line, exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+QUESTION = "What is in the image? Describe it in detail."
+
+
+def main(argv=None) -> int:
+    from edgevlm.jetson import device, power, roofline, telemetry
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--onnx", required=True)
+    ap.add_argument("--module", choices=sorted(roofline.MODULES), help="for the roofline (default: detected)")
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--out", default=str(ROOT / "artifacts" / "bench"))
+    args = ap.parse_args(argv)
+    try:
+        dev = device.detect().require("l4t", "tensorrt", "sm")
+        mode = power.query()
+        import tensorrt  # noqa: F401
+    except (device.DeviceError, power.PowerError, ImportError) as e:
+        print(f"jetson-bench: refused: {e}. It runs on the Orin, after `make engines`", file=sys.stderr)
+        return 2
+
+    from edgevlm.image import preprocess
+    from edgevlm.manifest import OnnxArtifacts
+    from edgevlm.prompt import build_prompt, tokenize_prompt
+    from edgevlm.samples import sample_image
+    from edgevlm.sampling import SamplingParams
+    from edgevlm.serving import VisionEncoder, load_generator
+    art = OnnxArtifacts.open(args.onnx)
+    engines = Path(args.onnx).parent / "engines" / dev.tag
+    vision = VisionEncoder(args.onnx, "tensorrt", engines)
+    gen = load_generator(args.onnx, "tensorrt", engines)
+    px = preprocess(sample_image("chelsea"), art.config.vision.image_size)[None]
+    ids = tokenize_prompt(gen.tok, build_prompt(QUESTION))
+    vision(px)
+    list(gen.generate(ids, vision(px)[0], SamplingParams(max_tokens=4)))  # warm-up
+    encode, prefill, decode, tokens = [], [], [], 0
+    with telemetry.Tegrastats(interval_ms=100) as rec:
+        for _ in range(args.runs):
+            embeds, ms = vision(px)
+            stats = [e for e in gen.generate(ids, embeds, SamplingParams(max_tokens=args.tokens))][-1].stats
+            encode.append(ms)
+            prefill.append(stats.prefill_ms)
+            decode.append(stats.decode_tokens_per_s)
+            tokens += stats.decode_tokens
+    tele = rec.summary()
+    module = args.module or next((m for m in roofline.MODULES if dev.module and m.replace("-", " ") in
+                                  dev.module.lower().replace("jetson ", "")), None)
+    precision = json.loads((engines / "manifest.json").read_text())["precision"]
+    report = {
+        "device": dev.to_dict(), "power_mode": mode.name, "clocks_locked": power.jetson_clocks(lock=False).locked,
+        "engines": str(engines), "precision": precision, "runs": args.runs,
+        "image_encode_ms": round(statistics.median(encode), 2), "prefill_ms": round(statistics.median(prefill), 2),
+        "prefill_tokens": stats.prefill_tokens, "decode_tok_s": round(statistics.median(decode), 2),
+        "joules_per_token": round(tele["energy_j"] / tokens, 4) if tele.get("energy_j") and tokens else None,
+        "peak_ram_used_mb": tele.get("peak_ram_used_mb"), "telemetry": tele,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    if module and mode.name in roofline.MODULES[module]:
+        r = roofline.roofline(module, art.config.name if art.config.name in roofline.PRESETS else "mobilevlm-v2-1.7b",
+                              "fp16" if precision == "fp16" else precision, mode.name)
+        report["roofline"] = r.to_dict()
+        report["decode_of_ceiling"] = round(report["decode_tok_s"] / r.decode_tok_s, 3)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"jetson-{module or 'orin'}-{mode.name}.json"
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    roof = report.get("roofline", {})
+    print(f"jetson-bench: {mode.name} {precision}: image encode {report['image_encode_ms']} ms "
+          f"(ideal {roof.get('image_encode_ms', '?')}) | prefill {report['prefill_tokens']} tokens "
+          f"{report['prefill_ms']} ms (ideal {roof.get('prefill_ms', '?')}) | decode {report['decode_tok_s']} tok/s "
+          f"(ceiling {roof.get('decode_tok_s', '?')}) | {report['joules_per_token']} J/token | peak RAM "
+          f"{report['peak_ram_used_mb']} MB -> {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
