@@ -68,16 +68,16 @@ quantize: setup $(ART)/onnx/manifest.json ## Q/DQ export checked against FP32 (P
 		$(if $(CALIB),--calib-dir $(CALIB))
 
 MAX_CONTEXT ?=
-engines: setup $(ART)/onnx/manifest.json ## on the Orin: TensorRT engines (PRECISION=fp16|int8|int4, MAX_CONTEXT=)
+engines: setup $(ART)/onnx/manifest.json ## on the Orin: TensorRT engines (PRECISION=fp16|int8|int4, MAX_CONTEXT=, KV=auto|static|concat)
 	$(PY) build/build_engines.py --onnx $(ART)/onnx --precision $(or $(PRECISION),fp16) \
-		$(if $(MAX_CONTEXT),--max-context $(MAX_CONTEXT))
+		$(if $(MAX_CONTEXT),--max-context $(MAX_CONTEXT)) $(if $(KV),--kv $(KV))
 
 jetson-bench: setup ## on the Orin: encode/prefill/decode, J/token, peak memory vs the roofline (JSON)
 	$(PY) build/jetson_bench.py --onnx $(ART)/onnx
 
-repo: setup $(ART)/onnx/manifest.json ## render the Triton model repository (TARGET=cpu|jetson)
+repo: setup $(ART)/onnx/manifest.json ## render the Triton model repository (TARGET=cpu|jetson, KV=concat|static on cpu)
 	$(PY) build/render_repository.py --onnx $(ART)/onnx --out $(ART)/repository --target $(TARGET) \
-		$(if $(ENGINES),--engines $(ENGINES))
+		$(if $(ENGINES),--engines $(ENGINES)) $(if $(and $(KV),$(filter cpu,$(TARGET))),--kv-cache $(KV))
 
 serve: repo ## run tritonserver on the repository (HOST=127.0.0.1, GRPC_PORT=8001, TLS_CERT/TLS_KEY; Ctrl-C stops)
 	$(PY) -m edgevlm.serve --repository $(ART)/repository --host $(HOST) \

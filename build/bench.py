@@ -4,7 +4,9 @@
         [--checkpoint mobilevlm-v2-1.7b=artifacts/mobilevlm-v2-1.7b/checkpoint] [--quick]
 
 Per model, medians of repeated runs:
-  decode      ms/token of the decoder at context 200, 500, 1000 (KV-cache scaling)
+  decode      ms/token of the decoder at context 200, 500, 1000 (KV-cache scaling), for the
+              concat KV cache (decoder.onnx) and the in-place one (decoder.static.onnx), and
+              the KV bytes each allocates for a sequence
   triton      per-token cost over Triton + gRPC streaming vs the in-process loop (ratio)
   ttft        time to first token with an image: image encode, prefill, first decode, and
               the client-seen TTFT; peak resident memory of the server (stubs included)
@@ -67,9 +69,14 @@ def random_ids(vocab: int, n: int, seed: int = 0) -> list[int]:
     return [1] + np.random.default_rng(seed).integers(3, vocab, n - 1).tolist()
 
 
-def decode_scaling(onnx_dir: Path, contexts, steps: int, runs: int) -> dict:
+def kv_bytes(seq) -> int:
+    """KV cache bytes a sequence allocated: two buffers per tensor (concat) or one (static)."""
+    return sum(b.nbytes for b in getattr(seq, "buffers", None) or seq.cache)
+
+
+def decode_scaling(onnx_dir: Path, contexts, steps: int, runs: int, kv_cache: str = "concat") -> dict:
     """ms per decode step with `ctx` positions already in the KV cache."""
-    gen = load_generator(onnx_dir)
+    gen = load_generator(onnx_dir, kv_cache=kv_cache)
     out = {}
     fits = [c for c in contexts if c + steps + 1 < gen.max_context]
     if len(fits) < len(contexts):  # a short-context model: its longest context stands in
@@ -239,6 +246,12 @@ def bench_model(name: str, onnx_dir: Path, checkpoint: Path | None, quick: bool)
     d = report["decode_ms_per_token"]
     longest = max(d, key=int)
     report["decode_growth"] = {"from": 200, "to": int(longest), "ratio": round(d[longest] / d["200"], 3)}
+    log(f"{name}: decode ms/token vs context, static (in-place) KV cache")
+    report["decode_static_ms_per_token"] = decode_scaling(onnx_dir, CONTEXTS, steps, runs, "static")
+    capacity = int(longest) + steps + 1
+    report["kv_mb_per_sequence"] = {
+        "capacity": capacity, **{kv: round(kv_bytes(load_generator(onnx_dir, kv_cache=kv).decoder.new_sequence(capacity))
+                                           / 2**20, 1) for kv in ("concat", "static")}}
     log(f"{name}: Triton + gRPC vs in process")
     tokens = 24 if quick else (64 if big else 200)
     local = in_process_gaps(onnx_dir, tokens, runs)
@@ -274,6 +287,21 @@ def markdown(reports: list[dict]) -> str:
         out.append(f"| {r['model']} | " + ", ".join(f"{c}: {v:.2f}" for c, v in d.items())
                    + f" | {g['ratio']:.2f}× at {g['to']} |")
     out += ["", "![decode ms/token vs context](bench_decode_vs_context.png)", "",
+            "## KV cache layouts: concat vs in place (cpu target)", "",
+            "`decoder.onnx` appends to the cache by concatenation into a second buffer; `decoder.static.onnx` "
+            "writes the new position into the one buffer it was given (ONNX TensorScatter; the layout TensorRT "
+            "10.15+ runs in place and captures as a CUDA graph). Same tokens; `make repo KV=static` serves it. "
+            "KV MB is what a sequence of the stated capacity allocates.", "",
+            "| model | concat ms/token | static ms/token | KV MB per sequence: concat / static (capacity) |",
+            "|---|---|---|---|"]
+    for r in reports:
+        if "decode_static_ms_per_token" not in r:
+            continue
+        d, st, kv = r["decode_ms_per_token"], r["decode_static_ms_per_token"], r["kv_mb_per_sequence"]
+        out.append(f"| {r['model']} | " + ", ".join(f"{c}: {v:.2f}" for c, v in d.items()) + " | "
+                   + ", ".join(f"{c}: {v:.2f}" for c, v in st.items())
+                   + f" | {kv['concat']} / {kv['static']} ({kv['capacity']}) |")
+    out += ["",
             "## Triton + gRPC streaming vs the in-process decode loop", "",
             "| model | in process ms/token | Triton + gRPC ms/token | ratio |", "|---|---|---|---|"]
     for r in reports:

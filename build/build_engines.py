@@ -3,7 +3,8 @@
     python build/build_engines.py --onnx artifacts/mobilevlm-v2-1.7b/onnx --precision fp16 [--max-context 2048]
 
 Precision fp16 builds from `onnx/`; int8 / int4 from `onnx-int8/` / `onnx-int4/` (make
-quantize). Engines land in artifacts/<name>/engines/<TensorRT>-sm<cc>/ with a manifest and the
+quantize). KV=auto (default) builds the decoder with the in-place static KV cache where
+TensorRT has it (10.15+, fp16 export) and with concat-KV otherwise; KV=static|concat forces one. Engines land in artifacts/<name>/engines/<TensorRT>-sm<cc>/ with a manifest and the
 timing cache beside them; off-device it refuses in one line, exit 2, writing nothing.
 """
 
@@ -15,7 +16,7 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
-from edgevlm.engines.profiles import ProfileError, decoder_profiles, vision_profiles
+from edgevlm.engines.profiles import ProfileError, decoder_profiles, static_decoder_profiles, vision_profiles
 from edgevlm.jetson.device import DeviceError, detect
 from edgevlm.manifest import ManifestError, OnnxArtifacts, write_manifest
 from edgevlm.staging import staged_dir
@@ -36,12 +37,26 @@ def decoder_onnx(art: OnnxArtifacts, precision: str) -> Path:
     return art.path("decoder_fp16") if strongly_typed and "decoder_fp16" in art.manifest["files"] else art.path("decoder")
 
 
+def kv_layout(requested: str, precision: str, art: OnnxArtifacts) -> str:
+    """auto: static where TensorRT updates the cache in place and the export has the graph
+    (the quantized exports carry only the concat decoder), concat otherwise."""
+    if requested != "auto":
+        return requested
+    import tensorrt as trt
+
+    from edgevlm.engines.tensorrt_build import Features
+    static_ok = Features.of(trt).inplace_kv and precision == "fp16" and "decoder_static" in art.manifest["files"]
+    return "static" if static_ok else "concat"
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--onnx", required=True, help="the FP32 export (artifacts/<name>/onnx)")
     ap.add_argument("--precision", choices=PRECISIONS, default="fp16")
     ap.add_argument("--max-context", type=int, help="tokens the decoder engine holds (default: the model's)")
     ap.add_argument("--max-batch", type=int, default=4, help="images per vision-encoder call")
+    ap.add_argument("--kv", choices=("auto", "static", "concat"), default="auto",
+                    help="decoder KV cache layout (default: static on TensorRT 10.15+)")
     ap.add_argument("--workspace-gib", type=float, default=2.0)
     ap.add_argument("--optimization-level", type=int, default=3, choices=range(6))
     args = ap.parse_args(argv)
@@ -56,7 +71,13 @@ def main(argv=None) -> int:
         return 2
     try:
         art = OnnxArtifacts.open(src_dir)
-        dec_profiles = decoder_profiles(art, args.max_context)
+        kv = kv_layout(args.kv, args.precision, art)
+        if kv == "static":
+            pinned, dec_profiles = static_decoder_profiles(art, args.max_context)
+            max_context = pinned["cache"]
+        else:
+            pinned, dec_profiles = None, decoder_profiles(art, args.max_context)
+            max_context = dec_profiles[1].shapes["past_key_0"][2][2] + 1
         vis_profiles = vision_profiles(art, args.max_batch)
     except (ManifestError, ProfileError) as e:
         hint = f" (run `make quantize PRECISION={args.precision}` first)" if args.precision != "fp16" else ""
@@ -73,16 +94,17 @@ def main(argv=None) -> int:
                                                "fp16" if args.precision == "fp16" else "int8",
                                                timing_cache=cache, workspace_gib=args.workspace_gib,
                                                optimization_level=args.optimization_level),
-                "decoder": build_engine(decoder_onnx(art, args.precision), tmp / "decoder.plan", dec_profiles,
-                                        args.precision,
+                "decoder": build_engine(art.path("decoder_static") if kv == "static" else decoder_onnx(art, args.precision),
+                                        tmp / "decoder.plan", dec_profiles, args.precision,
                                         timing_cache=cache, workspace_gib=args.workspace_gib,
-                                        optimization_level=args.optimization_level),
+                                        optimization_level=args.optimization_level,
+                                        pinned=pinned, kv_cache=kv),
             }
             write_manifest(tmp, {
                 "kind": "tensorrt", "device_tag": device.tag, "device": device.to_dict(),
                 "precision": args.precision, "onnx_sha256": onnx_sha256(art), "source_onnx": str(src_dir.resolve()),
                 "onnx_manifest_sha256": hashlib.sha256((src_dir / "manifest.json").read_bytes()).hexdigest(),
-                "model": art.manifest["model"], "max_context": dec_profiles[1].shapes["past_key_0"][2][2] + 1,
+                "model": art.manifest["model"], "max_context": max_context, "kv_cache": kv,
                 "engines": built, "io": art.manifest["io"],
                 "created": datetime.now(timezone.utc).isoformat(timespec="seconds")})
     except BuildError as e:

@@ -64,10 +64,15 @@ def main(argv=None) -> int:
     tele = rec.summary()
     module = args.module or next((m for m in roofline.MODULES if dev.module and m.replace("-", " ") in
                                   dev.module.lower().replace("jetson ", "")), None)
-    precision = json.loads((engines / "manifest.json").read_text())["precision"]
+    built = json.loads((engines / "manifest.json").read_text())
+    precision, kv = built["precision"], built.get("kv_cache", "concat")
+    # a pooled static-cache slot holds the decode step's CUDA graph once it has run one
+    pool = getattr(gen.decoder, "pool", [])
+    cuda_graph = bool(pool) and all(s.graph is not None for s in pool)
     report = {
         "device": dev.to_dict(), "power_mode": mode.name, "clocks_locked": power.jetson_clocks(lock=False).locked,
-        "engines": str(engines), "precision": precision, "runs": args.runs,
+        "engines": str(engines), "precision": precision, "kv_cache": kv, "decode_cuda_graph": cuda_graph,
+        "runs": args.runs,
         "image_encode_ms": round(statistics.median(encode), 2), "prefill_ms": round(statistics.median(prefill), 2),
         "prefill_tokens": stats.prefill_tokens, "decode_tok_s": round(statistics.median(decode), 2),
         "joules_per_token": round(tele["energy_j"] / tokens, 4) if tele.get("energy_j") and tokens else None,
@@ -84,7 +89,7 @@ def main(argv=None) -> int:
     path = out / f"jetson-{module or 'orin'}-{mode.name}.json"
     path.write_text(json.dumps(report, indent=2) + "\n")
     roof = report.get("roofline", {})
-    print(f"jetson-bench: {mode.name} {precision}: image encode {report['image_encode_ms']} ms "
+    print(f"jetson-bench: {mode.name} {precision} {kv}-KV{' + CUDA graph' if cuda_graph else ''}: image encode {report['image_encode_ms']} ms "
           f"(ideal {roof.get('image_encode_ms', '?')}) | prefill {report['prefill_tokens']} tokens "
           f"{report['prefill_ms']} ms (ideal {roof.get('prefill_ms', '?')}) | decode {report['decode_tok_s']} tok/s "
           f"(ceiling {roof.get('decode_tok_s', '?')}) | {report['joules_per_token']} J/token | peak RAM "

@@ -20,10 +20,13 @@ def main(argv=None) -> int:
     ap.add_argument("--engines", default=None, help="TensorRT engine directory (jetson target)")
     ap.add_argument("--max-sequences", type=int, default=4, help="streams decoded at once")
     ap.add_argument("--max-tokens", type=int, default=256, help="default max_tokens per request")
+    ap.add_argument("--kv-cache", default="concat", choices=("concat", "static"),
+                    help="cpu target: decoder KV cache layout (jetson engines record their own)")
     args = ap.parse_args(argv)
     try:
         out = render_repository(args.onnx, args.out, args.target, engine_dir=args.engines,
-                                max_sequences=args.max_sequences, default_max_tokens=args.max_tokens)
+                                max_sequences=args.max_sequences, default_max_tokens=args.max_tokens,
+                                kv_cache=args.kv_cache)
     except (ManifestError, ValueError) as e:
         print(f"repo: error: {e}", file=sys.stderr)
         return 1

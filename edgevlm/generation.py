@@ -80,32 +80,36 @@ class Generator:
         sampler = Sampler(params, input_ids)
         detok = IncrementalDecoder(self.tok, params.stop)
         seq = self.decoder.new_sequence(n_prompt + max_new)
-        eos = self.tok.eos_id
+        try:
+            eos = self.tok.eos_id
 
-        t0 = time.perf_counter()
-        logits = seq.forward(self.table.embed(input_ids, image_embeds))  # prefill
-        t1 = time.perf_counter()
-        stats.prefill_ms = (t1 - t0) * 1e3
-        finish = "length"
-        for step in range(max_new):
-            if cancelled():
-                finish = "cancelled"
-                break
-            tok = sampler(logits)
-            stats.decode_tokens += 1
-            if tok == eos:
-                finish = "stop"
-                break
-            delta = detok.push(tok)
-            if detok.stopped:
-                finish = "stop"
+            t0 = time.perf_counter()
+            logits = seq.forward(self.table.embed(input_ids, image_embeds))  # prefill
+            t1 = time.perf_counter()
+            stats.prefill_ms = (t1 - t0) * 1e3
+            finish = "length"
+            for step in range(max_new):
+                if cancelled():
+                    finish = "cancelled"
+                    break
+                tok = sampler(logits)
+                stats.decode_tokens += 1
+                if tok == eos:
+                    finish = "stop"
+                    break
+                delta = detok.push(tok)
+                if detok.stopped:
+                    finish = "stop"
+                    if delta:
+                        yield Event(delta)
+                    break
                 if delta:
                     yield Event(delta)
-                break
-            if delta:
-                yield Event(delta)
-            if step + 1 < max_new:
-                logits = seq.forward(self.table.embed([tok]))  # one decode step
-        stats.decode_ms = (time.perf_counter() - t1) * 1e3
-        stats.finish_reason = finish
-        yield Event(detok.flush() if finish != "cancelled" else "", stats)
+                if step + 1 < max_new:
+                    logits = seq.forward(self.table.embed([tok]))  # one decode step
+            stats.decode_ms = (time.perf_counter() - t1) * 1e3
+            stats.finish_reason = finish
+            yield Event(detok.flush() if finish != "cancelled" else "", stats)
+        finally:  # pooled sequences (static-cache TensorRT) go back for the next request
+            if hasattr(seq, "release"):
+                seq.release()

@@ -45,7 +45,8 @@ class GraphError(RuntimeError):
     pass
 
 
-def clean(src: Path, dst: Path, input_names: list[str], output_names: list[str]) -> None:
+def clean(src: Path, dst: Path, input_names: list[str], output_names: list[str],
+          allow_domains: tuple[str, ...] = ()) -> None:
     """src ONNX (+ its external data) -> cleaned opset-17 ONNX at dst (+ `<dst>.data`).
 
     The weights are never loaded: graphsurgeon keeps each external initializer's TensorProto
@@ -57,7 +58,7 @@ def clean(src: Path, dst: Path, input_names: list[str], output_names: list[str])
         graph = gs.import_onnx(model)
         graph.fold_constants(size_threshold=FOLD_MAX_BYTES).cleanup(
             remove_unused_graph_inputs=False).toposort()
-        downgrade_to_opset17(graph)
+        downgrade_to_opset17(graph, allow_domains)
         graph.cleanup().toposort()
         got_in, got_out = [t.name for t in graph.inputs], [t.name for t in graph.outputs]
         if got_in != input_names or got_out != output_names:
@@ -102,8 +103,10 @@ def _cwd(path: Path):
         os.chdir(old)
 
 
-def downgrade_to_opset17(graph: gs.Graph) -> None:
+def downgrade_to_opset17(graph: gs.Graph, allow_domains: tuple[str, ...] = ()) -> None:
     for node in graph.nodes:
+        if node.domain in allow_domains:
+            continue
         if node.domain not in (None, "", "ai.onnx"):
             raise GraphError(f"node {node.name}: custom domain {node.domain!r} in an exported graph")
         if _uses_opset18_features(node):
@@ -134,6 +137,15 @@ def _constant(node: gs.Node, t: gs.Tensor, what: str) -> np.ndarray:
     if t.inputs and t.inputs[0].op == "Constant":
         return np.asarray(t.inputs[0].attrs["value"].values)
     raise GraphError(f"node {node.name}: {what} is computed at run time; cannot downgrade")
+
+
+def pin_dims(model: onnx.ModelProto, dims: dict[str, int]) -> onnx.ModelProto:
+    """Replace named symbolic dims of the graph's inputs and outputs by fixed sizes (in place)."""
+    for v in [*model.graph.input, *model.graph.output]:
+        for d in v.type.tensor_type.shape.dim:
+            if d.HasField("dim_param") and d.dim_param in dims:
+                d.dim_value = dims[d.dim_param]  # clears dim_param (a oneof)
+    return model
 
 
 def io_specs(path: Path) -> dict:

@@ -7,6 +7,9 @@ Tensor contract (float32 graphs; TensorRT lowers them to FP16/INT8 on the device
               ->  logits [batch, vocab] (last position),
                   present_key_<i> / present_value_<i> [batch, kv_heads, past + seq, head_dim]
 Prefill passes past = 0; each decode step passes seq = 1 and the previous step's presents.
+
+decoder.static.onnx (see static_cache.py) has the same IO names with past_* / present_* of a
+fixed [batch, kv_heads, cache, head_dim]: the cache is updated in place at position_ids[:, 0].
 """
 
 from __future__ import annotations
@@ -22,9 +25,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
+import onnx
 import torch
 
-from edgevlm import graph
+from edgevlm import graph, static_cache
 from edgevlm.checkpoint import TOKENIZER_FILES, read_checkpoint
 from edgevlm.image import PAD_COLOUR
 from edgevlm.manifest import write_manifest
@@ -47,17 +51,18 @@ def decoder_io(num_layers: int) -> tuple[list[str], list[str]]:
 class _DecoderGraph(torch.nn.Module):
     """The decoder with its KV cache flattened into separate graph inputs and outputs."""
 
-    def __init__(self, decoder: LlamaDecoder):
+    def __init__(self, decoder: LlamaDecoder, static: bool = False):
         super().__init__()
         self.decoder = decoder
+        self.static = static
 
     def forward(self, inputs_embeds, position_ids, *past):
         pairs = [(past[2 * i], past[2 * i + 1]) for i in range(len(past) // 2)]
-        logits, presents = self.decoder(inputs_embeds, position_ids, pairs)
+        logits, presents = self.decoder(inputs_embeds, position_ids, pairs, static=self.static)
         return (logits, *[t for kv in presents for t in kv])
 
 
-def _torch_export(module, args, path: Path, names, dynamic_shapes) -> None:
+def _torch_export(module, args, path: Path, names, dynamic_shapes, custom=None) -> None:
     """torch.onnx (dynamo) export, keeping its progress chatter out of our output."""
     chatter = io.StringIO()
     # It also logs one warning per torchvision op it cannot register; we use none of them.
@@ -66,7 +71,8 @@ def _torch_export(module, args, path: Path, names, dynamic_shapes) -> None:
         warnings.simplefilter("ignore")
         torch.onnx.export(module, args, str(path), input_names=names[0], output_names=names[1],
                           dynamic_shapes=dynamic_shapes, opset_version=graph.EXPORT_OPSET,
-                          dynamo=True, external_data=True, optimize=True)
+                          dynamo=True, external_data=True, optimize=True,
+                          custom_translation_table=custom)
 
 
 def export_vision(model: MobileVLM, cfg: ModelConfig, path: Path) -> None:
@@ -86,6 +92,32 @@ def export_decoder(model: MobileVLM, cfg: ModelConfig, path: Path) -> None:
     args = (torch.zeros(b, s, t.hidden_size), torch.arange(p, p + s).repeat(b, 1), *kv)
     shapes = ({0: batch, 1: seq}, {0: batch, 1: seq}, tuple({0: batch, 2: past} for _ in kv))
     _torch_export(_DecoderGraph(model.decoder), args, path, decoder_io(t.num_layers), shapes)
+
+
+def export_decoder_static(model: MobileVLM, cfg: ModelConfig, path: Path) -> None:
+    t = cfg.text
+    batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
+    seq = torch.export.Dim("seq", min=1, max=t.max_position)
+    cache = torch.export.Dim("cache", min=2, max=t.max_position)
+    b, s, p, c = 2, 3, 4, 11  # write 3 positions at 4 into a cache of 11
+    kv = [torch.zeros(b, t.num_kv_heads, c, t.head_dim) for _ in range(2 * t.num_layers)]
+    args = (torch.zeros(b, s, t.hidden_size), torch.arange(p, p + s).repeat(b, 1), *kv)
+    shapes = ({0: batch, 1: seq}, {0: batch, 1: seq}, tuple({0: batch, 2: cache} for _ in kv))
+    _torch_export(_DecoderGraph(model.decoder, static=True), args, path, decoder_io(t.num_layers),
+                  shapes, static_cache.translation_table())
+
+
+def finish_static(raw: Path, dst: Path, cfg: ModelConfig) -> None:
+    """Clean the static export, swap in TensorScatter, share weights with decoder.onnx."""
+    names = decoder_io(cfg.text.num_layers)
+    graph.clean(raw, dst, *names, allow_domains=(static_cache.PLACEHOLDER_DOMAIN,))
+    model = static_cache.to_tensor_scatter(onnx.load(str(dst), load_external_data=False),
+                                           cfg.text.num_layers)
+    own = dst.with_name(dst.name + ".data")
+    static_cache.share_weights(model, own, dst.with_name("decoder.onnx"))
+    onnx.save_model(model, str(dst))
+    own.unlink()
+    onnx.checker.check_model(str(dst))
 
 
 def memory_gb() -> tuple[float, float]:
@@ -123,6 +155,9 @@ def export_onnx(checkpoint_dir: str | Path, out_dir: str | Path, clip_dir: str |
         export_vision(model, cfg, raw / "vision_encoder.onnx")
         log(f"onnx: [2/4] decoder ({cfg.text.num_layers} layers, KV cache as IO)")
         export_decoder(model, cfg, raw / "decoder.onnx")
+        (raw / "static").mkdir()  # its own folder: each export writes its own weights file
+        log("onnx: [2/4] decoder, static KV cache (in-place updates)")
+        export_decoder_static(model, cfg, raw / "static" / "decoder.static.onnx")
         np.save(tmp / "embed_tokens.npy", model.decoder.model.embed_tokens.weight.detach().numpy())
         # The exporter's IR keeps references to the parameters after export: release their
         # storage outright, and the checkpoint's mapped weights with it.
@@ -135,6 +170,8 @@ def export_onnx(checkpoint_dir: str | Path, out_dir: str | Path, clip_dir: str |
         graph.clean(raw / "vision_encoder.onnx", tmp / "vision_encoder.onnx", *VISION_IO)
         log("onnx: [3/4] graph cleanup: decoder")
         graph.clean(raw / "decoder.onnx", tmp / "decoder.onnx", *decoder_io(cfg.text.num_layers))
+        log("onnx: [3/4] graph cleanup: static decoder (opset 24, weights shared with decoder.onnx)")
+        finish_static(raw / "static" / "decoder.static.onnx", tmp / "decoder.static.onnx", cfg)
         shutil.rmtree(raw)
         log("onnx: [4/4] tokenizer, manifest")
         for name in TOKENIZER_FILES:
@@ -150,6 +187,7 @@ def export_onnx(checkpoint_dir: str | Path, out_dir: str | Path, clip_dir: str |
 def _manifest(ckpt, cfg: ModelConfig, root: Path, vision_source: str) -> dict:
     import onnx
     files = {"vision_encoder": "vision_encoder.onnx", "decoder": "decoder.onnx",
+             "decoder_static": "decoder.static.onnx",
              "embed_tokens": "embed_tokens.npy", "tokenizer": "tokenizer.model"}
     for key in ("vision_encoder", "decoder"):  # weights beside each graph
         if (root / f"{key}.onnx.data").is_file():
@@ -166,7 +204,8 @@ def _manifest(ckpt, cfg: ModelConfig, root: Path, vision_source: str) -> dict:
                    "bos_token_id": cfg.text.bos_token_id},
         "files": files,
         "io": {"vision_encoder": graph.io_specs(root / "vision_encoder.onnx"),
-               "decoder": graph.io_specs(root / "decoder.onnx")},
+               "decoder": graph.io_specs(root / "decoder.onnx"),
+               "decoder_static": graph.io_specs(root / "decoder.static.onnx")},
         "limits": {"max_batch": MAX_BATCH, "max_context": cfg.text.max_position},
         "opset": graph.TARGET_OPSET,
         "exporter": {"torch": torch.__version__, "onnx": onnx.__version__},

@@ -3,7 +3,9 @@
 For every photo (and one text-only prompt) both sides preprocess, encode the image, splice,
 prefill and decode greedily for a fixed number of tokens without stopping at EOS. Reported:
 the largest image-embedding error, the largest logit error over the steps where the two
-token streams still agree, and whether the streams are identical.
+token streams still agree, and whether the streams are identical. Both decoder graphs are
+checked: decoder.onnx (concat KV) and decoder.static.onnx (in-place KV, through the same
+sequence object serving uses).
 """
 
 from __future__ import annotations
@@ -39,10 +41,11 @@ class Case:
     logits_scale: float
     image_err: float | None = None
     image_scale: float | None = None
+    static_tokens: list[int] | None = None  # decoder.static.onnx, when the export has it
 
     @property
     def tokens_match(self) -> bool:
-        return self.ref_tokens == self.onnx_tokens
+        return self.ref_tokens == self.onnx_tokens and self.static_tokens in (None, self.ref_tokens)
 
 
 @dataclass
@@ -86,6 +89,20 @@ def onnx_greedy(decoder: OrtDecoder, table: EmbeddingTable, ids: list[int],
     return out, np.stack(rows)
 
 
+def sequence_greedy(decoder: OrtDecoder, table: EmbeddingTable, ids: list[int],
+                    image_embeds: np.ndarray | None, n: int) -> tuple[list[int], np.ndarray]:
+    """Greedy through decoder.new_sequence (the path Generator takes)."""
+    x = table.embed(ids, image_embeds)
+    seq = decoder.new_sequence(x.shape[1] + n)
+    out, rows = [], []
+    for _ in range(n):
+        logits = seq.forward(x).copy()
+        out.append(int(logits.argmax()))
+        rows.append(logits)
+        x = table.embed([out[-1]])
+    return out, np.stack(rows)
+
+
 def _logits_err(ref_tokens, ref_rows, onnx_tokens, onnx_rows) -> float:
     """Max |d| over the steps up to and including the first divergence (after it the two
     sides condition on different tokens and their logits are not comparable)."""
@@ -109,6 +126,8 @@ def run_parity(checkpoint: str | Path, onnx_dir: str | Path, *, clip_dir=None, i
     model = MobileVLM.from_weights(cfg, ckpt.weights(clip_dir))
     vision = OrtVisionEncoder(art.path("vision_encoder"))
     decoder = OrtDecoder(art.path("decoder"), cfg.text)
+    static = (OrtDecoder(art.path("decoder_static"), cfg.text, static=True)
+              if "decoder_static" in art.manifest["files"] else None)
     table = EmbeddingTable(art.path("embed_tokens"))
     tok = Tokenizer(art.path("tokenizer"))
 
@@ -128,13 +147,18 @@ def run_parity(checkpoint: str | Path, onnx_dir: str | Path, *, clip_dir=None, i
                 ids, torch.from_numpy(px) if px is not None else None, max_new_tokens=new_tokens,
                 stop_ids=[], return_logits=True)
         onnx_tokens, onnx_rows = onnx_greedy(decoder, table, ids, onnx_embeds, new_tokens)
-        case = Case(name, len(ids), ref_tokens, onnx_tokens,
-                    _logits_err(ref_tokens, ref_rows.numpy(), onnx_tokens, onnx_rows),
-                    float(np.abs(ref_rows.numpy()).max()), img_err, img_scale)
+        err = _logits_err(ref_tokens, ref_rows.numpy(), onnx_tokens, onnx_rows)
+        static_tokens = None
+        if static is not None:
+            static_tokens, static_rows = sequence_greedy(static, table, ids, onnx_embeds, new_tokens)
+            err = max(err, _logits_err(ref_tokens, ref_rows.numpy(), static_tokens, static_rows))
+        case = Case(name, len(ids), ref_tokens, onnx_tokens, err,
+                    float(np.abs(ref_rows.numpy()).max()), img_err, img_scale, static_tokens)
         report.cases.append(case)
         image = f"image max|d| {img_err:.2e}, " if img_err is not None else ""
         log(f"  {name:10s} {case.prompt_tokens:4d} prompt tokens, {image}"
             f"logits max|d| {case.logits_err:.2e}, tokens {'identical' if case.tokens_match else 'DIFFER'}"
+            f"{' (concat + static KV)' if static_tokens is not None else ''}"
             f"  {tok.decode(onnx_tokens)[:40]!r}")
     report.seconds = time.monotonic() - t0
     return report

@@ -14,6 +14,7 @@ from string import Template
 
 from edgevlm.image import DEFAULT_MAX_PIXELS
 from edgevlm.manifest import ManifestError, OnnxArtifacts, read_manifest
+from edgevlm.serving import KV_CACHES
 from edgevlm.staging import staged_dir
 
 SOURCE = Path(__file__).resolve().parents[1] / "model_repository"
@@ -72,11 +73,19 @@ def check_engines(engine_dir: Path, art: OnnxArtifacts, tag: str | None = None) 
 
 def render_repository(onnx_dir: str | Path, out_dir: str | Path, target: str = "cpu", *,
                       engine_dir: str | Path | None = None, max_sequences: int = 4,
-                      default_max_tokens: int = 256, max_image_pixels: int = DEFAULT_MAX_PIXELS) -> Path:
+                      default_max_tokens: int = 256, max_image_pixels: int = DEFAULT_MAX_PIXELS,
+                      kv_cache: str = "concat") -> Path:
+    """kv_cache (cpu target): "concat" (decoder.onnx) or "static" (decoder.static.onnx, one
+    in-place cache buffer per tensor: half the KV memory). Jetson engines record their own."""
     if target not in TARGETS:
         raise ValueError(f"unknown target {target!r}; use one of {', '.join(TARGETS)}")
+    if kv_cache not in KV_CACHES:
+        raise ValueError(f"unknown kv_cache {kv_cache!r}; use one of {', '.join(KV_CACHES)}")
     art = OnnxArtifacts.open(onnx_dir)
     cfg = art.config
+    if kv_cache == "static" and "decoder_static" not in art.manifest["files"]:
+        raise ManifestError(f"{art.root}: no decoder.static.onnx in this export; run `make onnx` again")
+    max_context = cfg.text.max_position
     if target == "jetson":
         tag = None
         if engine_dir is None:
@@ -84,13 +93,16 @@ def render_repository(onnx_dir: str | Path, out_dir: str | Path, target: str = "
             tag = device_tag()
         engine_dir = Path(engine_dir).resolve()
         check_engines(engine_dir, art, tag)
+        engines = read_manifest(engine_dir)
+        max_context = min(max_context, engines.get("max_context", max_context))  # MAX_CONTEXT=
+        kv_cache = engines.get("kv_cache", "concat")
     values = {
         "image_size": cfg.vision.image_size, "image_tokens": cfg.image_tokens,
         "hidden_size": cfg.text.hidden_size, "onnx_dir": str(art.root.resolve()),
         "engine_dir": str(engine_dir or ""), "runner": "tensorrt" if target == "jetson" else "onnxruntime",
         "max_sequences": max_sequences, "default_max_tokens": default_max_tokens,
         "max_image_pixels": max_image_pixels, "preprocess_instances": 1,
-        "edgevlm_src": str(SOURCE.parent), "model_name": cfg.name, "max_context": cfg.text.max_position,
+        "edgevlm_src": str(SOURCE.parent), "model_name": cfg.name, "max_context": max_context, "kv_cache": kv_cache,
     }
     out_dir = Path(out_dir)
     with staged_dir(out_dir) as tmp:

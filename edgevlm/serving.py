@@ -156,20 +156,30 @@ class VisionEncoder:
         return embeds, (time.perf_counter() - t0) * 1e3
 
 
-def load_generator(onnx_dir: str | Path, runner: str = "onnxruntime", engine_dir: str | Path = ""):
+KV_CACHES = ("concat", "static")
+
+
+def load_generator(onnx_dir: str | Path, runner: str = "onnxruntime", engine_dir: str | Path = "",
+                   kv_cache: str = "concat"):
+    """kv_cache picks the ONNX Runtime decoder graph (the TensorRT engine folder records its own)."""
     from edgevlm.generation import Generator
     art = OnnxArtifacts.open(onnx_dir)
     cfg = art.config
+    if kv_cache not in KV_CACHES:
+        raise ValueError(f"unknown kv_cache {kv_cache!r} ({' or '.join(KV_CACHES)})")
     if runner == "onnxruntime":
         from edgevlm.engines.onnxruntime import OrtDecoder
-        decoder = OrtDecoder(art.path("decoder"), cfg.text)
+        static = kv_cache == "static"
+        decoder = OrtDecoder(art.path("decoder_static" if static else "decoder"), cfg.text, static=static)
     elif runner == "tensorrt":
         from edgevlm.engines.tensorrt import TrtDecoder
         decoder = TrtDecoder(engine_dir, cfg.text)
     else:
         raise ValueError(f"unknown runner {runner!r} (onnxruntime or tensorrt)")
+    # a TensorRT engine may hold less than the model (make engines MAX_CONTEXT=)
+    max_context = min(cfg.text.max_position, getattr(decoder, "max_context", cfg.text.max_position))
     return Generator(decoder, EmbeddingTable(art.path("embed_tokens")), Tokenizer(art.path("tokenizer")),
-                     max_context=cfg.text.max_position)
+                     max_context=max_context)
 
 
 def image_embeds_or_none(embeds: np.ndarray | None) -> np.ndarray | None:

@@ -22,7 +22,11 @@ def test_quick_bench_writes_every_section(tiny_onnx, tiny_ckpt, tmp_path):
     assert report["server_rss_mb"]["peak"] >= report["server_rss_mb"]["idle"] > 0
     assert report["vs_transformers"]["greedy_tokens_identical"] == "8/8"  # same weights, same greedy tokens
     assert "fp32" in report["quantized"]
+    assert set(report["decode_static_ms_per_token"]) == set(report["decode_ms_per_token"])
+    kv = report["kv_mb_per_sequence"]
+    assert kv["static"] * 2 == kv["concat"] > 0  # one in-place buffer per tensor instead of two
     doc = (tmp_path / "docs" / "BENCHMARKS.md").read_text()
-    for heading in ("Decode ms/token vs context", "Triton + gRPC", "Time to first token", "transformers"):
+    for heading in ("Decode ms/token vs context", "concat vs in place", "Triton + gRPC", "Time to first token",
+                    "transformers"):
         assert heading in doc
     assert (tmp_path / "docs" / "bench_decode_vs_context.png").stat().st_size > 1000

@@ -64,6 +64,7 @@ def test_parity_with_the_pytorch_reference_on_real_photos(exported):
     report = run_parity(ckpt, out, images=["chelsea", "camera"], new_tokens=32, log=lambda m: None)
     assert report.ok(1e-3), report.summary(1e-3)
     assert len(report.cases) == 3 and all(c.tokens_match for c in report.cases)
+    assert all(c.static_tokens == c.ref_tokens for c in report.cases)  # decoder.static.onnx too
     assert report.worst("logits_err") < 1e-3
 
 
@@ -86,6 +87,80 @@ def test_decoder_handles_batches_and_a_prefill_then_decode_split(exported):
     last = run(x[:, 6:], np.full((2, 1), 6), mid[1:])
     np.testing.assert_allclose(last[0], full[0], atol=1e-4)
     assert last[1].shape == (2, t.num_kv_heads, 7, t.head_dim)
+
+
+def test_static_decoder_is_tensor_scatter_from_input_to_output_on_shared_weights(exported):
+    """What TensorRT's KVCacheUpdate import needs: opset 24 TensorScatter on axis -2 reading a
+    graph input cache and producing a graph output; its weights are decoder.onnx's bytes."""
+    _, out = exported
+    art = OnnxArtifacts.open(out)
+    t = art.config.text
+    path = art.path("decoder_static")
+    model = onnx.load(str(path), load_external_data=False)
+    assert {o.domain: o.version for o in model.opset_import} == {"": 24} and model.ir_version == 10
+    scatters = [n for n in model.graph.node if n.op_type == "TensorScatter"]
+    assert len(scatters) == 2 * t.num_layers
+    inputs, outputs = {v.name for v in model.graph.input}, {v.name for v in model.graph.output}
+    for n in scatters:
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
+        assert attrs == {"axis": -2, "mode": b"linear"}
+        assert n.input[0] in inputs and n.output[0] in outputs
+        assert n.output[0] == n.input[0].replace("past_", "present_")
+    locations = {e.value for i in model.graph.initializer for e in i.external_data if e.key == "location"}
+    assert locations <= {"decoder.onnx.data"} and not (out / "decoder.static.onnx.data").exists()
+    onnx.checker.check_model(str(path), full_check=True)
+    io = art.manifest["io"]["decoder_static"]
+    assert io["inputs"][2]["shape"] == ["batch", t.num_kv_heads, "cache", t.head_dim]
+    assert io["outputs"][2]["shape"] == io["inputs"][2]["shape"]
+
+
+def test_static_decoder_writes_into_the_callers_cache_buffer(exported):
+    """ONNX Runtime updates the bound buffer itself: after a step it holds the concat graph's
+    keys and values at the written slots and zeros beyond."""
+    from edgevlm.engines.onnxruntime import OrtDecoder
+    _, out = exported
+    art = OnnxArtifacts.open(out)
+    t = art.config.text
+    concat = OrtDecoder(art.path("decoder"), t)
+    static = OrtDecoder(art.path("decoder_static"), t, static=True)
+    x = np.random.default_rng(1).standard_normal((1, 6, t.hidden_size)).astype(np.float32)
+    want_logits, want_kv = concat(x, np.arange(6)[None], concat.empty_cache())
+    seq = static.new_sequence(10)
+    buffers = [b.ctypes.data for b in seq.cache]
+    seq.forward(x[:, :5])
+    got = seq.forward(x[:, 5:])
+    np.testing.assert_allclose(got, want_logits[0], atol=1e-4)
+    assert [b.ctypes.data for b in seq.cache] == buffers  # same buffers, no swap
+    for buf, want in zip(seq.cache, want_kv):
+        np.testing.assert_allclose(buf[:, :, :6], want, atol=1e-5)
+        assert not buf[:, :, 6:].any()
+    with pytest.raises(ValueError, match="capacity 10 exceeded"):
+        seq.forward(np.zeros((1, 5, t.hidden_size), np.float32))
+
+
+def test_pinned_static_decoder_has_fixed_cache_shapes(exported, tmp_path):
+    """make engines pins batch and cache before TensorRT parses the graph: the pinned graph
+    runs at exactly that capacity and gives the unpinned graph's logits."""
+    import shutil
+    _, out = exported
+    art = OnnxArtifacts.open(out)
+    t = art.config.text
+    shutil.copy2(out / "decoder.onnx.data", tmp_path)
+    model = graph.pin_dims(onnx.load(str(art.path("decoder_static")), load_external_data=False),
+                           {"batch": 1, "cache": 24})
+    onnx.save(model, str(tmp_path / "pinned.onnx"))
+    sess = ort.InferenceSession(str(tmp_path / "pinned.onnx"))
+    assert sess.get_inputs()[2].shape == [1, t.num_kv_heads, 24, t.head_dim]
+    assert sess.get_inputs()[0].shape == [1, "seq", t.hidden_size]
+    x = np.random.default_rng(2).standard_normal((1, 4, t.hidden_size)).astype(np.float32)
+    cache = [np.zeros((1, t.num_kv_heads, 24, t.head_dim), np.float32)] * (2 * t.num_layers)
+    names = decoder_io(t.num_layers)[0]
+    feeds = {"inputs_embeds": x, "position_ids": np.arange(4)[None], **dict(zip(names[2:], cache))}
+    free = ort.InferenceSession(str(art.path("decoder_static")))
+    np.testing.assert_allclose(sess.run(["logits"], feeds)[0], free.run(["logits"], feeds)[0], atol=1e-5)
+    small = {**feeds, **{n: c[:, :, :16] for n, c in zip(names[2:], cache)}}
+    with pytest.raises(Exception, match="(?i)dimension|shape"):
+        sess.run(["logits"], small)
 
 
 def test_failed_export_leaves_no_files_and_keeps_the_previous_output(tmp_path, tiny_ckpt, monkeypatch):

@@ -168,6 +168,30 @@ def test_engine_profiles_come_from_the_manifest(tiny_onnx):
         decoder_profiles(art, max_context=4096)
 
 
+def test_static_cache_profiles_pin_the_cache_and_vary_only_seq(tiny_onnx, tmp_path):
+    import json
+    import shutil
+
+    from edgevlm.engines.profiles import ProfileError, static_decoder_profiles
+    from edgevlm.manifest import OnnxArtifacts
+    art = OnnxArtifacts.open(tiny_onnx)
+    pinned, (prefill, decode) = static_decoder_profiles(art, max_context=256)
+    assert pinned == {"batch": 1, "cache": 256}
+    assert set(prefill.shapes) == set(decode.shapes) == {"inputs_embeds", "position_ids"}
+    assert prefill.shapes["inputs_embeds"] == ((1, 1, 128), (1, 72, 128), (1, 255, 128))
+    # one decode shape: the step a CUDA graph captures
+    assert decode.shapes == {"inputs_embeds": ((1, 1, 128),) * 3, "position_ids": ((1, 1),) * 3}
+    with pytest.raises(ProfileError, match="MAX_CONTEXT=600"):
+        static_decoder_profiles(art, max_context=600)
+    old = tmp_path / "onnx"
+    shutil.copytree(tiny_onnx, old)
+    m = json.loads((old / "manifest.json").read_text())
+    del m["io"]["decoder_static"], m["files"]["decoder_static"]
+    (old / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ProfileError, match="no decoder.static.onnx"):
+        static_decoder_profiles(OnnxArtifacts.open(old))
+
+
 @pytest.mark.parametrize("env", [{}, {"EDGEVLM_TRT_VERSION": "10.3.0.30", "EDGEVLM_SM": "87"}])
 def test_make_engines_refuses_off_device_and_writes_nothing(tiny_onnx, tmp_path, env):
     import os
@@ -195,10 +219,15 @@ def test_tensorrt_builder_and_runners_need_tensorrt():
     assert f.strongly_typed == (f.major >= 10) and f.int4 == (f.major >= 10)
 
 
-def test_tensorrt_engines_match_onnx_runtime(tiny_onnx, tmp_path):
-    """On the Orin: FP16 engines of the tiny export give ONNX Runtime's greedy tokens."""
-    pytest.importorskip("tensorrt", reason="TensorRT is not installable on this machine (no GPU; the PyPI "
-                                           "packages are download stubs); this test runs on the Orin")
+@pytest.mark.parametrize("kv", ["concat", "static"])
+def test_tensorrt_engines_match_onnx_runtime(tiny_onnx, tmp_path, kv):
+    """On the Orin: FP16 engines of the tiny export give ONNX Runtime's greedy tokens, with the
+    concat KV cache and (TensorRT 10.15+) the in-place one whose decode step is a CUDA graph."""
+    trt = pytest.importorskip("tensorrt", reason="TensorRT is not installable on this machine (no GPU; the "
+                                                 "PyPI packages are download stubs); this test runs on the Orin")
+    from edgevlm.engines.tensorrt_build import Features
+    if kv == "static" and not Features.of(trt).inplace_kv:
+        pytest.skip(f"TensorRT {trt.__version__} has no in-place KV update (10.15+)")
     import subprocess
     import sys
     from pathlib import Path
@@ -211,7 +240,7 @@ def test_tensorrt_engines_match_onnx_runtime(tiny_onnx, tmp_path):
     from edgevlm.serving import load_generator
     art = OnnxArtifacts.open(tiny_onnx)
     script = Path(__file__).resolve().parents[1] / "build" / "build_engines.py"
-    r = subprocess.run([sys.executable, str(script), "--onnx", str(tiny_onnx), "--max-context", "256"],
+    r = subprocess.run([sys.executable, str(script), "--onnx", str(tiny_onnx), "--max-context", "256", "--kv", kv],
                        capture_output=True, text=True, timeout=3600)
     assert r.returncode == 0, r.stderr
     trt_dec = TrtDecoder(tiny_onnx.parent / "engines" / detect().tag, art.config.text)
@@ -223,6 +252,12 @@ def test_tensorrt_engines_match_onnx_runtime(tiny_onnx, tmp_path):
         assert int(np.argmax(la)) == int(np.argmax(lb))
         t = int(np.argmax(la))
         la, lb = a.forward(ort.table.embed([t])), b.forward(ort.table.embed([t]))
+    if kv == "static":
+        assert b.graph is not None  # decode steps after the first replay one captured graph
+        b.release()
+        again = trt_dec.new_sequence(64)  # the pooled slot comes back, stale cache and all
+        assert again is b and int(np.argmax(again.forward(ort.table.embed(ids)))) == int(np.argmax(
+            ort.decoder.new_sequence(64).forward(ort.table.embed(ids))))
 
 
 def test_container_and_systemd_files_hold_the_shipped_defaults():

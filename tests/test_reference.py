@@ -63,6 +63,26 @@ def test_decoder_matches_transformers_llama_with_kv_cache(tiny):
     assert past[0][0].shape == (1, t.num_kv_heads, 12, t.head_dim)
 
 
+def test_static_cache_decoder_matches_the_growing_cache(tiny):
+    """The fixed-capacity cache, written at position_ids[:, 0], gives the concat cache's logits,
+    also for a chunk written mid-sequence; a write past the capacity is refused."""
+    from edgevlm.reference.llama import kv_cache_update
+    cfg, _, model = tiny
+    d = model.decoder
+    x = torch.randn(1, 14, cfg.text.hidden_size)
+    with torch.no_grad():
+        want, grown = d(x, torch.arange(14)[None], d.empty_cache())
+        _, cache = d(x[:, :6], torch.arange(6)[None], d.static_cache(16), static=True)
+        _, cache = d(x[:, 6:13], torch.arange(6, 13)[None], cache, static=True)
+        got, cache = d(x[:, 13:], torch.tensor([[13]]), cache, static=True)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(cache[1][1][:, :, :14], grown[1][1])
+    assert cache[0][0].shape[2] == 16 and not cache[0][0][:, :, 14:].any()
+    with pytest.raises(IndexError, match="outside its 16 slots"):
+        kv_cache_update(cache[0][0], torch.ones(1, cfg.text.num_kv_heads, 3, cfg.text.head_dim),
+                        torch.tensor([14]))
+
+
 @pytest.mark.parametrize("name", list(PRESETS))
 def test_reference_modules_have_exactly_the_checkpoint_keys(name):
     cfg = PRESETS[name]

@@ -183,10 +183,14 @@ def test_jetson_target_selects_this_devices_engines_by_manifest(tiny_onnx, tmp_p
     for tag, digest in (("10.3.0-sm87", sha), ("8.5.2-sm87", sha)):
         (art_root / "engines" / tag).mkdir(parents=True)
         (art_root / "engines" / tag / "manifest.json").write_text(json.dumps(
-            {"format": 1, "kind": "tensorrt", "onnx_sha256": digest, "device_tag": tag}))
+            {"format": 1, "kind": "tensorrt", "onnx_sha256": digest, "device_tag": tag,
+             "kv_cache": "static", "max_context": 256}))
     repo = render_repository(onnx_dir, tmp_path / "r1", "jetson")
     config = (repo / "mobilevlm" / "config.pbtxt").read_text()
     assert 'string_value: "tensorrt"' in config and "engines/10.3.0-sm87" in config
+    # what the engines were built with, not the model's defaults, reaches the config
+    assert 'key: "kv_cache" value: { string_value: "static" }' in config
+    assert 'key: "max_context" value: { string_value: "256" }' in config
     monkeypatch.setenv("EDGEVLM_TRT_VERSION", "8.5.2")
     (art_root / "engines" / "8.5.2-sm87" / "manifest.json").write_text(json.dumps(
         {"format": 1, "kind": "tensorrt", "onnx_sha256": "other", "device_tag": "8.5.2-sm87"}))
@@ -196,6 +200,21 @@ def test_jetson_target_selects_this_devices_engines_by_manifest(tiny_onnx, tmp_p
         from edgevlm.manifest import OnnxArtifacts
         from edgevlm.repository import check_engines
         check_engines(art_root / "engines" / "10.3.0-sm87", OnnxArtifacts.open(onnx_dir), "8.5.2-sm87")
+
+
+def test_static_kv_cache_server_streams_the_same_text(tiny_onnx, tmp_path, client):
+    """make repo KV=static: decoder.static.onnx behind the same tritonserver path, same answers."""
+    repo = render_repository(tiny_onnx, tmp_path / "repo", kv_cache="static", default_max_tokens=32)
+    assert 'string_value: "static"' in (repo / "mobilevlm" / "config.pbtxt").read_text()
+    with pytest.raises(ValueError, match="unknown kv_cache 'paged'"):
+        render_repository(tiny_onnx, tmp_path / "bad", kv_cache="paged")
+    with TritonServer(repo, log_path=tmp_path / "tritonserver.log") as srv:
+        static = Client(srv.grpc_url, timeout_s=60)
+        for photo, question in (("coffee", "What is on the table?"), (None, "Name three colours.")):
+            image = sample_image(photo) if photo else None
+            want = client.generate(question, image=image, max_tokens=24)
+            got = static.generate(question, image=image, max_tokens=24)
+            assert got.text == want.text and got.stats["decode_tokens"] == want.stats["decode_tokens"]
 
 
 def test_chat_follow_up_uses_the_multi_turn_template(client, reference):

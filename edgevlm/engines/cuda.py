@@ -50,6 +50,9 @@ class DeviceBuffer:
         check(cudart.cudaMemcpyAsync(self.ptr, host.ctypes.data, host.nbytes,
                                      cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, stream.handle))
 
+    def zero(self, stream: Stream) -> None:
+        check(cudart.cudaMemsetAsync(self.ptr, 0, self.nbytes, stream.handle))
+
     def download(self, host: np.ndarray, stream: Stream) -> np.ndarray:
         check(cudart.cudaMemcpyAsync(host.ctypes.data, self.ptr, host.nbytes,
                                      cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost, stream.handle))
@@ -59,3 +62,32 @@ class DeviceBuffer:
         if self.ptr:
             check(cudart.cudaFree(self.ptr))
             self.ptr = 0
+
+
+class Graph:
+    """One captured sequence of stream work, replayed by `launch`. Capture records kernel
+    launches, not data: the buffers it read and wrote must stay where they were."""
+
+    def __init__(self, stream: Stream, enqueue) -> None:
+        """Capture what enqueue() puts on the stream; enqueue returns False on failure."""
+        mode = cudart.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal
+        check(cudart.cudaStreamBeginCapture(stream.handle, mode))
+        try:
+            ok = enqueue()
+        finally:  # always end the capture, or the stream stays unusable
+            graph = check(cudart.cudaStreamEndCapture(stream.handle))
+        if not ok:
+            check(cudart.cudaGraphDestroy(graph))
+            raise CudaError("the enqueue failed while capturing a CUDA graph")
+        self.graph = graph
+        # the WithFlags form has the same signature in cuda-python 11.x (JetPack 5) and 12+
+        self.exec = check(cudart.cudaGraphInstantiateWithFlags(graph, 0))
+
+    def launch(self, stream: Stream) -> None:
+        check(cudart.cudaGraphLaunch(self.exec, stream.handle))
+
+    def free(self) -> None:
+        if getattr(self, "exec", None) is not None:
+            check(cudart.cudaGraphExecDestroy(self.exec))
+            check(cudart.cudaGraphDestroy(self.graph))
+            self.exec = None

@@ -29,10 +29,15 @@ class OrtVisionEncoder:
 
 
 class OrtDecoder:
-    """One decoder step: (inputs_embeds, position_ids, past KV) -> (last logits, present KV)."""
+    """One decoder step: (inputs_embeds, position_ids, past KV) -> (last logits, present KV).
 
-    def __init__(self, path: str | Path, cfg: TextConfig, threads: int | None = None):
+    static=True for decoder.static.onnx, whose past/present are fixed-capacity caches updated
+    at position_ids[:, 0]; its sequences update one buffer per tensor in place.
+    """
+
+    def __init__(self, path: str | Path, cfg: TextConfig, threads: int | None = None, static: bool = False):
         self.cfg = cfg
+        self.static = static
         self.sess = session(path, threads)
         n = cfg.num_layers
         self.past_names = [f"past_{kv}_{i}" for i in range(n) for kv in ("key", "value")]
@@ -43,9 +48,9 @@ class OrtDecoder:
         z = np.zeros((batch, c.num_kv_heads, 0, c.head_dim), np.float32)
         return [z] * (2 * c.num_layers)
 
-    def new_sequence(self, capacity: int) -> OrtSequence:
+    def new_sequence(self, capacity: int) -> OrtSequence | OrtStaticSequence:
         """State for one batch-1 sequence of up to `capacity` positions."""
-        return OrtSequence(self, capacity)
+        return OrtStaticSequence(self, capacity) if self.static else OrtSequence(self, capacity)
 
     def __call__(self, inputs_embeds: np.ndarray, position_ids: np.ndarray,
                  past: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
@@ -99,4 +104,40 @@ class OrtSequence:
         b.bind_output("logits", "cpu", 0, np.float32, list(self.logits.shape), self.logits.ctypes.data)
         self.d.sess.run_with_iobinding(b)
         self.length, self.current = p + s, 1 - self.current
+        return self.logits[0]
+
+
+class OrtStaticSequence:
+    """A batch-1 sequence on decoder.static.onnx: one [1, kv_heads, capacity, head_dim] buffer
+    per cache tensor, bound as both the past input and the present output. TensorScatter
+    sees the same buffer on both sides and writes only the new positions, so a step moves no
+    cache bytes at all; attention reads all `capacity` slots (the unfilled ones masked), which
+    is why the capacity is the sequence's own need, not the model's maximum context.
+    """
+
+    def __init__(self, decoder: OrtDecoder, capacity: int):
+        c = decoder.cfg
+        self.d = decoder
+        self.capacity = capacity
+        shape = (1, c.num_kv_heads, capacity, c.head_dim)
+        self.cache = [np.zeros(shape, np.float32) for _ in range(2 * c.num_layers)]
+        self.logits = np.empty((1, c.vocab_size), np.float32)
+        self.length = 0
+        b = self.binding = decoder.sess.io_binding()
+        for past, present, buf in zip(decoder.past_names, decoder.output_names[1:], self.cache):
+            b.bind_cpu_input(past, buf)
+            b.bind_output(present, "cpu", 0, np.float32, list(shape), buf.ctypes.data)
+        b.bind_output("logits", "cpu", 0, np.float32, list(self.logits.shape), self.logits.ctypes.data)
+
+    def forward(self, inputs_embeds: np.ndarray) -> np.ndarray:
+        """Append inputs_embeds [1, S, D]; returns the last position's logits [vocab]."""
+        s = inputs_embeds.shape[1]
+        p = self.length
+        if p + s > self.capacity:
+            raise ValueError(f"sequence capacity {self.capacity} exceeded")
+        b = self.binding
+        b.bind_cpu_input("inputs_embeds", np.ascontiguousarray(inputs_embeds, np.float32))
+        b.bind_cpu_input("position_ids", np.arange(p, p + s, dtype=np.int64)[None])
+        self.d.sess.run_with_iobinding(b)
+        self.length = p + s
         return self.logits[0]

@@ -3,6 +3,9 @@ symbolic dims `batch`, `seq`, `past`) and the context the engines should hold.
 
     decoder  prefill: batch 1, seq 1..max_prefill, past 0      (one pass over the prompt)
              decode:  batch 1, seq 1,            past 1..max_context-1
+    static decoder (decoder.static.onnx, TensorRT >= 10.15): batch and cache pinned in the
+             graph itself (1, max_context; KVCacheUpdate wants a static cache), so only seq
+             varies: prefill 1..max_prefill, decode exactly 1 (one shape: CUDA-graph capturable)
     vision   batch 1..max_batch at the tower's fixed image size
 
 Two decoder profiles let TensorRT pick kernels for each phase; the runner selects the
@@ -61,6 +64,25 @@ def decoder_profiles(art: OnnxArtifacts, max_context: int | None = None,
         _profile("decode", inputs, {"batch": (1, 1, 1), "seq": (1, 1, 1),
                                     "past": (1, min(typical_prompt + 64, max_context - 1), max_context - 1)}),
     ]
+
+
+def static_decoder_profiles(art: OnnxArtifacts, max_context: int | None = None,
+                            max_prefill: int | None = None) -> tuple[dict[str, int], list[Profile]]:
+    """(dims to pin in decoder.static.onnx, its two profiles over the inputs left dynamic)."""
+    if "decoder_static" not in art.manifest["io"]:
+        raise ProfileError("this export has no decoder.static.onnx (re-run `make onnx`)")
+    limit = art.manifest["limits"]["max_context"]
+    max_context = max_context or limit
+    if not 2 <= max_context <= limit:
+        raise ProfileError(f"MAX_CONTEXT={max_context}: this model holds 2..{limit} tokens")
+    max_prefill = min(max_prefill or max_context - 1, max_context - 1)
+    typical_prompt = min(art.config.image_tokens + 56, max_prefill)
+    pinned = {"batch": 1, "cache": max_context}
+    inputs = [t for t in art.manifest["io"]["decoder_static"]["inputs"]
+              if any(isinstance(d, str) and d not in pinned for d in t["shape"])]
+    fixed = {k: (v, v, v) for k, v in pinned.items()}
+    return pinned, [_profile("prefill", inputs, {**fixed, "seq": (1, typical_prompt, max_prefill)}),
+                    _profile("decode", inputs, {**fixed, "seq": (1, 1, 1)})]
 
 
 def vision_profiles(art: OnnxArtifacts, max_batch: int = 4) -> list[Profile]:

@@ -6,9 +6,13 @@ Name-based TensorRT API only (set_input_shape / set_tensor_address / execute_asy
 KV cache stays on the GPU for the whole generation and only the last position's logits come
 back to the host each step. An engine folder whose manifest names another device is refused.
 
-CUDA graphs: with concat-KV (TensorRT 8.5-10.14) every decode step has a new past length, so
-a captured graph would be valid for one step only; capture needs the static-shape in-place KV
-update of TensorRT >= 10.15, which this runner does not use yet.
+Two decoder engine layouts (the folder's manifest says which, see tensorrt_build.py):
+  concat  (every TensorRT) two KV buffers per tensor used in turn; every decode step has a
+          new past length, so a captured CUDA graph would be valid for one step only: none.
+  static  (TensorRT >= 10.15) one KV buffer per tensor bound as both past_* and its aliased
+          present_*, updated in place; the decode step has one shape and fixed addresses, so
+          it is captured once per sequence slot as a CUDA graph and replayed every token.
+          Sequence slots (buffers, contexts, graphs) are pooled across requests.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from edgevlm.manifest import ManifestError, read_manifest
+from edgevlm.sampling import InvalidRequest
 from edgevlm.presets import TextConfig
 
 
@@ -96,12 +101,31 @@ class TrtDecoder:
         self.pos_dtype = _np_dtype(self.trt, self.engine, "position_ids")  # int64 on 10.x, int32 on 8.x
         self.embed_dtype = _np_dtype(self.trt, self.engine, "inputs_embeds")
         self.max_prefill = self.engine.get_tensor_profile_shape("inputs_embeds", 0)[2][1]
-        self.max_context = self.engine.get_tensor_profile_shape("past_key_0", 1)[2][2] + 1
+        self.static = self.manifest.get("kv_cache", "concat") == "static"
+        if self.static:
+            self.max_context = self.engine.get_tensor_shape("past_key_0")[2]  # pinned at build
+            for past, present in zip(self.past_names, self.present_names):
+                if self.engine.get_aliased_input_tensor(present) != past:
+                    raise ManifestError(f"{engine_dir}: {present} does not alias {past}; rebuild with KV=concat")
+            self.pool: list[TrtStaticSequence] = []
+            self.pool_lock = threading.Lock()
+        else:
+            self.max_context = self.engine.get_tensor_profile_shape("past_key_0", 1)[2][2] + 1
 
-    def new_sequence(self, capacity: int) -> TrtSequence:
+    def new_sequence(self, capacity: int) -> TrtSequence | TrtStaticSequence:
         if capacity > self.max_context:
-            raise ValueError(f"the decoder engine holds {self.max_context} positions, asked for {capacity}")
-        return TrtSequence(self, capacity)
+            raise InvalidRequest(f"the decoder engine holds {self.max_context} positions, asked for {capacity}")
+        if not self.static:
+            return TrtSequence(self, capacity)
+        with self.pool_lock:
+            seq = self.pool.pop() if self.pool else None
+        seq = seq or TrtStaticSequence(self)
+        seq.reset(capacity)
+        return seq
+
+    def release(self, seq: TrtStaticSequence) -> None:
+        with self.pool_lock:
+            self.pool.append(seq)
 
 
 class TrtSequence:
@@ -158,6 +182,112 @@ class TrtSequence:
         for buffers in getattr(self, "kv", []):
             for b in buffers:
                 b.free()
+        for name in ("embeds", "positions", "logits_dev"):
+            if hasattr(self, name):
+                getattr(self, name).free()
+        if hasattr(self, "stream"):
+            self.stream.free()
+
+
+class TrtStaticSequence:
+    """A pooled batch-1 slot for a static-cache engine: one device buffer per cache tensor
+    (bound as past_* and present_*), input/output buffers at fixed addresses, a context per
+    profile and, after the first decode step, that step captured as a CUDA graph.
+
+    The cache is zeroed once at allocation: slots beyond a sequence's length are masked in
+    attention, and a masked slot contributes 0 x its value, which is 0 only if the value is
+    finite (fresh device memory may hold NaN bit patterns). Stale values from an earlier
+    request are finite, so a reused slot needs no clearing.
+    """
+
+    def __init__(self, d: TrtDecoder):
+        from edgevlm.engines.cuda import DeviceBuffer, Stream
+        c = d.cfg
+        self.d = d
+        self.stream = Stream()
+        self.prefill, self.decode = d.engine.create_execution_context(), d.engine.create_execution_context()
+        self.prefill.set_optimization_profile_async(0, self.stream.handle)
+        self.decode.set_optimization_profile_async(1, self.stream.handle)
+        nbytes = d.max_context * c.num_kv_heads * c.head_dim * d.kv_dtype.itemsize
+        self.kv = [DeviceBuffer(nbytes) for _ in d.past_names]
+        for b in self.kv:
+            b.zero(self.stream)
+        self.embeds = DeviceBuffer(max(d.max_prefill, 1) * c.hidden_size * d.embed_dtype.itemsize)
+        self.positions = DeviceBuffer(max(d.max_prefill, 1) * d.pos_dtype.itemsize)
+        logits_dtype = _np_dtype(d.trt, d.engine, "logits")
+        self.logits_dev = DeviceBuffer(c.vocab_size * logits_dtype.itemsize)
+        self.logits = np.empty((1, c.vocab_size), logits_dtype)
+        for ctx in (self.prefill, self.decode):  # addresses never change: set them once
+            ctx.set_tensor_address("inputs_embeds", self.embeds.ptr)
+            ctx.set_tensor_address("position_ids", self.positions.ptr)
+            ctx.set_tensor_address("logits", self.logits_dev.ptr)
+            for past, present, buf in zip(d.past_names, d.present_names, self.kv):
+                ctx.set_tensor_address(past, buf.ptr)
+                ctx.set_tensor_address(present, buf.ptr)
+        self.decode.set_input_shape("inputs_embeds", (1, 1, c.hidden_size))
+        self.decode.set_input_shape("position_ids", (1, 1))
+        self.graph = None  # the captured decode step
+        self.graph_failed = False
+        self.decode_runs = 0
+        self.stream.sync()
+
+    def reset(self, capacity: int) -> None:
+        self.capacity, self.length = capacity, 0
+
+    def release(self) -> None:
+        """Back to the decoder's pool (the Generator calls this when a request ends)."""
+        self.d.release(self)
+
+    def _enqueue_decode(self) -> bool:
+        return self.decode.execute_async_v3(self.stream.handle)
+
+    def _decode_step(self) -> None:
+        from edgevlm.engines.cuda import CudaError, Graph, cudart
+        if self.graph is not None:
+            self.graph.launch(self.stream)
+            return
+        if not self._enqueue_decode():
+            raise RuntimeError("TensorRT decoder: enqueue failed")
+        self.decode_runs += 1
+        # Capture after one ordinary run (which does the context's lazy setup), as trtexec does.
+        if self.decode_runs == 1 and not self.graph_failed:
+            self.stream.sync()
+            try:
+                self.graph = Graph(self.stream, self._enqueue_decode)
+            except CudaError as e:
+                cudart.cudaGetLastError()  # capture errors are not sticky; clear the last one
+                self.graph_failed = True
+                import logging
+                logging.getLogger(__name__).warning("decode step not captured as a CUDA graph (%s); "
+                                                    "running it without", e)
+
+    def forward(self, inputs_embeds: np.ndarray) -> np.ndarray:
+        """Append inputs_embeds [1, S, D]; returns the last position's logits [vocab]."""
+        d, c = self.d, self.d.cfg
+        s, p = inputs_embeds.shape[1], self.length
+        if p + s > self.capacity:
+            raise ValueError(f"sequence capacity {self.capacity} exceeded")
+        if s > d.max_prefill:
+            raise ValueError(f"{s} positions in one pass; the prefill profile takes up to {d.max_prefill}")
+        self.embeds.upload(inputs_embeds.astype(d.embed_dtype, copy=False), self.stream)
+        self.positions.upload(np.arange(p, p + s, dtype=d.pos_dtype)[None], self.stream)
+        if s == 1 and p > 0:
+            self._decode_step()
+        else:  # any chunk at any offset: the cache shape does not depend on p
+            self.prefill.set_input_shape("inputs_embeds", (1, s, c.hidden_size))
+            self.prefill.set_input_shape("position_ids", (1, s))
+            if not self.prefill.execute_async_v3(self.stream.handle):
+                raise RuntimeError("TensorRT decoder: enqueue failed")
+        self.logits_dev.download(self.logits, self.stream)
+        self.stream.sync()
+        self.length = p + s
+        return self.logits[0].astype(np.float32, copy=False)
+
+    def __del__(self):
+        if getattr(self, "graph", None) is not None:
+            self.graph.free()
+        for b in getattr(self, "kv", []):
+            b.free()
         for name in ("embeds", "positions", "logits_dev"):
             if hasattr(self, name):
                 getattr(self, name).free()

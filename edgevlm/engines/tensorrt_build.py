@@ -8,6 +8,12 @@ Written against the TensorRT Python API of the JetPack releases we target: 8.5 (
                 pinned to FP32 (OBEY_PRECISION_CONSTRAINTS)
     int8, int4  the Q/DQ exports of `make quantize`: strongly typed on TensorRT 10 (the graph's
                 own types decide), INT8 + FP16 flags on 8.5 (INT8 only; INT4 needs 10)
+
+KV cache layout of the decoder engine:
+    concat      decoder.onnx, every TensorRT: past in, past + new out (two buffers in turn)
+    static      decoder.static.onnx, TensorRT >= 10.15: its TensorScatter becomes KVCacheUpdate,
+                whose output aliases the cache input (updated in place, fixed shapes). The
+                build checks the engine really aliases each present_* to its past_*.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ class Features:
     explicit_batch_flag: bool     # 8.x must ask for explicit batch; 10.x always is
     optimization_level: bool      # config.builder_optimization_level (8.6+)
     int4: bool                    # INT4 weight-only block DQ (10.0+)
+    inplace_kv: bool              # KVCacheUpdate layer + aliased engine IO (10.15+)
 
     @classmethod
     def of(cls, trt) -> Features:
@@ -40,7 +47,9 @@ class Features:
         return cls(major=major, strongly_typed=hasattr(flags, "STRONGLY_TYPED"),
                    explicit_batch_flag=major < 10, optimization_level=hasattr(trt.IBuilderConfig,
                                                                               "builder_optimization_level"),
-                   int4=major >= 10)
+                   int4=major >= 10,
+                   inplace_kv=hasattr(trt.LayerType, "KV_CACHE_UPDATE")
+                   and hasattr(trt.ICudaEngine, "get_aliased_input_tensor"))
 
 
 def _network(trt, builder, features: Features, strongly_typed: bool):
@@ -52,9 +61,17 @@ def _network(trt, builder, features: Features, strongly_typed: bool):
     return builder.create_network(flags)
 
 
-def _parse(trt, network, logger, onnx_path: Path) -> None:
+def _parse(trt, network, logger, onnx_path: Path, pinned: dict[str, int] | None = None) -> None:
     parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(onnx_path)):  # external weights are found beside the file
+    if pinned:  # fix symbolic dims first; `path` lets the parser find the external weights
+        import onnx
+
+        from edgevlm.graph import pin_dims
+        model = pin_dims(onnx.load(str(onnx_path), load_external_data=False), pinned)
+        ok = parser.parse(model.SerializeToString(), str(onnx_path))
+    else:
+        ok = parser.parse_from_file(str(onnx_path))  # external weights are found beside the file
+    if not ok:
         errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
         raise BuildError(f"{onnx_path.name}: the ONNX parser refused the graph:\n  " + "\n  ".join(errors))
 
@@ -92,20 +109,39 @@ def _half_kv_io(trt, network) -> None:
                 t.dtype = trt.float16
 
 
+def _check_inplace(trt, plan, logger) -> None:
+    """Every present_* of a static-cache engine must alias its past_* (the runner binds both
+    to one buffer; without aliasing that would be a race, not an update)."""
+    engine = trt.Runtime(logger).deserialize_cuda_engine(plan)
+    names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+    wrong = [n for n in names if n.startswith("present_")
+             and engine.get_aliased_input_tensor(n) != n.replace("present_", "past_", 1)]
+    if wrong:
+        raise BuildError(f"TensorRT {trt.__version__} did not update the KV cache in place "
+                         f"({wrong[0]} is not aliased to its past_ input); build with KV=concat")
+
+
 def build_engine(onnx_path: Path, plan_path: Path, profiles: list[Profile], precision: str, *,
                  timing_cache: Path, workspace_gib: float = 2.0, optimization_level: int = 3,
+                 pinned: dict[str, int] | None = None, kv_cache: str | None = None,
                  log: Callable[[str], None] = print) -> dict:
-    """Build one engine; returns what the manifest records about it."""
+    """Build one engine; returns what the manifest records about it. kv_cache="static" for
+    decoder.static.onnx (its `pinned` dims fixed first), "concat" for decoder.onnx."""
     import tensorrt as trt
 
     features = Features.of(trt)
     if precision == "int4" and not features.int4:
         raise BuildError(f"INT4 weight-only needs TensorRT 10 (JetPack 6.1+); this is {trt.__version__}")
+    if kv_cache == "static" and not features.inplace_kv:
+        raise BuildError(f"the static KV cache needs TensorRT 10.15+ (KVCacheUpdate); this is "
+                         f"{trt.__version__}: build with KV=concat")
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     strongly_typed = precision in ("int8", "int4") and features.strongly_typed
     network = _network(trt, builder, features, strongly_typed)
-    _parse(trt, network, logger, onnx_path)
+    _parse(trt, network, logger, onnx_path, pinned)
+    dynamic = {network.get_input(i).name for i in range(network.num_inputs)
+               if -1 in tuple(network.get_input(i).shape)}  # profiles cover only these
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * (1 << 30)))
     if features.optimization_level:
@@ -121,7 +157,8 @@ def build_engine(onnx_path: Path, plan_path: Path, profiles: list[Profile], prec
     for p in profiles:
         profile = builder.create_optimization_profile()
         for name, (lo, opt, hi) in p.shapes.items():
-            profile.set_shape(name, lo, opt, hi)
+            if name in dynamic:
+                profile.set_shape(name, lo, opt, hi)
         config.add_optimization_profile(profile)
     cache_bytes = timing_cache.read_bytes() if timing_cache.is_file() else b""
     cache = config.create_timing_cache(cache_bytes)
@@ -133,11 +170,14 @@ def build_engine(onnx_path: Path, plan_path: Path, profiles: list[Profile], prec
     plan = builder.build_serialized_network(network, config)
     if plan is None:
         raise BuildError(f"{onnx_path.name}: TensorRT could not build an engine (see its log above)")
+    if kv_cache == "static":
+        _check_inplace(trt, plan, logger)
     plan_path.write_bytes(plan)
     timing_cache.write_bytes(config.get_timing_cache().serialize())
     seconds = time.perf_counter() - t0
     log(f"engines: {plan_path.name} {plan_path.stat().st_size / 2**20:.0f} MiB in {seconds:.0f} s")
     return {"file": plan_path.name, "precision": precision, "strongly_typed": strongly_typed,
+            **({"kv_cache": kv_cache} if kv_cache else {}),
             "norm_layers_fp32": pinned, "build_seconds": round(seconds, 1),
             "profiles": [{"name": p.name, "shapes": {k: [list(s) for s in v] for k, v in p.shapes.items()}}
                          for p in profiles]}

@@ -3,6 +3,14 @@
 Attribute names follow transformers' LlamaForCausalLM (`model.layers.N...`, `lm_head`). The
 decoder consumes `inputs_embeds`, not ids: image embeddings are spliced into the sequence
 before it, exactly where upstream puts them.
+
+Two cache layouts, one set of weights:
+  concat  past [B, kvh, P, hd] -> present [B, kvh, P+S, hd]: the cache grows by concatenation.
+  static  cache [B, kvh, C, hd] -> the same tensor with the new S positions written at
+          position_ids[:, 0] (`kv_cache_update`, exported as ONNX TensorScatter). Shapes never
+          change between steps and the update can happen in place (TensorRT >= 10.15
+          KVCacheUpdate, ONNX Runtime when output and input share a buffer); attention covers
+          all C slots, with the ones past each query's position masked out.
 """
 
 from __future__ import annotations
@@ -14,6 +22,28 @@ from torch import nn
 from edgevlm.presets import TextConfig
 
 KV = tuple[torch.Tensor, torch.Tensor]  # (key, value), each [B, kv_heads, T, head_dim]
+
+
+@torch.library.custom_op("edgevlm::kv_cache_update", mutates_args=())
+def kv_cache_update(cache: torch.Tensor, update: torch.Tensor, write_index: torch.Tensor) -> torch.Tensor:
+    """cache [B, H, C, D] with update [B, H, S, D] written at positions write_index[b] .. +S.
+
+    Functional here (returns a copy); its ONNX form is TensorScatter, which runtimes apply in
+    place. A custom op rather than slice assignment, so the exporter sees one node to translate
+    instead of index arithmetic on a data-dependent offset.
+    """
+    out = cache.clone()
+    s = update.shape[2]
+    for b, i in enumerate(write_index.tolist()):
+        if not 0 <= i <= cache.shape[2] - s:
+            raise IndexError(f"cache write at {i}..{i + s} outside its {cache.shape[2]} slots")
+        out[b, :, i:i + s] = update[b]
+    return out
+
+
+@kv_cache_update.register_fake
+def _(cache, update, write_index):
+    return torch.empty_like(cache)
 
 
 class RMSNorm(nn.Module):
@@ -54,15 +84,19 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(d, self.kvh * self.hd, bias=False)
         self.o_proj = nn.Linear(self.h * self.hd, d, bias=False)
 
-    def forward(self, x, cos, sin, past: KV, mask) -> tuple[torch.Tensor, KV]:
+    def forward(self, x, cos, sin, past: KV, mask, write_index=None) -> tuple[torch.Tensor, KV]:
         b, s, _ = x.shape
         q = self.q_proj(x).view(b, s, self.h, self.hd).transpose(1, 2)  # [B, h, S, hd]
         k = self.k_proj(x).view(b, s, self.kvh, self.hd).transpose(1, 2)
         v = self.v_proj(x).view(b, s, self.kvh, self.hd).transpose(1, 2)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
-        k = torch.cat([past[0], k], dim=2)  # [B, kvh, P+S, hd]
-        v = torch.cat([past[1], v], dim=2)
+        if write_index is None:
+            k = torch.cat([past[0], k], dim=2)  # [B, kvh, P+S, hd]
+            v = torch.cat([past[1], v], dim=2)
+        else:
+            k = kv_cache_update(past[0], k, write_index)  # [B, kvh, C, hd]
+            v = kv_cache_update(past[1], v, write_index)
         rep = self.h // self.kvh  # grouped-query attention; 1 for every MobileVLM
         kk = k.repeat_interleave(rep, dim=1) if rep > 1 else k
         vv = v.repeat_interleave(rep, dim=1) if rep > 1 else v
@@ -92,8 +126,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, past: KV, mask) -> tuple[torch.Tensor, KV]:
-        a, present = self.self_attn(self.input_layernorm(x), cos, sin, past, mask)
+    def forward(self, x, cos, sin, past: KV, mask, write_index=None) -> tuple[torch.Tensor, KV]:
+        a, present = self.self_attn(self.input_layernorm(x), cos, sin, past, mask, write_index)
         x = x + a
         return x + self.mlp(self.post_attention_layernorm(x)), present
 
@@ -124,16 +158,31 @@ class LlamaDecoder(nn.Module):
         z = torch.zeros(batch, c.num_kv_heads, 0, c.head_dim, dtype=dtype)
         return [(z, z) for _ in range(c.num_layers)]
 
+    def static_cache(self, capacity: int, batch: int = 1, dtype=torch.float32) -> list[KV]:
+        c = self.cfg
+        z = torch.zeros(batch, c.num_kv_heads, capacity, c.head_dim, dtype=dtype)
+        return [(z, z) for _ in range(c.num_layers)]
+
     def forward(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor,
-                past: list[KV]) -> tuple[torch.Tensor, list[KV]]:
+                past: list[KV], static: bool = False) -> tuple[torch.Tensor, list[KV]]:
+        """static=False: `past` holds P positions and grows. static=True: `past` is a fixed
+        capacity cache whose first position_ids[:, 0] slots are filled; the new positions are
+        position_ids[:, 0] .. +S (contiguous, as generation produces them)."""
         s, p = inputs_embeds.shape[1], past[0][0].shape[2]
-        # Causal mask over [past | new]: query i sits at absolute index p + i.
-        mask = torch.arange(p + s)[None, :] <= (torch.arange(s) + p)[:, None]  # [S, P+S]
+        write_index = None
+        if static:
+            # Slot j is visible to a query at absolute position t iff j <= t: later slots are
+            # empty or stale. [B, 1, S, C], broadcast over heads.
+            mask = (torch.arange(p)[None, None, :] <= position_ids[:, :, None])[:, None]
+            write_index = position_ids[:, 0]
+        else:
+            # Causal mask over [past | new]: query i sits at absolute index p + i.
+            mask = torch.arange(p + s)[None, :] <= (torch.arange(s) + p)[:, None]  # [S, P+S]
         cos, sin = rope(position_ids, self.cfg.head_dim, self.cfg.rope_theta)
         x = inputs_embeds
         presents = []
         for layer, kv in zip(self.model.layers, past):
-            x, present = layer(x, cos, sin, kv, mask)
+            x, present = layer(x, cos, sin, kv, mask, write_index)
             presents.append(present)
         logits = self.lm_head(self.model.norm(x[:, -1]))
         return logits, presents
