@@ -4,7 +4,7 @@
 
 Precision fp16 builds from `onnx/`; int8 / int4 from `onnx-int8/` / `onnx-int4/` (make
 quantize). KV=auto (default) builds the decoder with the in-place static KV cache where
-TensorRT has it (10.15+, fp16 export) and with concat-KV otherwise; KV=static|concat forces one. Engines land in artifacts/<name>/engines/<TensorRT>-sm<cc>/ with a manifest and the
+TensorRT has it (10.15+) and with concat-KV otherwise; KV=static|concat forces one. Engines land in artifacts/<name>/engines/<TensorRT>-sm<cc>/ with a manifest and the
 timing cache beside them; off-device it refuses in one line, exit 2, writing nothing.
 """
 
@@ -29,23 +29,23 @@ def onnx_sha256(art: OnnxArtifacts) -> str:
     return art.manifest["source"]["sha256"]
 
 
-def decoder_onnx(art: OnnxArtifacts, precision: str) -> Path:
-    """Strongly typed builds (Q/DQ on TensorRT 10) take the FP16 copy `make quantize` writes;
-    TensorRT 8.5 builds the FP32-typed graph with precision flags instead."""
-    import tensorrt as trt
-    strongly_typed = precision != "fp16" and hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED")
-    return art.path("decoder_fp16") if strongly_typed and "decoder_fp16" in art.manifest["files"] else art.path("decoder")
+def decoder_onnx(art: OnnxArtifacts, kv: str, strongly_typed: bool) -> Path:
+    """decoder.onnx or decoder.static.onnx; strongly typed builds (Q/DQ on TensorRT 10) take
+    the FP16 copy `make quantize` writes of either; TensorRT 8.5 builds the FP32-typed graph
+    with precision flags instead."""
+    key = "decoder_static" if kv == "static" else "decoder"
+    return art.path(f"{key}_fp16" if strongly_typed and f"{key}_fp16" in art.manifest["files"] else key)
 
 
-def kv_layout(requested: str, precision: str, art: OnnxArtifacts) -> str:
-    """auto: static where TensorRT updates the cache in place and the export has the graph
-    (the quantized exports carry only the concat decoder), concat otherwise."""
+def kv_layout(requested: str, art: OnnxArtifacts) -> str:
+    """auto: static where TensorRT updates the cache in place and the export has the graph,
+    concat otherwise."""
     if requested != "auto":
         return requested
     import tensorrt as trt
 
     from edgevlm.engines.tensorrt_build import Features
-    static_ok = Features.of(trt).inplace_kv and precision == "fp16" and "decoder_static" in art.manifest["files"]
+    static_ok = Features.of(trt).inplace_kv and "decoder_static" in art.manifest["files"]
     return "static" if static_ok else "concat"
 
 
@@ -64,14 +64,15 @@ def main(argv=None) -> int:
     src_dir = fp32 if args.precision == "fp16" else fp32.parent / f"onnx-{args.precision}"
     try:
         device = detect().require("tensorrt", "sm")
-        import tensorrt  # noqa: F401  (present: detect found its version)
+        import tensorrt  # present: detect found its version
     except (DeviceError, ImportError) as e:
         print(f"engines: refused: {e}. `make engines` runs on the Jetson (JetPack 5.1+ with TensorRT); "
               "nothing was written", file=sys.stderr)
         return 2
     try:
         art = OnnxArtifacts.open(src_dir)
-        kv = kv_layout(args.kv, args.precision, art)
+        kv = kv_layout(args.kv, art)
+        strongly_typed = args.precision != "fp16" and hasattr(tensorrt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED")
         if kv == "static":
             pinned, dec_profiles = static_decoder_profiles(art, args.max_context)
             max_context = pinned["cache"]
@@ -94,8 +95,7 @@ def main(argv=None) -> int:
                                                "fp16" if args.precision == "fp16" else "int8",
                                                timing_cache=cache, workspace_gib=args.workspace_gib,
                                                optimization_level=args.optimization_level),
-                "decoder": build_engine(art.path("decoder_static") if kv == "static" else decoder_onnx(art, args.precision),
-                                        tmp / "decoder.plan", dec_profiles, args.precision,
+                "decoder": build_engine(decoder_onnx(art, kv, strongly_typed), tmp / "decoder.plan", dec_profiles, args.precision,
                                         timing_cache=cache, workspace_gib=args.workspace_gib,
                                         optimization_level=args.optimization_level,
                                         pinned=pinned, kv_cache=kv),

@@ -139,6 +139,27 @@ def _constant(node: gs.Node, t: gs.Tensor, what: str) -> np.ndarray:
     raise GraphError(f"node {node.name}: {what} is computed at run time; cannot downgrade")
 
 
+def toposort_nodes(model: onnx.ModelProto) -> None:
+    """Order the main graph's nodes so each comes after its inputs' producers (in place; the
+    float16 converter appends its Casts at the end). Weights are not touched."""
+    known = {i.name for i in model.graph.input} | {t.name for t in model.graph.initializer} | {""}
+    pending, ordered = list(model.graph.node), []
+    while pending:
+        ready = [n for n in pending if all(i in known for i in n.input)]
+        if not ready:
+            raise GraphError(f"graph has a cycle or a missing input near node {pending[0].name}")
+        for n in ready:
+            known.update(n.output)
+        ids = {id(n) for n in ready}
+        pending = [n for n in pending if id(n) not in ids]
+        ordered += ready
+    copies = [onnx.NodeProto() for _ in ordered]
+    for c, n in zip(copies, ordered):
+        c.CopyFrom(n)
+    del model.graph.node[:]
+    model.graph.node.extend(copies)
+
+
 def pin_dims(model: onnx.ModelProto, dims: dict[str, int]) -> onnx.ModelProto:
     """Replace named symbolic dims of the graph's inputs and outputs by fixed sizes (in place)."""
     for v in [*model.graph.input, *model.graph.output]:

@@ -113,11 +113,8 @@ def finish_static(raw: Path, dst: Path, cfg: ModelConfig) -> None:
     graph.clean(raw, dst, *names, allow_domains=(static_cache.PLACEHOLDER_DOMAIN,))
     model = static_cache.to_tensor_scatter(onnx.load(str(dst), load_external_data=False),
                                            cfg.text.num_layers)
-    own = dst.with_name(dst.name + ".data")
-    static_cache.share_weights(model, own, dst.with_name("decoder.onnx"))
     onnx.save_model(model, str(dst))
-    own.unlink()
-    onnx.checker.check_model(str(dst))
+    static_cache.share_file_weights(dst, dst.with_name("decoder.onnx"))
 
 
 def memory_gb() -> tuple[float, float]:

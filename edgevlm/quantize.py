@@ -11,6 +11,10 @@ Every graph is checked against FP32 with ONNX Runtime before it is written (see
 quant_check.py). The output is a complete export directory (`onnx-int8/`, `onnx-int4/`)
 that the cpu runners and the engine builder open like any other.
 
+When the export has decoder.static.onnx (the in-place KV cache, see static_cache.py), its
+quantized twin and FP16 copy are written too, their weights pointing at the concat graphs'
+data files (the same bytes), so TensorRT 10.15+ builds the quantized decoder in place as well.
+
 TensorRT: both forms are explicit Q/DQ with zero points 0. The INT8 decoder stays at opset 17
 (per-axis DequantizeLinear) and the W8A8 vision encoder too; weight-only DQ feeding a MatMul
 needs TensorRT 10. The INT4 decoder needs opset 21 (INT4 type, `block_size`), TensorRT 10+.
@@ -21,6 +25,7 @@ its own MatMulNBits operator.
 
 from __future__ import annotations
 
+import functools
 import logging
 import shutil
 import time
@@ -32,7 +37,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from edgevlm import graph
+from edgevlm import graph, static_cache
 from edgevlm.image import preprocess
 from edgevlm.manifest import OnnxArtifacts, write_manifest
 from edgevlm.staging import staged_dir
@@ -135,8 +140,10 @@ def quantize_decoder_weights(src: Path, dst: Path, bits: int) -> None:
         from onnxruntime.quantization.matmul_nbits_quantizer import (DefaultWeightOnlyQuantConfig,
                                                                      MatMulNBitsQuantizer)
         model = onnx.load(str(src), load_external_data=False)
-        # INT4 needs opset 21; ReduceMean and Split change form on the way (weights not loaded yet)
-        model = onnx.version_converter.convert_version(model, 21)
+        # INT4 needs opset 21; ReduceMean and Split change form on the way (weights not loaded
+        # yet). The static decoder is at 24 already.
+        if graph.opset_of(model) < 21:
+            model = onnx.version_converter.convert_version(model, 21)
         onnx.load_external_data_for_model(model, str(src.parent))
         config = DefaultWeightOnlyQuantConfig(block_size=INT4_BLOCK, is_symmetric=True, quant_format=QuantFormat.QDQ,
                                               op_types_to_quantize=("MatMul",), bits=4)
@@ -153,31 +160,42 @@ def quantize_decoder_weights(src: Path, dst: Path, bits: int) -> None:
 FP16_KEEP_FP32 = ["ReduceMean", "Pow", "Sqrt", "Reciprocal", "Softmax", "Gemm"]
 
 
-def cast_decoder_fp16(src: Path, dst: Path) -> None:
+def cast_decoder_fp16(src: Path, dst: Path, fp16_cache: bool = False) -> None:
     """An FP16 copy of the quantized decoder for strongly typed TensorRT 10 builds, where the
     graph's own types decide the math: activations and DQ scales in FP16 (so weight-only DQ
     feeds FP16 MatMuls), norms / softmax / lm_head in FP32, FP32 at the inputs and outputs.
+    fp16_cache: the KV cache IO becomes FP16 too, as the static decoder needs (a Cast between
+    the cache input and its TensorScatter would stop TensorRT updating it in place).
     ONNX Runtime's float16 converter does the rewrite."""
     from onnxruntime.transformers.float16 import convert_float_to_float16
     model = onnx.load(str(src), load_external_data=False)
     if graph.opset_of(model) < 21:  # FP16 DQ scales need opset 19+; TensorRT 10 reads 21 (see INT4)
         model = onnx.version_converter.convert_version(model, 21)
     onnx.load_external_data_for_model(model, str(src.parent))
-    model = convert_float_to_float16(model, keep_io_types=True, op_block_list=FP16_KEEP_FP32)
+    keep = ["inputs_embeds", "logits"] if fp16_cache else True
+    model = convert_float_to_float16(model, keep_io_types=keep, op_block_list=FP16_KEEP_FP32)
+    graph.toposort_nodes(model)
     onnx.save(model, str(dst), save_as_external_data=True, all_tensors_to_one_file=True,
               location=dst.name + ".data", size_threshold=1024)
 
 
-def _fp16_agreement(quant: Path, fp16: Path, cfg, table_path: Path, tok_path: Path) -> float:
-    """Prefill logits cosine, quantized decoder vs its FP16 copy, on a text prompt."""
+def _agreement(quant: Path, other: Path, cfg, table_path: Path, tok_path: Path, static: bool = False) -> float:
+    """Logits cosine, quantized decoder vs a derived graph (its FP16 copy, its static-KV twin),
+    over a text prompt's prefill and 4 greedy decode steps."""
     from edgevlm.embedding import EmbeddingTable
     from edgevlm.engines.onnxruntime import OrtDecoder
     from edgevlm.prompt import build_prompt, tokenize_prompt
     from edgevlm.tokenizer import Tokenizer
     ids = tokenize_prompt(Tokenizer(tok_path), build_prompt("Name three colours.", image=False))
-    x = EmbeddingTable(table_path).embed(ids)
-    a, b = (OrtDecoder(p, cfg.text).new_sequence(len(ids)).forward(x) for p in (quant, fp16))
-    return float(np.dot(a, b) / (np.linalg.norm(a) * np.linalg.norm(b)))
+    table = EmbeddingTable(table_path)
+    ref = OrtDecoder(quant, cfg.text).new_sequence(len(ids) + 4)
+    seq = OrtDecoder(other, cfg.text, static=static).new_sequence(len(ids) + 4)
+    x, worst = table.embed(ids), 1.0
+    for _ in range(5):
+        a, b = ref.forward(x).astype(np.float64), seq.forward(x).astype(np.float64)
+        worst = min(worst, float(np.dot(a, b) / (np.linalg.norm(a) * np.linalg.norm(b))))
+        x = table.embed([int(np.argmax(a))])
+    return worst
 
 
 def quantize_export(onnx_dir: str | Path, out_dir: str | Path, precision: str, *,
@@ -200,21 +218,39 @@ def quantize_export(onnx_dir: str | Path, out_dir: str | Path, precision: str, *
         quantize_decoder_weights(src.path("decoder"), tmp / "decoder.onnx", bits)
         log("quantize: FP16 copy of the decoder for strongly typed TensorRT builds")
         cast_decoder_fp16(tmp / "decoder.onnx", tmp / "decoder.fp16.onnx")
+        static = "decoder_static" in src.manifest["files"]
+        if static:
+            log("quantize: the static-KV decoder (weights shared with the concat one) and its FP16 copy")
+            quantize_decoder_weights(src.path("decoder_static"), tmp / "decoder.static.onnx", bits)
+            static_cache.share_file_weights(tmp / "decoder.static.onnx", tmp / "decoder.onnx")
+            cast_decoder_fp16(tmp / "decoder.static.onnx", tmp / "decoder.static.fp16.onnx", fp16_cache=True)
+            static_cache.share_file_weights(tmp / "decoder.static.fp16.onnx", tmp / "decoder.fp16.onnx")
         for key in ("embed_tokens", "tokenizer"):
             shutil.copy2(src.path(key), tmp / src.manifest["files"][key])
-        fp16_cosine = _fp16_agreement(tmp / "decoder.onnx", tmp / "decoder.fp16.onnx", cfg,
-                                      tmp / src.manifest["files"]["embed_tokens"], tmp / src.manifest["files"]["tokenizer"])
-        if fp16_cosine < 0.99:
-            raise QuantizationError(f"the FP16 copy of the decoder drifts from it: logits cosine {fp16_cosine:.4f}")
+        agree = functools.partial(_agreement, tmp / "decoder.onnx", cfg=cfg,
+                                  table_path=tmp / src.manifest["files"]["embed_tokens"],
+                                  tok_path=tmp / src.manifest["files"]["tokenizer"])
+        cosines = {"decoder.fp16.onnx": agree(tmp / "decoder.fp16.onnx")}
+        if static:
+            cosines["decoder.static.onnx"] = agree(tmp / "decoder.static.onnx", static=True)
+            cosines["decoder.static.fp16.onnx"] = agree(tmp / "decoder.static.fp16.onnx", static=True)
+        for name, cosine in cosines.items():
+            if cosine < 0.99:
+                raise QuantizationError(f"{name} drifts from the quantized decoder: logits cosine {cosine:.4f}")
         manifest = {k: v for k, v in src.manifest.items() if k not in ("format", "files", "io", "opset", "created")}
         files = {"vision_encoder": "vision_encoder.onnx", "decoder": "decoder.onnx",
                  "embed_tokens": src.manifest["files"]["embed_tokens"], "tokenizer": src.manifest["files"]["tokenizer"]}
         files["decoder_fp16"] = "decoder.fp16.onnx"
+        if static:
+            files.update(decoder_static="decoder.static.onnx", decoder_static_fp16="decoder.static.fp16.onnx")
         for key, name in (("vision_encoder", "vision_encoder"), ("decoder", "decoder"), ("decoder_fp16", "decoder.fp16")):
             if (tmp / f"{name}.onnx.data").is_file():
                 files[f"{key}_data"] = f"{name}.onnx.data"
+        io = {k: graph.io_specs(tmp / f"{k}.onnx") for k in ("vision_encoder", "decoder")}
+        if static:
+            io["decoder_static"] = graph.io_specs(tmp / "decoder.static.onnx")
         manifest.update(
-            files=files, io={k: graph.io_specs(tmp / f"{k}.onnx") for k in ("vision_encoder", "decoder")},
+            files=files, io=io,
             opset={"vision_encoder": graph.TARGET_OPSET, "decoder": graph.TARGET_OPSET if bits == 8 else 21},
             quantization={
                 "precision": precision, "tool": "onnxruntime.quantization",
@@ -225,8 +261,9 @@ def quantize_export(onnx_dir: str | Path, out_dir: str | Path, precision: str, *
                             "weights": "per output channel, symmetric" if bits == 8 else
                             f"blocks of {INT4_BLOCK} along K, symmetric, round-to-nearest (RTN)",
                             "kept_fp32": ["RMSNorm", "RoPE", "softmax", "lm_head"],
-                "fp16_copy": {"file": "decoder.fp16.onnx", "keeps_fp32": FP16_KEEP_FP32,
-                              "prefill_logits_cosine": round(fp16_cosine, 6)}},
+                "fp16_copy": {"file": "decoder.fp16.onnx", "keeps_fp32": FP16_KEEP_FP32},
+                # min logits cosine vs decoder.onnx over a prefill and 4 decode steps
+                "derived_graphs_logits_cosine": {k: round(v, 6) for k, v in cosines.items()}},
                 "source_onnx": str(src.root.resolve())},
             created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
         write_manifest(tmp, manifest)

@@ -128,3 +128,15 @@ def share_weights(model: onnx.ModelProto, own_data: Path, shared: Path) -> int:
                 t.external_data.add(key=k, value=v)
             saved += n
     return saved
+
+
+def share_file_weights(path: Path, shared: Path) -> int:
+    """share_weights for a graph saved at `path` with its own `<path>.data`: rewritten to
+    point into `shared`'s data, its own data file removed."""
+    model = onnx.load(str(path), load_external_data=False)
+    own = path.with_name(path.name + ".data")
+    saved = share_weights(model, own, shared)
+    onnx.save_model(model, str(path))
+    own.unlink()
+    onnx.checker.check_model(str(path))
+    return saved

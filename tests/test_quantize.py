@@ -120,7 +120,7 @@ def test_fp16_copy_for_strongly_typed_builds(quantized):
     precision, out, _ = quantized
     manifest = OnnxArtifacts.open(out).manifest
     copy = manifest["quantization"]["decoder"]["fp16_copy"]
-    assert copy["prefill_logits_cosine"] >= 0.99
+    assert manifest["quantization"]["decoder"]["derived_graphs_logits_cosine"]["decoder.fp16.onnx"] >= 0.99
     m = onnx.load(str(out / copy["file"]))
     assert next(o.version for o in m.opset_import if o.domain in ("", "ai.onnx")) == 21
     inits = {t.name: t for t in m.graph.initializer}
@@ -130,3 +130,44 @@ def test_fp16_copy_for_strongly_typed_builds(quantized):
                if i.name != "position_ids")  # FP32 at the engine boundary
     kept = {n.op_type for n in m.graph.node if n.op_type in ("ReduceMean", "Gemm")}
     assert kept == {"ReduceMean", "Gemm"}
+
+
+def test_static_kv_twins_share_the_quantized_weights(quantized):
+    """decoder.static.onnx and its FP16 copy: the same quantized bytes as the concat graphs
+    (no second data file), TensorScatter straight from FP16 cache inputs to outputs in the FP16
+    copy (what KVCacheUpdate needs), and the same logits as the quantized concat decoder."""
+    precision, out, _ = quantized
+    art = OnnxArtifacts.open(out)
+    cosines = art.manifest["quantization"]["decoder"]["derived_graphs_logits_cosine"]
+    assert cosines["decoder.static.onnx"] > 0.9999 and cosines["decoder.static.fp16.onnx"] >= 0.99
+    assert not list(out.glob("decoder.static*.data"))
+    for name, data in (("decoder.static.onnx", "decoder.onnx.data"), ("decoder.static.fp16.onnx", "decoder.fp16.onnx.data")):
+        m = onnx.load(str(out / name), load_external_data=False)
+        assert {e.value for i in m.graph.initializer for e in i.external_data if e.key == "location"} == {data}
+        dq = [n for n in m.graph.node if n.op_type == "DequantizeLinear"]
+        assert len(dq) == len([n for n in onnx.load(str(out / "decoder.onnx"), load_external_data=False).graph.node
+                               if n.op_type == "DequantizeLinear"]) > 0
+    m = onnx.load(str(out / "decoder.static.fp16.onnx"), load_external_data=False)
+    types = {v.name: v.type.tensor_type.elem_type for v in [*m.graph.input, *m.graph.output]}
+    inputs, outputs = {v.name for v in m.graph.input}, {v.name for v in m.graph.output}
+    assert types["past_key_0"] == types["present_value_0"] == onnx.TensorProto.FLOAT16
+    assert types["inputs_embeds"] == types["logits"] == onnx.TensorProto.FLOAT
+    for n in (n for n in m.graph.node if n.op_type == "TensorScatter"):
+        assert n.input[0] in inputs and n.output[0] in outputs
+    assert "decoder_static" in art.manifest["io"]
+
+
+def test_engine_builder_picks_the_graph_for_layout_and_typing(quantized, tiny_onnx):
+    """Which ONNX `make engines` hands TensorRT (chosen off-device; the build itself needs it)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("build_engines", ROOT / "build" / "build_engines.py")
+    build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build)
+    _, out, _ = quantized
+    art, fp32 = OnnxArtifacts.open(out), OnnxArtifacts.open(tiny_onnx)
+    pick = lambda a, kv, typed: build.decoder_onnx(a, kv, typed).name  # noqa: E731
+    assert pick(art, "static", True) == "decoder.static.fp16.onnx"  # TensorRT 10.15+, Q/DQ
+    assert pick(art, "concat", True) == "decoder.fp16.onnx"          # TensorRT 10.3, Q/DQ
+    assert pick(art, "concat", False) == "decoder.onnx"              # TensorRT 8.5, INT8 flags
+    assert pick(fp32, "static", False) == "decoder.static.onnx"      # FP16 flags, in place
+    assert pick(fp32, "concat", False) == "decoder.onnx"

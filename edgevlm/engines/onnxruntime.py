@@ -42,6 +42,9 @@ class OrtDecoder:
         n = cfg.num_layers
         self.past_names = [f"past_{kv}_{i}" for i in range(n) for kv in ("key", "value")]
         self.output_names = ["logits"] + [f"present_{kv}_{i}" for i in range(n) for kv in ("key", "value")]
+        # FP16 KV in the static FP16 copies of quantized exports, FP32 everywhere else
+        kv_type = next(i.type for i in self.sess.get_inputs() if i.name == self.past_names[0])
+        self.kv_dtype = np.dtype(np.float16 if kv_type == "tensor(float16)" else np.float32)
 
     def empty_cache(self, batch: int = 1) -> list[np.ndarray]:
         c = self.cfg
@@ -120,13 +123,13 @@ class OrtStaticSequence:
         self.d = decoder
         self.capacity = capacity
         shape = (1, c.num_kv_heads, capacity, c.head_dim)
-        self.cache = [np.zeros(shape, np.float32) for _ in range(2 * c.num_layers)]
+        self.cache = [np.zeros(shape, decoder.kv_dtype) for _ in range(2 * c.num_layers)]
         self.logits = np.empty((1, c.vocab_size), np.float32)
         self.length = 0
         b = self.binding = decoder.sess.io_binding()
         for past, present, buf in zip(decoder.past_names, decoder.output_names[1:], self.cache):
             b.bind_cpu_input(past, buf)
-            b.bind_output(present, "cpu", 0, np.float32, list(shape), buf.ctypes.data)
+            b.bind_output(present, "cpu", 0, decoder.kv_dtype, list(shape), buf.ctypes.data)
         b.bind_output("logits", "cpu", 0, np.float32, list(self.logits.shape), self.logits.ctypes.data)
 
     def forward(self, inputs_embeds: np.ndarray) -> np.ndarray:
