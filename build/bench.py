@@ -246,12 +246,15 @@ def bench_model(name: str, onnx_dir: Path, checkpoint: Path | None, quick: bool)
     d = report["decode_ms_per_token"]
     longest = max(d, key=int)
     report["decode_growth"] = {"from": 200, "to": int(longest), "ratio": round(d[longest] / d["200"], 3)}
-    log(f"{name}: decode ms/token vs context, static (in-place) KV cache")
-    report["decode_static_ms_per_token"] = decode_scaling(onnx_dir, CONTEXTS, steps, runs, "static")
-    capacity = int(longest) + steps + 1
-    report["kv_mb_per_sequence"] = {
-        "capacity": capacity, **{kv: round(kv_bytes(load_generator(onnx_dir, kv_cache=kv).decoder.new_sequence(capacity))
-                                           / 2**20, 1) for kv in ("concat", "static")}}
+    if "decoder_static" in art.manifest["files"]:
+        log(f"{name}: decode ms/token vs context, static (in-place) KV cache")
+        report["decode_static_ms_per_token"] = decode_scaling(onnx_dir, CONTEXTS, steps, runs, "static")
+        capacity = int(longest) + steps + 1
+        report["kv_mb_per_sequence"] = {"capacity": capacity, **{
+            kv: round(kv_bytes(load_generator(onnx_dir, kv_cache=kv).decoder.new_sequence(capacity)) / 2**20, 1)
+            for kv in ("concat", "static")}}
+    else:
+        log(f"{name}: no decoder.static.onnx in this export (older `make onnx`); static KV skipped")
     log(f"{name}: Triton + gRPC vs in process")
     tokens = 24 if quick else (64 if big else 200)
     local = in_process_gaps(onnx_dir, tokens, runs)

@@ -53,4 +53,7 @@ class OnnxArtifacts:
         return ModelConfig.from_dict(self.manifest["model"])
 
     def path(self, key: str) -> Path:
-        return self.root / self.manifest["files"][key]
+        files = self.manifest["files"]
+        if key not in files:  # an export from before that file existed
+            raise ManifestError(f"{self.root}: this export has no {key} file; run `make onnx` again")
+        return self.root / files[key]
