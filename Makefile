@@ -75,7 +75,7 @@ engines: setup $(ART)/onnx/manifest.json ## on the Orin: TensorRT engines (PRECI
 jetson-bench: setup ## on the Orin: encode/prefill/decode, J/token, peak memory vs the roofline (JSON)
 	$(PY) build/jetson_bench.py --onnx $(ART)/onnx
 
-repo: setup $(ART)/onnx/manifest.json ## render the Triton model repository (TARGET=cpu|jetson, KV=concat|static on cpu)
+repo: setup $(ART)/onnx/manifest.json ## render the Triton model repository (TARGET=cpu|jetson; on cpu KV=auto|static|concat)
 	$(PY) build/render_repository.py --onnx $(ART)/onnx --out $(ART)/repository --target $(TARGET) \
 		$(if $(ENGINES),--engines $(ENGINES)) $(if $(and $(KV),$(filter cpu,$(TARGET))),--kv-cache $(KV))
 

@@ -226,7 +226,7 @@ def quantized_decoders(onnx_dir: Path, steps: int, runs: int) -> dict:
         if not (root / "manifest.json").is_file():
             log(f"  {precision}: no export at {root} (make quantize PRECISION={precision}), skipped")
             continue
-        ms = decode_scaling(root, (200,), steps, runs).get("200")
+        ms = decode_scaling(root, (200,), steps, runs, "concat").get("200")
         mb = sum(f.stat().st_size for f in root.glob("decoder.onnx*")) / 2**20
         out[precision] = {"decode_ms_per_token_ctx200": ms, "decode_tok_s": round(1e3 / ms, 2) if ms else None,
                           "decoder_mb": round(mb, 1)}
@@ -242,7 +242,7 @@ def bench_model(name: str, onnx_dir: Path, checkpoint: Path | None, quick: bool)
     report = {"model": name, "quick": quick, "machine": machine(), "runs": runs,
               "decoder_onnx_mb": round(sum(f.stat().st_size for f in onnx_dir.glob("decoder.onnx*")) / 2**20)}
     log(f"{name}: decode ms/token vs context")
-    report["decode_ms_per_token"] = decode_scaling(onnx_dir, CONTEXTS, steps, runs)
+    report["decode_ms_per_token"] = decode_scaling(onnx_dir, CONTEXTS, steps, runs, "concat")
     d = report["decode_ms_per_token"]
     longest = max(d, key=int)
     report["decode_growth"] = {"from": 200, "to": int(longest), "ratio": round(d[longest] / d["200"], 3)}
@@ -293,7 +293,7 @@ def markdown(reports: list[dict]) -> str:
             "## KV cache layouts: concat vs in place (cpu target)", "",
             "`decoder.onnx` appends to the cache by concatenation into a second buffer; `decoder.static.onnx` "
             "writes the new position into the one buffer it was given (ONNX TensorScatter; the layout TensorRT "
-            "10.15+ runs in place and captures as a CUDA graph). Same tokens; `make repo KV=static` serves it. "
+            "10.15+ runs in place and captures as a CUDA graph). Same tokens; the cpu target serves the static one by default (`make repo KV=concat` for the other). "
             "KV MB is what a sequence of the stated capacity allocates.", "",
             "| model | concat ms/token | static ms/token | KV MB per sequence: concat / static (capacity) |",
             "|---|---|---|---|"]

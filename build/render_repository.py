@@ -10,6 +10,7 @@ import sys
 
 from edgevlm.manifest import ManifestError
 from edgevlm.repository import TARGETS, render_repository
+from edgevlm.serving import KV_CACHES
 
 
 def main(argv=None) -> int:
@@ -20,8 +21,9 @@ def main(argv=None) -> int:
     ap.add_argument("--engines", default=None, help="TensorRT engine directory (jetson target)")
     ap.add_argument("--max-sequences", type=int, default=4, help="streams decoded at once")
     ap.add_argument("--max-tokens", type=int, default=256, help="default max_tokens per request")
-    ap.add_argument("--kv-cache", default="concat", choices=("concat", "static"),
-                    help="cpu target: decoder KV cache layout (jetson engines record their own)")
+    ap.add_argument("--kv-cache", default="auto", choices=KV_CACHES,
+                    help="cpu target: decoder KV cache layout, default static where the export has it "
+                         "(jetson engines record their own)")
     args = ap.parse_args(argv)
     try:
         out = render_repository(args.onnx, args.out, args.target, engine_dir=args.engines,

@@ -14,7 +14,7 @@ from string import Template
 
 from edgevlm.image import DEFAULT_MAX_PIXELS
 from edgevlm.manifest import ManifestError, OnnxArtifacts, read_manifest
-from edgevlm.serving import KV_CACHES
+from edgevlm.serving import kv_layout
 from edgevlm.staging import staged_dir
 
 SOURCE = Path(__file__).resolve().parents[1] / "model_repository"
@@ -74,17 +74,15 @@ def check_engines(engine_dir: Path, art: OnnxArtifacts, tag: str | None = None) 
 def render_repository(onnx_dir: str | Path, out_dir: str | Path, target: str = "cpu", *,
                       engine_dir: str | Path | None = None, max_sequences: int = 4,
                       default_max_tokens: int = 256, max_image_pixels: int = DEFAULT_MAX_PIXELS,
-                      kv_cache: str = "concat") -> Path:
-    """kv_cache (cpu target): "concat" (decoder.onnx) or "static" (decoder.static.onnx, one
-    in-place cache buffer per tensor: half the KV memory). Jetson engines record their own."""
+                      kv_cache: str = "auto") -> Path:
+    """kv_cache (cpu target): "concat" (decoder.onnx), "static" (decoder.static.onnx, one
+    in-place cache buffer per tensor: half the KV memory) or "auto" (static where the export
+    has it). Jetson engines record their own."""
     if target not in TARGETS:
         raise ValueError(f"unknown target {target!r}; use one of {', '.join(TARGETS)}")
-    if kv_cache not in KV_CACHES:
-        raise ValueError(f"unknown kv_cache {kv_cache!r}; use one of {', '.join(KV_CACHES)}")
     art = OnnxArtifacts.open(onnx_dir)
     cfg = art.config
-    if kv_cache == "static" and "decoder_static" not in art.manifest["files"]:
-        raise ManifestError(f"{art.root}: no decoder.static.onnx in this export; run `make onnx` again")
+    kv_cache = kv_layout(art, kv_cache)
     max_context = cfg.text.max_position
     if target == "jetson":
         tag = None

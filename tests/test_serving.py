@@ -202,19 +202,36 @@ def test_jetson_target_selects_this_devices_engines_by_manifest(tiny_onnx, tmp_p
         check_engines(art_root / "engines" / "10.3.0-sm87", OnnxArtifacts.open(onnx_dir), "8.5.2-sm87")
 
 
-def test_static_kv_cache_server_streams_the_same_text(tiny_onnx, tmp_path, client):
-    """make repo KV=static: decoder.static.onnx behind the same tritonserver path, same answers."""
-    repo = render_repository(tiny_onnx, tmp_path / "repo", kv_cache="static", default_max_tokens=32)
-    assert 'string_value: "static"' in (repo / "mobilevlm" / "config.pbtxt").read_text()
+def test_both_kv_cache_layouts_serve_the_same_text(server, tiny_onnx, tmp_path, client):
+    """The default repository serves the in-place static cache; `make repo KV=concat` serves
+    decoder.onnx behind the same tritonserver path, with the same answers."""
+    assert 'string_value: "static"' in (server.repository / "mobilevlm" / "config.pbtxt").read_text()
+    repo = render_repository(tiny_onnx, tmp_path / "repo", kv_cache="concat", default_max_tokens=32)
+    assert 'string_value: "concat"' in (repo / "mobilevlm" / "config.pbtxt").read_text()
     with pytest.raises(ValueError, match="unknown kv_cache 'paged'"):
         render_repository(tiny_onnx, tmp_path / "bad", kv_cache="paged")
     with TritonServer(repo, log_path=tmp_path / "tritonserver.log") as srv:
-        static = Client(srv.grpc_url, timeout_s=60)
+        concat = Client(srv.grpc_url, timeout_s=60)
         for photo, question in (("coffee", "What is on the table?"), (None, "Name three colours.")):
             image = sample_image(photo) if photo else None
             want = client.generate(question, image=image, max_tokens=24)
-            got = static.generate(question, image=image, max_tokens=24)
+            got = concat.generate(question, image=image, max_tokens=24)
             assert got.text == want.text and got.stats["decode_tokens"] == want.stats["decode_tokens"]
+
+
+def test_an_export_from_before_the_static_decoder_still_serves(tiny_onnx, tmp_path):
+    import json
+    import shutil
+
+    from edgevlm.manifest import ManifestError
+    old = shutil.copytree(tiny_onnx, tmp_path / "onnx")
+    m = json.loads((old / "manifest.json").read_text())
+    del m["files"]["decoder_static"], m["io"]["decoder_static"]
+    (old / "manifest.json").write_text(json.dumps(m))
+    repo = render_repository(old, tmp_path / "repo")  # auto falls back to concat
+    assert 'key: "kv_cache" value: { string_value: "concat" }' in (repo / "mobilevlm" / "config.pbtxt").read_text()
+    with pytest.raises(ManifestError, match="no decoder_static file; run `make onnx` again"):
+        render_repository(old, tmp_path / "static", kv_cache="static")
 
 
 def test_chat_follow_up_uses_the_multi_turn_template(client, reference):

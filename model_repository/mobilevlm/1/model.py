@@ -78,7 +78,7 @@ class TritonPythonModel:
         from edgevlm.sampling import InvalidRequest
         self.serving, self.invalid = serving, InvalidRequest
         self.gen = serving.load_generator(params["onnx_dir"], params["runner"], params.get("engine_dir", ""),
-                                          params.get("kv_cache", "concat"))
+                                          params.get("kv_cache", "auto"))
         self.vocab = self.gen.tok.vocab_size
         self.default_max_tokens = int(params["default_max_tokens"])
         self.pool = ThreadPoolExecutor(max_workers=int(params["max_sequences"]),
