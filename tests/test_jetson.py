@@ -151,6 +151,22 @@ def test_roofline_matches_the_bandwidth_arithmetic():
         roofline("xavier", "mobilevlm-v2-1.7b")
 
 
+def test_roofline_prices_each_kv_layout():
+    """ideal reads the context once; concat ~3x (copy + read); static all MAX_CONTEXT slots."""
+    per_pos = 2 * 24 * 16 * 128 * 2 / 1e6  # MB of FP16 K and V per position, 1.7B
+    at = lambda kv, ctx, cap=None: roofline("agx-orin-64gb", "mobilevlm-v2-1.7b", "int4", context=ctx,  # noqa: E731
+                                            kv_cache=kv, max_context=cap)
+    assert at("ideal", 500).kv_mb == pytest.approx(500 * per_pos)
+    assert at("concat", 500).kv_mb == pytest.approx(3 * 500 * per_pos)
+    assert at("static", 500, 2048).kv_mb == at("static", 1900, 2048).kv_mb == pytest.approx(2048 * per_pos)
+    # static beats concat once the context passes a third of its capacity, not before
+    assert at("static", 500, 2048).decode_tok_s < at("concat", 500).decode_tok_s
+    assert at("static", 1000, 2048).decode_tok_s > at("concat", 1000).decode_tok_s
+    assert at("static", 500, 1024).decode_tok_s > at("static", 500, 2048).decode_tok_s
+    with pytest.raises(ValueError, match="kv_cache must be one of"):
+        at("paged", 500)
+
+
 def test_engine_profiles_come_from_the_manifest(tiny_onnx):
     from edgevlm.engines.profiles import ProfileError, decoder_profiles, vision_profiles
     from edgevlm.manifest import OnnxArtifacts

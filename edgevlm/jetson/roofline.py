@@ -1,8 +1,14 @@
 """The decode ceiling and ideal compute times of a model on an Orin module, from the
 module's peak DRAM bandwidth and dense tensor throughput (no device needed).
 
-Decode at batch 1 reads every weight once per token plus the KV cache so far, so
-tok/s <= bandwidth / bytes per token. Image encode and prefill are compute-bound:
+Decode at batch 1 reads every weight once per token plus the KV cache, so
+tok/s <= bandwidth / bytes per token. How much KV a step moves depends on the cache layout:
+    ideal   the positions so far, once (a length-aware in-place kernel)
+    concat  decoder.onnx: the past is read and written again into the present, which
+            attention then reads: about 3x the positions so far
+    static  decoder.static.onnx: written in place, but attention reads all MAX_CONTEXT slots
+So static costs more than concat while the context is under a third of MAX_CONTEXT: pick
+MAX_CONTEXT for the conversations you serve, more so at INT4 where weights are few bytes. Image encode and prefill are compute-bound:
 ideal time = FLOPs / dense peak. Measured figures are printed beside these by
 `make jetson-bench`; good systems reach 50-80 % of the decode ceiling.
 
@@ -29,6 +35,7 @@ MODULES = {
     "orin-nano-4gb": {"10W": (34.1, 5.0, 10.0), "MAXN_SUPER": (51.2, 8.4, 16.7)},
 }
 WEIGHT_BYTES = {"fp16": 2.0, "int8": 1.0, "int4": 0.5 + 2.0 / 128}  # int4: + one FP16 scale per block of 128
+KV_LAYOUTS = ("ideal", "concat", "static")
 
 
 @dataclass
@@ -38,6 +45,7 @@ class Roofline:
     preset: str
     precision: str
     context: int
+    kv_cache: str
     decoder_gb: float
     kv_mb: float
     decode_tok_s: float
@@ -67,8 +75,22 @@ def vision_flops(cfg: ModelConfig) -> float:
     return v.layers_used * per_layer + 2 * v.num_patches * 3 * v.patch_size ** 2 * v.hidden_size
 
 
+def kv_bytes_per_step(cfg: ModelConfig, context: int, kv_cache: str = "ideal", max_context: int | None = None) -> float:
+    """FP16 K and V bytes one decode step moves at `context` positions (see the layouts above)."""
+    t = cfg.text
+    per_position = 2 * t.num_layers * t.num_kv_heads * t.head_dim * 2
+    if kv_cache == "ideal":
+        return per_position * context
+    if kv_cache == "concat":
+        return per_position * 3 * context
+    if kv_cache == "static":
+        return per_position * (max_context or t.max_position)
+    raise ValueError(f"kv_cache must be one of {', '.join(KV_LAYOUTS)}")
+
+
 def roofline(module: str, preset: str, precision: str = "fp16", mode: str | None = None,
-             context: int = 512, prompt_tokens: int = 56) -> Roofline:
+             context: int = 512, prompt_tokens: int = 56, kv_cache: str = "ideal",
+             max_context: int | None = None) -> Roofline:
     if module not in MODULES:
         raise ValueError(f"unknown module {module!r}; known: {', '.join(MODULES)}")
     modes = MODULES[module]
@@ -82,11 +104,11 @@ def roofline(module: str, preset: str, precision: str = "fp16", mode: str | None
     streamed, _embed = decoder_params(cfg)
     t = cfg.text
     weights_b = streamed * WEIGHT_BYTES[precision]
-    kv_b = 2 * t.num_layers * t.num_kv_heads * t.head_dim * 2 * context  # FP16 K and V up to `context`
+    kv_b = kv_bytes_per_step(cfg, context, kv_cache, max_context)
     peak = fp16_tflops * 1e12 if precision == "fp16" else int8_tops * 1e12 / 2  # weight-only: FP16 math
     prefill_n = cfg.image_tokens + prompt_tokens
     return Roofline(module=module, mode=mode, preset=preset, precision=precision, context=context,
-                    decoder_gb=weights_b / 1e9, kv_mb=kv_b / 1e6, decode_tok_s=bw * 1e9 / (weights_b + kv_b),
+                    kv_cache=kv_cache, decoder_gb=weights_b / 1e9, kv_mb=kv_b / 1e6, decode_tok_s=bw * 1e9 / (weights_b + kv_b),
                     image_encode_ms=vision_flops(cfg) / (fp16_tflops * 1e12) * 1e3,
                     prefill_ms=2 * streamed * prefill_n / peak * 1e3, prefill_tokens=prefill_n)
 
@@ -98,10 +120,13 @@ def main(argv=None) -> int:
     ap.add_argument("--preset", default="mobilevlm-v2-1.7b", choices=sorted(PRESETS))
     ap.add_argument("--precision", default=None, choices=sorted(WEIGHT_BYTES), help="default: all")
     ap.add_argument("--context", type=int, default=512)
+    ap.add_argument("--kv-cache", default="ideal", choices=KV_LAYOUTS, help="KV traffic per step (see above)")
+    ap.add_argument("--max-context", type=int, help="the static cache's capacity (default: the model's)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     try:
-        rows = [roofline(args.module, args.preset, p, args.mode, args.context)
+        rows = [roofline(args.module, args.preset, p, args.mode, args.context, kv_cache=args.kv_cache,
+                         max_context=args.max_context)
                 for p in ([args.precision] if args.precision else list(WEIGHT_BYTES))]
     except ValueError as e:
         print(f"roofline: {e}", file=sys.stderr)
@@ -111,7 +136,7 @@ def main(argv=None) -> int:
         return 0
     for r in rows:
         print(f"{r.module} {r.mode} | {r.preset} {r.precision}: decoder {r.decoder_gb:.2f} GB + KV {r.kv_mb:.0f} MB "
-              f"@{r.context} -> decode <= {r.decode_tok_s:.0f} tok/s | image encode >= {r.image_encode_ms:.1f} ms | "
+              f"({r.kv_cache}) @{r.context} -> decode <= {r.decode_tok_s:.0f} tok/s | image encode >= {r.image_encode_ms:.1f} ms | "
               f"prefill {r.prefill_tokens} tokens >= {r.prefill_ms:.1f} ms")
     return 0
 
