@@ -37,7 +37,7 @@ def decoder_onnx(art: OnnxArtifacts, kv: str, strongly_typed: bool) -> Path:
     return art.path(f"{key}_fp16" if strongly_typed and f"{key}_fp16" in art.manifest["files"] else key)
 
 
-def kv_layout(requested: str, art: OnnxArtifacts) -> str:
+def engine_kv_layout(requested: str, art: OnnxArtifacts) -> str:
     """auto: static where TensorRT updates the cache in place and the export has the graph,
     concat otherwise."""
     if requested != "auto":
@@ -71,7 +71,7 @@ def main(argv=None) -> int:
         return 2
     try:
         art = OnnxArtifacts.open(src_dir)
-        kv = kv_layout(args.kv, art)
+        kv = engine_kv_layout(args.kv, art)
         strongly_typed = args.precision != "fp16" and hasattr(tensorrt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED")
         if kv == "static":
             pinned, dec_profiles = static_decoder_profiles(art, args.max_context)

@@ -82,29 +82,22 @@ def export_vision(model: MobileVLM, cfg: ModelConfig, path: Path) -> None:
     _torch_export(model.vision, (torch.zeros(2, 3, s, s),), path, VISION_IO, ({0: batch},))
 
 
-def export_decoder(model: MobileVLM, cfg: ModelConfig, path: Path) -> None:
+def export_decoder(model: MobileVLM, cfg: ModelConfig, path: Path, static: bool = False) -> None:
+    """decoder.onnx (a growing `past`) or, static=True, decoder.static.onnx (a `cache` of
+    fixed capacity written at position_ids[:, 0])."""
     t = cfg.text
     batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
     seq = torch.export.Dim("seq", min=1, max=t.max_position)
-    past = torch.export.Dim("past", min=0, max=t.max_position)
-    b, s, p = 2, 3, 4
-    kv = [torch.zeros(b, t.num_kv_heads, p, t.head_dim) for _ in range(2 * t.num_layers)]
+    # Example sizes over 1: torch.export specialises dimensions whose example size is 0 or 1.
+    if static:  # write 3 positions at 4 into a cache of 11
+        kv_dim, b, s, p, kv_len = torch.export.Dim("cache", min=2, max=t.max_position), 2, 3, 4, 11
+    else:
+        kv_dim, b, s, p, kv_len = torch.export.Dim("past", min=0, max=t.max_position), 2, 3, 4, 4
+    kv = [torch.zeros(b, t.num_kv_heads, kv_len, t.head_dim) for _ in range(2 * t.num_layers)]
     args = (torch.zeros(b, s, t.hidden_size), torch.arange(p, p + s).repeat(b, 1), *kv)
-    shapes = ({0: batch, 1: seq}, {0: batch, 1: seq}, tuple({0: batch, 2: past} for _ in kv))
-    _torch_export(_DecoderGraph(model.decoder), args, path, decoder_io(t.num_layers), shapes)
-
-
-def export_decoder_static(model: MobileVLM, cfg: ModelConfig, path: Path) -> None:
-    t = cfg.text
-    batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
-    seq = torch.export.Dim("seq", min=1, max=t.max_position)
-    cache = torch.export.Dim("cache", min=2, max=t.max_position)
-    b, s, p, c = 2, 3, 4, 11  # write 3 positions at 4 into a cache of 11
-    kv = [torch.zeros(b, t.num_kv_heads, c, t.head_dim) for _ in range(2 * t.num_layers)]
-    args = (torch.zeros(b, s, t.hidden_size), torch.arange(p, p + s).repeat(b, 1), *kv)
-    shapes = ({0: batch, 1: seq}, {0: batch, 1: seq}, tuple({0: batch, 2: cache} for _ in kv))
-    _torch_export(_DecoderGraph(model.decoder, static=True), args, path, decoder_io(t.num_layers),
-                  shapes, static_cache.translation_table())
+    shapes = ({0: batch, 1: seq}, {0: batch, 1: seq}, tuple({0: batch, 2: kv_dim} for _ in kv))
+    _torch_export(_DecoderGraph(model.decoder, static), args, path, decoder_io(t.num_layers), shapes,
+                  static_cache.translation_table() if static else None)
 
 
 def finish_static(raw: Path, dst: Path, cfg: ModelConfig) -> None:
@@ -154,7 +147,7 @@ def export_onnx(checkpoint_dir: str | Path, out_dir: str | Path, clip_dir: str |
         export_decoder(model, cfg, raw / "decoder.onnx")
         (raw / "static").mkdir()  # its own folder: each export writes its own weights file
         log("onnx: [2/4] decoder, static KV cache (in-place updates)")
-        export_decoder_static(model, cfg, raw / "static" / "decoder.static.onnx")
+        export_decoder(model, cfg, raw / "static" / "decoder.static.onnx", static=True)
         np.save(tmp / "embed_tokens.npy", model.decoder.model.embed_tokens.weight.detach().numpy())
         # The exporter's IR keeps references to the parameters after export: release their
         # storage outright, and the checkpoint's mapped weights with it.

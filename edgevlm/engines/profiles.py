@@ -50,14 +50,19 @@ def _profile(name: str, inputs: list[dict], dims: dict[str, tuple[int, int, int]
     return Profile(name, {t["name"]: _resolve(t["shape"], dims) for t in inputs})
 
 
-def decoder_profiles(art: OnnxArtifacts, max_context: int | None = None,
-                     max_prefill: int | None = None) -> list[Profile]:
+def _limits(art: OnnxArtifacts, max_context: int | None, max_prefill: int | None) -> tuple[int, int, int]:
+    """(positions the engine holds, longest prefill, a typical prompt: an image and a short question)."""
     limit = art.manifest["limits"]["max_context"]
     max_context = max_context or limit
     if not 2 <= max_context <= limit:
         raise ProfileError(f"MAX_CONTEXT={max_context}: this model holds 2..{limit} tokens")
     max_prefill = min(max_prefill or max_context - 1, max_context - 1)
-    typical_prompt = min(art.config.image_tokens + 56, max_prefill)  # an image and a short question
+    return max_context, max_prefill, min(art.config.image_tokens + 56, max_prefill)
+
+
+def decoder_profiles(art: OnnxArtifacts, max_context: int | None = None,
+                     max_prefill: int | None = None) -> list[Profile]:
+    max_context, max_prefill, typical_prompt = _limits(art, max_context, max_prefill)
     inputs = art.manifest["io"]["decoder"]["inputs"]
     return [
         _profile("prefill", inputs, {"batch": (1, 1, 1), "seq": (1, typical_prompt, max_prefill), "past": (0, 0, 0)}),
@@ -71,12 +76,7 @@ def static_decoder_profiles(art: OnnxArtifacts, max_context: int | None = None,
     """(dims to pin in decoder.static.onnx, its two profiles over the inputs left dynamic)."""
     if "decoder_static" not in art.manifest["io"]:
         raise ProfileError("this export has no decoder.static.onnx (re-run `make onnx`)")
-    limit = art.manifest["limits"]["max_context"]
-    max_context = max_context or limit
-    if not 2 <= max_context <= limit:
-        raise ProfileError(f"MAX_CONTEXT={max_context}: this model holds 2..{limit} tokens")
-    max_prefill = min(max_prefill or max_context - 1, max_context - 1)
-    typical_prompt = min(art.config.image_tokens + 56, max_prefill)
+    max_context, max_prefill, typical_prompt = _limits(art, max_context, max_prefill)
     pinned = {"batch": 1, "cache": max_context}
     inputs = [t for t in art.manifest["io"]["decoder_static"]["inputs"]
               if any(isinstance(d, str) and d not in pinned for d in t["shape"])]

@@ -17,6 +17,7 @@ Two decoder engine layouts (the folder's manifest says which, see tensorrt_build
 
 from __future__ import annotations
 
+import logging
 import threading
 from pathlib import Path
 
@@ -128,26 +129,60 @@ class TrtDecoder:
             self.pool.append(seq)
 
 
-class TrtSequence:
-    """One batch-1 generation: its own two execution contexts (one per profile, so no profile
-    switch per step), its stream, and two device KV buffers per tensor used in turn: each step
-    reads `past` from one and the engine writes `present` (past + new) into the other."""
+class _Slot:
+    """What every decoder sequence owns: a stream, one execution context per profile (so no
+    profile switch per step), device buffers for the step's inputs and logits, allocated once."""
 
-    def __init__(self, d: TrtDecoder, capacity: int):
+    def __init__(self, d: TrtDecoder):
         from edgevlm.engines.cuda import DeviceBuffer, Stream
         c = d.cfg
-        self.d, self.capacity = d, capacity
+        self.d = d
         self.stream = Stream()
         self.prefill, self.decode = d.engine.create_execution_context(), d.engine.create_execution_context()
         self.prefill.set_optimization_profile_async(0, self.stream.handle)
         self.decode.set_optimization_profile_async(1, self.stream.handle)
-        row = c.num_kv_heads * c.head_dim * d.kv_dtype.itemsize
-        self.kv = [[DeviceBuffer(capacity * row) for _ in d.past_names] for _ in range(2)]
         self.embeds = DeviceBuffer(max(d.max_prefill, 1) * c.hidden_size * d.embed_dtype.itemsize)
         self.positions = DeviceBuffer(max(d.max_prefill, 1) * d.pos_dtype.itemsize)
         logits_dtype = _np_dtype(d.trt, d.engine, "logits")
         self.logits_dev = DeviceBuffer(c.vocab_size * logits_dtype.itemsize)
         self.logits = np.empty((1, c.vocab_size), logits_dtype)
+        self.kv = []  # the subclass's cache buffers
+
+    def _upload(self, inputs_embeds: np.ndarray, p: int) -> None:
+        s = inputs_embeds.shape[1]
+        self.embeds.upload(inputs_embeds.astype(self.d.embed_dtype, copy=False), self.stream)
+        self.positions.upload(np.arange(p, p + s, dtype=self.d.pos_dtype)[None], self.stream)
+
+    def _logits(self) -> np.ndarray:
+        self.logits_dev.download(self.logits, self.stream)
+        self.stream.sync()
+        return self.logits[0].astype(np.float32, copy=False)
+
+    def __del__(self):
+        if getattr(self, "graph", None) is not None:
+            self.graph.free()
+        for b in getattr(self, "kv", []):
+            b.free()
+        for name in ("embeds", "positions", "logits_dev"):
+            if hasattr(self, name):
+                getattr(self, name).free()
+        if hasattr(self, "stream"):
+            self.stream.free()
+
+
+class TrtSequence(_Slot):
+    """One batch-1 generation on a concat-KV engine, with two device KV buffers per tensor used
+    in turn: each step reads `past` from one and the engine writes `present` (past + new) into
+    the other."""
+
+    def __init__(self, d: TrtDecoder, capacity: int):
+        from edgevlm.engines.cuda import DeviceBuffer
+        super().__init__(d)
+        c = d.cfg
+        self.capacity = capacity
+        row = c.num_kv_heads * c.head_dim * d.kv_dtype.itemsize
+        n = len(d.past_names)
+        self.kv = [DeviceBuffer(capacity * row) for _ in range(2 * n)]  # [first n | second n]
         self.length, self.current = 0, 0
 
     def forward(self, inputs_embeds: np.ndarray) -> np.ndarray:
@@ -159,13 +194,14 @@ class TrtSequence:
         if s > 1 and p > 0:
             raise ValueError("prefill runs once, on an empty cache (the prefill profile has past 0)")
         ctx = self.prefill if s > 1 or p == 0 else self.decode
-        self.embeds.upload(inputs_embeds.astype(d.embed_dtype, copy=False), self.stream)
-        self.positions.upload(np.arange(p, p + s, dtype=d.pos_dtype)[None], self.stream)
+        self._upload(inputs_embeds, p)
         ctx.set_input_shape("inputs_embeds", (1, s, c.hidden_size))
         ctx.set_input_shape("position_ids", (1, s))
         ctx.set_tensor_address("inputs_embeds", self.embeds.ptr)
         ctx.set_tensor_address("position_ids", self.positions.ptr)
-        src, dst = self.kv[self.current], self.kv[1 - self.current]
+        n = len(d.past_names)
+        src = self.kv[n:] if self.current else self.kv[:n]
+        dst = self.kv[:n] if self.current else self.kv[n:]
         for i, (past, present) in enumerate(zip(d.past_names, d.present_names)):
             ctx.set_input_shape(past, (1, c.num_kv_heads, p, c.head_dim))
             ctx.set_tensor_address(past, src[i].ptr)
@@ -173,23 +209,11 @@ class TrtSequence:
         ctx.set_tensor_address("logits", self.logits_dev.ptr)
         if not ctx.execute_async_v3(self.stream.handle):
             raise RuntimeError("TensorRT decoder: enqueue failed")
-        self.logits_dev.download(self.logits, self.stream)
-        self.stream.sync()
         self.length, self.current = p + s, 1 - self.current
-        return self.logits[0].astype(np.float32, copy=False)
-
-    def __del__(self):
-        for buffers in getattr(self, "kv", []):
-            for b in buffers:
-                b.free()
-        for name in ("embeds", "positions", "logits_dev"):
-            if hasattr(self, name):
-                getattr(self, name).free()
-        if hasattr(self, "stream"):
-            self.stream.free()
+        return self._logits()
 
 
-class TrtStaticSequence:
+class TrtStaticSequence(_Slot):
     """A pooled batch-1 slot for a static-cache engine: one device buffer per cache tensor
     (bound as past_* and present_*), input/output buffers at fixed addresses, a context per
     profile and, after the first decode step, that step captured as a CUDA graph.
@@ -201,22 +225,13 @@ class TrtStaticSequence:
     """
 
     def __init__(self, d: TrtDecoder):
-        from edgevlm.engines.cuda import DeviceBuffer, Stream
+        from edgevlm.engines.cuda import DeviceBuffer
+        super().__init__(d)
         c = d.cfg
-        self.d = d
-        self.stream = Stream()
-        self.prefill, self.decode = d.engine.create_execution_context(), d.engine.create_execution_context()
-        self.prefill.set_optimization_profile_async(0, self.stream.handle)
-        self.decode.set_optimization_profile_async(1, self.stream.handle)
         nbytes = d.max_context * c.num_kv_heads * c.head_dim * d.kv_dtype.itemsize
         self.kv = [DeviceBuffer(nbytes) for _ in d.past_names]
         for b in self.kv:
             b.zero(self.stream)
-        self.embeds = DeviceBuffer(max(d.max_prefill, 1) * c.hidden_size * d.embed_dtype.itemsize)
-        self.positions = DeviceBuffer(max(d.max_prefill, 1) * d.pos_dtype.itemsize)
-        logits_dtype = _np_dtype(d.trt, d.engine, "logits")
-        self.logits_dev = DeviceBuffer(c.vocab_size * logits_dtype.itemsize)
-        self.logits = np.empty((1, c.vocab_size), logits_dtype)
         for ctx in (self.prefill, self.decode):  # addresses never change: set them once
             ctx.set_tensor_address("inputs_embeds", self.embeds.ptr)
             ctx.set_tensor_address("position_ids", self.positions.ptr)
@@ -257,7 +272,6 @@ class TrtStaticSequence:
             except CudaError as e:
                 cudart.cudaGetLastError()  # capture errors are not sticky; clear the last one
                 self.graph_failed = True
-                import logging
                 logging.getLogger(__name__).warning("decode step not captured as a CUDA graph (%s); "
                                                     "running it without", e)
 
@@ -269,8 +283,7 @@ class TrtStaticSequence:
             raise ValueError(f"sequence capacity {self.capacity} exceeded")
         if s > d.max_prefill:
             raise ValueError(f"{s} positions in one pass; the prefill profile takes up to {d.max_prefill}")
-        self.embeds.upload(inputs_embeds.astype(d.embed_dtype, copy=False), self.stream)
-        self.positions.upload(np.arange(p, p + s, dtype=d.pos_dtype)[None], self.stream)
+        self._upload(inputs_embeds, p)
         if s == 1 and p > 0:
             self._decode_step()
         else:  # any chunk at any offset: the cache shape does not depend on p
@@ -278,18 +291,5 @@ class TrtStaticSequence:
             self.prefill.set_input_shape("position_ids", (1, s))
             if not self.prefill.execute_async_v3(self.stream.handle):
                 raise RuntimeError("TensorRT decoder: enqueue failed")
-        self.logits_dev.download(self.logits, self.stream)
-        self.stream.sync()
         self.length = p + s
-        return self.logits[0].astype(np.float32, copy=False)
-
-    def __del__(self):
-        if getattr(self, "graph", None) is not None:
-            self.graph.free()
-        for b in getattr(self, "kv", []):
-            b.free()
-        for name in ("embeds", "positions", "logits_dev"):
-            if hasattr(self, name):
-                getattr(self, name).free()
-        if hasattr(self, "stream"):
-            self.stream.free()
+        return self._logits()
