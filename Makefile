@@ -1,24 +1,25 @@
 # edgevlm: MobileVLM on Jetson Orin with TensorRT + Triton.  `make help` lists the targets.
 #
-#   PRESET=tiny           model shape for random-weight checkpoints (see edgevlm/presets.py)
-#   MODEL=dir             a real MobileVLM checkpoint directory instead of a random one
-#   NAME=...              artifact folder name (default: the preset, or the MODEL dir's name)
-#   CLIP=dir              local openai CLIP directory for V1 checkpoints (upstream's choice)
+# Build stages are file targets: each reruns only when what it is made from changed (the
+# checkpoint, the exporter's code), so `make repo` or `make serve` after no change exports
+# nothing. Every variable the targets read is declared here with its default.
 
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-PRESET ?= tiny
-MODEL ?=
-NAME ?= $(if $(MODEL),$(notdir $(abspath $(MODEL))),$(PRESET))
+PRESET ?= tiny#            model shape for random-weight checkpoints (edgevlm/presets.py)
+MODEL ?=#                  a real MobileVLM checkpoint directory instead of a random one
+NAME ?= $(if $(MODEL),$(notdir $(abspath $(MODEL))),$(PRESET))#  artifact folder name
 ART := artifacts/$(NAME)
 CKPT := $(if $(MODEL),$(MODEL),$(ART)/checkpoint)
-CLIP ?=
-TARGET ?= cpu
-PRECISION ?=
-CALIB ?=
-ENGINES ?=
+CLIP ?=#                   local openai CLIP directory for V1 checkpoints (upstream's choice)
+TARGET ?= cpu#             repository target: cpu (ONNX Runtime) | jetson (TensorRT engines)
+PRECISION ?=#              quantize: int8 (default) | int4;  engines: fp16 (default) | int8 | int4
+CALIB ?=#                  photo directory for INT8 calibration (default: scikit-image samples)
+ENGINES ?=#                TensorRT engine directory for TARGET=jetson (default: this device's)
+KV ?= auto#                KV cache layout: auto | static | concat
+MAX_CONTEXT ?=#            tokens a TensorRT decoder engine holds (default: the model's)
 HOST ?= 127.0.0.1
 GRPC_PORT ?= 8001
 HTTP_PORT ?= 8000
@@ -27,13 +28,28 @@ TLS_CERT ?=
 TLS_KEY ?=
 TLS_CLIENT_CA ?=
 PYTEST_ARGS ?=
+BENCH_PRESETS ?= tiny mobilevlm-v2-1.7b
+QUICK ?=#                  1: make bench as a smoke run
+POWER_MODE ?=#             jetson-bench: switch to this nvpmodel mode by name first (root)
+# On a Jetson the setup installs only what runs there (no torch, no exporters) into a venv
+# that sees JetPack's system TensorRT; DEVICE=1 / DEVICE= overrides the detection.
+DEVICE ?= $(if $(wildcard /etc/nv_tegra_release),1,)
+SETUP := $(VENV)/.installed$(if $(DEVICE),-device,)
 
-.PHONY: help setup checkpoint onnx verify quantize engines jetson-bench repo serve gateway bench demo test clean
+# What an export is made from: a changed checkpoint or exporter rebuilds it, nothing else does.
+EXPORT_SRC := $(shell find edgevlm/model edgevlm/export -name '*.py') edgevlm/presets.py \
+	edgevlm/manifest.py edgevlm/staging.py edgevlm/runtime/image.py edgevlm/runtime/prompt.py \
+	build/export_onnx.py
+CKPT_SRC := $(if $(MODEL),$(wildcard $(MODEL)/*),$(ART)/checkpoint/config.json)
+QUANT_SRC := edgevlm/export/quantize.py edgevlm/export/quant_check.py edgevlm/export/static_cache.py \
+	edgevlm/export/cleanup.py build/quantize.py
+
+.PHONY: help setup checkpoint onnx verify quantize engines jetson-bench repo serve gateway bench demo test test-fast clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
 
-setup: $(VENV)/.installed ## create .venv with everything the other targets need (idempotent)
+setup: $(SETUP) ## create .venv with what the other targets need (idempotent; on a Jetson: no torch)
 
 $(VENV)/.installed: pyproject.toml client/pyproject.toml
 	@echo "== setup: $(VENV)"
@@ -47,61 +63,76 @@ $(VENV)/.installed: pyproject.toml client/pyproject.toml
 	$(VENV)/bin/pip install -q --no-deps nvidia-pytriton==0.7.0
 	@touch $@
 
-checkpoint: setup ## write a random-weight checkpoint for PRESET (upstream layout)
-	@if [ -n "$(MODEL)" ]; then echo "MODEL=$(MODEL) given: nothing to write"; \
-	else $(PY) build/make_checkpoint.py --preset $(PRESET) --out $(ART)/checkpoint; fi
+# The device venv sees JetPack's system packages (tensorrt, its cuda-python) and adds only
+# the runtime, the engine builder's graph tools and the client: nothing that pulls torch.
+$(VENV)/.installed-device: pyproject.toml client/pyproject.toml
+	@echo "== setup (device: no torch): $(VENV)"
+	@test -x $(PY) || $(PYTHON) -m venv --system-site-packages $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -e ".[engines]" -e "./client"
+	@touch $@
 
-$(ART)/checkpoint/config.json:
-	$(MAKE) --no-print-directory checkpoint PRESET=$(PRESET) NAME=$(NAME)
+checkpoint: $(CKPT_SRC) ## write a random-weight checkpoint for PRESET (upstream layout)
 
-onnx: setup $(if $(MODEL),,$(ART)/checkpoint/config.json) ## export vision_encoder.onnx + decoder.onnx + manifest
+$(ART)/checkpoint/config.json: edgevlm/model/random_weights.py edgevlm/presets.py build/make_checkpoint.py | $(SETUP)
+	$(PY) build/make_checkpoint.py --preset $(PRESET) --out $(ART)/checkpoint
+
+onnx: $(ART)/onnx/manifest.json ## export vision_encoder.onnx + decoder.onnx + manifest (when the checkpoint or exporter changed)
+
+ifeq ($(DEVICE),1)
+$(ART)/onnx/manifest.json:  # exports need torch: they are made off the device and copied here
+	@test -f $@ || { echo "onnx: no export at $(ART)/onnx: run \`make onnx\` on an x86 machine and copy artifacts/$(NAME)/onnx* here" >&2; exit 1; }
+else
+$(ART)/onnx/manifest.json: $(CKPT_SRC) $(EXPORT_SRC) | $(SETUP)
 	$(PY) build/export_onnx.py --checkpoint $(CKPT) --out $(ART)/onnx $(if $(CLIP),--clip $(CLIP))
+endif
 
-$(ART)/onnx/manifest.json:
-	$(MAKE) --no-print-directory onnx PRESET=$(PRESET) NAME=$(NAME) MODEL=$(MODEL) CLIP=$(CLIP)
-
-verify: setup $(ART)/onnx/manifest.json ## PyTorch vs ONNX Runtime parity on real photos
+verify: $(ART)/onnx/manifest.json ## PyTorch vs ONNX Runtime parity on real photos
 	$(PY) build/verify.py --checkpoint $(CKPT) --onnx $(ART)/onnx $(if $(CLIP),--clip $(CLIP))
 
-quantize: setup $(ART)/onnx/manifest.json ## Q/DQ export checked against FP32 (PRECISION=int8|int4, CALIB=photo dir)
-	$(PY) build/quantize.py --onnx $(ART)/onnx --precision $(or $(PRECISION),int8) --out $(ART)/onnx-$(or $(PRECISION),int8) \
-		$(if $(CALIB),--calib-dir $(CALIB))
+quantize: $(ART)/onnx-$(or $(PRECISION),int8)/manifest.json ## Q/DQ export checked against FP32 (PRECISION=int8|int4, CALIB=photo dir)
 
-MAX_CONTEXT ?=
-engines: setup $(ART)/onnx/manifest.json ## on the Orin: TensorRT engines (PRECISION=fp16|int8|int4, MAX_CONTEXT=, KV=auto|static|concat)
+$(ART)/onnx-%/manifest.json: $(ART)/onnx/manifest.json $(QUANT_SRC) | $(SETUP)
+	$(PY) build/quantize.py --onnx $(ART)/onnx --precision $* --out $(ART)/onnx-$* $(if $(CALIB),--calib-dir $(CALIB))
+
+engines: $(ART)/onnx/manifest.json | $(SETUP) ## on the Orin: TensorRT engines (PRECISION=fp16|int8|int4, MAX_CONTEXT=, KV=auto|static|concat)
 	$(PY) build/build_engines.py --onnx $(ART)/onnx --precision $(or $(PRECISION),fp16) \
-		$(if $(MAX_CONTEXT),--max-context $(MAX_CONTEXT)) $(if $(KV),--kv $(KV))
+		$(if $(MAX_CONTEXT),--max-context $(MAX_CONTEXT)) --kv $(KV)
 
-jetson-bench: setup ## on the Orin: encode/prefill/decode, J/token, peak memory vs the roofline (JSON)
-	$(PY) build/jetson_bench.py --onnx $(ART)/onnx
+jetson-bench: | $(SETUP) ## on the Orin: encode/prefill/decode, J/token, peak memory vs the roofline (JSON)
+	$(PY) tools/jetson_bench.py --onnx $(ART)/onnx $(if $(POWER_MODE),--power-mode $(POWER_MODE))
 
-repo: setup $(ART)/onnx/manifest.json ## render the Triton model repository (TARGET=cpu|jetson; on cpu KV=auto|static|concat)
+# Rendering is a second's copying, so it always runs (its options are variables); the export
+# it reads is rebuilt only when out of date.
+repo: $(ART)/onnx/manifest.json | $(SETUP) ## render the Triton model repository (TARGET=cpu|jetson; on cpu KV=auto|static|concat)
 	$(PY) build/render_repository.py --onnx $(ART)/onnx --out $(ART)/repository --target $(TARGET) \
-		$(if $(ENGINES),--engines $(ENGINES)) $(if $(and $(KV),$(filter cpu,$(TARGET))),--kv-cache $(KV))
+		$(if $(ENGINES),--engines $(ENGINES)) $(if $(filter cpu,$(TARGET)),--kv-cache $(KV))
 
 serve: repo ## run tritonserver on the repository (HOST=127.0.0.1, GRPC_PORT=8001, TLS_CERT/TLS_KEY; Ctrl-C stops)
 	$(PY) -m edgevlm.serve --repository $(ART)/repository --host $(HOST) \
 		--grpc-port $(GRPC_PORT) --http-port $(HTTP_PORT) \
 		$(if $(TLS_CERT),--tls-cert $(TLS_CERT) --tls-key $(TLS_KEY)) $(if $(TLS_CLIENT_CA),--tls-client-ca $(TLS_CLIENT_CA))
 
-gateway: setup ## OpenAI-compatible HTTP gateway to a running server (GATEWAY_PORT=8080, loopback)
+gateway: | $(SETUP) ## OpenAI-compatible HTTP gateway to a running server (GATEWAY_PORT=8080, loopback)
 	$(VENV)/bin/edgevlm-client --url 127.0.0.1:$(GRPC_PORT) gateway --host $(HOST) --port $(GATEWAY_PORT)
 
-BENCH_PRESETS ?= tiny mobilevlm-v2-1.7b
-QUICK ?=
-bench: setup ## benchmarks, not in make test (BENCH_PRESETS="tiny mobilevlm-v2-1.7b", QUICK=1 smoke): JSON + docs/BENCHMARKS.md
+bench: | $(SETUP) ## benchmarks, not in make test (BENCH_PRESETS="tiny mobilevlm-v2-1.7b", QUICK=1 smoke): JSON + docs/BENCHMARKS.md
 	@for p in $(BENCH_PRESETS); do \
-		$(MAKE) --no-print-directory artifacts/$$p/onnx/manifest.json PRESET=$$p NAME=$$p || exit 1; done
-	$(PY) build/bench.py $(foreach p,$(BENCH_PRESETS),--onnx $(p)=artifacts/$(p)/onnx --checkpoint $(p)=artifacts/$(p)/checkpoint) \
+		$(MAKE) --no-print-directory artifacts/$$p/onnx/manifest.json PRESET=$$p NAME=$$p MODEL= || exit 1; done
+	$(PY) tools/bench.py $(foreach p,$(BENCH_PRESETS),--onnx $(p)=artifacts/$(p)/onnx --checkpoint $(p)=artifacts/$(p)/checkpoint) \
 		$(if $(QUICK),--quick)
 
 demo: repo ## the whole path: checkpoint, ONNX, repository, tritonserver, a streamed answer
-	$(PY) build/demo.py --repository $(ART)/repository $(if $(MODEL),,--random-weights)
+	$(PY) tools/demo.py --repository $(ART)/repository $(if $(MODEL),,--random-weights)
 
 test: setup ## the whole test suite (what CI runs)
 	@# pytest exits 5 when it collected no test: that is a failure here, said plainly.
 	$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests"; exit 1; fi; exit $$rc
+
+test-fast: setup ## the unit tier only: no tritonserver, no device (a few minutes)
+	$(PY) -m pytest -m unit $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test-fast: pytest collected no tests"; exit 1; fi; exit $$rc
 
 clean: ## remove built artifacts (keeps .venv)
 	rm -rf artifacts

@@ -44,7 +44,7 @@ def engine_kv_layout(requested: str, art: OnnxArtifacts) -> str:
         return requested
     import tensorrt as trt
 
-    from edgevlm.engines.tensorrt_build import Features
+    from edgevlm.engines.build import Features
     static_ok = Features.of(trt).inplace_kv and "decoder_static" in art.manifest["files"]
     return "static" if static_ok else "concat"
 
@@ -84,7 +84,7 @@ def main(argv=None) -> int:
         hint = f" (run `make quantize PRECISION={args.precision}` first)" if args.precision != "fp16" else ""
         print(f"engines: error: {e}{hint}", file=sys.stderr)
         return 1
-    from edgevlm.engines.tensorrt_build import BuildError, build_engine
+    from edgevlm.engines.build import BuildError, build_engine
     out = fp32.parent / "engines" / device.tag
     cache = fp32.parent / "engines" / f"timing-{device.tag}.cache"  # kept across builds and precisions
     try:

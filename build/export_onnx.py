@@ -8,9 +8,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from edgevlm.checkpoint import CheckpointError
-from edgevlm.graph import GraphError
-from edgevlm.onnx_export import export_onnx
+from edgevlm.model.checkpoint import CheckpointError
+from edgevlm.export.cleanup import GraphError
+from edgevlm.export.graphs import export_onnx
 
 
 def main(argv=None) -> int:

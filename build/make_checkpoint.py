@@ -10,7 +10,7 @@ import sys
 import time
 
 from edgevlm.presets import PRESETS, get_preset
-from edgevlm.synthetic import write_random_checkpoint
+from edgevlm.model.random_weights import write_random_checkpoint
 
 
 def main(argv=None) -> int:

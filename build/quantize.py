@@ -8,8 +8,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from edgevlm.quant_check import QuantizationError, QuantReport
-from edgevlm.quantize import PRECISIONS, quantize_export
+from edgevlm.export.quant_check import QuantizationError, QuantReport
+from edgevlm.export.quantize import PRECISIONS, quantize_export
 
 
 def main(argv=None) -> int:

@@ -9,8 +9,8 @@ import argparse
 import sys
 
 from edgevlm.manifest import ManifestError
-from edgevlm.repository import TARGETS, render_repository
-from edgevlm.serving import KV_CACHES
+from edgevlm.serve.repository import TARGETS, render_repository
+from edgevlm.runtime.runners import KV_CACHES
 
 
 def main(argv=None) -> int:

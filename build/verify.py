@@ -10,9 +10,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from edgevlm.checkpoint import CheckpointError
+from edgevlm.model.checkpoint import CheckpointError
 from edgevlm.manifest import ManifestError
-from edgevlm.parity import run_parity
+from edgevlm.export.parity import run_parity
 from edgevlm.samples import SAMPLES
 
 

@@ -1,5 +1,11 @@
 """Shared fixtures: tiny random-weight checkpoints in the upstream layout, their ONNX export,
-and one real tritonserver serving it, each made once per test session."""
+and one real tritonserver serving it, each made once per test session.
+
+Tiers (pytest -m): `integration` tests run a real tritonserver (or a gateway in front of
+one), `orin` tests need TensorRT on the device, `unit` is everything else (make test-fast).
+A test that uses a server fixture is integration without saying so; one that starts its own
+server carries the mark.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +13,29 @@ import pytest
 from edgevlm_client import Client
 
 from edgevlm.presets import PRESETS
-from edgevlm.repository import render_repository
-from edgevlm.synthetic import write_random_checkpoint
-from edgevlm.tritonserver import TritonServer
+from edgevlm.serve.repository import render_repository
+from edgevlm.model.random_weights import write_random_checkpoint
+from edgevlm.serve.tritonserver import TritonServer
+
+
+SERVER_FIXTURES = {"server", "client", "own_server", "gateway", "sdk", "start_gateway"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if SERVER_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.integration)
+        if not any(item.get_closest_marker(m) for m in ("integration", "orin")):
+            item.add_marker(pytest.mark.unit)
+
+
+@pytest.fixture(autouse=True)
+def _unit_tests_start_no_server(request, monkeypatch):
+    """Keeps the tiers honest: a unit test that starts tritonserver fails, naming the mark."""
+    if request.node.get_closest_marker("unit"):
+        def refuse(self, *a, **k):
+            raise AssertionError("this test starts tritonserver: mark it @pytest.mark.integration")
+        monkeypatch.setattr(TritonServer, "start", refuse)
 
 
 @pytest.fixture(scope="session")
@@ -28,7 +54,7 @@ def tiny_v1_ckpt(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_onnx(tiny_ckpt, tmp_path_factory):
     """The tiny V2 checkpoint exported to ONNX."""
-    from edgevlm.onnx_export import export_onnx
+    from edgevlm.export.graphs import export_onnx
     return export_onnx(tiny_ckpt, tmp_path_factory.mktemp("onnx") / "tiny", log=lambda m: None)
 
 
@@ -79,7 +105,7 @@ def start_gateway():
     import time
     import urllib.request
 
-    from edgevlm.tritonserver import free_port
+    from edgevlm.serve.tritonserver import free_port
     procs = []
 
     def start(grpc_url: str, *args: str, ready_status=(503,)) -> str:

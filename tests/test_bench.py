@@ -5,13 +5,16 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+
+import pytest
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.integration  # tools/bench.py starts tritonserver
 def test_quick_bench_writes_every_section(tiny_onnx, tiny_ckpt, tmp_path):
-    r = subprocess.run([sys.executable, str(ROOT / "build" / "bench.py"), "--quick", "--onnx", f"tiny={tiny_onnx}",
+    r = subprocess.run([sys.executable, str(ROOT / "tools" / "bench.py"), "--quick", "--onnx", f"tiny={tiny_onnx}",
                         "--checkpoint", f"tiny={tiny_ckpt}", "--out", str(tmp_path / "bench"),
                         "--doc", str(tmp_path / "docs" / "BENCHMARKS.md")],
                        capture_output=True, text=True, timeout=600)

@@ -9,9 +9,9 @@ from dataclasses import replace
 import pytest
 import torch
 
-from edgevlm.checkpoint import CheckpointError, layout, read_checkpoint
+from edgevlm.model.checkpoint import CheckpointError, layout, read_checkpoint
 from edgevlm.presets import PRESETS, VisionConfig
-from edgevlm.synthetic import upstream_config, write_random_checkpoint
+from edgevlm.model.random_weights import upstream_config, write_random_checkpoint
 
 TINY_VISION = VisionConfig(image_size=56, patch_size=14, hidden_size=64, intermediate_size=96,
                            num_layers=3, num_heads=1)
@@ -80,7 +80,8 @@ def test_rotary_inv_freq_from_old_saves_is_ignored(tmp_path, tiny_ckpt):
     sd = torch.load(d / "pytorch_model.bin", weights_only=True)
     sd["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(16)
     torch.save(sd, d / "pytorch_model.bin")
-    read_checkpoint(d)
+    ck = read_checkpoint(d)  # an unknown key would fail the layout check
+    assert set(ck.tensors) == set(read_checkpoint(tiny_ckpt).tensors)
 
 
 def _edit(tmp_path, src, *, drop=None, reshape=None, config=None, remove=None):

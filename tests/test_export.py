@@ -12,11 +12,11 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from edgevlm import graph, onnx_export
-from edgevlm.checkpoint import CheckpointError
+from edgevlm.export import cleanup, graphs
+from edgevlm.model.checkpoint import CheckpointError
 from edgevlm.manifest import ManifestError, OnnxArtifacts
-from edgevlm.onnx_export import decoder_io, export_onnx
-from edgevlm.parity import run_parity
+from edgevlm.export.graphs import decoder_io, export_onnx
+from edgevlm.export.parity import run_parity
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -117,7 +117,7 @@ def test_static_decoder_is_tensor_scatter_from_input_to_output_on_shared_weights
 def test_static_decoder_writes_into_the_callers_cache_buffer(exported):
     """ONNX Runtime updates the bound buffer itself: after a step it holds the concat graph's
     keys and values at the written slots and zeros beyond."""
-    from edgevlm.engines.onnxruntime import OrtDecoder
+    from edgevlm.runtime.onnxruntime import OrtDecoder
     _, out = exported
     art = OnnxArtifacts.open(out)
     t = art.config.text
@@ -146,7 +146,7 @@ def test_pinned_static_decoder_has_fixed_cache_shapes(exported, tmp_path):
     art = OnnxArtifacts.open(out)
     t = art.config.text
     shutil.copy2(out / "decoder.onnx.data", tmp_path)
-    model = graph.pin_dims(onnx.load(str(art.path("decoder_static")), load_external_data=False),
+    model = cleanup.pin_dims(onnx.load(str(art.path("decoder_static")), load_external_data=False),
                            {"batch": 1, "cache": 24})
     onnx.save(model, str(tmp_path / "pinned.onnx"))
     sess = ort.InferenceSession(str(tmp_path / "pinned.onnx"))
@@ -173,10 +173,10 @@ def test_failed_export_leaves_no_files_and_keeps_the_previous_output(tmp_path, t
     (out / "manifest.json").write_text("{}")
 
     def broken(*a, **k):
-        raise graph.GraphError("simulated failure in graph cleanup")
+        raise cleanup.GraphError("simulated failure in graph cleanup")
 
-    monkeypatch.setattr(onnx_export.graph, "clean", broken)
-    with pytest.raises(graph.GraphError):
+    monkeypatch.setattr(graphs.cleanup, "clean", broken)
+    with pytest.raises(cleanup.GraphError):
         export_onnx(tiny_ckpt, out, log=lambda m: None)
     assert [p.name for p in tmp_path.iterdir()] == ["onnx"]  # no .partial directory
     assert json.loads((out / "manifest.json").read_text()) == {}
@@ -195,7 +195,7 @@ def test_opset18_split_and_reduce_are_rewritten_for_opset17(tmp_path):
     model = h.make_model(h.make_graph(nodes, "g", [x], outs, [axes]), opset_imports=[h.make_opsetid("", 18)])
     model.ir_version = 8
     onnx.save(model, tmp_path / "in.onnx")
-    graph.clean(tmp_path / "in.onnx", tmp_path / "out.onnx", ["x"], ["a", "b", "m"])
+    cleanup.clean(tmp_path / "in.onnx", tmp_path / "out.onnx", ["x"], ["a", "b", "m"])
     data = np.arange(12, dtype=np.float32).reshape(2, 6)
     want = ort.InferenceSession(str(tmp_path / "in.onnx")).run(None, {"x": data})
     got = ort.InferenceSession(str(tmp_path / "out.onnx")).run(None, {"x": data})

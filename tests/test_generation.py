@@ -5,14 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from edgevlm.detokenize import IncrementalDecoder
-from edgevlm.embedding import EmbeddingTable
-from edgevlm.engines.onnxruntime import OrtDecoder
-from edgevlm.generation import Generator
+from edgevlm.runtime.detokenize import IncrementalDecoder
+from edgevlm.runtime.embedding import EmbeddingTable
+from edgevlm.runtime.onnxruntime import OrtDecoder
+from edgevlm.runtime.generation import Generator
 from edgevlm.manifest import OnnxArtifacts
-from edgevlm.parity import onnx_greedy
-from edgevlm.sampling import InvalidRequest, Sampler, SamplingParams
-from edgevlm.tokenizer import Tokenizer
+from edgevlm.export.parity import onnx_greedy
+from edgevlm.runtime.errors import BadRequest
+from edgevlm.runtime.sampling import Sampler, SamplingParams
+from edgevlm.runtime.tokenizer import Tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +51,7 @@ def test_stop_string_is_never_streamed_and_cuts_the_text(tok):
                                         (dict(repetition_penalty=0.0), "repetition_penalty"),
                                         (dict(stop=("x",) * 17), "stop")])
 def test_parameters_out_of_range_are_refused(bad, reason):
-    with pytest.raises(InvalidRequest, match=reason):
+    with pytest.raises(BadRequest, match=reason):
         SamplingParams(**bad).validate()
 
 
@@ -78,5 +79,5 @@ def test_generator_matches_plain_onnx_greedy_and_counts_stats(tiny_onnx):
     want_text = tok.decode(want[:want.index(tok.eos_id)] if tok.eos_id in want else want)
     assert "".join(e.text for e in events) == want_text
     assert stats.prefill_tokens == len(ids) and stats.decode_tokens == min(16, len(want))
-    with pytest.raises(InvalidRequest, match="the context holds"):
+    with pytest.raises(BadRequest, match="the context holds"):
         list(Generator(dec, table, tok, 20).generate(ids, None, SamplingParams()))

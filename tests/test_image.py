@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from edgevlm.image import ImageError, expand_to_square, load_image, preprocess
+from edgevlm.runtime.image import ImageError, expand_to_square, load_image, preprocess
 
 
 def png_bytes(img: Image.Image) -> bytes:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from edgevlm.presets import IMAGE_TOKEN_INDEX
-from edgevlm.prompt import build_prompt, tokenize_prompt
-from edgevlm.tokenizer import Tokenizer
+from edgevlm.runtime.prompt import build_prompt, tokenize_prompt
+from edgevlm.runtime.tokenizer import Tokenizer
 
 SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. The assistant "
           "gives helpful, detailed, and polite answers to the user's questions.")

@@ -13,8 +13,8 @@ import pytest
 from onnx import numpy_helper
 
 from edgevlm.manifest import OnnxArtifacts
-from edgevlm.quant_check import THRESHOLDS, QuantizationError, QuantReport, check_quantized
-from edgevlm.quantize import calibration_images, quantize_export
+from edgevlm.export.quant_check import THRESHOLDS, QuantizationError, QuantReport, check_quantized
+from edgevlm.export.quantize import calibration_images, quantize_export
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -99,8 +99,8 @@ def test_a_broken_graph_fails_the_check(quantized, tiny_onnx, tmp_path):
 
 
 def test_quantized_export_serves_on_the_cpu_target(quantized, tmp_path):
-    from edgevlm.serving import load_generator
-    from edgevlm.sampling import SamplingParams
+    from edgevlm.runtime.runners import load_generator
+    from edgevlm.runtime.sampling import SamplingParams
     _, out, _ = quantized
     gen = load_generator(out)
     events = list(gen.generate(gen.tok.encode("Hello there"), None, SamplingParams(max_tokens=5)))

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from edgevlm.checkpoint import layout, read_checkpoint
+from edgevlm.model.checkpoint import layout, read_checkpoint
 from edgevlm.presets import PRESETS
-from edgevlm.reference.model import MobileVLM, sample
-from edgevlm.reference.projector import LDPProjector, LDPv2Projector
+from edgevlm.model.mobilevlm import MobileVLM, sample
+from edgevlm.model.projector import LDPProjector, LDPv2Projector
 
 transformers = pytest.importorskip("transformers")
 
@@ -66,7 +66,7 @@ def test_decoder_matches_transformers_llama_with_kv_cache(tiny):
 def test_static_cache_decoder_matches_the_growing_cache(tiny):
     """The fixed-capacity cache, written at position_ids[:, 0], gives the concat cache's logits,
     also for a chunk written mid-sequence; a write past the capacity is refused."""
-    from edgevlm.reference.llama import kv_cache_update
+    from edgevlm.model.llama import kv_cache_update
     cfg, _, model = tiny
     d = model.decoder
     x = torch.randn(1, 14, cfg.text.hidden_size)
@@ -116,10 +116,15 @@ def test_projectors_quarter_the_grid(cls):
     assert p(torch.randn(2, 576, 32)).shape == (2, 144, 48)
 
 
-def test_ldpv2_pool_equals_upstream_adaptive_pool():
-    x = torch.randn(1, 8, 24, 24)
-    torch.testing.assert_close(torch.nn.functional.adaptive_avg_pool2d(x, (12, 12)),
-                               torch.nn.functional.avg_pool2d(x, 2, 2))
+def test_ldpv2_equals_upstreams_adaptive_pool_form():
+    """Upstream LDPv2 is MLP -> AdaptiveAvgPool2d(grid / 2) -> PEG residual; ours writes the
+    pool as a fixed 2x2 window for the export. Same weights, same tokens."""
+    p = LDPv2Projector(32, 48, 24)
+    x = torch.randn(2, 576, 32)
+    m = p.mlp.mlp(x).transpose(1, 2).reshape(2, 48, 24, 24)
+    m = torch.nn.functional.adaptive_avg_pool2d(m, (12, 12))
+    want = (p.peg.peg(m) + m).flatten(2).transpose(1, 2)
+    torch.testing.assert_close(p(x), want)
 
 
 def test_generation_stops_at_eos_and_splices_image(tiny):

@@ -7,8 +7,6 @@ from __future__ import annotations
 import os
 import random
 import signal
-import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -18,12 +16,13 @@ from edgevlm_client import Client, InvalidRequest, Retry, ServerError, ServerUna
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from edgevlm.repository import render_repository
+from edgevlm.serve.repository import render_repository
 from edgevlm.samples import sample_images
-from edgevlm.sampling import InvalidRequest as ServerSideInvalid
-from edgevlm.serving import Preprocessor, parse_history, sampling_params
-from edgevlm.supervisor import Supervisor
-from edgevlm.tritonserver import TritonServer
+from edgevlm.runtime.errors import BadRequest
+from edgevlm.runtime.requests import Preprocessor, parse_history, sampling_params
+from edgevlm.serve.supervisor import Supervisor
+from edgevlm.serve.tritonserver import TritonServer
+from support import OUTCOMES, RecordingRetry, active, outcomes, settle
 
 WORDS = ("cat robot door red open table light what where how many is the a of describe "
          "colour left right near far box person car tree sky ÷ é 猫 🙂").split()
@@ -42,26 +41,6 @@ def own_server(tiny_onnx, tmp_path_factory):
     srv.start()
     yield srv
     srv.stop()
-
-
-def outcomes(server: TritonServer) -> dict[str, float]:
-    m = server.metrics()
-    return {o: m.get(f'edgevlm_requests_total{{model="mobilevlm",outcome="{o}"}}', 0.0)
-            for o in ("complete", "cancelled", "invalid", "error")}
-
-
-def active(server: TritonServer) -> float:
-    return server.metrics()['edgevlm_active_sequences{model="mobilevlm"}']
-
-
-def settle(server: TritonServer, sent: int, timeout_s: float = 20.0) -> dict[str, float]:
-    """Wait until the server has finished every request sent and no sequence is active."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        got = outcomes(server)
-        if (sum(got.values()) >= sent and active(server) == 0) or time.monotonic() > deadline:
-            return got
-        time.sleep(0.2)
 
 
 def random_request(rng: random.Random, images: dict[str, bytes]) -> dict:
@@ -108,8 +87,8 @@ def test_soak_every_request_ends_cleanly_and_nothing_leaks(own_server):
         futures = [pool.submit(run_one, client, r) for r in jobs]
         endings = [f.result(timeout=120) for f in futures]  # raises on any untyped failure or loss
 
-    after = settle(own_server, sum(before.values()) + len(jobs))
-    seen = {o: after[o] - before[o] for o in after}
+    after = settle(own_server, sum(before[o] for o in OUTCOMES) + len(jobs))
+    seen = {o: after[o] - before[o] for o in OUTCOMES}
     assert sum(seen.values()) == len(jobs), f"server finished {seen} for {len(jobs)} requests"
     assert seen["error"] == 0
     assert seen["invalid"] == endings.count("invalid") > 0
@@ -134,6 +113,7 @@ def _stub_pid(server: TritonServer, model: str) -> int:
     raise AssertionError(f"no python stub for {model}")
 
 
+@pytest.mark.integration
 def test_killed_stub_gives_a_typed_error_and_serving_resumes(tiny_onnx, tmp_path):
     repo = render_repository(tiny_onnx, tmp_path / "repository", max_sequences=2, default_max_tokens=8)
     logged = []
@@ -156,25 +136,25 @@ def test_killed_stub_gives_a_typed_error_and_serving_resumes(tiny_onnx, tmp_path
             supervisor.stop()
 
 
+@pytest.mark.integration
 def test_server_restart_is_ridden_out_by_wait_ready_and_retry(tiny_onnx, tmp_path):
     repo = render_repository(tiny_onnx, tmp_path / "repository", max_sequences=2, default_max_tokens=8)
     first = TritonServer(repo, log_path=tmp_path / "first.log").start()
     ports = dict(grpc_port=first.grpc_port, http_port=first.http_port, metrics_port=first.metrics_port)
-    client = Client(first.grpc_url, timeout_s=30, retry=Retry(attempts=8, backoff_s=0.5))
-    assert client.generate("Hi", max_tokens=3).tokens == 3
+    assert Client(first.grpc_url, timeout_s=30).generate("Hi", max_tokens=3).tokens == 3
     first.stop()
-    assert not client.health()
     second = TritonServer(repo, log_path=tmp_path / "second.log", **ports)
-    restart = threading.Timer(1.0, second.start)
-    restart.start()
+    # The server comes back at the moment the client, refused, decides to retry.
+    retry = RecordingRetry(attempts=3, backoff_s=0.5, on_retry=lambda i: i == 0 and second.start())
+    client = Client(first.grpc_url, timeout_s=30, retry=retry)
+    assert not client.health()
     try:
-        # sent while nothing listens: retried with backoff until the new server answers
+        # sent while nothing listens: refused, retried after the backoff, answered
         assert client.generate("Hi again", max_tokens=3).tokens == 3
-        restart.join()
+        assert len(retry.drawn) == 1
         client.wait_ready(timeout_s=30)
         assert client.generate("And again", max_tokens=3).tokens == 3
     finally:
-        restart.join()
         second.stop()
 
 
@@ -200,7 +180,7 @@ scalars = st.one_of(st.none(), st.integers(-2**40, 2**40), st.floats(allow_nan=T
 def test_fuzzed_preprocess_gives_a_result_or_a_clean_refusal(preprocessor, image, prompt, raw, history, system):
     try:
         pixel_values, ids = preprocessor(image, np.array([prompt], dtype=object), raw, history, system)
-    except ServerSideInvalid as e:
+    except BadRequest as e:
         assert str(e) and "\n" not in str(e)
         return
     assert pixel_values.dtype == np.float32 and np.isfinite(pixel_values).all()
@@ -226,7 +206,7 @@ def test_fuzzed_generation_parameters_give_params_or_a_clean_refusal(values, sha
         inputs["stop"] = np.array(stop, dtype=object)
     try:
         params = sampling_params(inputs, 32)
-    except ServerSideInvalid as e:
+    except BadRequest as e:
         assert str(e) and "\n" not in str(e)
         return
     assert params.max_tokens >= 1 and params.temperature >= 0 and 0 < params.top_p <= 1
@@ -250,5 +230,5 @@ def test_fuzzed_requests_through_the_server_answer_or_refuse(own_server, prompt,
 
 def test_history_parser_refuses_every_malformed_shape():
     for bad in ("{", "[1]", '[["a"]]', '[["a", 1]]', '{"a": "b"}', '[["a", "b", "c"]]', "[" * 5000):
-        with pytest.raises(ServerSideInvalid):
+        with pytest.raises(BadRequest):
             parse_history(np.array([bad.encode()], dtype=object))

@@ -9,7 +9,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from edgevlm.tritonserver import ADMIN_HEADER
+from edgevlm.serve.tritonserver import ADMIN_HEADER
 
 
 def listening(port: int) -> set[str]:
@@ -92,5 +92,5 @@ def test_gateway_and_server_cli_default_to_loopback():
     from edgevlm_client.cli import parser
     args = parser().parse_args(["gateway"])
     assert args.host == "127.0.0.1" and not args.allow_remote_images and args.api_key is None
-    from edgevlm.serve import build_parser
+    from edgevlm.serve.cli import build_parser
     assert build_parser().parse_args(["--repository", "x"]).host == "127.0.0.1"

@@ -1,13 +1,24 @@
-"""gRPC client for an edgevlm Triton server (model `mobilevlm`): sync and asyncio."""
+"""gRPC client for an edgevlm Triton server (model `mobilevlm`): sync and asyncio.
 
-from edgevlm_client.aio import AsyncClient, AsyncStream
-from edgevlm_client.chat import AsyncChat, Chat
-from edgevlm_client.client import Client, Stream
-from edgevlm_client.connection import TLS, Retry
-from edgevlm_client.errors import (Cancelled, EdgeVLMError, InvalidRequest, ServerError,
-                                   ServerUnavailable, Timeout)
-from edgevlm_client.request import ModelInfo, Result
+Names load on first use, so the server can import `edgevlm_client.contract` (pure Python)
+without tritonclient.
+"""
 
-__all__ = ["Client", "AsyncClient", "Stream", "AsyncStream", "Chat", "AsyncChat", "Result", "ModelInfo",
-           "TLS", "Retry", "EdgeVLMError", "ServerUnavailable", "InvalidRequest", "Timeout", "Cancelled",
-           "ServerError"]
+from importlib import import_module
+
+_WHERE = {
+    "Client": "client", "Stream": "client", "AsyncClient": "aio", "AsyncStream": "aio",
+    "Chat": "chat", "AsyncChat": "chat", "Result": "request", "ModelInfo": "request",
+    "TLS": "connection", "Retry": "connection",
+    "EdgeVLMError": "errors", "ServerUnavailable": "errors", "InvalidRequest": "errors",
+    "Timeout": "errors", "Cancelled": "errors", "ServerError": "errors",
+}
+__all__ = list(_WHERE)
+
+
+def __getattr__(name):
+    if name not in _WHERE:
+        raise AttributeError(f"module 'edgevlm_client' has no attribute {name!r}")
+    value = getattr(import_module(f"edgevlm_client.{_WHERE[name]}"), name)
+    globals()[name] = value
+    return value

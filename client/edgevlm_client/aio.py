@@ -16,8 +16,9 @@ import tritonclient.grpc.aio as grpcaio
 from tritonclient.utils import InferenceServerException
 
 from edgevlm_client.chat import AsyncChat
-from edgevlm_client.client import DEFAULT_URL, MODEL
+from edgevlm_client.client import DEFAULT_URL
 from edgevlm_client.connection import TLS, Retry
+from edgevlm_client.contract import MODEL, STREAM_STATUS_HEADER
 from edgevlm_client.errors import EdgeVLMError, ServerError, ServerUnavailable, Timeout, from_triton
 from edgevlm_client.request import ModelInfo, Result, build_inputs, read_response
 
@@ -58,7 +59,7 @@ class AsyncStream:
         while True:
             call = None
             try:
-                call = (await self._client.grpc_client()).stream_infer(self._request())
+                call = (await self._client.grpc_client()).stream_infer(self._request(), headers=STREAM_STATUS_HEADER)
                 while True:
                     try:
                         result, error = await asyncio.wait_for(call.__anext__(), self._timeout_s)

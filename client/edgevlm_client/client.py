@@ -13,11 +13,11 @@ from tritonclient.utils import InferenceServerException
 
 from edgevlm_client.chat import Chat
 from edgevlm_client.connection import TLS, Retry
+from edgevlm_client.contract import MODEL, STREAM_STATUS_HEADER
 from edgevlm_client.errors import EdgeVLMError, ServerError, ServerUnavailable, Timeout, from_triton
 from edgevlm_client.request import ModelInfo, Result, build_inputs, read_response
 
 DEFAULT_URL = "127.0.0.1:8001"
-MODEL = "mobilevlm"
 T = TypeVar("T")
 
 
@@ -39,7 +39,9 @@ class Stream:
         q = self._q = queue.Queue()  # one per attempt: a late callback of a failed one lands nowhere
         self._grpc = self._client.grpc_client()
         try:
-            self._grpc.start_stream(callback=lambda result, error: q.put((result, error)))
+            # with the header, a refused request closes the stream with its status code
+            self._grpc.start_stream(callback=lambda result, error: q.put((result, error)),
+                                    headers=STREAM_STATUS_HEADER)
             self._grpc.async_stream_infer(self._client.model, self._inputs, enable_empty_final_response=True)
         except InferenceServerException as e:
             q.put((None, e))

@@ -43,5 +43,3 @@ class Retry:
         for i in range(max(self.attempts, 1) - 1):
             yield min(self.backoff_s * 2 ** i, self.max_backoff_s)
 
-
-NO_RETRY = Retry(attempts=1)

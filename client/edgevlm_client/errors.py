@@ -1,8 +1,11 @@
-"""Typed errors, each raised `from` the tritonclient exception behind it."""
+"""Typed errors, chosen by the status code the server sent, never by its message.
+
+Streams carry status codes because the client opens them with
+`contract.STREAM_STATUS_HEADER`; unary calls always do. Each error is raised `from` the
+tritonclient or grpc exception behind it, and keeps the server's one-line reason as text.
+"""
 
 from __future__ import annotations
-
-import re
 
 
 class EdgeVLMError(Exception):
@@ -10,11 +13,11 @@ class EdgeVLMError(Exception):
 
 
 class ServerUnavailable(EdgeVLMError):
-    """No server answers at the address (not started, restarting, or unreachable)."""
+    """No server answers, or it is overloaded or restarting: worth retrying."""
 
 
 class InvalidRequest(EdgeVLMError):
-    """The server refused the request; the message says why."""
+    """The server refused the request; the message says why. Retrying will not help."""
 
 
 class Timeout(EdgeVLMError):
@@ -26,46 +29,37 @@ class Cancelled(EdgeVLMError):
 
 
 class ServerError(EdgeVLMError):
-    """The server failed while serving the request."""
+    """The server failed while serving the request (a bug, a dead model, or an answer
+    without a status code)."""
 
 
-_BY_STATUS = {"StatusCode.INVALID_ARGUMENT": InvalidRequest, "StatusCode.UNAVAILABLE": ServerUnavailable,
-              "StatusCode.DEADLINE_EXCEEDED": Timeout, "StatusCode.CANCELLED": Cancelled}
+# gRPC status names (grpc.StatusCode.X.name) -> our types; anything else is the server's fault.
+BY_STATUS = {
+    "INVALID_ARGUMENT": InvalidRequest,
+    "UNAVAILABLE": ServerUnavailable,
+    "DEADLINE_EXCEEDED": Timeout,
+    "CANCELLED": Cancelled,
+}
 
 
-def reason(message: str) -> str:
-    """The server's one-line reason, without Triton's ensemble prefix."""
-    return re.sub(r"^in ensemble '[^']*', ", "", message or "").strip()
+def status_name(exc) -> str:
+    """The gRPC status name of a tritonclient InferenceServerException (its status() is
+    "StatusCode.X", or None when it carries no code) or of a grpc.RpcError."""
+    code = exc.code() if callable(getattr(exc, "code", None)) else (
+        exc.status() if callable(getattr(exc, "status", None)) else None)
+    if code is None:
+        return ""
+    return getattr(code, "name", None) or str(code).rpartition(".")[2]
 
 
 def from_triton(exc) -> EdgeVLMError:
-    """Map a tritonclient InferenceServerException, or a grpc.RpcError from the asyncio
-    stream, to our type (call as `raise ... from exc`)."""
-    if callable(getattr(exc, "code", None)) and callable(getattr(exc, "details", None)):  # grpc.RpcError
-        status, message = str(exc.code()), reason(exc.details() or "")
+    """Map a tritonclient InferenceServerException or a grpc.RpcError to our type (call as
+    `raise from_triton(e) from e`)."""
+    if callable(getattr(exc, "details", None)):  # grpc.RpcError
+        message = exc.details() or ""
+    elif callable(getattr(exc, "message", None)):
+        message = exc.message() or ""
     else:
-        status = str(exc.status()) if callable(getattr(exc, "status", None)) and exc.status() else ""
-        message = reason(exc.message() if callable(getattr(exc, "message", None)) else str(exc))
-    cls = _BY_STATUS.get(status) or _classify(message)
-    return cls(message or status)
-
-
-_UNAVAILABLE = ("failed to connect", "connection refused", "unavailable", "server exiting",
-                "is not ready", "socket closed")
-_SERVER_FAULT = ("internal error", "stub process", "not healthy", "failed to", "exception")
-
-
-def _classify(message: str) -> type[EdgeVLMError]:
-    """Errors on a gRPC stream arrive as a message only, without a status code. The server's
-    own failures say "internal error"; Triton's refusals of malformed tensors and our models'
-    one-line reasons are the request's fault."""
-    low = message.lower()
-    if any(s in low for s in _UNAVAILABLE):
-        return ServerUnavailable
-    if "deadline" in low or "timed out" in low:
-        return Timeout
-    if "cancelled" in low:
-        return Cancelled
-    if any(s in low for s in _SERVER_FAULT):
-        return ServerError
-    return InvalidRequest
+        message = str(exc)
+    status = status_name(exc)
+    return BY_STATUS.get(status, ServerError)(message.strip() or status or "no reason given")

@@ -1,7 +1,7 @@
 """Images as the server takes them: encoded bytes in one of the formats it decodes.
 
 A path, bytes, a PIL image or a numpy array all become bytes here, and anything the server
-would refuse as unsupported is refused before it crosses the network.
+would refuse as unsupported (contract.IMAGE_FORMATS) is refused before it crosses the network.
 """
 
 from __future__ import annotations
@@ -11,25 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
+from edgevlm_client.contract import IMAGE_FORMATS_TEXT, image_format
 from edgevlm_client.errors import InvalidRequest
-
-# The formats the server decodes (edgevlm.image.FORMATS), by their first bytes.
-_SIGNATURES = (
-    (b"\xff\xd8\xff", "JPEG"),
-    (b"\x89PNG\r\n\x1a\n", "PNG"),
-    (b"GIF87a", "GIF"),
-    (b"GIF89a", "GIF"),
-    (b"BM", "BMP"),
-)
-SUPPORTED = "JPEG, PNG, WebP, BMP or GIF"
-
-
-def image_format(data: bytes) -> str | None:
-    """The format named by the leading bytes, or None."""
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "WEBP"
-    return next((name for magic, name in _SIGNATURES if data.startswith(magic)), None)
-
 
 def image_bytes(image) -> bytes:
     """A path, encoded bytes, a PIL image or a uint8 array (HxW, HxWx3, HxWx4) -> encoded bytes.
@@ -51,7 +34,7 @@ def _checked(data: bytes, what: str) -> bytes:
     if not data:
         raise InvalidRequest(f"{what}: empty")
     if image_format(data) is None:
-        raise InvalidRequest(f"{what}: unsupported image type (send {SUPPORTED})")
+        raise InvalidRequest(f"{what}: unsupported image type (send {IMAGE_FORMATS_TEXT})")
     return data
 
 

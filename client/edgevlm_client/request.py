@@ -12,11 +12,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import tritonclient.grpc as grpcclient
 
+from edgevlm_client.contract import BY_NAME, PARAMETERS
 from edgevlm_client.images import image_bytes
 
 _NP = {"BYTES": object, "BOOL": np.bool_, "INT32": np.int32, "INT64": np.int64, "FP32": np.float32}
-SCALARS = (("max_tokens", "INT32"), ("temperature", "FP32"), ("top_p", "FP32"), ("top_k", "INT32"),
-           ("repetition_penalty", "FP32"), ("seed", "INT64"))
 
 
 @dataclass
@@ -65,7 +64,8 @@ class ModelInfo:
                    inputs={t["name"]: t["datatype"] for t in metadata.get("inputs", [])})
 
 
-def _tensor(name: str, value, dtype: str) -> grpcclient.InferInput:
+def _tensor(name: str, value) -> grpcclient.InferInput:
+    dtype = BY_NAME[name].datatype
     arr = np.array(value if isinstance(value, list) else [value], dtype=_NP[dtype])
     t = grpcclient.InferInput(name, list(arr.shape), dtype)
     t.set_data_from_numpy(arr)
@@ -78,23 +78,23 @@ def build_inputs(prompt: str, image=None, *, system: str | None = None, raw_prom
                  repetition_penalty: float | None = None, seed: int | None = None,
                  stop: Sequence[str] | str | None = None) -> list[grpcclient.InferInput]:
     """Request tensors; options left as None take the server's defaults."""
-    inputs = [_tensor("prompt", prompt.encode("utf-8"), "BYTES")]
+    inputs = [_tensor("prompt", prompt.encode("utf-8"))]
     if image is not None:
-        inputs.append(_tensor("image", image_bytes(image), "BYTES"))
+        inputs.append(_tensor("image", image_bytes(image)))
     if system is not None:
-        inputs.append(_tensor("system", system.encode("utf-8"), "BYTES"))
+        inputs.append(_tensor("system", system.encode("utf-8")))
     if raw_prompt:
-        inputs.append(_tensor("raw_prompt", True, "BOOL"))
+        inputs.append(_tensor("raw_prompt", True))
     if history:
-        inputs.append(_tensor("history", json.dumps([list(t) for t in history]).encode("utf-8"), "BYTES"))
+        inputs.append(_tensor("history", json.dumps([list(t) for t in history]).encode("utf-8")))
     options = dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                    repetition_penalty=repetition_penalty, seed=seed)
-    for name, dtype in SCALARS:
-        if options[name] is not None:
-            inputs.append(_tensor(name, options[name], dtype))
+    for param in PARAMETERS:
+        if options[param.name] is not None:
+            inputs.append(_tensor(param.name, options[param.name]))
     if stop:
         stop = [stop] if isinstance(stop, str) else list(stop)
-        inputs.append(_tensor("stop", [s.encode("utf-8") for s in stop], "BYTES"))
+        inputs.append(_tensor("stop", [s.encode("utf-8") for s in stop]))
     return inputs
 
 

@@ -1,1 +1,2 @@
-"""Runners for the exported graphs: ONNX Runtime here, TensorRT on the Orin."""
+"""ONNX -> TensorRT engines on the device: what each release offers, optimization profiles,
+the builder. Imports tensorrt only where an engine is built."""

@@ -1,17 +1,18 @@
 """Triton model `mobilevlm` (decoupled): the entry point clients stream from.
 
-Inputs:  image BYTES [1] (optional; encoded JPEG/PNG/...), prompt BYTES [1], raw_prompt BOOL [1],
-         history BYTES [1] (JSON [[question, answer], ...] of earlier turns), system BYTES [1]
-         (replaces the template's system line),
-         max_tokens INT32, temperature FP32, top_p FP32, top_k INT32, repetition_penalty FP32,
-         seed INT64 (each optional, [1]), stop BYTES [K] (optional).
-Outputs: one response per text delta: text BYTES [1] and stats BYTES [1], which is empty
-         except on the last response (JSON: image_encode_ms, prefill_tokens, prefill_ms,
-         decode_tokens, decode_ms, decode_tokens_per_s, finish_reason).
+Its inputs and outputs are the wire contract (edgevlm_client/contract.py; config.pbtxt is
+rendered from it): one response per text delta, `stats` JSON on the last.
 
-Per request: `preprocess` and `vision_encoder` run through BLS inside execute(); the decode
-loop then runs on a worker thread (up to `max_sequences` at once) and streams. A cancelled
-stream stops at the next token and frees its KV cache.
+Per request, inside execute(): the request is checked and preprocessed here (image decode,
+prompt template, tokens), then `vision_encoder` runs through BLS; the decode loop then runs on
+a worker thread (up to `max_sequences` at once) and streams. A cancelled stream stops at the
+next token and frees its KV cache. Failures carry their Triton status: INVALID_ARG for a bad
+request, UNAVAILABLE for no room, INTERNAL for a bug.
+
+Why preprocessing is not a composing model of its own: python-backend BLS resets a composed
+model's error code to INTERNAL (triton-inference-server/server#7804, Triton 2.51), so a bad
+image refused there would reach the client as a server fault. Here its refusal keeps
+INVALID_ARG; it also saves a stub process and a shared-memory copy of the pixels.
 
 Prometheus metrics (Triton's metrics endpoint): edgevlm_active_sequences (gauge; back to 0
 when idle, or a sequence leaked), edgevlm_requests_total{outcome=complete|cancelled|invalid|
@@ -23,10 +24,10 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
-import triton_python_backend_utils as pb_utils
-from model_params import model_params
+from adapter import bls, model_params, triton_error
 
-PARAMS = ("max_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed", "stop")
+import triton_python_backend_utils as pb_utils
+
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
 
@@ -36,9 +37,9 @@ def _response(text, stats=b""):
         pb_utils.Tensor("stats", np.array([stats], dtype=object))])
 
 
-def _error(message, invalid):
-    code = pb_utils.TritonError.INVALID_ARG if invalid else pb_utils.TritonError.INTERNAL
-    return pb_utils.InferenceResponse(error=pb_utils.TritonError(message, code))
+def _outcome(exc):
+    """How a failed request is counted: by its status, like the client sees it."""
+    return "invalid" if getattr(exc, "status", None) == "INVALID_ARG" else "error"
 
 
 class Metrics:
@@ -74,48 +75,37 @@ class TritonPythonModel:
         if not pb_utils.using_decoupled_model_transaction_policy(config):
             raise pb_utils.TritonModelException("mobilevlm must be decoupled (it streams)")
         params = model_params(args)
-        from edgevlm import serving
-        from edgevlm.sampling import InvalidRequest
-        self.serving, self.invalid = serving, InvalidRequest
-        self.gen = serving.load_generator(params["onnx_dir"], params["runner"], params.get("engine_dir", ""),
-                                          params.get("kv_cache", "auto"))
+        from edgevlm_client import contract
+
+        from edgevlm.runtime import requests
+        from edgevlm.runtime.runners import load_generator
+        self.requests = requests
+        self.pre = requests.Preprocessor(params["onnx_dir"], max_image_pixels=int(params["max_image_pixels"]))
+        self.prompt_inputs = contract.PROMPT_INPUTS
+        self.decode_inputs = [t.name for t in contract.INPUTS if t.name not in contract.PROMPT_INPUTS]
+        self.gen = load_generator(params["onnx_dir"], params["runner"], params.get("engine_dir", ""),
+                                  params.get("kv_cache", "auto"))
         self.vocab = self.gen.tok.vocab_size
         self.default_max_tokens = int(params["default_max_tokens"])
         self.pool = ThreadPoolExecutor(max_workers=int(params["max_sequences"]),
                                        thread_name_prefix="decode")
         self.metrics = Metrics()
 
-    def _bls(self, model, inputs, outputs):
-        """Run a composing model; its error becomes this request's error, reason intact."""
-        response = pb_utils.InferenceRequest(model_name=model, inputs=inputs,
-                                             requested_output_names=outputs).exec()
-        if response.has_error():
-            message = response.error().message()
-            raise (RuntimeError if message.startswith("internal error") else self.invalid)(message)
-        return [pb_utils.get_output_tensor_by_name(response, name).as_numpy() for name in outputs]
-
     def execute(self, requests):
         for request in requests:
             sender = request.get_response_sender()
             try:
                 get = lambda name: pb_utils.get_input_tensor_by_name(request, name)  # noqa: E731
-                pre_inputs = [t for t in (get("image"), get("prompt"), get("raw_prompt"), get("history"),
-                                                get("system"))
-                              if t is not None]
-                pixel_values, input_ids = self._bls("preprocess", pre_inputs, ["pixel_values", "input_ids"])
-                embeds, encode_ms = self._bls("vision_encoder", [pb_utils.Tensor("pixel_values", pixel_values)],
-                                              ["image_embeds", "encode_ms"])
+                pixel_values, input_ids = self.pre.from_inputs(
+                    {name: get(name).as_numpy() for name in self.prompt_inputs if get(name) is not None})
+                embeds, encode_ms = bls("vision_encoder", [pb_utils.Tensor("pixel_values", pixel_values)],
+                                        ["image_embeds", "encode_ms"])
                 # Copy out of shared memory: the decode loop outlives execute().
-                inputs = {name: get(name).as_numpy().copy() for name in PARAMS if get(name) is not None}
+                inputs = {name: get(name).as_numpy().copy() for name in self.decode_inputs if get(name) is not None}
                 inputs.update(input_ids=input_ids.copy(), image_embeds=embeds.copy(), encode_ms=encode_ms.copy())
-            except self.invalid as e:
-                self.metrics.finished("invalid")
-                sender.send(_error(str(e), invalid=True), flags=FINAL)
-                continue
             except Exception as e:
-                self.metrics.finished("error")
-                pb_utils.Logger.log_error(f"mobilevlm: {type(e).__name__}: {e}")
-                sender.send(_error(f"internal error: {type(e).__name__}: {e}", invalid=False), flags=FINAL)
+                self.metrics.finished(_outcome(e))
+                sender.send(pb_utils.InferenceResponse(error=triton_error(e, "mobilevlm")), flags=FINAL)
                 continue
             self.pool.submit(self._decode, inputs, sender, request)
         return None
@@ -125,11 +115,11 @@ class TritonPythonModel:
             self.metrics.active.increment(1)
         outcome, tokens = "error", 0
         try:
-            s = self.serving
-            params = s.sampling_params(inputs, self.default_max_tokens)
-            ids = s.check_ids(inputs["input_ids"], self.vocab)
-            encode_ms = s.scalar(inputs, "encode_ms", "f", float) or 0.0
-            for event in self.gen.generate(ids, s.image_embeds_or_none(inputs["image_embeds"]), params,
+            r = self.requests
+            params = r.sampling_params(inputs, self.default_max_tokens)
+            ids = r.check_ids(inputs["input_ids"], self.vocab)
+            encode_ms = r.scalar(inputs, "encode_ms", "f", float) or 0.0
+            for event in self.gen.generate(ids, r.image_embeds_or_none(inputs["image_embeds"]), params,
                                            image_encode_ms=encode_ms,
                                            cancelled=lambda: sender.is_cancelled() or request.is_cancelled()):
                 if not event.final:
@@ -138,19 +128,14 @@ class TritonPythonModel:
                 tokens = event.stats.decode_tokens
                 if event.stats.finish_reason == "cancelled":
                     outcome = "cancelled"
-                    pb_utils.Logger.log_info(f"mobilevlm: cancelled after {event.stats.decode_tokens} "
-                                             f"of {params.max_tokens} tokens")
                     sender.send(flags=FINAL)  # FINAL is owed even to a cancelled request
                 else:
                     outcome = "complete"
                     sender.send(_response(event.text, json.dumps(event.stats.to_dict()).encode()), flags=FINAL)
-        except self.invalid as e:
-            outcome = "invalid"
-            sender.send(_error(str(e), invalid=True), flags=FINAL)
         except Exception as e:
-            pb_utils.Logger.log_error(f"mobilevlm: {type(e).__name__}: {e}")
+            outcome = _outcome(e)
             try:
-                sender.send(_error(f"internal error: {type(e).__name__}: {e}", invalid=False), flags=FINAL)
+                sender.send(pb_utils.InferenceResponse(error=triton_error(e, "mobilevlm")), flags=FINAL)
             except Exception as send_error:  # the stream may already be closed
                 pb_utils.Logger.log_error(f"mobilevlm: could not report the failure: {send_error}")
         finally:

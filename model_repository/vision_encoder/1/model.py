@@ -1,20 +1,17 @@
-"""Triton model `vision_encoder`.
-
-Inputs:  pixel_values FP32 [N, 3, S, S], N = 0 (text-only request) or 1.
-Outputs: image_embeds FP32 [N, T, D], encode_ms FP32 [1] (0 when N = 0).
-Runs ONNX Runtime (cpu target) or a TensorRT engine (jetson target) in process.
-"""
-
+"""Triton model `vision_encoder`: pixel_values FP32 [N, 3, S, S] (N = 0 for a text-only
+request) -> image_embeds FP32 [N, T, D] and encode_ms FP32 [1] (0 when N = 0). Runs ONNX
+Runtime (cpu target) or a TensorRT engine (jetson target) in process."""
 
 import numpy as np
+from adapter import model_params, triton_error
+
 import triton_python_backend_utils as pb_utils
-from model_params import model_params
 
 
 class TritonPythonModel:
     def initialize(self, args):
         params = model_params(args)
-        from edgevlm.serving import VisionEncoder
+        from edgevlm.runtime.runners import VisionEncoder
         self.encoder = VisionEncoder(params["onnx_dir"], params["runner"], params.get("engine_dir", ""))
 
     def execute(self, requests):
@@ -27,7 +24,5 @@ class TritonPythonModel:
                     pb_utils.Tensor("image_embeds", embeds),
                     pb_utils.Tensor("encode_ms", np.array([ms], np.float32))]))
             except Exception as e:
-                pb_utils.Logger.log_error(f"vision_encoder: {type(e).__name__}: {e}")
-                responses.append(pb_utils.InferenceResponse(
-                    error=pb_utils.TritonError(f"internal error: vision_encoder: {type(e).__name__}: {e}")))
+                responses.append(pb_utils.InferenceResponse(error=triton_error(e, "vision_encoder")))
         return responses

@@ -15,7 +15,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 
-from edgevlm.tritonserver import ServerError, TritonServer
+from edgevlm.serve.tritonserver import ServerError, TritonServer
 
 ENTRY_MODEL = "mobilevlm"
 
@@ -75,6 +75,7 @@ class Supervisor:
         return self
 
     def stop(self) -> None:
+        """Ends run() at its next wait (safe from a signal handler on the thread running it)."""
         self._stop.set()
-        if self._thread is not None:
+        if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join()

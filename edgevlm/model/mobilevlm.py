@@ -8,12 +8,12 @@ import torch
 from torch import nn
 
 from edgevlm.presets import IMAGE_TOKEN_INDEX, ModelConfig
-from edgevlm.reference.clip import CLIPVisionTower
-from edgevlm.reference.llama import LlamaDecoder
-from edgevlm.reference.projector import build_projector
+from edgevlm.model.clip import CLIPVisionTower
+from edgevlm.model.llama import LlamaDecoder
+from edgevlm.model.projector import build_projector
 
 
-class VisionEncoder(nn.Module):
+class ProjectedVisionTower(nn.Module):
     """pixel_values [B, 3, S, S] -> image_embeds [B, image_tokens, D_llm]."""
 
     def __init__(self, cfg: ModelConfig):
@@ -29,7 +29,7 @@ class MobileVLM(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        self.vision = VisionEncoder(cfg)
+        self.vision = ProjectedVisionTower(cfg)
         self.decoder = LlamaDecoder(cfg.text)
 
     @classmethod

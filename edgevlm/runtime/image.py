@@ -12,20 +12,20 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from edgevlm_client.contract import IMAGE_FORMATS, MAX_IMAGE_PIXELS
+
 from edgevlm.presets import CLIP_MEAN, CLIP_STD
 
 PAD_COLOUR = tuple(int(m * 255) for m in CLIP_MEAN)  # (122, 116, 104)
-DEFAULT_MAX_PIXELS = 50_000_000  # refuse decompression bombs before decoding them
-# What cameras and services send. Pillow would open dozens more; each is parser surface a
-# network-facing server does not need (the client sniffs the same list before sending).
-FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF")
+# Pillow opens only the contract's formats (the client sniffs the same list before sending).
+FORMATS = tuple(IMAGE_FORMATS)
 
 
 class ImageError(ValueError):
     """An input that is not a decodable, acceptably sized image."""
 
 
-def load_image(src, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+def load_image(src, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
     """bytes, a path, a PIL image or an HxWx3 uint8 array -> RGB PIL image."""
     if isinstance(src, Image.Image):
         img = src
@@ -66,7 +66,7 @@ def expand_to_square(img: Image.Image, fill=PAD_COLOUR) -> Image.Image:
     return out
 
 
-def preprocess(src, size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+def preprocess(src, size: int, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
     """Any accepted image -> pixel_values float32 [3, size, size]."""
     img = expand_to_square(load_image(src, max_pixels))
     # CLIPImageProcessor: shortest edge to `size` with PIL bicubic (a square gives size x size),

@@ -1,7 +1,7 @@
 """The end-to-end demo: start tritonserver on the rendered repository, ask about a photo
 through the gRPC client, stream the answer, print the timings, stop the server.
 
-    python build/demo.py --repository artifacts/tiny/repository
+    python tools/demo.py --repository artifacts/tiny/repository
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import sys
 import time
 
 from edgevlm.samples import SAMPLES, sample_image
-from edgevlm.tritonserver import ServerError, TritonServer
+from edgevlm.serve.tritonserver import ServerError, TritonServer
 from edgevlm_client import Client, EdgeVLMError
 from edgevlm_client.cli import timing_line
 

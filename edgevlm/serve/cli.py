@@ -3,7 +3,7 @@
     python -m edgevlm.serve --repository artifacts/tiny/repository [--host 0.0.0.0] [--tls-cert ...]
 
 Binds loopback unless told otherwise; restarts the server when it or the entry model's stub
-dies (see supervisor.py); exits non-zero when restarts keep failing, for systemd or Docker to
+dies (see serve/supervisor.py); exits non-zero when restarts keep failing, for systemd or Docker to
 take over.
 """
 
@@ -12,11 +12,11 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
-import threading
 from pathlib import Path
 
-from edgevlm.supervisor import Supervisor
-from edgevlm.tritonserver import ADMIN_APIS, ADMIN_HEADER, GrpcTLS, ServerError, TritonServer
+from edgevlm.serve.supervisor import Supervisor
+from edgevlm.serve.tritonserver import ADMIN_APIS, ADMIN_HEADER, GrpcTLS, ServerError, TritonServer
+
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description="Serve a rendered model repository with tritonserver.")
@@ -51,18 +51,12 @@ def main(argv=None) -> int:
     print(f"serve: admin APIs ({ADMIN_APIS}) need header {ADMIN_HEADER}, value in "
           f"{server.work / 'admin-key'}", flush=True)
     supervisor = Supervisor(server, log=lambda m: print(f"serve: {m}", flush=True))
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *a: stop.set())
+    signal.signal(signal.SIGTERM, lambda *a: supervisor.stop())
     try:
-        while not stop.wait(supervisor.interval_s):
-            if not supervisor.check():
-                break
+        supervisor.run()  # until SIGTERM, Ctrl-C, or giving up after too many restarts
     except KeyboardInterrupt:
         pass
     print("serve: stopping", flush=True)
     server.stop()
     return 1 if supervisor.failed else 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -66,7 +66,7 @@ def _parse(trt, network, logger, onnx_path: Path, pinned: dict[str, int] | None 
     if pinned:  # fix symbolic dims first; `path` lets the parser find the external weights
         import onnx
 
-        from edgevlm.graph import pin_dims
+        from edgevlm.export.cleanup import pin_dims
         model = pin_dims(onnx.load(str(onnx_path), load_external_data=False), pinned)
         ok = parser.parse(model.SerializeToString(), str(onnx_path))
     else:

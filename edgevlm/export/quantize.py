@@ -37,8 +37,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from edgevlm import graph, static_cache
-from edgevlm.image import preprocess
+from edgevlm.export import cleanup, static_cache
+from edgevlm.runtime.image import preprocess
 from edgevlm.manifest import OnnxArtifacts, write_manifest
 from edgevlm.staging import staged_dir
 
@@ -142,7 +142,7 @@ def quantize_decoder_weights(src: Path, dst: Path, bits: int) -> None:
         model = onnx.load(str(src), load_external_data=False)
         # INT4 needs opset 21; ReduceMean and Split change form on the way (weights not loaded
         # yet). The static decoder is at 24 already.
-        if graph.opset_of(model) < 21:
+        if cleanup.opset_of(model) < 21:
             model = onnx.version_converter.convert_version(model, 21)
         onnx.load_external_data_for_model(model, str(src.parent))
         config = DefaultWeightOnlyQuantConfig(block_size=INT4_BLOCK, is_symmetric=True, quant_format=QuantFormat.QDQ,
@@ -169,12 +169,12 @@ def cast_decoder_fp16(src: Path, dst: Path, fp16_cache: bool = False) -> None:
     ONNX Runtime's float16 converter does the rewrite."""
     from onnxruntime.transformers.float16 import convert_float_to_float16
     model = onnx.load(str(src), load_external_data=False)
-    if graph.opset_of(model) < 21:  # FP16 DQ scales need opset 19+; TensorRT 10 reads 21 (see INT4)
+    if cleanup.opset_of(model) < 21:  # FP16 DQ scales need opset 19+; TensorRT 10 reads 21 (see INT4)
         model = onnx.version_converter.convert_version(model, 21)
     onnx.load_external_data_for_model(model, str(src.parent))
     keep = ["inputs_embeds", "logits"] if fp16_cache else True
     model = convert_float_to_float16(model, keep_io_types=keep, op_block_list=FP16_KEEP_FP32)
-    graph.toposort_nodes(model)
+    cleanup.toposort_nodes(model)
     onnx.save(model, str(dst), save_as_external_data=True, all_tensors_to_one_file=True,
               location=dst.name + ".data", size_threshold=1024)
 
@@ -182,10 +182,10 @@ def cast_decoder_fp16(src: Path, dst: Path, fp16_cache: bool = False) -> None:
 def _agreement(quant: Path, other: Path, cfg, table_path: Path, tok_path: Path, static: bool = False) -> float:
     """Logits cosine, quantized decoder vs a derived graph (its FP16 copy, its static-KV twin),
     over a text prompt's prefill and 4 greedy decode steps."""
-    from edgevlm.embedding import EmbeddingTable
-    from edgevlm.engines.onnxruntime import OrtDecoder
-    from edgevlm.prompt import build_prompt, tokenize_prompt
-    from edgevlm.tokenizer import Tokenizer
+    from edgevlm.runtime.embedding import EmbeddingTable
+    from edgevlm.runtime.onnxruntime import OrtDecoder
+    from edgevlm.runtime.prompt import build_prompt, tokenize_prompt
+    from edgevlm.runtime.tokenizer import Tokenizer
     ids = tokenize_prompt(Tokenizer(tok_path), build_prompt("Name three colours.", image=False))
     table = EmbeddingTable(table_path)
     ref = OrtDecoder(quant, cfg.text).new_sequence(len(ids) + 4)
@@ -201,7 +201,7 @@ def _agreement(quant: Path, other: Path, cfg, table_path: Path, tok_path: Path, 
 def quantize_export(onnx_dir: str | Path, out_dir: str | Path, precision: str, *,
                     calib_dir: str | Path | None = None, log: Callable[[str], None] = print) -> dict:
     """Quantize an export; returns the accuracy report written into the manifest."""
-    from edgevlm.quant_check import QuantizationError, check_quantized
+    from edgevlm.export.quant_check import QuantizationError, check_quantized
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     src = OnnxArtifacts.open(onnx_dir)
@@ -246,12 +246,12 @@ def quantize_export(onnx_dir: str | Path, out_dir: str | Path, precision: str, *
         for key, name in (("vision_encoder", "vision_encoder"), ("decoder", "decoder"), ("decoder_fp16", "decoder.fp16")):
             if (tmp / f"{name}.onnx.data").is_file():
                 files[f"{key}_data"] = f"{name}.onnx.data"
-        io = {k: graph.io_specs(tmp / f"{k}.onnx") for k in ("vision_encoder", "decoder")}
+        io = {k: cleanup.io_specs(tmp / f"{k}.onnx") for k in ("vision_encoder", "decoder")}
         if static:
-            io["decoder_static"] = graph.io_specs(tmp / "decoder.static.onnx")
+            io["decoder_static"] = cleanup.io_specs(tmp / "decoder.static.onnx")
         manifest.update(
             files=files, io=io,
-            opset={"vision_encoder": graph.TARGET_OPSET, "decoder": graph.TARGET_OPSET if bits == 8 else 21},
+            opset={"vision_encoder": cleanup.TARGET_OPSET, "decoder": cleanup.TARGET_OPSET if bits == 8 else 21},
             quantization={
                 "precision": precision, "tool": "onnxruntime.quantization",
                 "vision_encoder": {"scheme": "W8A8", "weights": "int8 per channel, symmetric",

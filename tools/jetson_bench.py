@@ -1,6 +1,7 @@
 """make jetson-bench: the on-device figures, with the roofline beside them.
 
-    python build/jetson_bench.py --onnx artifacts/mobilevlm-v2-1.7b/onnx [--module agx-orin-64gb] [--runs 5]
+    python tools/jetson_bench.py --onnx artifacts/mobilevlm-v2-1.7b/onnx [--module agx-orin-64gb] [--runs 5]
+                                 [--power-mode MAXN]
 
 Records the power mode and versions, then through the TensorRT runners in this process: image
 encode ms, prefill ms, decode tok/s (medians), joules per generated token from tegrastats'
@@ -29,21 +30,27 @@ def main(argv=None) -> int:
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--out", default=str(ROOT / "artifacts" / "bench"))
+    ap.add_argument("--power-mode", help="switch to this nvpmodel mode by name first, e.g. MAXN (needs root)")
     args = ap.parse_args(argv)
     try:
         dev = device.detect().require("l4t", "tensorrt", "sm")
-        mode = power.query()
+        mode = power.set_mode(args.power_mode) if args.power_mode else power.query()
         import tensorrt  # noqa: F401
     except (device.DeviceError, power.PowerError, ImportError) as e:
         print(f"jetson-bench: refused: {e}. It runs on the Orin, after `make engines`", file=sys.stderr)
         return 2
+    try:  # before measuring: `jetson_clocks --show` needs root, and its failure must not lose a run
+        clocks_locked = power.jetson_clocks(lock=False).locked
+    except power.PowerError as e:
+        print(f"jetson-bench: clock state unknown ({e})", file=sys.stderr)
+        clocks_locked = None
 
-    from edgevlm.image import preprocess
+    from edgevlm.runtime.image import preprocess
     from edgevlm.manifest import OnnxArtifacts
-    from edgevlm.prompt import build_prompt, tokenize_prompt
+    from edgevlm.runtime.prompt import build_prompt, tokenize_prompt
     from edgevlm.samples import sample_image
-    from edgevlm.sampling import SamplingParams
-    from edgevlm.serving import VisionEncoder, load_generator
+    from edgevlm.runtime.sampling import SamplingParams
+    from edgevlm.runtime.runners import VisionEncoder, load_generator
     art = OnnxArtifacts.open(args.onnx)
     engines = Path(args.onnx).parent / "engines" / dev.tag
     vision = VisionEncoder(args.onnx, "tensorrt", engines)
@@ -70,7 +77,7 @@ def main(argv=None) -> int:
     pool = getattr(gen.decoder, "pool", [])
     cuda_graph = bool(pool) and all(s.graph is not None for s in pool)
     report = {
-        "device": dev.to_dict(), "power_mode": mode.name, "clocks_locked": power.jetson_clocks(lock=False).locked,
+        "device": dev.to_dict(), "power_mode": mode.name, "clocks_locked": clocks_locked,
         "engines": str(engines), "precision": precision, "kv_cache": kv, "decode_cuda_graph": cuda_graph,
         "runs": args.runs,
         "image_encode_ms": round(statistics.median(encode), 2), "prefill_ms": round(statistics.median(prefill), 2),

@@ -6,40 +6,36 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from edgevlm_client.contract import BY_NAME, PARAMETERS, stop_reason
+
+from edgevlm.runtime.errors import BadRequest
 
 
-class InvalidRequest(ValueError):
-    """A request the server refuses; the message is the one-line reason sent back."""
+def _default(name: str):
+    return BY_NAME[name].default
 
 
 @dataclass(frozen=True)
 class SamplingParams:
-    max_tokens: int = 256
-    temperature: float = 0.0  # 0 = greedy
-    top_p: float = 1.0
-    top_k: int = 0  # 0 = no limit
-    repetition_penalty: float = 1.0
-    seed: int | None = None
+    """One request's generation parameters; defaults and ranges are the wire contract's."""
+    max_tokens: int = _default("max_tokens")
+    temperature: float = _default("temperature")  # 0 = greedy
+    top_p: float = _default("top_p")
+    top_k: int = _default("top_k")  # 0 = no limit
+    repetition_penalty: float = _default("repetition_penalty")
+    seed: int | None = _default("seed")
     stop: tuple[str, ...] = ()
 
     def validate(self) -> SamplingParams:
-        def bad(msg):
-            raise InvalidRequest(msg)
-
-        if not 1 <= self.max_tokens <= 1_000_000:
-            bad(f"max_tokens must be >= 1, got {self.max_tokens}")
-        if not (np.isfinite(self.temperature) and 0.0 <= self.temperature <= 100.0):
-            bad(f"temperature must be in [0, 100], got {self.temperature}")
-        if not (np.isfinite(self.top_p) and 0.0 < self.top_p <= 1.0):
-            bad(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            bad(f"top_k must be >= 0, got {self.top_k}")
-        if not (np.isfinite(self.repetition_penalty) and 0.0 < self.repetition_penalty <= 10.0):
-            bad(f"repetition_penalty must be in (0, 10], got {self.repetition_penalty}")
-        if self.seed is not None and self.seed < 0:
-            bad(f"seed must be >= 0, got {self.seed}")
-        if len(self.stop) > 16 or any(not s or len(s) > 256 for s in self.stop):
-            bad("stop takes at most 16 non-empty strings of at most 256 characters")
+        """Each parameter in its contract range, or BadRequest with the reason."""
+        for param in PARAMETERS:
+            value = getattr(self, param.name)
+            why = None if value is None else param.limit.reason(param.name, value)
+            if why:
+                raise BadRequest(why)
+        why = stop_reason(self.stop)
+        if why:
+            raise BadRequest(why)
         return self
 
 

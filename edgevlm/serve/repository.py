@@ -1,6 +1,6 @@
 """Render model_repository/ into a Triton model repository for one target.
 
-    cpu     vision_encoder and generate run the ONNX graphs with ONNX Runtime
+    cpu     vision_encoder and mobilevlm run the ONNX graphs with ONNX Runtime
     jetson  the same models run TensorRT engines built on the device by `make engines`
 
 Both targets share the configs and the tensor contract; only parameters differ.
@@ -12,13 +12,14 @@ import shutil
 from pathlib import Path
 from string import Template
 
-from edgevlm.image import DEFAULT_MAX_PIXELS
+from edgevlm_client import contract
+from edgevlm_client.contract import MAX_IMAGE_PIXELS
 from edgevlm.manifest import ManifestError, OnnxArtifacts, read_manifest
-from edgevlm.serving import kv_layout
+from edgevlm.runtime.runners import kv_layout
 from edgevlm.staging import staged_dir
 
-SOURCE = Path(__file__).resolve().parents[1] / "model_repository"
-MODELS = ("mobilevlm", "preprocess", "vision_encoder")
+SOURCE = Path(__file__).resolve().parents[2] / "model_repository"
+MODELS = ("mobilevlm", "vision_encoder")
 TARGETS = ("cpu", "jetson")
 
 
@@ -73,7 +74,7 @@ def check_engines(engine_dir: Path, art: OnnxArtifacts, tag: str | None = None) 
 
 def render_repository(onnx_dir: str | Path, out_dir: str | Path, target: str = "cpu", *,
                       engine_dir: str | Path | None = None, max_sequences: int = 4,
-                      default_max_tokens: int = 256, max_image_pixels: int = DEFAULT_MAX_PIXELS,
+                      default_max_tokens: int = 256, max_image_pixels: int = MAX_IMAGE_PIXELS,
                       kv_cache: str = "auto") -> Path:
     """kv_cache (cpu target): "concat" (decoder.onnx), "static" (decoder.static.onnx, one
     in-place cache buffer per tensor: half the KV memory) or "auto" (static where the export
@@ -99,14 +100,16 @@ def render_repository(onnx_dir: str | Path, out_dir: str | Path, target: str = "
         "hidden_size": cfg.text.hidden_size, "onnx_dir": str(art.root.resolve()),
         "engine_dir": str(engine_dir or ""), "runner": "tensorrt" if target == "jetson" else "onnxruntime",
         "max_sequences": max_sequences, "default_max_tokens": default_max_tokens,
-        "max_image_pixels": max_image_pixels, "preprocess_instances": 1,
-        "edgevlm_src": str(SOURCE.parent), "model_name": cfg.name, "max_context": max_context, "kv_cache": kv_cache,
+        "max_image_pixels": max_image_pixels,
+        "edgevlm_src": str(SOURCE.parent),
+        "inputs": contract.pbtxt(contract.INPUTS), "outputs": contract.pbtxt(contract.OUTPUTS),
+        "model_name": cfg.name, "max_context": max_context, "kv_cache": kv_cache,
     }
     out_dir = Path(out_dir)
     with staged_dir(out_dir) as tmp:
         for model in MODELS:
             shutil.copytree(SOURCE / model, tmp / model, ignore=shutil.ignore_patterns("__pycache__"))
-            shutil.copy2(SOURCE / "_shared" / "model_params.py", tmp / model / "1")
+            shutil.copy2(SOURCE / "_shared" / "adapter.py", tmp / model / "1")
             config = tmp / model / "config.pbtxt"
             config.write_text(Template(config.read_text()).substitute(values))
     return out_dir

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import torch
 
-from edgevlm.checkpoint import layout
+from edgevlm.model.checkpoint import layout
 from edgevlm.presets import ModelConfig
-from edgevlm.prompt import SYSTEM_V1
+from edgevlm.runtime.prompt import SYSTEM_V1
 from edgevlm.staging import staged_dir
 
 

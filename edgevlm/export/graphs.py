@@ -28,14 +28,14 @@ import numpy as np
 import onnx
 import torch
 
-from edgevlm import graph, static_cache
-from edgevlm.checkpoint import TOKENIZER_FILES, read_checkpoint
-from edgevlm.image import PAD_COLOUR
+from edgevlm.export import cleanup, static_cache
+from edgevlm.model.checkpoint import TOKENIZER_FILES, read_checkpoint
+from edgevlm.runtime.image import PAD_COLOUR
 from edgevlm.manifest import write_manifest
 from edgevlm.presets import CLIP_MEAN, CLIP_STD, IMAGE_TOKEN_INDEX, ModelConfig
-from edgevlm.prompt import STOP_STRING
-from edgevlm.reference.llama import LlamaDecoder
-from edgevlm.reference.model import MobileVLM
+from edgevlm.runtime.prompt import STOP_STRING
+from edgevlm.model.llama import LlamaDecoder
+from edgevlm.model.mobilevlm import MobileVLM
 from edgevlm.staging import staged_dir
 
 MAX_BATCH = 64
@@ -70,7 +70,7 @@ def _torch_export(module, args, path: Path, names, dynamic_shapes, custom=None) 
     with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(chatter):
         warnings.simplefilter("ignore")
         torch.onnx.export(module, args, str(path), input_names=names[0], output_names=names[1],
-                          dynamic_shapes=dynamic_shapes, opset_version=graph.EXPORT_OPSET,
+                          dynamic_shapes=dynamic_shapes, opset_version=cleanup.EXPORT_OPSET,
                           dynamo=True, external_data=True, optimize=True,
                           custom_translation_table=custom)
 
@@ -103,7 +103,7 @@ def export_decoder(model: MobileVLM, cfg: ModelConfig, path: Path, static: bool 
 def finish_static(raw: Path, dst: Path, cfg: ModelConfig) -> None:
     """Clean the static export, swap in TensorScatter, share weights with decoder.onnx."""
     names = decoder_io(cfg.text.num_layers)
-    graph.clean(raw, dst, *names, allow_domains=(static_cache.PLACEHOLDER_DOMAIN,))
+    cleanup.clean(raw, dst, *names, allow_domains=(static_cache.PLACEHOLDER_DOMAIN,))
     model = static_cache.to_tensor_scatter(onnx.load(str(dst), load_external_data=False),
                                            cfg.text.num_layers)
     onnx.save_model(model, str(dst))
@@ -157,9 +157,9 @@ def export_onnx(checkpoint_dir: str | Path, out_dir: str | Path, clip_dir: str |
         ckpt.tensors.clear()
         gc.collect()
         log("onnx: [3/4] graph cleanup (fold constants, prune, opset 17): vision encoder")
-        graph.clean(raw / "vision_encoder.onnx", tmp / "vision_encoder.onnx", *VISION_IO)
+        cleanup.clean(raw / "vision_encoder.onnx", tmp / "vision_encoder.onnx", *VISION_IO)
         log("onnx: [3/4] graph cleanup: decoder")
-        graph.clean(raw / "decoder.onnx", tmp / "decoder.onnx", *decoder_io(cfg.text.num_layers))
+        cleanup.clean(raw / "decoder.onnx", tmp / "decoder.onnx", *decoder_io(cfg.text.num_layers))
         log("onnx: [3/4] graph cleanup: static decoder (opset 24, weights shared with decoder.onnx)")
         finish_static(raw / "static" / "decoder.static.onnx", tmp / "decoder.static.onnx", cfg)
         shutil.rmtree(raw)
@@ -193,11 +193,11 @@ def _manifest(ckpt, cfg: ModelConfig, root: Path, vision_source: str) -> dict:
                    "stop": [STOP_STRING], "eos_token_id": cfg.text.eos_token_id,
                    "bos_token_id": cfg.text.bos_token_id},
         "files": files,
-        "io": {"vision_encoder": graph.io_specs(root / "vision_encoder.onnx"),
-               "decoder": graph.io_specs(root / "decoder.onnx"),
-               "decoder_static": graph.io_specs(root / "decoder.static.onnx")},
+        "io": {"vision_encoder": cleanup.io_specs(root / "vision_encoder.onnx"),
+               "decoder": cleanup.io_specs(root / "decoder.onnx"),
+               "decoder_static": cleanup.io_specs(root / "decoder.static.onnx")},
         "limits": {"max_batch": MAX_BATCH, "max_context": cfg.text.max_position},
-        "opset": graph.TARGET_OPSET,
+        "opset": cleanup.TARGET_OPSET,
         "exporter": {"torch": torch.__version__, "onnx": onnx.__version__},
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }

@@ -24,7 +24,7 @@ import onnx
 import onnxscript
 import torch
 
-from edgevlm import graph
+from edgevlm.export import cleanup
 
 OPSET = 24  # TensorScatter
 IR_VERSION = 10  # the IR of opset 24 that ONNX Runtime 1.2x reads
@@ -68,13 +68,13 @@ def to_tensor_scatter(model: onnx.ModelProto, num_layers: int) -> onnx.ModelProt
                                    onnx.helper.make_attribute("mode", "linear")])
             found += 1
         elif node.domain not in ("", "ai.onnx"):
-            raise graph.GraphError(f"node {node.name}: unexpected domain {node.domain!r}")
+            raise cleanup.GraphError(f"node {node.name}: unexpected domain {node.domain!r}")
     if found != 2 * num_layers:
-        raise graph.GraphError(f"static decoder: {found} cache updates, expected {2 * num_layers}")
+        raise cleanup.GraphError(f"static decoder: {found} cache updates, expected {2 * num_layers}")
     kept = [e for e in model.opset_import if e.domain != PLACEHOLDER_DOMAIN]
     del model.opset_import[:]
     model.opset_import.extend(kept)
-    graph.set_opset(model, OPSET, IR_VERSION)
+    cleanup.set_opset(model, OPSET, IR_VERSION)
     _check_cache_io(model, num_layers)
     return model
 
@@ -85,7 +85,7 @@ def _check_cache_io(model: onnx.ModelProto, num_layers: int) -> None:
     pairs = {(n.input[0], n.output[0]) for n in model.graph.node if n.op_type == "TensorScatter"}
     want = {(f"past_{kv}_{i}", f"present_{kv}_{i}") for i in range(num_layers) for kv in ("key", "value")}
     if pairs != want:
-        raise graph.GraphError(f"static decoder: cache updates {sorted(pairs - want)} are not "
+        raise cleanup.GraphError(f"static decoder: cache updates {sorted(pairs - want)} are not "
                                "graph input -> graph output")
 
 
@@ -121,7 +121,7 @@ def share_weights(model: onnx.ModelProto, own_data: Path, shared: Path) -> int:
             off, n = extent(t)
             key = (t.data_type, tuple(t.dims), digest(f, off, n))
             if key not in index:
-                raise graph.GraphError(f"static decoder: weight {t.name} has no twin in {shared_data.name}")
+                raise cleanup.GraphError(f"static decoder: weight {t.name} has no twin in {shared_data.name}")
             new_off, new_n = index[key]
             del t.external_data[:]
             for k, v in (("location", shared_data.name), ("offset", str(new_off)), ("length", str(new_n))):

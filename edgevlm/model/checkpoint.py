@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from edgevlm.presets import LDP, LDPV2, ModelConfig, TextConfig, VisionConfig, match_preset
-from edgevlm.reference.projector import se_width
+from edgevlm.model.projector import se_width
 
 VISION_PREFIX = "model.vision_tower.vision_tower."
 PROJECTOR_PREFIX = "model.mm_projector."
@@ -121,7 +121,6 @@ class Weights:
 class Checkpoint:
     path: Path
     config: ModelConfig
-    raw_config: dict
     weight_files: list[Path]
     tensors: dict[str, torch.Tensor]  # lazily mapped from disk
 
@@ -178,7 +177,7 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
     tensors = {k: v for k, v in tensors.items() if not k.endswith("rotary_emb.inv_freq")}
     config = config_from_checkpoint(raw, tensors, name=path.name)
     check_tensors(tensors, layout(config), where=str(path))
-    return Checkpoint(path, config, raw, files, tensors)
+    return Checkpoint(path, config, files, tensors)
 
 
 def weight_files(path: Path) -> list[Path]:

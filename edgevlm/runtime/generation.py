@@ -1,7 +1,7 @@
 """The decode loop: splice, prefill, decode with a KV cache, sample, stop, stream text.
 
-No Triton here: `generate` yields `Event`s, and the Triton `generate` model (or a test, or a
-benchmark) forwards them. The decoder runner owns the KV cache (see engines/).
+No Triton here: `generate` yields `Event`s, and the Triton `mobilevlm` model (or a test, or a
+benchmark) forwards them. The decoder runner owns the KV cache (see onnxruntime.py, tensorrt.py).
 """
 
 from __future__ import annotations
@@ -12,9 +12,10 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from edgevlm.detokenize import IncrementalDecoder
-from edgevlm.embedding import EmbeddingTable
-from edgevlm.sampling import InvalidRequest, Sampler, SamplingParams
+from edgevlm.runtime.detokenize import IncrementalDecoder
+from edgevlm.runtime.embedding import EmbeddingTable
+from edgevlm.runtime.errors import BadRequest
+from edgevlm.runtime.sampling import Sampler, SamplingParams
 
 
 @dataclass
@@ -65,9 +66,9 @@ class Generator:
         params.validate()
         n = len(input_ids) + image_tokens - (image_tokens > 0)
         if len(input_ids) == 0:
-            raise InvalidRequest("prompt is empty")
+            raise BadRequest("prompt is empty")
         if n >= self.max_context:
-            raise InvalidRequest(f"prompt is {n} tokens, the context holds {self.max_context}")
+            raise BadRequest(f"prompt is {n} tokens, the context holds {self.max_context}")
         return n
 
     def generate(self, input_ids: Sequence[int], image_embeds: np.ndarray | None,

@@ -1,6 +1,6 @@
 """`make bench`: the tracked figures of the cpu target, same machine, same thread count.
 
-    python build/bench.py --onnx tiny=artifacts/tiny/onnx --onnx mobilevlm-v2-1.7b=artifacts/mobilevlm-v2-1.7b/onnx \
+    python tools/bench.py --onnx tiny=artifacts/tiny/onnx --onnx mobilevlm-v2-1.7b=artifacts/mobilevlm-v2-1.7b/onnx \
         [--checkpoint mobilevlm-v2-1.7b=artifacts/mobilevlm-v2-1.7b/checkpoint] [--quick]
 
 Per model, medians of repeated runs:
@@ -21,7 +21,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -31,11 +30,11 @@ from pathlib import Path
 import numpy as np
 
 from edgevlm.manifest import OnnxArtifacts
-from edgevlm.prompt import build_prompt, tokenize_prompt
-from edgevlm.repository import render_repository
+from edgevlm.runtime.prompt import build_prompt, tokenize_prompt
+from edgevlm.serve.repository import render_repository
 from edgevlm.samples import sample_image
-from edgevlm.serving import load_generator
-from edgevlm.tritonserver import TritonServer
+from edgevlm.runtime.runners import load_generator
+from edgevlm.serve.tritonserver import TritonServer
 from edgevlm_client import Client
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -99,7 +98,7 @@ def decode_scaling(onnx_dir: Path, contexts, steps: int, runs: int, kv_cache: st
 
 
 def in_process_gaps(onnx_dir: Path, tokens: int, runs: int) -> list[float]:
-    from edgevlm.sampling import SamplingParams
+    from edgevlm.runtime.sampling import SamplingParams
     gen = load_generator(onnx_dir)
     ids = tokenize_prompt(gen.tok, build_prompt(QUESTION, image=False))
     list(gen.generate(ids, None, SamplingParams(max_tokens=4)))
@@ -169,7 +168,7 @@ def transformers_vs_ours(checkpoint: Path, onnx_dir: Path, prompt_len: int, toke
     import torch
     import transformers
 
-    from edgevlm.checkpoint import read_checkpoint
+    from edgevlm.model.checkpoint import read_checkpoint
     ck = read_checkpoint(checkpoint)
     t = ck.config.text
     hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(

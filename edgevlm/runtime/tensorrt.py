@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from edgevlm.manifest import ManifestError, read_manifest
-from edgevlm.sampling import InvalidRequest
+from edgevlm.runtime.errors import BadRequest
 from edgevlm.presets import TextConfig
 
 
@@ -54,7 +54,7 @@ class TrtVisionEncoder:
     """pixel_values float32 [B, 3, S, S] -> image_embeds float32 [B, N, D]."""
 
     def __init__(self, engine_dir: str | Path):
-        from edgevlm.engines.cuda import DeviceBuffer, Stream
+        from edgevlm.runtime.cuda import DeviceBuffer, Stream
         self.trt, self.engine, m = open_engine(engine_dir, "vision_encoder")
         self.context = self.engine.create_execution_context()
         self.stream = Stream()
@@ -115,7 +115,7 @@ class TrtDecoder:
 
     def new_sequence(self, capacity: int) -> TrtSequence | TrtStaticSequence:
         if capacity > self.max_context:
-            raise InvalidRequest(f"the decoder engine holds {self.max_context} positions, asked for {capacity}")
+            raise BadRequest(f"the decoder engine holds {self.max_context} positions, asked for {capacity}")
         if not self.static:
             return TrtSequence(self, capacity)
         with self.pool_lock:
@@ -134,7 +134,7 @@ class _Slot:
     profile switch per step), device buffers for the step's inputs and logits, allocated once."""
 
     def __init__(self, d: TrtDecoder):
-        from edgevlm.engines.cuda import DeviceBuffer, Stream
+        from edgevlm.runtime.cuda import DeviceBuffer, Stream
         c = d.cfg
         self.d = d
         self.stream = Stream()
@@ -176,7 +176,7 @@ class TrtSequence(_Slot):
     the other."""
 
     def __init__(self, d: TrtDecoder, capacity: int):
-        from edgevlm.engines.cuda import DeviceBuffer
+        from edgevlm.runtime.cuda import DeviceBuffer
         super().__init__(d)
         c = d.cfg
         self.capacity = capacity
@@ -225,7 +225,7 @@ class TrtStaticSequence(_Slot):
     """
 
     def __init__(self, d: TrtDecoder):
-        from edgevlm.engines.cuda import DeviceBuffer
+        from edgevlm.runtime.cuda import DeviceBuffer
         super().__init__(d)
         c = d.cfg
         nbytes = d.max_context * c.num_kv_heads * c.head_dim * d.kv_dtype.itemsize
@@ -257,7 +257,7 @@ class TrtStaticSequence(_Slot):
         return self.decode.execute_async_v3(self.stream.handle)
 
     def _decode_step(self) -> None:
-        from edgevlm.engines.cuda import CudaError, Graph, cudart
+        from edgevlm.runtime.cuda import CudaError, Graph, cudart
         if self.graph is not None:
             self.graph.launch(self.stream)
             return

@@ -13,12 +13,12 @@ from pathlib import Path
 
 import numpy as np
 
-from edgevlm.embedding import EmbeddingTable
-from edgevlm.engines.onnxruntime import OrtDecoder, OrtVisionEncoder
-from edgevlm.image import preprocess
+from edgevlm.runtime.embedding import EmbeddingTable
+from edgevlm.runtime.onnxruntime import OrtDecoder, OrtVisionEncoder
+from edgevlm.runtime.image import preprocess
 from edgevlm.manifest import OnnxArtifacts
-from edgevlm.prompt import build_prompt, tokenize_prompt
-from edgevlm.tokenizer import Tokenizer
+from edgevlm.runtime.prompt import build_prompt, tokenize_prompt
+from edgevlm.runtime.tokenizer import Tokenizer
 
 QUESTION = "What is in the image? Describe it in one sentence."
 TEXT_ONLY = "Name three colours."

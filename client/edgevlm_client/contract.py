@@ -1,0 +1,140 @@
+"""The wire contract of the `mobilevlm` model, written once.
+
+Tensor names, Triton datatypes, shapes, defaults and limits of every input and output, the
+image formats the server decodes, and which Triton status code means what. The server
+(request checking, the rendered config.pbtxt), the client (request tensors, local checks,
+typed errors) and the README all read this module; a test compares it with what a running
+tritonserver reports. Pure Python: the server imports it without tritonclient or numpy.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+MODEL = "mobilevlm"
+
+
+@dataclass(frozen=True)
+class Limit:
+    """A numeric range; `open_low` excludes the lower end (top_p > 0)."""
+    low: float
+    high: float | None = None
+    open_low: bool = False
+
+    def reason(self, name: str, value) -> str | None:
+        """None when `value` is in range, else the one-line reason."""
+        ok = math.isfinite(value) and (value > self.low if self.open_low else value >= self.low) \
+            and (self.high is None or value <= self.high)
+        if ok:
+            return None
+        if self.high is None:
+            return f"{name} must be >= {_num(self.low)}, got {value}"
+        return f"{name} must be in {'(' if self.open_low else '['}{_num(self.low)}, {_num(self.high)}], got {value}"
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else str(x)
+
+
+@dataclass(frozen=True)
+class Tensor:
+    name: str
+    datatype: str             # Triton's: BYTES, BOOL, INT32, INT64, FP32
+    dims: tuple[int, ...]     # -1: any length
+    doc: str
+    optional: bool = True
+    default: object = None    # what the server assumes when the input is absent
+    limit: Limit | None = None
+
+
+# Generation parameters: the scalars every request may set, with the server's defaults.
+# max_tokens' default is the repository's `default_max_tokens` (256 unless rendered otherwise).
+PARAMETERS = (
+    Tensor("max_tokens", "INT32", (1,), "most tokens to generate", default=256, limit=Limit(1, 1_000_000)),
+    Tensor("temperature", "FP32", (1,), "0 is greedy", default=0.0, limit=Limit(0.0, 100.0)),
+    Tensor("top_p", "FP32", (1,), "nucleus mass", default=1.0, limit=Limit(0.0, 1.0, open_low=True)),
+    Tensor("top_k", "INT32", (1,), "0 is no limit", default=0, limit=Limit(0)),
+    Tensor("repetition_penalty", "FP32", (1,), "1 is none", default=1.0,
+           limit=Limit(0.0, 10.0, open_low=True)),
+    Tensor("seed", "INT64", (1,), "reproducible sampling", default=None, limit=Limit(0)),
+)
+
+INPUTS = (
+    Tensor("image", "BYTES", (1,), "encoded image (see IMAGE_FORMATS); omit for text-only"),
+    # optional for Triton, so that a missing prompt gets our reason rather than Triton's
+    Tensor("prompt", "BYTES", (1,), "the question (or a full `v1` prompt with raw_prompt)"),
+    Tensor("raw_prompt", "BOOL", (1,), "the prompt is already templated, <image> where the image goes",
+           default=False),
+    Tensor("history", "BYTES", (1,), "earlier turns as JSON [[question, answer], ...]; "
+           "the image belongs to the first"),
+    Tensor("system", "BYTES", (1,), "replaces the template's system line"),
+    *PARAMETERS,
+    Tensor("stop", "BYTES", (-1,), "stop strings (never streamed)"),
+)
+
+# The inputs that make the prompt (image, template, tokens); the rest steer decoding.
+PROMPT_INPUTS = ("image", "prompt", "raw_prompt", "history", "system")
+
+OUTPUTS = (
+    Tensor("text", "BYTES", (1,), "the new text since the previous response", optional=False),
+    Tensor("stats", "BYTES", (1,), "JSON, on the last response only (see STATS)", optional=False),
+)
+
+# Keys of the JSON in the last response's `stats`.
+STATS = ("image_encode_ms", "prefill_tokens", "prefill_ms", "decode_tokens", "decode_ms",
+         "decode_tokens_per_s", "prefill_tokens_per_s", "finish_reason")
+FINISH_REASONS = ("stop", "length", "cancelled")
+
+# Request limits (the server refuses past them with INVALID_ARG and the reason).
+MAX_PROMPT_CHARS = 100_000     # prompt and system, each
+MAX_IMAGE_BYTES = 32 << 20
+MAX_IMAGE_PIXELS = 50_000_000  # refused from the header, before decoding (decompression bombs)
+MAX_TURNS = 64                 # history pairs
+MAX_STOP = 16                  # stop strings per request ...
+MAX_STOP_CHARS = 256           # ... each at most this long
+
+# What cameras and services send, by leading bytes (WebP: RIFF....WEBP). Pillow opens dozens
+# more; each is parser surface a network-facing server does not need.
+IMAGE_FORMATS = {"JPEG": (b"\xff\xd8\xff",), "PNG": (b"\x89PNG\r\n\x1a\n",), "GIF": (b"GIF87a", b"GIF89a"),
+                 "BMP": (b"BM",), "WEBP": ()}
+IMAGE_FORMATS_TEXT = "JPEG, PNG, WebP, BMP or GIF"
+
+
+def image_format(data: bytes) -> str | None:
+    """The accepted format named by the leading bytes, or None."""
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WEBP"
+    return next((name for name, magics in IMAGE_FORMATS.items() if data.startswith(magics)), None) \
+        if data else None
+
+
+def stop_reason(stop) -> str | None:
+    if len(stop) > MAX_STOP or any(not s or len(s) > MAX_STOP_CHARS for s in stop):
+        return f"stop takes at most {MAX_STOP} non-empty strings of at most {MAX_STOP_CHARS} characters"
+    return None
+
+
+# What a failure's status means. Triton's codes as the server sends them (python backend:
+# pb_utils.TritonError.<code>), and the gRPC status the client sees once the stream carries
+# status codes (request header below).
+STATUS = {
+    "INVALID_ARG": ("INVALID_ARGUMENT", "the request is wrong: fix it, do not retry"),
+    "UNAVAILABLE": ("UNAVAILABLE", "overloaded, starting or restarting: retry before the first token"),
+    "INTERNAL": ("INTERNAL", "a server bug or a failed model: report it"),
+}
+# Without this header Triton reports a streamed error as a bare message (no status code).
+STREAM_STATUS_HEADER = {"triton_grpc_error": "true"}
+
+BY_NAME = {t.name: t for t in INPUTS}
+
+
+def pbtxt(tensors) -> str:
+    """The tensors as config.pbtxt entries (the repository renders its input/output lists here)."""
+    lines = []
+    for t in tensors:
+        dims = ", ".join(str(d) for d in t.dims)
+        opt = " optional: true" if t.optional else ""
+        lines.append(f'  {{ name: "{t.name}" data_type: TYPE_{"STRING" if t.datatype == "BYTES" else t.datatype} '
+                     f"dims: [ {dims} ]{opt} }}")
+    return ",\n".join(lines)

@@ -1,0 +1,152 @@
+"""A request to `mobilevlm`, checked against the wire contract: its tensors become a prompt's
+token ids, pixel values and generation parameters, or a BadRequest with a one-line reason.
+
+No Triton here: the model.py adapters move tensors between pb_utils and these functions, so
+everything is tested in-process and the same code runs on the cpu and jetson targets.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from edgevlm_client.contract import (MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, MAX_PROMPT_CHARS, MAX_TURNS,
+                                     PARAMETERS)
+
+from edgevlm.manifest import OnnxArtifacts
+from edgevlm.presets import IMAGE_TOKEN_INDEX
+from edgevlm.runtime.errors import BadRequest
+from edgevlm.runtime.image import ImageError, preprocess
+from edgevlm.runtime.prompt import IMAGE_PLACEHOLDER, SYSTEM_V1, build_prompt, tokenize_prompt
+from edgevlm.runtime.sampling import SamplingParams
+from edgevlm.runtime.tokenizer import Tokenizer
+
+# numpy kinds each contract datatype accepts, and the python type it becomes
+_KINDS = {"INT32": ("iu", int), "INT64": ("iu", int), "FP32": ("f", float)}
+
+
+def scalar(inputs: dict, name: str, kinds: str, cast):
+    """An optional one-element input, type-checked; None when absent."""
+    arr = inputs.get(name)
+    if arr is None:
+        return None
+    arr = np.asarray(arr)
+    if arr.size != 1:
+        raise BadRequest(f"{name} must hold one value, got shape {list(arr.shape)}")
+    if arr.dtype.kind not in kinds:
+        raise BadRequest(f"{name} has type {arr.dtype}, expected {'an integer' if 'i' in kinds else 'a float'}")
+    return cast(arr.reshape(-1)[0])
+
+
+def text(value, name: str) -> str:
+    if isinstance(value, np.ndarray):
+        value = value.reshape(-1)[0] if value.size else b""
+    if isinstance(value, bytes):
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError:
+            raise BadRequest(f"{name} is not valid UTF-8") from None
+    return str(value)
+
+
+def sampling_params(inputs: dict, default_max_tokens: int) -> SamplingParams:
+    """Generation parameters from optional request inputs (numpy arrays by name)."""
+    values = {}
+    for param in PARAMETERS:
+        v = scalar(inputs, param.name, *_KINDS[param.datatype])
+        if v is not None:
+            values[param.name] = v
+    stop = inputs.get("stop")
+    if stop is not None:
+        values["stop"] = tuple(text(s, "stop") for s in np.asarray(stop, dtype=object).reshape(-1))
+    values.setdefault("max_tokens", default_max_tokens)
+    return SamplingParams(**values).validate()
+
+
+class Preprocessor:
+    """image bytes + prompt -> (pixel_values [N, 3, S, S], input_ids [L]), N = 0 or 1."""
+
+    def __init__(self, onnx_dir: str | Path, max_image_pixels: int = MAX_IMAGE_PIXELS):
+        art = OnnxArtifacts.open(onnx_dir)
+        self.cfg = art.config
+        self.tok = Tokenizer(art.path("tokenizer"))
+        self.max_image_pixels = max_image_pixels
+
+    def from_inputs(self, inputs: dict) -> tuple[np.ndarray, np.ndarray]:
+        """The request's prompt inputs (contract.PROMPT_INPUTS, numpy arrays by name)."""
+        if inputs.get("prompt") is None:
+            raise BadRequest("prompt is required")
+        image, raw = inputs.get("image"), inputs.get("raw_prompt")
+        return self(np.asarray(image).reshape(-1)[0] if image is not None else None, inputs["prompt"],
+                    bool(np.asarray(raw).reshape(-1)[0]) if raw is not None else False,
+                    inputs.get("history"), inputs.get("system"))
+
+    def __call__(self, image: bytes | None, prompt, raw_prompt: bool = False, history=None, system=None):
+        prompt = text(prompt, "prompt")
+        turns = parse_history(history)
+        if turns and raw_prompt:
+            raise BadRequest("history and raw_prompt exclude each other (a raw prompt holds its history)")
+        system = text(system, "system").strip() if system is not None else SYSTEM_V1
+        if raw_prompt and system != SYSTEM_V1:
+            raise BadRequest("system and raw_prompt exclude each other (a raw prompt holds its system line)")
+        if len(system) > MAX_PROMPT_CHARS:
+            raise BadRequest(f"system is {len(system)} characters, over the {MAX_PROMPT_CHARS} limit")
+        if not prompt.strip():
+            raise BadRequest("prompt is empty")
+        if len(prompt) > MAX_PROMPT_CHARS:
+            raise BadRequest(f"prompt is {len(prompt)} characters, over the {MAX_PROMPT_CHARS} limit")
+        s = self.cfg.vision.image_size
+        if image is not None:
+            if len(image) > MAX_IMAGE_BYTES:
+                raise BadRequest(f"image is {len(image)} bytes, over the {MAX_IMAGE_BYTES} limit")
+            try:
+                pixel_values = preprocess(image, s, self.max_image_pixels)[None]
+            except ImageError as e:
+                raise BadRequest(f"image: {e}") from None
+        else:
+            pixel_values = np.zeros((0, 3, s, s), np.float32)
+        n_images = pixel_values.shape[0]
+        if raw_prompt:
+            placeholders = prompt.count(IMAGE_PLACEHOLDER)
+            if placeholders != n_images:
+                raise BadRequest(f"raw prompt has {placeholders} {IMAGE_PLACEHOLDER} placeholder(s) "
+                                     f"for {n_images} image(s)")
+        else:
+            prompt = build_prompt(prompt, image=n_images > 0, history=turns, system=system)
+        ids = np.asarray(tokenize_prompt(self.tok, prompt), np.int64)
+        n = len(ids) + n_images * (self.cfg.image_tokens - 1)
+        if n >= self.cfg.text.max_position:
+            raise BadRequest(f"prompt is {n} tokens, the context holds {self.cfg.text.max_position}")
+        return pixel_values, ids
+
+
+def parse_history(value) -> list[tuple[str, str]]:
+    """history input: JSON [[question, answer], ...] -> turns for build_prompt."""
+    if value is None:
+        return []
+    raw = text(value, "history")
+    try:
+        turns = json.loads(raw) if raw.strip() else []
+    except json.JSONDecodeError as e:
+        raise BadRequest(f"history is not JSON: {e.msg} at character {e.pos}") from None
+    except RecursionError:  # found by fuzzing: "[[[[..." exhausts the parser's stack
+        raise BadRequest("history nests too deeply") from None
+    if (not isinstance(turns, list) or len(turns) > MAX_TURNS
+            or not all(isinstance(t, list) and len(t) == 2 and all(isinstance(x, str) for x in t) for t in turns)):
+        raise BadRequest(f"history must be a JSON list of at most {MAX_TURNS} [question, answer] string pairs")
+    return [(q, a) for q, a in turns]
+
+
+def image_embeds_or_none(embeds: np.ndarray | None) -> np.ndarray | None:
+    return None if embeds is None or embeds.shape[0] == 0 else embeds
+
+
+def check_ids(ids: np.ndarray, vocab: int) -> list[int]:
+    ids = np.asarray(ids).reshape(-1)
+    if ids.dtype.kind not in "iu":
+        raise BadRequest(f"input_ids has type {ids.dtype}, expected int64")
+    bad = ids[(ids != IMAGE_TOKEN_INDEX) & ((ids < 0) | (ids >= vocab))]
+    if bad.size:
+        raise BadRequest(f"input_ids holds {int(bad[0])}, outside the vocabulary of {vocab}")
+    return ids.tolist()

@@ -1,0 +1,72 @@
+"""Open the runners a target serves: the vision encoder and the decode loop over ONNX Runtime
+(cpu) or TensorRT engines (jetson), with the KV cache layout chosen for the export."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+from edgevlm.manifest import OnnxArtifacts
+from edgevlm.runtime.embedding import EmbeddingTable
+from edgevlm.runtime.tokenizer import Tokenizer
+
+
+class VisionEncoder:
+    """pixel_values [N, 3, S, S] -> (image_embeds [N, T, D], encode ms); N = 0 costs nothing."""
+
+    def __init__(self, onnx_dir: str | Path, runner: str = "onnxruntime", engine_dir: str | Path = ""):
+        art = OnnxArtifacts.open(onnx_dir)
+        self.cfg = art.config
+        if runner == "onnxruntime":
+            from edgevlm.runtime.onnxruntime import OrtVisionEncoder
+            self.run = OrtVisionEncoder(art.path("vision_encoder"))
+        elif runner == "tensorrt":
+            from edgevlm.runtime.tensorrt import TrtVisionEncoder
+            self.run = TrtVisionEncoder(engine_dir)
+        else:
+            raise ValueError(f"unknown runner {runner!r} (onnxruntime or tensorrt)")
+
+    def __call__(self, pixel_values: np.ndarray) -> tuple[np.ndarray, float]:
+        if pixel_values.shape[0] == 0:
+            return np.zeros((0, self.cfg.image_tokens, self.cfg.text.hidden_size), np.float32), 0.0
+        t0 = time.perf_counter()
+        embeds = self.run(np.ascontiguousarray(pixel_values, np.float32))
+        return embeds, (time.perf_counter() - t0) * 1e3
+
+
+KV_CACHES = ("auto", "concat", "static")
+
+
+def kv_layout(art: OnnxArtifacts, kv_cache: str = "auto") -> str:
+    """auto: the in-place static cache where the export has decoder.static.onnx (half the KV
+    memory, no slower in `make bench`), concat for exports made before it existed."""
+    if kv_cache not in KV_CACHES:
+        raise ValueError(f"unknown kv_cache {kv_cache!r}; use one of {', '.join(KV_CACHES)}")
+    if kv_cache == "auto":
+        return "static" if "decoder_static" in art.manifest["files"] else "concat"
+    art.path("decoder_static" if kv_cache == "static" else "decoder")  # says so if the file is missing
+    return kv_cache
+
+
+def load_generator(onnx_dir: str | Path, runner: str = "onnxruntime", engine_dir: str | Path = "",
+                   kv_cache: str = "auto"):
+    """kv_cache picks the ONNX Runtime decoder graph (the TensorRT engine folder records its own)."""
+    from edgevlm.runtime.generation import Generator
+    art = OnnxArtifacts.open(onnx_dir)
+    cfg = art.config
+    kv_cache = kv_layout(art, kv_cache)
+    if runner == "onnxruntime":
+        from edgevlm.runtime.onnxruntime import OrtDecoder
+        static = kv_cache == "static"
+        decoder = OrtDecoder(art.path("decoder_static" if static else "decoder"), cfg.text, static=static)
+    elif runner == "tensorrt":
+        from edgevlm.runtime.tensorrt import TrtDecoder
+        decoder = TrtDecoder(engine_dir, cfg.text)
+    else:
+        raise ValueError(f"unknown runner {runner!r} (onnxruntime or tensorrt)")
+    # a TensorRT engine may hold less than the model (make engines MAX_CONTEXT=)
+    max_context = min(cfg.text.max_position, getattr(decoder, "max_context", cfg.text.max_position))
+    return Generator(decoder, EmbeddingTable(art.path("embed_tokens")), Tokenizer(art.path("tokenizer")),
+                     max_context=max_context)

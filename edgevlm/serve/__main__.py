@@ -1,0 +1,7 @@
+"""`python -m edgevlm.serve` (what `make serve` runs): see cli.py."""
+
+import sys
+
+from edgevlm.serve.cli import main
+
+sys.exit(main())

@@ -1,0 +1,142 @@
+"""The wire contract (edgevlm_client/contract.py) is what the server really serves and
+enforces, and failures reach the client as their status code, whatever their text."""
+
+from __future__ import annotations
+
+import grpc
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+from edgevlm_client import InvalidRequest, contract
+from edgevlm_client.errors import BY_STATUS, Cancelled, ServerError, ServerUnavailable, Timeout, from_triton
+from tritonclient.utils import InferenceServerException
+
+from support import settle
+
+
+@pytest.mark.integration
+def test_served_model_has_exactly_the_contracts_tensors(server):
+    with grpcclient.InferenceServerClient(server.grpc_url) as c:
+        config = c.get_model_config(contract.MODEL, as_json=True)["config"]
+    want = {t.name: (t.datatype, list(t.dims), t.optional) for t in contract.INPUTS}
+    got = {i["name"]: (i["data_type"].removeprefix("TYPE_").replace("STRING", "BYTES"),
+                       [int(d) for d in i["dims"]], bool(i.get("optional"))) for i in config["input"]}
+    assert got == want
+    outputs = {o["name"]: (o["data_type"].removeprefix("TYPE_").replace("STRING", "BYTES"),
+                           [int(d) for d in o["dims"]]) for o in config["output"]}
+    assert outputs == {t.name: (t.datatype, list(t.dims)) for t in contract.OUTPUTS}
+
+
+def _edges(param):
+    """(a value just inside the range, one just outside) at each end the range has."""
+    lim, step = param.limit, (1 if param.datatype.startswith("INT") else 1e-3)
+    low_in = lim.low + step if lim.open_low else lim.low
+    low_out = lim.low if lim.open_low else lim.low - step
+    pairs = [(low_in, low_out)]
+    if lim.high is not None:
+        pairs.append((lim.high, lim.high + step))
+    return pairs
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("param", contract.PARAMETERS, ids=lambda p: p.name)
+def test_server_enforces_each_parameter_range_of_the_contract(client, param):
+    for inside, outside in _edges(param):
+        kwargs = {"max_tokens": 2} if param.name != "max_tokens" else {}
+        if param.name == "max_tokens" and inside > 2:
+            inside = 2  # the upper edge is not worth generating; 2 is inside too
+        assert client.generate("Hi", **kwargs, **{param.name: inside}).tokens >= 1
+        with pytest.raises(InvalidRequest, match=f"^{param.name} must be"):
+            client.generate("Hi", **kwargs, **{param.name: outside})
+
+
+@pytest.mark.integration
+def test_server_enforces_the_request_limits(client):
+    with pytest.raises(InvalidRequest, match="^stop takes at most"):
+        client.generate("Hi", max_tokens=2, stop=["x"] * (contract.MAX_STOP + 1))
+    with pytest.raises(InvalidRequest, match="over the"):
+        client.generate("x" * (contract.MAX_PROMPT_CHARS + 1), max_tokens=2)
+    with pytest.raises(InvalidRequest, match="history must be"):
+        client.generate("Hi", max_tokens=2, history=[("q", "a")] * (contract.MAX_TURNS + 1))
+
+
+def _raw_stream_error(url: str, inputs) -> InferenceServerException:
+    """The error a plain tritonclient stream with the contract's header receives."""
+    import queue
+    q = queue.Queue()
+    c = grpcclient.InferenceServerClient(url)
+    c.start_stream(callback=lambda result, error: q.put(error), headers=contract.STREAM_STATUS_HEADER)
+    try:
+        c.async_stream_infer(contract.MODEL, inputs)
+        while (error := q.get(timeout=120)) is None:
+            pass
+        return error
+    finally:
+        c.stop_stream(cancel_requests=True)
+        c.close()
+
+
+def _bytes_input(name, value):
+    t = grpcclient.InferInput(name, [1], "BYTES")
+    t.set_data_from_numpy(np.array([value], dtype=object))
+    return t
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("where,inputs", [
+    # refused by mobilevlm itself (decode parameters)
+    ("mobilevlm", lambda: [_bytes_input("prompt", b"Hi"), _int_input("max_tokens", 0)]),
+    # refused while preprocessing (the image does not decode)
+    ("image", lambda: [_bytes_input("prompt", b"Hi"), _bytes_input("image", b"\x89PNG\r\n\x1a\nbroken")]),
+])
+def test_bad_requests_arrive_as_invalid_argument(server, where, inputs):
+    before = settle(server, 0)
+    err = _raw_stream_error(server.grpc_url, inputs())
+    assert err.status() == "StatusCode.INVALID_ARGUMENT", (where, err.status(), err.message())
+    assert isinstance(from_triton(err), InvalidRequest)
+    after = settle(server, sum(before[o] for o in ("complete", "cancelled", "invalid", "error")) + 1)
+    assert after["invalid"] == before["invalid"] + 1 and after["error"] == before["error"]
+
+
+@pytest.mark.integration
+def test_tritons_own_stream_refusals_carry_no_status(server):
+    """A wrong datatype is refused by Triton's gRPC frontend before our model runs; Triton 2.51
+    sends that refusal on a stream without a status code even with the header. The client
+    calls it the server's fault rather than guess from the text (see README, Errors)."""
+    err = _raw_stream_error(server.grpc_url, [_bytes_input("prompt", b"Hi"), _bytes_input("max_tokens", b"3")])
+    assert err.status() is None and "max_tokens" in err.message()
+    assert isinstance(from_triton(err), ServerError)
+
+
+def _int_input(name, value):
+    t = grpcclient.InferInput(name, [1], "INT32")
+    t.set_data_from_numpy(np.array([value], dtype=np.int32))
+    return t
+
+
+class _Rpc(grpc.RpcError):
+    def __init__(self, code, details):
+        self._code, self._details = code, details
+
+    def code(self):
+        return self._code
+
+    def details(self):
+        return self._details
+
+
+@pytest.mark.parametrize("status,cls", [("INVALID_ARGUMENT", InvalidRequest), ("UNAVAILABLE", ServerUnavailable),
+                                        ("DEADLINE_EXCEEDED", Timeout), ("CANCELLED", Cancelled),
+                                        ("INTERNAL", ServerError), ("UNKNOWN", ServerError)])
+def test_client_types_errors_by_status_never_by_message(status, cls):
+    # messages that say the opposite of their status
+    misleading = "internal error: connection refused; server exiting; cancelled; deadline"
+    code = getattr(grpc.StatusCode, status)
+    assert type(from_triton(_Rpc(code, misleading))) is cls
+    assert type(from_triton(InferenceServerException(misleading, status=str(code)))) is cls
+    assert str(from_triton(_Rpc(code, " the reason \n"))) == "the reason"
+
+
+def test_an_error_without_a_status_is_the_servers_fault_not_the_requests():
+    assert type(from_triton(InferenceServerException("failed to connect to all addresses"))) is ServerError
+    assert set(BY_STATUS) == {"INVALID_ARGUMENT", "UNAVAILABLE", "DEADLINE_EXCEEDED", "CANCELLED"}
