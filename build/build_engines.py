@@ -11,7 +11,6 @@ timing cache beside them; off-device it refuses in one line, exit 2, writing not
 from __future__ import annotations
 
 import argparse
-import hashlib
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
@@ -22,11 +21,6 @@ from edgevlm.manifest import ManifestError, OnnxArtifacts, write_manifest
 from edgevlm.staging import staged_dir
 
 PRECISIONS = ("fp16", "int8", "int4")
-
-
-def onnx_sha256(art: OnnxArtifacts) -> str:
-    """The checkpoint hash the export came from: what the repository checks engines against."""
-    return art.manifest["source"]["sha256"]
 
 
 def decoder_onnx(art: OnnxArtifacts, kv: str, strongly_typed: bool) -> Path:
@@ -102,8 +96,8 @@ def main(argv=None) -> int:
             }
             write_manifest(tmp, {
                 "kind": "tensorrt", "device_tag": device.tag, "device": device.to_dict(),
-                "precision": args.precision, "onnx_sha256": onnx_sha256(art), "source_onnx": str(src_dir.resolve()),
-                "onnx_manifest_sha256": hashlib.sha256((src_dir / "manifest.json").read_bytes()).hexdigest(),
+                "precision": args.precision, # the export's own files, hashed: what the repository check compares
+                "onnx_sha256": art.digest, "source_onnx": str(src_dir.resolve()),
                 "model": art.manifest["model"], "max_context": max_context, "kv_cache": kv,
                 "engines": built, "io": art.manifest["io"],
                 "created": datetime.now(timezone.utc).isoformat(timespec="seconds")})

@@ -6,6 +6,7 @@ Triton models, the engine builder) opens artifacts through `OnnxArtifacts`, whic
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +21,19 @@ class ManifestError(ValueError):
     pass
 
 
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):  # 16 MiB at a time: a 5 GB weights file never sits in memory
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def write_manifest(root: Path, data: dict) -> None:
+    """Written last by every stage. Where it lists `files`, it also records each one's SHA-256:
+    what later stages (engines, the repository check) identify an export by."""
+    if "files" in data:
+        data = {**data, "sha256": {key: file_sha256(Path(root) / name) for key, name in data["files"].items()}}
     (root / MANIFEST).write_text(json.dumps({"format": FORMAT, **data}, indent=2) + "\n")
 
 
@@ -51,6 +64,16 @@ class OnnxArtifacts:
     @property
     def config(self) -> ModelConfig:
         return ModelConfig.from_dict(self.manifest["model"])
+
+    @property
+    def digest(self) -> str:
+        """One SHA-256 over the hashes of every file of this export: two exports of the same
+        checkpoint (another opset, another quantization) differ here."""
+        hashes = self.manifest.get("sha256")
+        if not hashes:
+            raise ManifestError(f"{self.root}: this export records no file hashes (made by an older "
+                                "version); run `make onnx` again")
+        return hashlib.sha256("".join(f"{k} {hashes[k]}\n" for k in sorted(hashes)).encode()).hexdigest()
 
     def path(self, key: str) -> Path:
         files = self.manifest["files"]

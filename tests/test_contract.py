@@ -60,17 +60,23 @@ def test_server_enforces_the_request_limits(client):
         client.generate("Hi", max_tokens=2, history=[("q", "a")] * (contract.MAX_TURNS + 1))
 
 
-def _raw_stream_error(url: str, inputs) -> InferenceServerException:
-    """The error a plain tritonclient stream with the contract's header receives."""
+def _raw_stream_error(url: str, inputs) -> tuple[dict, InferenceServerException]:
+    """What a plain tritonclient stream receives for a refused request: the stats announcing
+    the status (empty if none came) and the error."""
+    import json
     import queue
     q = queue.Queue()
     c = grpcclient.InferenceServerClient(url)
-    c.start_stream(callback=lambda result, error: q.put(error), headers=contract.STREAM_STATUS_HEADER)
+    c.start_stream(callback=lambda result, error: q.put((result, error)))
+    announced = {}
     try:
         c.async_stream_infer(contract.MODEL, inputs)
-        while (error := q.get(timeout=120)) is None:
-            pass
-        return error
+        while True:
+            result, error = q.get(timeout=120)
+            if error is not None:
+                return announced, error
+            stats = result.as_numpy("stats")[0]
+            announced = json.loads(stats).get(contract.STATS_ERROR, {}) if stats else {}
     finally:
         c.stop_stream(cancel_requests=True)
         c.close()
@@ -89,22 +95,23 @@ def _bytes_input(name, value):
     # refused while preprocessing (the image does not decode)
     ("image", lambda: [_bytes_input("prompt", b"Hi"), _bytes_input("image", b"\x89PNG\r\n\x1a\nbroken")]),
 ])
-def test_bad_requests_arrive_as_invalid_argument(server, where, inputs):
+def test_bad_requests_announce_invalid_arg_then_fail(server, where, inputs):
     before = settle(server, 0)
-    err = _raw_stream_error(server.grpc_url, inputs())
-    assert err.status() == "StatusCode.INVALID_ARGUMENT", (where, err.status(), err.message())
-    assert isinstance(from_triton(err), InvalidRequest)
+    announced, err = _raw_stream_error(server.grpc_url, inputs())
+    assert announced["status"] == "INVALID_ARG" and announced["message"] == err.message().split("] ", 1)[-1] \
+        or announced["message"] in err.message(), (where, announced, err.message())
+    assert isinstance(from_triton(err, announced["status"]), InvalidRequest)
     after = settle(server, sum(before[o] for o in ("complete", "cancelled", "invalid", "error")) + 1)
     assert after["invalid"] == before["invalid"] + 1 and after["error"] == before["error"]
 
 
 @pytest.mark.integration
 def test_tritons_own_stream_refusals_carry_no_status(server):
-    """A wrong datatype is refused by Triton's gRPC frontend before our model runs; Triton 2.51
-    sends that refusal on a stream without a status code even with the header. The client
-    calls it the server's fault rather than guess from the text (see README, Errors)."""
-    err = _raw_stream_error(server.grpc_url, [_bytes_input("prompt", b"Hi"), _bytes_input("max_tokens", b"3")])
-    assert err.status() is None and "max_tokens" in err.message()
+    """A wrong datatype is refused by Triton's gRPC frontend before our model runs, as a bare
+    message. The client calls it the server's fault rather than guess from the text (see
+    README, Errors); it never sends such tensors itself."""
+    announced, err = _raw_stream_error(server.grpc_url, [_bytes_input("prompt", b"Hi"), _bytes_input("max_tokens", b"3")])
+    assert announced == {} and err.status() is None and "max_tokens" in err.message()
     assert isinstance(from_triton(err), ServerError)
 
 
@@ -135,6 +142,14 @@ def test_client_types_errors_by_status_never_by_message(status, cls):
     assert type(from_triton(_Rpc(code, misleading))) is cls
     assert type(from_triton(InferenceServerException(misleading, status=str(code)))) is cls
     assert str(from_triton(_Rpc(code, " the reason \n"))) == "the reason"
+
+
+@pytest.mark.parametrize("status,cls", [("INVALID_ARG", InvalidRequest), ("UNAVAILABLE", ServerUnavailable),
+                                        ("INTERNAL", ServerError)])
+def test_a_streamed_refusal_is_typed_by_the_status_its_stats_announced(status, cls):
+    bare = InferenceServerException("invalid argument: server exiting, connection refused")  # no gRPC code
+    assert set(contract.STATUS) == {"INVALID_ARG", "UNAVAILABLE", "INTERNAL"}
+    assert type(from_triton(bare, status)) is cls
 
 
 def test_an_error_without_a_status_is_the_servers_fault_not_the_requests():

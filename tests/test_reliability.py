@@ -8,7 +8,6 @@ import os
 import random
 import signal
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -102,17 +101,6 @@ def test_soak_every_request_ends_cleanly_and_nothing_leaks(own_server):
     assert client.generate("Still there?", max_tokens=4).tokens == 4
 
 
-def _stub_pid(server: TritonServer, model: str) -> int:
-    for pid in server.pids():
-        try:
-            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if argv[0].endswith(b"triton_python_backend_stub") and any(f"/{model}/".encode() in a for a in argv):
-            return pid
-    raise AssertionError(f"no python stub for {model}")
-
-
 @pytest.mark.integration
 def test_killed_stub_gives_a_typed_error_and_serving_resumes(tiny_onnx, tmp_path):
     repo = render_repository(tiny_onnx, tmp_path / "repository", max_sequences=2, default_max_tokens=8)
@@ -124,7 +112,7 @@ def test_killed_stub_gives_a_typed_error_and_serving_resumes(tiny_onnx, tmp_path
             stream = client.stream("Tell me a long story.", max_tokens=400, temperature=0.8, seed=9)
             it = iter(stream)
             next(it)
-            os.kill(_stub_pid(srv, "mobilevlm"), signal.SIGKILL)
+            os.kill(srv.stub_pid("mobilevlm"), signal.SIGKILL)
             with pytest.raises((ServerError, ServerUnavailable, Timeout)):
                 for _ in it:
                     pass

@@ -174,7 +174,8 @@ def test_jetson_target_selects_this_devices_engines_by_manifest(tiny_onnx, tmp_p
     from edgevlm.manifest import ManifestError
     art_root = tmp_path / "model"
     onnx_dir = shutil.copytree(tiny_onnx, art_root / "onnx")
-    sha = json.loads((onnx_dir / "manifest.json").read_text())["source"]["sha256"]
+    from edgevlm.manifest import OnnxArtifacts, read_manifest, write_manifest
+    sha = OnnxArtifacts.open(onnx_dir).digest
     monkeypatch.setenv("EDGEVLM_TRT_VERSION", "10.3.0")
     monkeypatch.setenv("EDGEVLM_SM", "87")
     with pytest.raises(ManifestError, match=r"no engines for this device \(10.3.0-sm87\)"):
@@ -191,12 +192,19 @@ def test_jetson_target_selects_this_devices_engines_by_manifest(tiny_onnx, tmp_p
     assert 'key: "kv_cache" value: { string_value: "static" }' in config
     assert 'key: "max_context" value: { string_value: "256" }' in config
     monkeypatch.setenv("EDGEVLM_TRT_VERSION", "8.5.2")
+    # another export of the same checkpoint (here: one file differs), engines built from it
+    other = shutil.copytree(onnx_dir, tmp_path / "other-export")
+    with open(other / "decoder.onnx", "ab") as f:
+        f.write(b"\0")
+    m = read_manifest(other)
+    write_manifest(other, {k: v for k, v in m.items() if k not in ("format", "sha256")})
+    assert read_manifest(other)["source"] == read_manifest(onnx_dir)["source"]  # same checkpoint
     (art_root / "engines" / "8.5.2-sm87" / "manifest.json").write_text(json.dumps(
-        {"format": 1, "kind": "tensorrt", "onnx_sha256": "other", "device_tag": "8.5.2-sm87"}))
+        {"format": 1, "kind": "tensorrt", "onnx_sha256": OnnxArtifacts.open(other).digest,
+         "device_tag": "8.5.2-sm87"}))
     with pytest.raises(ManifestError, match="built from another export"):
         render_repository(onnx_dir, tmp_path / "r2", "jetson")
     with pytest.raises(ManifestError, match="are for '10.3.0-sm87'"):
-        from edgevlm.manifest import OnnxArtifacts
         from edgevlm.serve.repository import check_engines
         check_engines(art_root / "engines" / "10.3.0-sm87", OnnxArtifacts.open(onnx_dir), "8.5.2-sm87")
 

@@ -157,7 +157,7 @@ def served(onnx_dir: Path, tokens: int, runs: int, ttft_tokens: int) -> dict:
                 split["first_decode_ms"].append(s["decode_ms"] / max(s["decode_tokens"], 1))
                 split["client_ttft_ms"].append(((first or time.perf_counter()) - t0) * 1e3)
     ttft = {k: med(v) for k, v in split.items()}
-    # the rest of the client's wait: image decode and resize in preprocess, BLS, gRPC
+    # the rest of the client's wait: image decode and resize, the BLS call, gRPC
     ttft["preprocess_and_transport_ms"] = round(ttft["client_ttft_ms"] - ttft["image_encode_ms"] - ttft["prefill_ms"], 3)
     return {"gaps": gaps, "ttft": ttft, "prompt_tokens": s["prefill_tokens"],
             "server_rss_idle_mb": round(idle_mb), "server_rss_peak_mb": round(rss.peak)}
@@ -314,7 +314,7 @@ def markdown(reports: list[dict]) -> str:
                    f"| {t['ratio']:.2f} |")
     out += ["", "## Time to first token with an image (through Triton)", "",
             "The first token comes from the prefill's logits; the client's wait is image encode + prefill + "
-            "the rest (image decode and resize in preprocess, BLS calls, gRPC). The first decode step is the "
+            "the rest (image decode and resize, the BLS call to the vision encoder, gRPC). The first decode step is the "
             "cost of each token after it.", "",
             "| model | prompt tokens | image encode ms | prefill ms | preprocess + transport ms | client TTFT ms | "
             "first decode step ms | server RSS idle / peak MiB |", "|---|---|---|---|---|---|---|---|"]

@@ -18,7 +18,7 @@ from tritonclient.utils import InferenceServerException
 from edgevlm_client.chat import AsyncChat
 from edgevlm_client.client import DEFAULT_URL
 from edgevlm_client.connection import TLS, Retry
-from edgevlm_client.contract import MODEL, STREAM_STATUS_HEADER
+from edgevlm_client.contract import MODEL, STATS_ERROR
 from edgevlm_client.errors import EdgeVLMError, ServerError, ServerUnavailable, Timeout, from_triton
 from edgevlm_client.request import ModelInfo, Result, build_inputs, read_response
 
@@ -57,9 +57,9 @@ class AsyncStream:
         delays = self._client.retry.delays()
         received = False
         while True:
-            call = None
+            call, status = None, None
             try:
-                call = (await self._client.grpc_client()).stream_infer(self._request(), headers=STREAM_STATUS_HEADER)
+                call = (await self._client.grpc_client()).stream_infer(self._request())
                 while True:
                     try:
                         result, error = await asyncio.wait_for(call.__anext__(), self._timeout_s)
@@ -69,8 +69,11 @@ class AsyncStream:
                         raise ServerError("the stream ended without an answer") from None
                     if error is not None:
                         raise error
-                    received = True
                     delta, stats = read_response(result)
+                    if STATS_ERROR in stats:  # the refusal itself follows as the error
+                        status = stats[STATS_ERROR].get("status")
+                        continue
+                    received = True
                     if delta:
                         self.text += delta
                         yield delta
@@ -79,7 +82,7 @@ class AsyncStream:
                         call = None  # complete: nothing to cancel
                         return
             except (InferenceServerException, grpc.RpcError) as e:
-                exc: EdgeVLMError = from_triton(e)
+                exc: EdgeVLMError = from_triton(e, status)
                 delay = next(delays, None) if isinstance(exc, ServerUnavailable) and not received else None
                 if delay is None:
                     raise exc from e

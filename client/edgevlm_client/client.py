@@ -13,7 +13,7 @@ from tritonclient.utils import InferenceServerException
 
 from edgevlm_client.chat import Chat
 from edgevlm_client.connection import TLS, Retry
-from edgevlm_client.contract import MODEL, STREAM_STATUS_HEADER
+from edgevlm_client.contract import MODEL, STATS_ERROR
 from edgevlm_client.errors import EdgeVLMError, ServerError, ServerUnavailable, Timeout, from_triton
 from edgevlm_client.request import ModelInfo, Result, build_inputs, read_response
 
@@ -32,6 +32,7 @@ class Stream:
         self.text = ""
         self._client, self._inputs, self._timeout_s = client, inputs, timeout_s
         self._done = self._received = False
+        self._status = None  # the Triton status a refusal announced in its stats
         self._grpc = None
         self._open()
 
@@ -39,9 +40,7 @@ class Stream:
         q = self._q = queue.Queue()  # one per attempt: a late callback of a failed one lands nowhere
         self._grpc = self._client.grpc_client()
         try:
-            # with the header, a refused request closes the stream with its status code
-            self._grpc.start_stream(callback=lambda result, error: q.put((result, error)),
-                                    headers=STREAM_STATUS_HEADER)
+            self._grpc.start_stream(callback=lambda result, error: q.put((result, error)))
             self._grpc.async_stream_infer(self._client.model, self._inputs, enable_empty_final_response=True)
         except InferenceServerException as e:
             q.put((None, e))
@@ -55,7 +54,7 @@ class Stream:
                 except queue.Empty:
                     raise Timeout(f"no response within {self._timeout_s:g} s") from None
                 if error is not None:
-                    exc = from_triton(error)
+                    exc = from_triton(error, self._status)
                     delay = next(delays, None) if isinstance(exc, ServerUnavailable) and not self._received else None
                     if delay is None:
                         raise exc from error
@@ -63,8 +62,11 @@ class Stream:
                     time.sleep(delay)
                     self._open()
                     continue
-                self._received = True
                 delta, stats = read_response(result)
+                if STATS_ERROR in stats:  # the refusal itself follows as the error
+                    self._status = stats[STATS_ERROR].get("status")
+                    continue
+                self._received = True
                 self.stats = stats or self.stats
                 if delta:
                     self.text += delta

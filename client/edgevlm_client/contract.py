@@ -115,16 +115,18 @@ def stop_reason(stop) -> str | None:
     return None
 
 
-# What a failure's status means. Triton's codes as the server sends them (python backend:
-# pb_utils.TritonError.<code>), and the gRPC status the client sees once the stream carries
-# status codes (request header below).
+# What a failure's status means: Triton's codes as the model sends them (pb_utils.TritonError.X).
 STATUS = {
-    "INVALID_ARG": ("INVALID_ARGUMENT", "the request is wrong: fix it, do not retry"),
-    "UNAVAILABLE": ("UNAVAILABLE", "overloaded, starting or restarting: retry before the first token"),
-    "INTERNAL": ("INTERNAL", "a server bug or a failed model: report it"),
+    "INVALID_ARG": "the request is wrong: fix it, do not retry",
+    "UNAVAILABLE": "overloaded, starting or restarting: retry before the first token",
+    "INTERNAL": "a server bug or a failed model: report it",
 }
-# Without this header Triton reports a streamed error as a bare message (no status code).
-STREAM_STATUS_HEADER = {"triton_grpc_error": "true"}
+# How the status reaches a streaming client. Triton sends an error on a gRPC stream as a bare
+# message; its opt-in header for real status codes (`triton_grpc_error: true`) crashes
+# tritonserver 2.51 with decoupled models (SIGSEGV, seen here within seconds). So a refused
+# request first gets one response whose `stats` is {"error": {"status": <STATUS key>,
+# "message": <reason>}}, then the Triton error (same reason, same code) that ends the stream.
+STATS_ERROR = "error"
 
 BY_NAME = {t.name: t for t in INPUTS}
 

@@ -1,8 +1,9 @@
 """Typed errors, chosen by the status code the server sent, never by its message.
 
-Streams carry status codes because the client opens them with
-`contract.STREAM_STATUS_HEADER`; unary calls always do. Each error is raised `from` the
-tritonclient or grpc exception behind it, and keeps the server's one-line reason as text.
+Unary calls and connection failures carry gRPC status codes; a request our model refuses on a
+stream carries its Triton status in the `stats` of the response before the error
+(contract.STATS_ERROR). Each error is raised `from` the tritonclient or grpc exception behind
+it, and keeps the server's one-line reason as text.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ class ServerError(EdgeVLMError):
     without a status code)."""
 
 
+# The model's Triton status (contract.STATUS) -> our types.
+BY_TRITON_STATUS = {"INVALID_ARG": InvalidRequest, "UNAVAILABLE": ServerUnavailable, "INTERNAL": ServerError}
 # gRPC status names (grpc.StatusCode.X.name) -> our types; anything else is the server's fault.
 BY_STATUS = {
     "INVALID_ARGUMENT": InvalidRequest,
@@ -52,9 +55,9 @@ def status_name(exc) -> str:
     return getattr(code, "name", None) or str(code).rpartition(".")[2]
 
 
-def from_triton(exc) -> EdgeVLMError:
+def from_triton(exc, triton_status: str | None = None) -> EdgeVLMError:
     """Map a tritonclient InferenceServerException or a grpc.RpcError to our type (call as
-    `raise from_triton(e) from e`)."""
+    `raise from_triton(e) from e`); `triton_status` is what the stream's stats said, if any."""
     if callable(getattr(exc, "details", None)):  # grpc.RpcError
         message = exc.details() or ""
     elif callable(getattr(exc, "message", None)):
@@ -62,4 +65,5 @@ def from_triton(exc) -> EdgeVLMError:
     else:
         message = str(exc)
     status = status_name(exc)
-    return BY_STATUS.get(status, ServerError)(message.strip() or status or "no reason given")
+    cls = BY_TRITON_STATUS.get(triton_status) or BY_STATUS.get(status, ServerError)
+    return cls(message.strip() or status or "no reason given")

@@ -99,7 +99,8 @@ def build_inputs(prompt: str, image=None, *, system: str | None = None, raw_prom
 
 
 def read_response(result) -> tuple[str, dict]:
-    """One streamed response -> (text delta, stats); stats are empty except on the last one."""
+    """One streamed response -> (text delta, stats); stats are empty except on the last one,
+    or on the one before a refusal (then stats[contract.STATS_ERROR] holds its status)."""
     if result is None or not result.get_response().outputs:
         return "", {}
     delta = result.as_numpy("text")[0].decode("utf-8")

@@ -237,7 +237,7 @@ def quantize_export(onnx_dir: str | Path, out_dir: str | Path, precision: str, *
         for name, cosine in cosines.items():
             if cosine < 0.99:
                 raise QuantizationError(f"{name} drifts from the quantized decoder: logits cosine {cosine:.4f}")
-        manifest = {k: v for k, v in src.manifest.items() if k not in ("format", "files", "io", "opset", "created")}
+        manifest = {k: v for k, v in src.manifest.items() if k not in ("format", "files", "sha256", "io", "opset", "created")}
         files = {"vision_encoder": "vision_encoder.onnx", "decoder": "decoder.onnx",
                  "embed_tokens": src.manifest["files"]["embed_tokens"], "tokenizer": src.manifest["files"]["tokenizer"]}
         files["decoder_fp16"] = "decoder.fp16.onnx"
@@ -264,7 +264,7 @@ def quantize_export(onnx_dir: str | Path, out_dir: str | Path, precision: str, *
                 "fp16_copy": {"file": "decoder.fp16.onnx", "keeps_fp32": FP16_KEEP_FP32},
                 # min logits cosine vs decoder.onnx over a prefill and 4 decode steps
                 "derived_graphs_logits_cosine": {k: round(v, 6) for k, v in cosines.items()}},
-                "source_onnx": str(src.root.resolve())},
+                "source_onnx": str(src.root.resolve()), "source_digest": src.digest},
             created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
         write_manifest(tmp, manifest)
         log("quantize: checking against FP32 with ONNX Runtime")

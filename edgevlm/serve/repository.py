@@ -64,12 +64,24 @@ def check_engines(engine_dir: Path, art: OnnxArtifacts, tag: str | None = None) 
     m = read_manifest(engine_dir)
     if m.get("kind") != "tensorrt":
         raise ManifestError(f"{engine_dir}: not a TensorRT engine directory (kind {m.get('kind')!r})")
-    if m.get("onnx_sha256") != art.manifest["source"]["sha256"]:
+    if m.get("onnx_sha256") not in _exports_served_with(art, m.get("precision", "fp16")):
         raise ManifestError(f"{engine_dir}: engines were built from another export "
-                            "(checkpoint hash differs); run `make engines` again")
+                            "(the ONNX files' hash differs); run `make engines` again")
     if tag is not None and m.get("device_tag") != tag:
         raise ManifestError(f"{engine_dir}: engines are for {m.get('device_tag')!r}, "
                             f"this device is {tag!r}; run `make engines` here")
+
+
+def _exports_served_with(art: OnnxArtifacts, precision: str) -> set[str]:
+    """Digests of the exports engines may come from when `art` is served: `art` itself (fp16
+    engines), or the quantized export beside it that was made from `art` (int8 / int4)."""
+    digests = {art.digest}
+    quantized = art.root.parent / f"onnx-{precision}"
+    if precision != "fp16" and (quantized / "manifest.json").is_file():
+        q = OnnxArtifacts.open(quantized)
+        if q.manifest.get("quantization", {}).get("source_digest") == art.digest:
+            digests.add(q.digest)
+    return digests
 
 
 def render_repository(onnx_dir: str | Path, out_dir: str | Path, target: str = "cpu", *,

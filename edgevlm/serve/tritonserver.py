@@ -212,16 +212,19 @@ class TritonServer:
         except OSError:
             return ""
 
-    def stub_alive(self, model: str) -> bool:
-        """Is the python stub process of `model` running?"""
+    def stub_pid(self, model: str) -> int | None:
+        """The pid of `model`'s python stub process, or None when it is not running."""
         for pid in self.pids():
             try:
                 argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
             except OSError:
                 continue
             if argv[0].endswith(b"triton_python_backend_stub") and any(f"/{model}/".encode() in a for a in argv):
-                return True
-        return False
+                return pid
+        return None
+
+    def stub_alive(self, model: str) -> bool:
+        return self.stub_pid(model) is not None
 
     def restart(self, timeout_s: float = 180.0) -> TritonServer:
         """Kill at once (a server needing a restart cannot finish its requests) and start again

@@ -9,6 +9,8 @@ import json
 import os
 import sys
 
+import numpy as np
+
 import triton_python_backend_utils as pb_utils
 
 
@@ -37,11 +39,30 @@ def bls(model, inputs, outputs):
     return [pb_utils.get_output_tensor_by_name(response, name).as_numpy() for name in outputs]
 
 
-def triton_error(exc, model):
-    """The TritonError to send for `exc`: a RequestError (edgevlm.runtime.errors) with its own
-    status, anything else INTERNAL (and logged)."""
+def status_of(exc, model):
+    """(Triton status name, one-line reason) for `exc`: a RequestError (edgevlm.runtime.errors)
+    keeps its own status, anything else is INTERNAL (and logged)."""
     status = getattr(exc, "status", None)
     if status in ("INVALID_ARG", "UNAVAILABLE"):
-        return pb_utils.TritonError(str(exc), getattr(pb_utils.TritonError, status))
+        return status, str(exc)
     pb_utils.Logger.log_error(f"{model}: {type(exc).__name__}: {exc}")
-    return pb_utils.TritonError(f"{model}: {type(exc).__name__}: {exc}", pb_utils.TritonError.INTERNAL)
+    return "INTERNAL", f"{model}: {type(exc).__name__}: {exc}"
+
+
+def triton_error(exc, model):
+    """The TritonError to answer `exc` with, its code set by status_of."""
+    status, reason = status_of(exc, model)
+    return pb_utils.TritonError(reason, getattr(pb_utils.TritonError, status))
+
+
+def send_error(sender, exc, model):
+    """End a decoupled stream with `exc`. Triton delivers a streamed error as its message
+    only (its status-code header crashes tritonserver 2.51), so the status goes first in the
+    `stats` of one response (edgevlm_client.contract.STATS_ERROR), then the error itself."""
+    status, reason = status_of(exc, model)
+    stats = json.dumps({"error": {"status": status, "message": reason}}).encode()
+    sender.send(pb_utils.InferenceResponse([
+        pb_utils.Tensor("text", np.array([b""], dtype=object)),
+        pb_utils.Tensor("stats", np.array([stats], dtype=object))]))
+    sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(reason, getattr(pb_utils.TritonError, status))),
+                flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)

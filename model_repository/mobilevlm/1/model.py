@@ -7,7 +7,8 @@ Per request, inside execute(): the request is checked and preprocessed here (ima
 prompt template, tokens), then `vision_encoder` runs through BLS; the decode loop then runs on
 a worker thread (up to `max_sequences` at once) and streams. A cancelled stream stops at the
 next token and frees its KV cache. Failures carry their Triton status: INVALID_ARG for a bad
-request, UNAVAILABLE for no room, INTERNAL for a bug.
+request, UNAVAILABLE for no room, INTERNAL for a bug (adapter.send_error: the status is in the
+`stats` of the response before the error, as the wire contract says).
 
 Why preprocessing is not a composing model of its own: python-backend BLS resets a composed
 model's error code to INTERNAL (triton-inference-server/server#7804, Triton 2.51), so a bad
@@ -24,7 +25,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
-from adapter import bls, model_params, triton_error
+from adapter import bls, model_params, send_error
 
 import triton_python_backend_utils as pb_utils
 
@@ -105,7 +106,7 @@ class TritonPythonModel:
                 inputs.update(input_ids=input_ids.copy(), image_embeds=embeds.copy(), encode_ms=encode_ms.copy())
             except Exception as e:
                 self.metrics.finished(_outcome(e))
-                sender.send(pb_utils.InferenceResponse(error=triton_error(e, "mobilevlm")), flags=FINAL)
+                send_error(sender, e, "mobilevlm")
                 continue
             self.pool.submit(self._decode, inputs, sender, request)
         return None
@@ -135,9 +136,9 @@ class TritonPythonModel:
         except Exception as e:
             outcome = _outcome(e)
             try:
-                sender.send(pb_utils.InferenceResponse(error=triton_error(e, "mobilevlm")), flags=FINAL)
-            except Exception as send_error:  # the stream may already be closed
-                pb_utils.Logger.log_error(f"mobilevlm: could not report the failure: {send_error}")
+                send_error(sender, e, "mobilevlm")
+            except Exception as failed:  # the stream may already be closed
+                pb_utils.Logger.log_error(f"mobilevlm: could not report the failure: {failed}")
         finally:
             self.metrics.finished(outcome, tokens)
             with self.metrics.lock:
