@@ -44,7 +44,7 @@ CKPT_SRC := $(if $(MODEL),$(wildcard $(MODEL)/*),$(ART)/checkpoint/config.json)
 QUANT_SRC := edgevlm/export/quantize.py edgevlm/export/quant_check.py edgevlm/export/static_cache.py \
 	edgevlm/export/cleanup.py build/quantize.py
 
-.PHONY: help setup checkpoint onnx verify quantize engines jetson-bench repo serve gateway bench demo test test-fast clean
+.PHONY: help setup checkpoint onnx verify quantize engines trt-api jetson-bench repo serve gateway bench demo test test-fast clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -90,7 +90,7 @@ endif
 verify: $(ART)/onnx/manifest.json ## PyTorch vs ONNX Runtime parity on real photos
 	$(PY) build/verify.py --checkpoint $(CKPT) --onnx $(ART)/onnx $(if $(CLIP),--clip $(CLIP))
 
-quantize: $(ART)/onnx-$(or $(PRECISION),int8)/manifest.json ## Q/DQ export checked against FP32 (PRECISION=int8|int4, CALIB=photo dir)
+quantize: $(ART)/onnx-$(or $(PRECISION),int8)/manifest.json ## FP16 or Q/DQ export checked against FP32 (PRECISION=fp16|int8|int4, CALIB=photo dir)
 
 $(ART)/onnx-%/manifest.json: $(ART)/onnx/manifest.json $(QUANT_SRC) | $(SETUP)
 	$(PY) build/quantize.py --onnx $(ART)/onnx --precision $* --out $(ART)/onnx-$* $(if $(CALIB),--calib-dir $(CALIB))
@@ -98,6 +98,9 @@ $(ART)/onnx-%/manifest.json: $(ART)/onnx/manifest.json $(QUANT_SRC) | $(SETUP)
 engines: $(ART)/onnx/manifest.json | $(SETUP) ## on the Orin: TensorRT engines (PRECISION=fp16|int8|int4, MAX_CONTEXT=, KV=auto|static|concat)
 	$(PY) build/build_engines.py --onnx $(ART)/onnx --precision $(or $(PRECISION),fp16) \
 		$(if $(MAX_CONTEXT),--max-context $(MAX_CONTEXT)) --kv $(KV)
+
+trt-api: | $(SETUP) ## our TensorRT code against the real Python API of 8.6, 10.3, 10.16, 11.4 (also in make test)
+	$(PY) -m tools.trt_api
 
 jetson-bench: | $(SETUP) ## on the Orin: encode/prefill/decode, J/token, peak memory vs the roofline (JSON)
 	$(PY) tools/jetson_bench.py --onnx $(ART)/onnx $(if $(POWER_MODE),--power-mode $(POWER_MODE))

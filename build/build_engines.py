@@ -2,8 +2,9 @@
 
     python build/build_engines.py --onnx artifacts/mobilevlm-v2-1.7b/onnx --precision fp16 [--max-context 2048]
 
-Precision fp16 builds from `onnx/`; int8 / int4 from `onnx-int8/` / `onnx-int4/` (make
-quantize). KV=auto (default) builds the decoder with the in-place static KV cache where
+Each precision builds from its export (`make quantize PRECISION=...`): fp16 from `onnx-fp16/`
+(strongly typed, TensorRT 10 and 11; 8.x builds `onnx/` with precision flags), int8 / int4 from
+`onnx-int8/` / `onnx-int4/`. KV=auto (default) builds the decoder with the in-place static KV cache where
 TensorRT has it (10.15+) and with concat-KV otherwise; KV=static|concat forces one. Engines land in artifacts/<name>/engines/<TensorRT>-sm<cc>/ with a manifest and the
 timing cache beside them; off-device it refuses in one line, exit 2, writing nothing.
 """
@@ -15,12 +16,22 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
+from edgevlm.engines.features import Features
 from edgevlm.engines.profiles import ProfileError, decoder_profiles, static_decoder_profiles, vision_profiles
 from edgevlm.jetson.device import DeviceError, detect
 from edgevlm.manifest import ManifestError, OnnxArtifacts, write_manifest
 from edgevlm.staging import staged_dir
 
 PRECISIONS = ("fp16", "int8", "int4")
+
+
+def export_for(fp32: Path, precision: str, strongly_typed: bool) -> Path:
+    """The export an engine of `precision` is built from: the Q/DQ export for int8 / int4;
+    for fp16 the FP16 export where the network is strongly typed (TensorRT 10, 11), the FP32
+    one with precision flags on 8.x."""
+    if precision == "fp16" and not strongly_typed:
+        return fp32
+    return fp32.parent / f"onnx-{precision}"
 
 
 def decoder_onnx(art: OnnxArtifacts, kv: str, strongly_typed: bool) -> Path:
@@ -38,7 +49,6 @@ def engine_kv_layout(requested: str, art: OnnxArtifacts) -> str:
         return requested
     import tensorrt as trt
 
-    from edgevlm.engines.build import Features
     static_ok = Features.of(trt).inplace_kv and "decoder_static" in art.manifest["files"]
     return "static" if static_ok else "concat"
 
@@ -55,7 +65,6 @@ def main(argv=None) -> int:
     ap.add_argument("--optimization-level", type=int, default=3, choices=range(6))
     args = ap.parse_args(argv)
     fp32 = Path(args.onnx)
-    src_dir = fp32 if args.precision == "fp16" else fp32.parent / f"onnx-{args.precision}"
     try:
         device = detect().require("tensorrt", "sm")
         import tensorrt  # present: detect found its version
@@ -63,10 +72,11 @@ def main(argv=None) -> int:
         print(f"engines: refused: {e}. `make engines` runs on the Jetson (JetPack 5.1+ with TensorRT); "
               "nothing was written", file=sys.stderr)
         return 2
+    strongly_typed = Features.of(tensorrt).strongly_typed
+    src_dir = export_for(fp32, args.precision, strongly_typed)
     try:
         art = OnnxArtifacts.open(src_dir)
         kv = engine_kv_layout(args.kv, art)
-        strongly_typed = args.precision != "fp16" and hasattr(tensorrt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED")
         if kv == "static":
             pinned, dec_profiles = static_decoder_profiles(art, args.max_context)
             max_context = pinned["cache"]
@@ -75,7 +85,7 @@ def main(argv=None) -> int:
             max_context = dec_profiles[1].shapes["past_key_0"][2][2] + 1
         vis_profiles = vision_profiles(art, args.max_batch)
     except (ManifestError, ProfileError) as e:
-        hint = f" (run `make quantize PRECISION={args.precision}` first)" if args.precision != "fp16" else ""
+        hint = f" (run `make quantize PRECISION={args.precision}` first)" if src_dir != fp32 else ""
         print(f"engines: error: {e}{hint}", file=sys.stderr)
         return 1
     from edgevlm.engines.build import BuildError, build_engine

@@ -1,6 +1,9 @@
-"""make quantize: Q/DQ INT8 or INT4 export from an FP32 export, checked with ONNX Runtime.
+"""make quantize: an FP16, INT8 or INT4 export from an FP32 export, checked with ONNX Runtime.
 
     python build/quantize.py --onnx artifacts/tiny/onnx --precision int8 --out artifacts/tiny/onnx-int8
+
+fp16 is what strongly typed TensorRT (10, 11) builds fp16 engines from (export/fp16.py);
+int8 / int4 are Q/DQ exports (export/quantize.py).
 """
 
 from __future__ import annotations
@@ -9,18 +12,22 @@ import argparse
 import sys
 
 from edgevlm.export.quant_check import QuantizationError, QuantReport
+from edgevlm.export.fp16 import fp16_export
 from edgevlm.export.quantize import PRECISIONS, quantize_export
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--onnx", required=True, help="FP32 export directory (make onnx)")
-    ap.add_argument("--precision", required=True, choices=PRECISIONS)
+    ap.add_argument("--precision", required=True, choices=("fp16", *PRECISIONS))
     ap.add_argument("--out", required=True)
     ap.add_argument("--calib-dir", help="calibration photos (default: scikit-image's samples)")
     args = ap.parse_args(argv)
     try:
-        report = quantize_export(args.onnx, args.out, args.precision, calib_dir=args.calib_dir)
+        if args.precision == "fp16":
+            report = fp16_export(args.onnx, args.out)
+        else:
+            report = quantize_export(args.onnx, args.out, args.precision, calib_dir=args.calib_dir)
     except (QuantizationError, ValueError, OSError) as e:
         print(f"quantize: error: {e}", file=sys.stderr)
         return 1

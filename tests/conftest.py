@@ -59,6 +59,21 @@ def tiny_onnx(tiny_ckpt, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_family(tiny_onnx, tmp_path_factory):
+    """The tiny export and what `make quantize` makes of it, laid out as under artifacts/<name>/:
+    onnx/ (the FP32 export), onnx-fp16/, onnx-int8/, onnx-int4/."""
+    from edgevlm.export.fp16 import fp16_export
+    from edgevlm.export.quantize import quantize_export
+    root = tmp_path_factory.mktemp("family") / "tiny"
+    root.mkdir()
+    (root / "onnx").symlink_to(tiny_onnx, target_is_directory=True)
+    fp16_export(tiny_onnx, root / "onnx-fp16", log=lambda m: None)
+    for precision in ("int8", "int4"):
+        quantize_export(tiny_onnx, root / f"onnx-{precision}", precision, log=lambda m: None)
+    return root
+
+
+@pytest.fixture(scope="session")
 def server(tiny_onnx, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("serve")
     repo = render_repository(tiny_onnx, tmp / "repository", max_sequences=4, default_max_tokens=32)

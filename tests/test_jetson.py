@@ -233,7 +233,7 @@ def test_tensorrt_engines_match_onnx_runtime(tiny_onnx, tmp_path, kv):
     concat KV cache and (TensorRT 10.15+) the in-place one whose decode step is a CUDA graph."""
     trt = pytest.importorskip("tensorrt", reason="TensorRT is not installable on this machine (no GPU; the "
                                                  "PyPI packages are download stubs); this test runs on the Orin")
-    from edgevlm.engines.build import Features
+    from edgevlm.engines.features import Features
     if kv == "static" and not Features.of(trt).inplace_kv:
         pytest.skip(f"TensorRT {trt.__version__} has no in-place KV update (10.15+)")
     import subprocess

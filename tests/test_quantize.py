@@ -15,15 +15,15 @@ from onnx import numpy_helper
 from edgevlm.manifest import OnnxArtifacts
 from edgevlm.export.quant_check import THRESHOLDS, QuantizationError, QuantReport, check_quantized
 from edgevlm.export.quantize import calibration_images, quantize_export
+from edgevlm.runtime.sampling import SamplingParams
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module", params=["int8", "int4"])
-def quantized(request, tiny_onnx, tmp_path_factory):
-    out = tmp_path_factory.mktemp("quant") / f"onnx-{request.param}"
-    report = quantize_export(tiny_onnx, out, request.param, log=lambda m: None)
-    return request.param, out, report
+def quantized(request, tiny_family):
+    out = tiny_family / f"onnx-{request.param}"
+    return request.param, out, OnnxArtifacts.open(out).manifest["quantization"]["accuracy"]
 
 
 def weight_matmuls(path: Path) -> int:
@@ -122,7 +122,8 @@ def test_fp16_copy_for_strongly_typed_builds(quantized):
     copy = manifest["quantization"]["decoder"]["fp16_copy"]
     assert manifest["quantization"]["decoder"]["derived_graphs_logits_cosine"]["decoder.fp16.onnx"] >= 0.99
     m = onnx.load(str(out / copy["file"]))
-    assert next(o.version for o in m.opset_import if o.domain in ("", "ai.onnx")) == 21
+    # FP16 DQ scales need 19 (within TensorRT 10.0's documented opsets); INT4 is a 21 type
+    assert next(o.version for o in m.opset_import if o.domain in ("", "ai.onnx")) == (19 if precision == "int8" else 21)
     inits = {t.name: t for t in m.graph.initializer}
     dqs = [n for n in m.graph.node if n.op_type == "DequantizeLinear"]
     assert dqs and all(inits[n.input[1]].data_type == onnx.TensorProto.FLOAT16 for n in dqs)  # FP16 MatMuls
@@ -171,3 +172,43 @@ def test_engine_builder_picks_the_graph_for_layout_and_typing(quantized, tiny_on
     assert pick(art, "concat", False) == "decoder.onnx"              # TensorRT 8.5, INT8 flags
     assert pick(fp32, "static", False) == "decoder.static.onnx"      # FP16 flags, in place
     assert pick(fp32, "concat", False) == "decoder.onnx"
+
+
+@pytest.fixture(scope="module")
+def fp16(tiny_family):
+    out = tiny_family / "onnx-fp16"
+    return out, OnnxArtifacts.open(out).manifest["quantization"]["accuracy"]
+
+
+def _fp32_inputs(model, op_type) -> bool:
+    """Every float input of every `op_type` node is FP32 (typed by ONNX shape inference)."""
+    inferred = onnx.shape_inference.infer_shapes(model)
+    types = {v.name: v.type.tensor_type.elem_type for v in (*inferred.graph.value_info, *inferred.graph.input)}
+    types.update({t.name: t.data_type for t in model.graph.initializer})
+    nodes = [n for n in model.graph.node if n.op_type == op_type]
+    return bool(nodes) and all(types.get(i) in (onnx.TensorProto.FLOAT, None, onnx.TensorProto.INT64)
+                               for n in nodes for i in n.input if i)
+
+
+def test_fp16_export_is_what_strongly_typed_builds_need(fp16, tiny_onnx):
+    out, report = fp16
+    art = OnnxArtifacts.open(out)
+    assert QuantReport(**report).failures("fp16") == []
+    assert art.manifest["quantization"]["source_digest"] == OnnxArtifacts.open(tiny_onnx).digest
+    assert art.manifest["quantization"]["decoder"]["static_logits_cosine"] >= 0.99
+    dec = onnx.load(str(art.path("decoder")))
+    io = {v.name: v.type.tensor_type.elem_type for v in (*dec.graph.input, *dec.graph.output)}
+    assert io["inputs_embeds"] == io["logits"] == onnx.TensorProto.FLOAT  # FP32 at the boundary
+    assert io["past_key_0"] == io["present_value_1"] == onnx.TensorProto.FLOAT16  # half the cache traffic
+    weights = [t for t in dec.graph.initializer if len(t.dims) == 2]
+    assert sum(t.data_type == onnx.TensorProto.FLOAT16 for t in weights) > len(weights) // 2
+    for op in ("ReduceMean", "Pow", "Softmax", "Gemm"):  # norms, attention softmax, lm_head
+        assert _fp32_inputs(dec, op), op
+    vis = onnx.load(str(art.path("vision_encoder")))
+    assert _fp32_inputs(vis, "LayerNormalization")
+    # the cpu runner opens it like any export, FP16 cache and all
+    from edgevlm.runtime.runners import load_generator
+    gen = load_generator(out, kv_cache="concat")
+    assert gen.decoder.kv_dtype == np.float16
+    events = list(gen.generate(gen.tok.encode("Hi"), None, SamplingParams(max_tokens=4)))
+    assert events[-1].stats.decode_tokens == 4

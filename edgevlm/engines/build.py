@@ -4,10 +4,13 @@ Written against the TensorRT Python API of the JetPack releases we target: 8.5 (
 10.3 (JetPack 6.1/6.2) and 10.15+ (JetPack 7.2); what differs between them is decided in
 `Features`, nothing else branches on versions. Imported only where `tensorrt` exists.
 
-    fp16        weakly typed network, FP16 kernels allowed, RMSNorm / LayerNorm reductions
-                pinned to FP32 (OBEY_PRECISION_CONSTRAINTS)
-    int8, int4  the Q/DQ exports of `make quantize`: strongly typed on TensorRT 10 (the graph's
-                own types decide), INT8 + FP16 flags on 8.5 (INT8 only; INT4 needs 10)
+    TensorRT 10 and 11: strongly typed networks, the graph's own types decide. fp16 builds from
+                the FP16 export (`make quantize PRECISION=fp16`: FP16 weights and activations,
+                norms / softmax / lm_head FP32 in the graph), int8 / int4 from their Q/DQ
+                exports. TensorRT 11 has nothing else: its BuilderFlag has no FP16 or INT8.
+    TensorRT 8.x: weakly typed, from the FP32 graph (fp16) or the Q/DQ export (int8) with
+                precision flags, RMSNorm / LayerNorm reductions pinned to FP32
+                (OBEY_PRECISION_CONSTRAINTS), FP16 KV cache IO. INT4 needs 10.
 
 KV cache layout of the decoder engine:
     concat      decoder.onnx, every TensorRT: past in, past + new out (two buffers in turn)
@@ -20,9 +23,9 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
+from edgevlm.engines.features import Features, requires
 from edgevlm.engines.profiles import Profile
 
 
@@ -30,33 +33,11 @@ class BuildError(RuntimeError):
     pass
 
 
-@dataclass(frozen=True)
-class Features:
-    """What this TensorRT offers that the builder uses."""
-    major: int
-    strongly_typed: bool          # NetworkDefinitionCreationFlag.STRONGLY_TYPED (10.0+)
-    explicit_batch_flag: bool     # 8.x must ask for explicit batch; 10.x always is
-    optimization_level: bool      # config.builder_optimization_level (8.6+)
-    int4: bool                    # INT4 weight-only block DQ (10.0+)
-    inplace_kv: bool              # KVCacheUpdate layer + aliased engine IO (10.15+)
-
-    @classmethod
-    def of(cls, trt) -> Features:
-        flags = trt.NetworkDefinitionCreationFlag
-        major = int(trt.__version__.split(".")[0])
-        return cls(major=major, strongly_typed=hasattr(flags, "STRONGLY_TYPED"),
-                   explicit_batch_flag=major < 10, optimization_level=hasattr(trt.IBuilderConfig,
-                                                                              "builder_optimization_level"),
-                   int4=major >= 10,
-                   inplace_kv=hasattr(trt.LayerType, "KV_CACHE_UPDATE")
-                   and hasattr(trt.ICudaEngine, "get_aliased_input_tensor"))
-
-
-def _network(trt, builder, features: Features, strongly_typed: bool):
+def _network(trt, builder, features: Features):
     flags = 0
     if features.explicit_batch_flag:
         flags |= 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
-    if strongly_typed:
+    if features.strongly_typed:
         flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
     return builder.create_network(flags)
 
@@ -76,6 +57,7 @@ def _parse(trt, network, logger, onnx_path: Path, pinned: dict[str, int] | None 
         raise BuildError(f"{onnx_path.name}: the ONNX parser refused the graph:\n  " + "\n  ".join(errors))
 
 
+@requires("weak_typing")
 def _pin_norms_fp32(trt, network) -> int:
     """Under FP16, keep the reductions of RMSNorm/LayerNorm (and the pow/sqrt/reciprocal around
     them) in FP32: their sums of squares overflow or lose precision in FP16."""
@@ -99,6 +81,7 @@ def _pin_norms_fp32(trt, network) -> int:
     return pinned
 
 
+@requires("weak_typing")
 def _half_kv_io(trt, network) -> None:
     """The KV cache crosses the engine boundary every step: keep it FP16 (half the memory and
     bandwidth of the FP32 the ONNX declares). The runner follows the engine's tensor types."""
@@ -109,6 +92,7 @@ def _half_kv_io(trt, network) -> None:
                 t.dtype = trt.float16
 
 
+@requires("inplace_kv")
 def _check_inplace(trt, plan, logger) -> None:
     """Every present_* of a static-cache engine must alias its past_* (the runner binds both
     to one buffer; without aliasing that would be a race, not an update)."""
@@ -137,8 +121,8 @@ def build_engine(onnx_path: Path, plan_path: Path, profiles: list[Profile], prec
                          f"{trt.__version__}: build with KV=concat")
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    strongly_typed = precision in ("int8", "int4") and features.strongly_typed
-    network = _network(trt, builder, features, strongly_typed)
+    strongly_typed = features.strongly_typed
+    network = _network(trt, builder, features)
     _parse(trt, network, logger, onnx_path, pinned)
     dynamic = {network.get_input(i).name for i in range(network.num_inputs)
                if -1 in tuple(network.get_input(i).shape)}  # profiles cover only these
@@ -147,7 +131,7 @@ def build_engine(onnx_path: Path, plan_path: Path, profiles: list[Profile], prec
     if features.optimization_level:
         config.builder_optimization_level = optimization_level
     pinned = 0
-    if not strongly_typed:  # precision flags are an error on a strongly typed network
+    if not strongly_typed:  # 8.x; precision flags are an error on a strongly typed network
         config.set_flag(trt.BuilderFlag.FP16)
         if precision == "int8":
             config.set_flag(trt.BuilderFlag.INT8)
@@ -163,7 +147,7 @@ def build_engine(onnx_path: Path, plan_path: Path, profiles: list[Profile], prec
     cache_bytes = timing_cache.read_bytes() if timing_cache.is_file() else b""
     cache = config.create_timing_cache(cache_bytes)
     config.set_timing_cache(cache, False)
-    log(f"engines: building {plan_path.name} ({precision}, {'strongly typed' if strongly_typed else 'FP16'}"
+    log(f"engines: building {plan_path.name} ({precision}, {'strongly typed' if strongly_typed else 'FP16 flags'}"
         f"{f', {pinned} norm layers pinned FP32' if pinned else ''}, profiles {', '.join(p.name for p in profiles)}); "
         "this takes minutes on an Orin")
     t0 = time.perf_counter()

@@ -30,6 +30,9 @@ STEPS = 32
 # on Gaussian weights leaves ~12 % noise per weight through 24 layers (1.7B: logits cosine
 # 0.87). The FP32 choice staying in the quantized top 5 is the steadier signal.
 THRESHOLDS = {
+    # FP16 weights and activations with FP32 norms: rounding only, well inside int8's floors
+    "fp16": {"image_cosine_min": 0.999, "logits_cosine_min": 0.999, "teacher_forced_top5": 0.99,
+             "teacher_forced_agreement": 0.90},
     "int8": {"image_cosine_min": 0.98, "logits_cosine_min": 0.99, "teacher_forced_top5": 0.95,
              "teacher_forced_agreement": 0.60},
     "int4": {"image_cosine_min": 0.98, "logits_cosine_min": 0.80, "teacher_forced_top5": 0.50,

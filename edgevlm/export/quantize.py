@@ -156,21 +156,24 @@ def quantize_decoder_weights(src: Path, dst: Path, bits: int) -> None:
               location=dst.name + ".data", size_threshold=1024)
 
 
+FP16_DQ_OPSET = 19  # DequantizeLinear takes FP16 scales from opset 19
 # Kept FP32 in the FP16 copy: the norm reductions, softmax and the lm_head (a Gemm).
 FP16_KEEP_FP32 = ["ReduceMean", "Pow", "Sqrt", "Reciprocal", "Softmax", "Gemm"]
 
 
-def cast_decoder_fp16(src: Path, dst: Path, fp16_cache: bool = False) -> None:
+def cast_decoder_fp16(src: Path, dst: Path, fp16_cache: bool = False, min_opset: int = 0) -> None:
     """An FP16 copy of the quantized decoder for strongly typed TensorRT 10 builds, where the
     graph's own types decide the math: activations and DQ scales in FP16 (so weight-only DQ
     feeds FP16 MatMuls), norms / softmax / lm_head in FP32, FP32 at the inputs and outputs.
     fp16_cache: the KV cache IO becomes FP16 too, as the static decoder needs (a Cast between
     the cache input and its TensorScatter would stop TensorRT updating it in place).
+    min_opset: FP16 DequantizeLinear scales need opset 19, the lowest that has them, which
+    TensorRT 10.0's parser documents (9..20); the INT4 decoders are at 21 already (INT4 type).
     ONNX Runtime's float16 converter does the rewrite."""
     from onnxruntime.transformers.float16 import convert_float_to_float16
     model = onnx.load(str(src), load_external_data=False)
-    if cleanup.opset_of(model) < 21:  # FP16 DQ scales need opset 19+; TensorRT 10 reads 21 (see INT4)
-        model = onnx.version_converter.convert_version(model, 21)
+    if cleanup.opset_of(model) < min_opset:
+        model = onnx.version_converter.convert_version(model, min_opset)
     onnx.load_external_data_for_model(model, str(src.parent))
     keep = ["inputs_embeds", "logits"] if fp16_cache else True
     model = convert_float_to_float16(model, keep_io_types=keep, op_block_list=FP16_KEEP_FP32)
@@ -217,13 +220,14 @@ def quantize_export(onnx_dir: str | Path, out_dir: str | Path, precision: str, *
                                                           ", per output channel"))
         quantize_decoder_weights(src.path("decoder"), tmp / "decoder.onnx", bits)
         log("quantize: FP16 copy of the decoder for strongly typed TensorRT builds")
-        cast_decoder_fp16(tmp / "decoder.onnx", tmp / "decoder.fp16.onnx")
+        cast_decoder_fp16(tmp / "decoder.onnx", tmp / "decoder.fp16.onnx", min_opset=FP16_DQ_OPSET)
         static = "decoder_static" in src.manifest["files"]
         if static:
             log("quantize: the static-KV decoder (weights shared with the concat one) and its FP16 copy")
             quantize_decoder_weights(src.path("decoder_static"), tmp / "decoder.static.onnx", bits)
             static_cache.share_file_weights(tmp / "decoder.static.onnx", tmp / "decoder.onnx")
-            cast_decoder_fp16(tmp / "decoder.static.onnx", tmp / "decoder.static.fp16.onnx", fp16_cache=True)
+            cast_decoder_fp16(tmp / "decoder.static.onnx", tmp / "decoder.static.fp16.onnx", fp16_cache=True,
+                              min_opset=FP16_DQ_OPSET)
             static_cache.share_file_weights(tmp / "decoder.static.fp16.onnx", tmp / "decoder.fp16.onnx")
         for key in ("embed_tokens", "tokenizer"):
             shutil.copy2(src.path(key), tmp / src.manifest["files"][key])

@@ -102,7 +102,6 @@ def roofline(module: str, preset: str, precision: str = "fp16", mode: str | None
     cfg = PRESETS[preset]
     bw, fp16_tflops, int8_tops = modes[mode]
     streamed, _embed = decoder_params(cfg)
-    t = cfg.text
     weights_b = streamed * WEIGHT_BYTES[precision]
     kv_b = kv_bytes_per_step(cfg, context, kv_cache, max_context)
     peak = fp16_tflops * 1e12 if precision == "fp16" else int8_tops * 1e12 / 2  # weight-only: FP16 math

@@ -42,13 +42,13 @@ class OrtDecoder:
         n = cfg.num_layers
         self.past_names = [f"past_{kv}_{i}" for i in range(n) for kv in ("key", "value")]
         self.output_names = ["logits"] + [f"present_{kv}_{i}" for i in range(n) for kv in ("key", "value")]
-        # FP16 KV in the static FP16 copies of quantized exports, FP32 everywhere else
+        # FP16 KV in the FP16 export and the static FP16 copies of quantized ones, FP32 elsewhere
         kv_type = next(i.type for i in self.sess.get_inputs() if i.name == self.past_names[0])
         self.kv_dtype = np.dtype(np.float16 if kv_type == "tensor(float16)" else np.float32)
 
     def empty_cache(self, batch: int = 1) -> list[np.ndarray]:
         c = self.cfg
-        z = np.zeros((batch, c.num_kv_heads, 0, c.head_dim), np.float32)
+        z = np.zeros((batch, c.num_kv_heads, 0, c.head_dim), self.kv_dtype)
         return [z] * (2 * c.num_layers)
 
     def new_sequence(self, capacity: int) -> OrtSequence | OrtStaticSequence:
@@ -80,7 +80,7 @@ class OrtSequence:
         self.capacity = capacity
         self.row = c.num_kv_heads * c.head_dim  # floats per position per tensor
         n = 2 * c.num_layers
-        self.buffers = [np.empty((n, capacity * self.row), np.float32) for _ in range(2)]
+        self.buffers = [np.empty((n, capacity * self.row), decoder.kv_dtype) for _ in range(2)]
         self.logits = np.empty((1, c.vocab_size), np.float32)
         self.length = 0  # positions held in the cache
         self.current = 0  # which buffer holds the cache
@@ -102,7 +102,7 @@ class OrtSequence:
         src, dst = self.buffers[self.current], self.buffers[1 - self.current]
         for i, (past, present) in enumerate(zip(self.d.past_names, self.d.output_names[1:])):
             b.bind_cpu_input(past, self._view(src, i, p))
-            b.bind_output(present, "cpu", 0, np.float32, [1, *self._view(dst, i, p + s).shape[1:]],
+            b.bind_output(present, "cpu", 0, self.d.kv_dtype, [1, *self._view(dst, i, p + s).shape[1:]],
                           self._view(dst, i, p + s).ctypes.data)
         b.bind_output("logits", "cpu", 0, np.float32, list(self.logits.shape), self.logits.ctypes.data)
         self.d.sess.run_with_iobinding(b)

@@ -9,6 +9,7 @@ back to the host each step. An engine folder whose manifest names another device
 Two decoder engine layouts (the folder's manifest says which, see tensorrt_build.py):
   concat  (every TensorRT) two KV buffers per tensor used in turn; every decode step has a
           new past length, so a captured CUDA graph would be valid for one step only: none.
+          Sequence slots (contexts, stream, buffers) are pooled across requests.
   static  (TensorRT >= 10.15) one KV buffer per tensor bound as both past_* and its aliased
           present_*, updated in place; the decode step has one shape and fixed addresses, so
           it is captured once per sequence slot as a CUDA graph and replayed every token.
@@ -20,15 +21,21 @@ from __future__ import annotations
 import logging
 import threading
 from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+from edgevlm.engines.features import requires
 from edgevlm.manifest import ManifestError, read_manifest
-from edgevlm.runtime.errors import BadRequest
 from edgevlm.presets import TextConfig
+from edgevlm.runtime.errors import BadRequest
+
+if TYPE_CHECKING:  # annotations only: the module is imported where an engine is opened
+    import tensorrt as trt
 
 
-def open_engine(engine_dir: str | Path, name: str):
+def open_engine(engine_dir: str | Path, name: str) -> tuple[ModuleType, trt.ICudaEngine, dict]:
     """Deserialize <engine_dir>/<name>.plan after checking the folder's manifest against this device."""
     import tensorrt as trt
 
@@ -105,26 +112,30 @@ class TrtDecoder:
         self.static = self.manifest.get("kv_cache", "concat") == "static"
         if self.static:
             self.max_context = self.engine.get_tensor_shape("past_key_0")[2]  # pinned at build
-            for past, present in zip(self.past_names, self.present_names):
-                if self.engine.get_aliased_input_tensor(present) != past:
-                    raise ManifestError(f"{engine_dir}: {present} does not alias {past}; rebuild with KV=concat")
-            self.pool: list[TrtStaticSequence] = []
-            self.pool_lock = threading.Lock()
+            self._check_aliased(engine_dir)
         else:
             self.max_context = self.engine.get_tensor_profile_shape("past_key_0", 1)[2][2] + 1
+        # Sequence slots (contexts, stream, buffers; on static engines the captured decode
+        # step) are made once and reused by later requests.
+        self.pool: list[TrtSequence | TrtStaticSequence] = []
+        self.pool_lock = threading.Lock()
+
+    @requires("inplace_kv")
+    def _check_aliased(self, engine_dir) -> None:
+        for past, present in zip(self.past_names, self.present_names):
+            if self.engine.get_aliased_input_tensor(present) != past:
+                raise ManifestError(f"{engine_dir}: {present} does not alias {past}; rebuild with KV=concat")
 
     def new_sequence(self, capacity: int) -> TrtSequence | TrtStaticSequence:
         if capacity > self.max_context:
             raise BadRequest(f"the decoder engine holds {self.max_context} positions, asked for {capacity}")
-        if not self.static:
-            return TrtSequence(self, capacity)
         with self.pool_lock:
             seq = self.pool.pop() if self.pool else None
-        seq = seq or TrtStaticSequence(self)
+        seq = seq or (TrtStaticSequence(self) if self.static else TrtSequence(self))
         seq.reset(capacity)
         return seq
 
-    def release(self, seq: TrtStaticSequence) -> None:
+    def release(self, seq: TrtSequence | TrtStaticSequence) -> None:
         with self.pool_lock:
             self.pool.append(seq)
 
@@ -139,14 +150,22 @@ class _Slot:
         self.d = d
         self.stream = Stream()
         self.prefill, self.decode = d.engine.create_execution_context(), d.engine.create_execution_context()
-        self.prefill.set_optimization_profile_async(0, self.stream.handle)
-        self.decode.set_optimization_profile_async(1, self.stream.handle)
+        for ctx, profile in ((self.prefill, 0), (self.decode, 1)):
+            # refused, e.g. where a profile may serve one context only: say so now, not as a
+            # failed enqueue later
+            if not ctx.set_optimization_profile_async(profile, self.stream.handle):
+                raise RuntimeError(f"TensorRT would not give optimization profile {profile} to another "
+                                   "execution context; serve fewer sequences at once (max_sequences)")
         self.embeds = DeviceBuffer(max(d.max_prefill, 1) * c.hidden_size * d.embed_dtype.itemsize)
         self.positions = DeviceBuffer(max(d.max_prefill, 1) * d.pos_dtype.itemsize)
         logits_dtype = _np_dtype(d.trt, d.engine, "logits")
         self.logits_dev = DeviceBuffer(c.vocab_size * logits_dtype.itemsize)
         self.logits = np.empty((1, c.vocab_size), logits_dtype)
         self.kv = []  # the subclass's cache buffers
+
+    def release(self) -> None:
+        """Back to the decoder's pool (the Generator calls this when a request ends)."""
+        self.d.release(self)
 
     def _upload(self, inputs_embeds: np.ndarray, p: int) -> None:
         s = inputs_embeds.shape[1]
@@ -171,19 +190,24 @@ class _Slot:
 
 
 class TrtSequence(_Slot):
-    """One batch-1 generation on a concat-KV engine, with two device KV buffers per tensor used
+    """A pooled batch-1 slot on a concat-KV engine, with two device KV buffers per tensor used
     in turn: each step reads `past` from one and the engine writes `present` (past + new) into
-    the other."""
+    the other. The buffers grow to the longest request the slot has served and stay."""
 
-    def __init__(self, d: TrtDecoder, capacity: int):
-        from edgevlm.runtime.cuda import DeviceBuffer
+    def __init__(self, d: TrtDecoder):
         super().__init__(d)
-        c = d.cfg
-        self.capacity = capacity
-        row = c.num_kv_heads * c.head_dim * d.kv_dtype.itemsize
-        n = len(d.past_names)
-        self.kv = [DeviceBuffer(capacity * row) for _ in range(2 * n)]  # [first n | second n]
-        self.length, self.current = 0, 0
+        self.allocated = 0  # positions the KV buffers hold
+
+    def reset(self, capacity: int) -> None:
+        from edgevlm.runtime.cuda import DeviceBuffer
+        if capacity > self.allocated:
+            for b in self.kv:
+                b.free()
+            c, d = self.d.cfg, self.d
+            row = c.num_kv_heads * c.head_dim * d.kv_dtype.itemsize
+            self.kv = [DeviceBuffer(capacity * row) for _ in range(2 * len(d.past_names))]  # [first n | second n]
+            self.allocated = capacity
+        self.capacity, self.length, self.current = capacity, 0, 0
 
     def forward(self, inputs_embeds: np.ndarray) -> np.ndarray:
         """Append inputs_embeds [1, S, D]; returns the last position's logits [vocab]."""
@@ -248,10 +272,6 @@ class TrtStaticSequence(_Slot):
 
     def reset(self, capacity: int) -> None:
         self.capacity, self.length = capacity, 0
-
-    def release(self) -> None:
-        """Back to the decoder's pool (the Generator calls this when a request ends)."""
-        self.d.release(self)
 
     def _enqueue_decode(self) -> bool:
         return self.decode.execute_async_v3(self.stream.handle)

@@ -74,10 +74,11 @@ def check_engines(engine_dir: Path, art: OnnxArtifacts, tag: str | None = None) 
 
 def _exports_served_with(art: OnnxArtifacts, precision: str) -> set[str]:
     """Digests of the exports engines may come from when `art` is served: `art` itself (fp16
-    engines), or the quantized export beside it that was made from `art` (int8 / int4)."""
+    engines on TensorRT 8.x), or the export beside it that was made from `art` for that
+    precision (`onnx-fp16/`, `onnx-int8/`, `onnx-int4/`)."""
     digests = {art.digest}
     quantized = art.root.parent / f"onnx-{precision}"
-    if precision != "fp16" and (quantized / "manifest.json").is_file():
+    if (quantized / "manifest.json").is_file():
         q = OnnxArtifacts.open(quantized)
         if q.manifest.get("quantization", {}).get("source_digest") == art.digest:
             digests.add(q.digest)
