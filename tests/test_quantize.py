@@ -14,7 +14,7 @@ from onnx import numpy_helper
 
 from edgevlm.manifest import OnnxArtifacts
 from edgevlm.export.quant_check import THRESHOLDS, QuantizationError, QuantReport, check_quantized
-from edgevlm.export.quantize import calibration_images, quantize_export
+from edgevlm.export.quantize import calibration_images
 from edgevlm.runtime.sampling import SamplingParams
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -196,6 +196,7 @@ def test_fp16_export_is_what_strongly_typed_builds_need(fp16, tiny_onnx):
     assert QuantReport(**report).failures("fp16") == []
     assert art.manifest["quantization"]["source_digest"] == OnnxArtifacts.open(tiny_onnx).digest
     assert art.manifest["quantization"]["decoder"]["static_logits_cosine"] >= 0.99
+    assert art.manifest["opset"] == {"vision_encoder": 17, "decoder": 17}  # no DQ: the export's own opset
     dec = onnx.load(str(art.path("decoder")))
     io = {v.name: v.type.tensor_type.elem_type for v in (*dec.graph.input, *dec.graph.output)}
     assert io["inputs_embeds"] == io["logits"] == onnx.TensorProto.FLOAT  # FP32 at the boundary

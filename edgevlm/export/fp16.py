@@ -63,9 +63,9 @@ def fp16_export(onnx_dir: str | Path, out_dir: str | Path, *, log: Callable[[str
         io = {k: cleanup.io_specs(tmp / files[k]) for k in ("vision_encoder", "decoder", "decoder_static") if k in files}
         manifest = {k: v for k, v in src.manifest.items() if k not in ("format", "files", "sha256", "io", "opset", "created")}
         manifest.update(
-            files=files, io=io, opset={"vision_encoder": cleanup.opset_of(onnx.load(str(tmp / "vision_encoder.onnx"),
-                                                                                     load_external_data=False)),
-                                       "decoder": 21},
+            files=files, io=io,
+            opset={k: cleanup.opset_of(onnx.load(str(tmp / files[k]), load_external_data=False))
+                   for k in ("vision_encoder", "decoder")},
             quantization={"precision": "fp16", "tool": "onnxruntime.transformers.float16",
                           "vision_encoder": {"kept_fp32": VISION_KEEP_FP32},
                           "decoder": {"kept_fp32": FP16_KEEP_FP32, "kv_cache_io": "float16"},
