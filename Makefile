@@ -44,7 +44,7 @@ CKPT_SRC := $(if $(MODEL),$(wildcard $(MODEL)/*),$(ART)/checkpoint/config.json)
 QUANT_SRC := edgevlm/export/quantize.py edgevlm/export/quant_check.py edgevlm/export/static_cache.py \
 	edgevlm/export/cleanup.py build/quantize.py
 
-.PHONY: help setup checkpoint onnx verify quantize engines trt-api jetson-bench repo serve gateway bench demo test test-fast clean
+.PHONY: help setup checkpoint onnx verify quantize engines trt-api jetson-doctor jetson-bench repo serve gateway bench demo test test-fast clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -70,6 +70,8 @@ $(VENV)/.installed-device: pyproject.toml client/pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv --system-site-packages $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q -e ".[engines]" -e "./client"
+	@# cuda-python of this JetPack's CUDA: a newer one refuses its driver (edgevlm/jetson/stack.py)
+	$(VENV)/bin/pip install -q "$$($(PY) -m edgevlm.jetson.stack --requirement)"
 	@touch $@
 
 checkpoint: $(CKPT_SRC) ## write a random-weight checkpoint for PRESET (upstream layout)
@@ -101,6 +103,10 @@ engines: $(ART)/onnx/manifest.json | $(SETUP) ## on the Orin: TensorRT engines (
 
 trt-api: | $(SETUP) ## our TensorRT code against the real Python API of 8.6, 10.3, 10.16, 11.4 (also in make test)
 	$(PY) -m tools.trt_api
+
+jetson-doctor: | $(SETUP) ## on the Orin: is it ready? JetPack, container runtime, TensorRT, cuda-python, memory, power mode
+	$(PY) -m edgevlm.jetson.doctor --preset $(if $(filter tiny,$(PRESET)),mobilevlm-v2-1.7b,$(PRESET)) \
+		--precision $(or $(PRECISION),fp16) $(if $(wildcard $(ART)/engines),--engines $(firstword $(wildcard $(ART)/engines/*-sm*)))
 
 jetson-bench: | $(SETUP) ## on the Orin: encode/prefill/decode, J/token, peak memory vs the roofline (JSON)
 	$(PY) tools/jetson_bench.py --onnx $(ART)/onnx $(if $(POWER_MODE),--power-mode $(POWER_MODE))

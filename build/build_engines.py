@@ -18,7 +18,9 @@ from pathlib import Path
 
 from edgevlm.engines.features import Features
 from edgevlm.engines.profiles import ProfileError, decoder_profiles, static_decoder_profiles, vision_profiles
-from edgevlm.jetson.device import DeviceError, detect
+from edgevlm.jetson.device import DeviceError, detect, total_memory_gib
+from edgevlm.jetson.memory import workspace_gib
+from edgevlm.jetson.stack import UNSUPPORTED
 from edgevlm.manifest import ManifestError, OnnxArtifacts, write_manifest
 from edgevlm.staging import staged_dir
 
@@ -32,6 +34,13 @@ def export_for(fp32: Path, precision: str, strongly_typed: bool) -> Path:
     if precision == "fp16" and not strongly_typed:
         return fp32
     return fp32.parent / f"onnx-{precision}"
+
+
+def vision_onnx(art: OnnxArtifacts, strongly_typed: bool) -> Path:
+    """The W8A8 vision encoder's FP16 copy for strongly typed builds of quantized exports (the
+    graph's types decide there), the encoder itself otherwise."""
+    key = "vision_encoder_fp16" if strongly_typed and "vision_encoder_fp16" in art.manifest["files"] else "vision_encoder"
+    return art.path(key)
 
 
 def decoder_onnx(art: OnnxArtifacts, kv: str, strongly_typed: bool) -> Path:
@@ -61,7 +70,8 @@ def main(argv=None) -> int:
     ap.add_argument("--max-batch", type=int, default=4, help="images per vision-encoder call")
     ap.add_argument("--kv", choices=("auto", "static", "concat"), default="auto",
                     help="decoder KV cache layout (default: static on TensorRT 10.15+)")
-    ap.add_argument("--workspace-gib", type=float, default=2.0)
+    ap.add_argument("--workspace-gib", type=float,
+                    help="builder tactic workspace (default: an eighth of this module's memory, 0.5 to 2 GiB)")
     ap.add_argument("--optimization-level", type=int, default=3, choices=range(6))
     args = ap.parse_args(argv)
     fp32 = Path(args.onnx)
@@ -69,8 +79,11 @@ def main(argv=None) -> int:
         device = detect().require("tensorrt", "sm")
         import tensorrt  # present: detect found its version
     except (DeviceError, ImportError) as e:
-        print(f"engines: refused: {e}. `make engines` runs on the Jetson (JetPack 5.1+ with TensorRT); "
+        print(f"engines: refused: {e}. `make engines` runs on the Jetson (JetPack 6.1+ with TensorRT); "
               "nothing was written", file=sys.stderr)
+        return 2
+    if device.jetpack and device.jetpack.split(".")[0] == "5":
+        print(f"engines: refused: {UNSUPPORTED['5']}; nothing was written", file=sys.stderr)
         return 2
     strongly_typed = Features.of(tensorrt).strongly_typed
     src_dir = export_for(fp32, args.precision, strongly_typed)
@@ -89,13 +102,15 @@ def main(argv=None) -> int:
         print(f"engines: error: {e}{hint}", file=sys.stderr)
         return 1
     from edgevlm.engines.build import BuildError, build_engine
+    if args.workspace_gib is None:
+        args.workspace_gib = workspace_gib(total_memory_gib() or 16)
     out = fp32.parent / "engines" / device.tag
     cache = fp32.parent / "engines" / f"timing-{device.tag}.cache"  # kept across builds and precisions
     try:
         with staged_dir(out) as tmp:
             built = {
                 # both quantized exports carry the W8A8 vision encoder
-                "vision_encoder": build_engine(art.path("vision_encoder"), tmp / "vision_encoder.plan", vis_profiles,
+                "vision_encoder": build_engine(vision_onnx(art, strongly_typed), tmp / "vision_encoder.plan", vis_profiles,
                                                "fp16" if args.precision == "fp16" else "int8",
                                                timing_cache=cache, workspace_gib=args.workspace_gib,
                                                optimization_level=args.optimization_level),

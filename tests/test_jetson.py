@@ -301,3 +301,65 @@ def test_jetson_bench_refuses_off_device(tiny_onnx):
     r = subprocess.run([sys.executable, str(script), "--onnx", str(tiny_onnx)], env=clean,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and r.stderr.startswith("jetson-bench: refused:") and r.stderr.count("\n") == 1
+
+
+def test_inside_a_container_the_compute_capability_comes_from_the_cuda_device(tmp_path, monkeypatch):
+    """No /etc/nv_tegra_release, no device tree (a container without the mounts): the CUDA
+    device answers; the device tree, where visible, wins without asking CUDA; EDGEVLM_SM wins
+    over both; with none of them the fact is missing and require() says which override."""
+    monkeypatch.delenv("EDGEVLM_SM", raising=False)
+    monkeypatch.delenv("EDGEVLM_L4T", raising=False)
+    asked = []
+    monkeypatch.setattr(device, "cuda_compute_capability", lambda: asked.append(1) or "87")
+    container = device.detect(str(tmp_path))
+    assert container.sm == "87" and container.l4t is None and asked == [1]
+    (tmp_path / "proc" / "device-tree").mkdir(parents=True)
+    (tmp_path / "proc" / "device-tree" / "compatible").write_bytes(b"nvidia,p3701-0005\0nvidia,tegra264\0")
+    assert device.detect(str(tmp_path)).sm == "110" and asked == [1]  # the tree first (a Thor here)
+    monkeypatch.setenv("EDGEVLM_SM", "72")
+    assert device.detect(str(tmp_path)).sm == "72"
+    monkeypatch.delenv("EDGEVLM_SM")
+    monkeypatch.setattr(device, "cuda_compute_capability", lambda: None)
+    with pytest.raises(device.DeviceError, match="EDGEVLM_SM"):
+        device.detect(str(tmp_path / "bare")).require("sm")
+
+
+def test_cuda_python_is_found_under_either_module_name(monkeypatch):
+    import sys
+    import types
+    old = types.ModuleType("cuda.cudart")
+    monkeypatch.setitem(sys.modules, "cuda.bindings", None)  # 11.x: no cuda.bindings
+    monkeypatch.setitem(sys.modules, "cuda", types.SimpleNamespace(cudart=old, __path__=[]))
+    monkeypatch.setitem(sys.modules, "cuda.cudart", old)
+    assert device.cudart() is old
+    new = types.ModuleType("cuda.bindings.runtime")
+    monkeypatch.setitem(sys.modules, "cuda.bindings", types.SimpleNamespace(runtime=new, __path__=[]))
+    monkeypatch.setitem(sys.modules, "cuda.bindings.runtime", new)
+    assert device.cudart() is new
+
+
+def test_compose_defaults_are_the_stack_tables_and_the_container_sees_what_it_needs():
+    import re
+    from pathlib import Path
+
+    import yaml
+
+    from edgevlm.jetson import stack
+    compose = yaml.safe_load((Path(__file__).resolve().parents[1] / "jetson" / "compose.yaml").read_text())
+    base = compose["x-edgevlm"]
+    defaults = {k: re.fullmatch(r"\$\{\w+:-(.+)\}", v).group(1) for k, v in base["build"]["args"].items()}
+    assert defaults == stack.docker_build_args("6.2.1")
+    assert "/etc/nv_tegra_release:/etc/nv_tegra_release:ro" in base["volumes"]
+    assert base["environment"]["NVIDIA_DISABLE_REQUIRE"] == "1"
+    assert base["environment"]["PYTHONPATH"].split(":") == ["${EDGEVLM_ROOT}", "${EDGEVLM_ROOT}/client"]
+
+
+def test_each_jetpack_gets_the_cuda_python_of_its_own_cuda():
+    from edgevlm.jetson import stack
+    for s in stack.STACKS:
+        assert s.cuda_python == f"cuda-python=={s.cuda}.*", s
+    assert stack.stack_for("6.2.2").jetpack == "6.2.1"  # a newer patch of a known line
+    with pytest.raises(stack.StackError, match="LayerNormalization"):
+        stack.stack_for("5.1.2")
+    with pytest.raises(stack.StackError, match="no verified Triton container"):
+        stack.docker_build_args("7.2.1")

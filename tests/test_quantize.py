@@ -131,6 +131,14 @@ def test_fp16_copy_for_strongly_typed_builds(quantized):
                if i.name != "position_ids")  # FP32 at the engine boundary
     kept = {n.op_type for n in m.graph.node if n.op_type in ("ReduceMean", "Gemm")}
     assert kept == {"ReduceMean", "Gemm"}
+    # the W8A8 vision encoder's FP16 copy: FP16 Q/DQ scales, LayerNorm in FP32, close to W8A8
+    vis = manifest["quantization"]["vision_encoder"]["fp16_copy"]
+    assert vis["embedding_cosine"] >= 0.99
+    v = onnx.load(str(out / vis["file"]))
+    vinits = {t.name: t for t in v.graph.initializer}
+    vdq = [n for n in v.graph.node if n.op_type == "DequantizeLinear" and n.input[1] in vinits]
+    assert vdq and all(vinits[n.input[1]].data_type == onnx.TensorProto.FLOAT16 for n in vdq)
+    assert _fp32_inputs(v, "LayerNormalization")
 
 
 def test_static_kv_twins_share_the_quantized_weights(quantized):

@@ -1,7 +1,7 @@
 """ONNX -> TensorRT engines on the device (`make engines`).
 
-Written against the TensorRT Python API of the JetPack releases we target: 8.5 (JetPack 5),
-10.3 (JetPack 6.1/6.2) and 10.15+ (JetPack 7.2); what differs between them is decided in
+Written against the TensorRT Python API of the JetPack releases we target: 8.6 (JetPack 6.0),
+10.3 (JetPack 6.1/6.2) and 10.15+ (JetPack 7.2), and 11.x; what differs between them is decided in
 `Features`, nothing else branches on versions. Imported only where `tensorrt` exists.
 
     TensorRT 10 and 11: strongly typed networks, the graph's own types decide. fp16 builds from
@@ -42,7 +42,9 @@ def _network(trt, builder, features: Features):
     return builder.create_network(flags)
 
 
-def _parse(trt, network, logger, onnx_path: Path, pinned: dict[str, int] | None = None) -> None:
+def _parse(trt, network, logger, onnx_path: Path, pinned: dict[str, int] | None = None):
+    """Parse into `network`; returns the parser, which owns the weights the network points at
+    and so must live until the engine is built."""
     parser = trt.OnnxParser(network, logger)
     if pinned:  # fix symbolic dims first; `path` lets the parser find the external weights
         import onnx
@@ -55,6 +57,7 @@ def _parse(trt, network, logger, onnx_path: Path, pinned: dict[str, int] | None 
     if not ok:
         errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
         raise BuildError(f"{onnx_path.name}: the ONNX parser refused the graph:\n  " + "\n  ".join(errors))
+    return parser
 
 
 @requires("weak_typing")
@@ -123,11 +126,13 @@ def build_engine(onnx_path: Path, plan_path: Path, profiles: list[Profile], prec
     builder = trt.Builder(logger)
     strongly_typed = features.strongly_typed
     network = _network(trt, builder, features)
-    _parse(trt, network, logger, onnx_path, pinned)
+    parser = _parse(trt, network, logger, onnx_path, pinned)
     dynamic = {network.get_input(i).name for i in range(network.num_inputs)
                if -1 in tuple(network.get_input(i).shape)}  # profiles cover only these
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * (1 << 30)))
+    if features.profile_sharing_flag:  # 8.6: several sequences' contexts share the two profiles
+        config.set_preview_feature(trt.PreviewFeature.PROFILE_SHARING_0806, True)
     if features.optimization_level:
         config.builder_optimization_level = optimization_level
     pinned = 0
@@ -154,10 +159,15 @@ def build_engine(onnx_path: Path, plan_path: Path, profiles: list[Profile], prec
     plan = builder.build_serialized_network(network, config)
     if plan is None:
         raise BuildError(f"{onnx_path.name}: TensorRT could not build an engine (see its log above)")
-    if kv_cache == "static":
-        _check_inplace(trt, plan, logger)
+    timing = config.get_timing_cache().serialize()
+    # Free the builder's memory (network, weights, tactics) before the engine is deserialized
+    # for its check: on an 8 or 16 GB Orin both at once do not fit.
+    del network, config, builder, parser
     plan_path.write_bytes(plan)
-    timing_cache.write_bytes(config.get_timing_cache().serialize())
+    timing_cache.write_bytes(timing)
+    if kv_cache == "static":
+        del plan
+        _check_inplace(trt, plan_path.read_bytes(), logger)
     seconds = time.perf_counter() - t0
     log(f"engines: {plan_path.name} {plan_path.stat().st_size / 2**20:.0f} MiB in {seconds:.0f} s")
     return {"file": plan_path.name, "precision": precision, "strongly_typed": strongly_typed,

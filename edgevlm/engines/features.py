@@ -20,6 +20,10 @@ class Features:
     optimization_level: bool      # config.builder_optimization_level (8.6+)
     int4: bool                    # INT4 weight-only block DQ (10.0+)
     inplace_kv: bool              # KVCacheUpdate layer + aliased engine IO (10.15+)
+    profile_sharing_flag: bool    # 8.6: contexts share a profile only if the engine is built with
+                                  # PreviewFeature.PROFILE_SHARING_0806 (10.0+: always; 8.5: never)
+    shared_profiles: bool         # several execution contexts may use one optimization profile
+    user_managed_memory: bool     # ExecutionContextAllocationStrategy.USER_MANAGED + set_device_memory (10+)
 
     @classmethod
     def of(cls, trt) -> Features:
@@ -31,7 +35,12 @@ class Features:
                    optimization_level=hasattr(trt.IBuilderConfig, "builder_optimization_level"),
                    int4=major >= 10,
                    inplace_kv=hasattr(trt.LayerType, "KV_CACHE_UPDATE")
-                   and hasattr(trt.ICudaEngine, "get_aliased_input_tensor"))
+                   and hasattr(trt.ICudaEngine, "get_aliased_input_tensor"),
+                   profile_sharing_flag=major < 10 and hasattr(trt, "PreviewFeature")
+                   and hasattr(trt.PreviewFeature, "PROFILE_SHARING_0806"),
+                   shared_profiles=major >= 10 or (hasattr(trt, "PreviewFeature")
+                                                   and hasattr(trt.PreviewFeature, "PROFILE_SHARING_0806")),
+                   user_managed_memory=hasattr(trt, "ExecutionContextAllocationStrategy"))
 
 
 FLAGS = tuple(f.name for f in fields(Features) if f.name != "major")

@@ -21,22 +21,10 @@ from pathlib import Path
 import onnx
 
 from edgevlm.export import cleanup, static_cache
-from edgevlm.export.quantize import FP16_KEEP_FP32, _agreement, calibration_images, cast_decoder_fp16
+from edgevlm.export.quantize import (FP16_KEEP_FP32, VISION_KEEP_FP32, _agreement, calibration_images,
+                                     cast_decoder_fp16, cast_vision_fp16)
 from edgevlm.manifest import OnnxArtifacts, write_manifest
 from edgevlm.staging import staged_dir
-
-# Kept FP32 in the vision tower: its LayerNorms and attention softmax.
-VISION_KEEP_FP32 = ["LayerNormalization", "Softmax", "ReduceMean", "Pow", "Sqrt", "Reciprocal"]
-
-
-def cast_vision_fp16(src: Path, dst: Path) -> None:
-    from onnxruntime.transformers.float16 import convert_float_to_float16
-    model = onnx.load(str(src))
-    model = convert_float_to_float16(model, keep_io_types=True, op_block_list=VISION_KEEP_FP32)
-    cleanup.toposort_nodes(model)
-    onnx.save(model, str(dst), save_as_external_data=True, all_tensors_to_one_file=True,
-              location=dst.name + ".data", size_threshold=1024)
-
 
 def fp16_export(onnx_dir: str | Path, out_dir: str | Path, *, log: Callable[[str], None] = print) -> dict:
     """Write the FP16 export of an FP32 one; returns the accuracy report in its manifest."""

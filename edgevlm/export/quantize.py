@@ -170,16 +170,34 @@ def cast_decoder_fp16(src: Path, dst: Path, fp16_cache: bool = False, min_opset:
     min_opset: FP16 DequantizeLinear scales need opset 19, the lowest that has them, which
     TensorRT 10.0's parser documents (9..20); the INT4 decoders are at 21 already (INT4 type).
     ONNX Runtime's float16 converter does the rewrite."""
-    from onnxruntime.transformers.float16 import convert_float_to_float16
-    model = onnx.load(str(src), load_external_data=False)
-    if cleanup.opset_of(model) < min_opset:
-        model = onnx.version_converter.convert_version(model, min_opset)
-    onnx.load_external_data_for_model(model, str(src.parent))
+    from edgevlm.export.half import to_fp16
     keep = ["inputs_embeds", "logits"] if fp16_cache else True
-    model = convert_float_to_float16(model, keep_io_types=keep, op_block_list=FP16_KEEP_FP32)
-    cleanup.toposort_nodes(model)
-    onnx.save(model, str(dst), save_as_external_data=True, all_tensors_to_one_file=True,
-              location=dst.name + ".data", size_threshold=1024)
+    to_fp16(src, dst, keep_io_types=keep, op_block_list=FP16_KEEP_FP32, min_opset=min_opset)
+
+
+# Kept FP32 in the vision tower: its LayerNorms and attention softmax.
+VISION_KEEP_FP32 = ["LayerNormalization", "Softmax", "ReduceMean", "Pow", "Sqrt", "Reciprocal"]
+
+
+def cast_vision_fp16(src: Path, dst: Path, min_opset: int = 0) -> None:
+    """An FP16 copy of a vision encoder: FP16 weights and activations (and Q/DQ scales, which
+    need opset 19), LayerNorm and softmax FP32, FP32 pixels in and embeddings out. Strongly
+    typed TensorRT builds run the graph's own types, so without it everything outside the
+    quantized layers of the W8A8 graph would run in FP32."""
+    from edgevlm.export.half import to_fp16
+    to_fp16(src, dst, keep_io_types=True, op_block_list=VISION_KEEP_FP32, min_opset=min_opset)
+
+
+def _embedding_cosine(a_path: Path, b_path: Path, size: int, images) -> float:
+    """Minimum per-token cosine between two vision encoders' embeddings on real photos."""
+    from edgevlm.runtime.onnxruntime import OrtVisionEncoder
+    a, b, worst = OrtVisionEncoder(a_path), OrtVisionEncoder(b_path), 1.0
+    for data in list(images)[:2]:
+        px = preprocess(data, size)[None]
+        x, y = a(px).astype(np.float64), b(px).astype(np.float64)
+        cos = (x * y).sum(-1) / (np.linalg.norm(x, axis=-1) * np.linalg.norm(y, axis=-1))
+        worst = min(worst, float(cos.min()))
+    return worst
 
 
 def _agreement(quant: Path, other: Path, cfg, table_path: Path, tok_path: Path, static: bool = False) -> float:
@@ -215,6 +233,12 @@ def quantize_export(onnx_dir: str | Path, out_dir: str | Path, precision: str, *
         log(f"quantize: vision encoder W8A8, calibrated on {len(images)} photo(s)")
         quantize_vision_w8a8(src.path("vision_encoder"), tmp / "vision_encoder.onnx", images.values(),
                              cfg.vision.image_size)
+        log("quantize: FP16 copy of the vision encoder for strongly typed TensorRT builds")
+        cast_vision_fp16(tmp / "vision_encoder.onnx", tmp / "vision_encoder.fp16.onnx", min_opset=FP16_DQ_OPSET)
+        vision_cosine = _embedding_cosine(tmp / "vision_encoder.onnx", tmp / "vision_encoder.fp16.onnx",
+                                          cfg.vision.image_size, images.values())
+        if vision_cosine < 0.99:
+            raise QuantizationError(f"vision_encoder.fp16.onnx drifts from the W8A8 encoder: cosine {vision_cosine:.4f}")
         bits = 8 if precision == "int8" else 4
         log(f"quantize: decoder INT{bits} weight-only" + (f", blocks of {INT4_BLOCK}" if bits == 4 else
                                                           ", per output channel"))
@@ -244,10 +268,11 @@ def quantize_export(onnx_dir: str | Path, out_dir: str | Path, precision: str, *
         manifest = {k: v for k, v in src.manifest.items() if k not in ("format", "files", "sha256", "io", "opset", "created")}
         files = {"vision_encoder": "vision_encoder.onnx", "decoder": "decoder.onnx",
                  "embed_tokens": src.manifest["files"]["embed_tokens"], "tokenizer": src.manifest["files"]["tokenizer"]}
-        files["decoder_fp16"] = "decoder.fp16.onnx"
+        files.update(decoder_fp16="decoder.fp16.onnx", vision_encoder_fp16="vision_encoder.fp16.onnx")
         if static:
             files.update(decoder_static="decoder.static.onnx", decoder_static_fp16="decoder.static.fp16.onnx")
-        for key, name in (("vision_encoder", "vision_encoder"), ("decoder", "decoder"), ("decoder_fp16", "decoder.fp16")):
+        for key, name in (("vision_encoder", "vision_encoder"), ("decoder", "decoder"), ("decoder_fp16", "decoder.fp16"),
+                          ("vision_encoder_fp16", "vision_encoder.fp16")):
             if (tmp / f"{name}.onnx.data").is_file():
                 files[f"{key}_data"] = f"{name}.onnx.data"
         io = {k: cleanup.io_specs(tmp / f"{k}.onnx") for k in ("vision_encoder", "decoder")}
@@ -260,7 +285,9 @@ def quantize_export(onnx_dir: str | Path, out_dir: str | Path, precision: str, *
                 "precision": precision, "tool": "onnxruntime.quantization",
                 "vision_encoder": {"scheme": "W8A8", "weights": "int8 per channel, symmetric",
                                    "activations": "int8 per tensor, symmetric, MinMax",
-                                   "calibration_images": sorted(images)},
+                                   "calibration_images": sorted(images),
+                                   "fp16_copy": {"file": "vision_encoder.fp16.onnx", "keeps_fp32": VISION_KEEP_FP32,
+                                                 "embedding_cosine": round(vision_cosine, 6)}},
                 "decoder": {"scheme": f"INT{bits} weight-only",
                             "weights": "per output channel, symmetric" if bits == 8 else
                             f"blocks of {INT4_BLOCK} along K, symmetric, round-to-nearest (RTN)",

@@ -122,8 +122,48 @@ def _cuda_version() -> str | None:
     return m.group(1) if m else None
 
 
+def total_memory_gib(meminfo: str | None = None) -> float | None:
+    """MemTotal of /proc/meminfo in GiB (CPU and GPU share it on an Orin)."""
+    m = re.search(r"^MemTotal:\s+(\d+) kB", meminfo if meminfo is not None else _read("/proc/meminfo") or "", re.M)
+    return int(m.group(1)) / (1 << 20) if m else None
+
+
+def available_memory_gib(meminfo: str | None = None) -> float | None:
+    m = re.search(r"^MemAvailable:\s+(\d+) kB", meminfo if meminfo is not None else _read("/proc/meminfo") or "", re.M)
+    return int(m.group(1)) / (1 << 20) if m else None
+
+
+def cudart():
+    """cuda-python's runtime module under either of its names (cuda.bindings.runtime from 12.x
+    on; cuda.cudart before it, and removed in 13.x); None without cuda-python."""
+    try:
+        from cuda.bindings import runtime
+        return runtime
+    except ImportError:
+        pass
+    try:
+        from cuda import cudart as runtime
+        return runtime
+    except ImportError:
+        return None
+
+
+def cuda_compute_capability() -> str | None:
+    """"87" from the GPU itself: inside a container, where neither /etc/nv_tegra_release nor
+    the device tree may be visible, the CUDA device is (the NVIDIA runtime maps it in)."""
+    rt = cudart()
+    if rt is None:
+        return None
+    attr = rt.cudaDeviceAttr
+    err, major = rt.cudaDeviceGetAttribute(attr.cudaDevAttrComputeCapabilityMajor, 0)
+    err2, minor = rt.cudaDeviceGetAttribute(attr.cudaDevAttrComputeCapabilityMinor, 0)
+    return None if int(err) or int(err2) else f"{major}{minor}"
+
+
 def detect(root: str = "/") -> Device:
-    """This machine's facts (None where absent), with EDGEVLM_* overrides applied."""
+    """This machine's facts (None where absent), with EDGEVLM_* overrides applied.
+
+    Compute capability, in order: EDGEVLM_SM, the device tree's SoC, the CUDA device."""
     env = os.environ.get
     l4t = env("EDGEVLM_L4T") or parse_nv_tegra_release(_read(os.path.join(root, "etc/nv_tegra_release")) or "")
     part, soc, super_mode = parse_compatible(_read(os.path.join(root, "proc/device-tree/compatible"), True) or b"")
@@ -132,4 +172,5 @@ def detect(root: str = "/") -> Device:
     return Device(l4t=l4t, jetpack=env("EDGEVLM_JETPACK") or jetpack_for(l4t),
                   tensorrt=env("EDGEVLM_TRT_VERSION") or _tensorrt_version(),
                   cuda=env("EDGEVLM_CUDA") or _cuda_version(), module=module, part=part,
-                  sm=env("EDGEVLM_SM") or SOC_SM.get(soc or ""), super_mode=super_mode)
+                  sm=env("EDGEVLM_SM") or SOC_SM.get(soc or "") or cuda_compute_capability(),
+                  super_mode=super_mode)

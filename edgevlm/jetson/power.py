@@ -135,3 +135,25 @@ def jetson_clocks(lock: bool = True) -> Clocks:
     if lock:
         _run(["jetson_clocks"])
     return parse_jetson_clocks(_run(["jetson_clocks", "--show"]))
+
+
+def main(argv=None) -> int:
+    """`python3 -m edgevlm.jetson.power [--set NAME]`: show the power mode, or switch to one by
+    its name (MAXN, MAXN_SUPER, 25W, ...; the id differs per module, so never by number)."""
+    import argparse
+    import sys
+    ap = argparse.ArgumentParser(description=main.__doc__.splitlines()[0])
+    ap.add_argument("--set", metavar="NAME", help="switch to this mode (root; some switches need a reboot)")
+    args = ap.parse_args(argv)
+    try:
+        mode = set_mode(args.set) if args.set else query()
+        modes = device_modes()
+    except PowerError as e:
+        print(f"power: {e}", file=sys.stderr)
+        return 2
+    print(f"power mode: {mode.name} (id {mode.id}); this module has {', '.join(modes.values())}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import numpy as np
 
-try:  # cuda-python 12.x / 13.x layout, then the older alias (JetPack 5's cuda-python 11.x)
-    from cuda.bindings import runtime as cudart
-except ImportError:  # pragma: no cover - depends on the device's cuda-python
-    from cuda import cudart
+from edgevlm.jetson.device import cudart as _cudart
+
+cudart = _cudart()  # cuda.bindings.runtime (12.x, 13.x) or cuda.cudart (11.x)
+if cudart is None:
+    raise ImportError("cuda-python is not installed (the TensorRT runners need it)", name="cuda")
 
 
 class CudaError(RuntimeError):

@@ -26,10 +26,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from edgevlm.engines.features import requires
+from edgevlm.engines.features import Features, requires
 from edgevlm.manifest import ManifestError, read_manifest
 from edgevlm.presets import TextConfig
-from edgevlm.runtime.errors import BadRequest
+from edgevlm.runtime.errors import BadRequest, Busy
 
 if TYPE_CHECKING:  # annotations only: the module is imported where an engine is opened
     import tensorrt as trt
@@ -102,6 +102,7 @@ class TrtDecoder:
     def __init__(self, engine_dir: str | Path, cfg: TextConfig):
         self.cfg = cfg
         self.trt, self.engine, self.manifest = open_engine(engine_dir, "decoder")
+        self.features = Features.of(self.trt)
         n = cfg.num_layers
         self.past_names = [f"past_{kv}_{i}" for i in range(n) for kv in ("key", "value")]
         self.present_names = [f"present_{kv}_{i}" for i in range(n) for kv in ("key", "value")]
@@ -119,6 +120,8 @@ class TrtDecoder:
         # step) are made once and reused by later requests.
         self.pool: list[TrtSequence | TrtStaticSequence] = []
         self.pool_lock = threading.Lock()
+        self.slots = 0  # made so far; on TensorRT 8.5 contexts cannot share a profile: one slot
+        self.max_slots = None if self.features.shared_profiles else 1
 
     @requires("inplace_kv")
     def _check_aliased(self, engine_dir) -> None:
@@ -131,6 +134,11 @@ class TrtDecoder:
             raise BadRequest(f"the decoder engine holds {self.max_context} positions, asked for {capacity}")
         with self.pool_lock:
             seq = self.pool.pop() if self.pool else None
+            if seq is None:
+                if self.max_slots is not None and self.slots >= self.max_slots:
+                    raise Busy(f"busy: TensorRT {self.trt.__version__} decodes {self.max_slots} sequence at a "
+                               "time (its contexts cannot share an optimization profile)")
+                self.slots += 1
         seq = seq or (TrtStaticSequence(self) if self.static else TrtSequence(self))
         seq.reset(capacity)
         return seq
@@ -149,7 +157,21 @@ class _Slot:
         c = d.cfg
         self.d = d
         self.stream = Stream()
-        self.prefill, self.decode = d.engine.create_execution_context(), d.engine.create_execution_context()
+        # The two contexts run one after the other on this slot's stream, so they share one
+        # activation buffer instead of TensorRT reserving one per context.
+        if d.features.user_managed_memory:
+            user_managed = d.trt.ExecutionContextAllocationStrategy.USER_MANAGED
+            self.prefill = d.engine.create_execution_context(strategy=user_managed)
+            self.decode = d.engine.create_execution_context(strategy=user_managed)
+            self.activations = DeviceBuffer(d.engine.device_memory_size_v2)
+            for ctx in (self.prefill, self.decode):
+                ctx.set_device_memory(self.activations.ptr, self.activations.nbytes)
+        else:
+            self.prefill = d.engine.create_execution_context_without_device_memory()
+            self.decode = d.engine.create_execution_context_without_device_memory()
+            self.activations = DeviceBuffer(d.engine.device_memory_size)
+            for ctx in (self.prefill, self.decode):
+                ctx.device_memory = self.activations.ptr
         for ctx, profile in ((self.prefill, 0), (self.decode, 1)):
             # refused, e.g. where a profile may serve one context only: say so now, not as a
             # failed enqueue later
@@ -182,7 +204,7 @@ class _Slot:
             self.graph.free()
         for b in getattr(self, "kv", []):
             b.free()
-        for name in ("embeds", "positions", "logits_dev"):
+        for name in ("embeds", "positions", "logits_dev", "activations"):
             if hasattr(self, name):
                 getattr(self, name).free()
         if hasattr(self, "stream"):

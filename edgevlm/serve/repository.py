@@ -32,20 +32,10 @@ def device_tag() -> str:
     if not d.tensorrt:
         raise ManifestError("no TensorRT on this machine: run `make engines` and `make repo "
                             "TARGET=jetson` on the Orin, or pass ENGINES=dir")
-    return f"{d.tensorrt}-sm{d.sm or _compute_capability()}"
-
-
-def _compute_capability() -> str:
-    try:
-        from cuda.bindings import runtime as cudart  # cuda-python, shipped beside TensorRT
-    except ImportError:
-        raise ManifestError("cannot tell the GPU's compute capability (no cuda-python); "
-                            "set EDGEVLM_SM=87 on an Orin or pass ENGINES=") from None
-    err, major = cudart.cudaDeviceGetAttribute(cudart.cudaDeviceAttr.cudaDevAttrComputeCapabilityMajor, 0)
-    err2, minor = cudart.cudaDeviceGetAttribute(cudart.cudaDeviceAttr.cudaDevAttrComputeCapabilityMinor, 0)
-    if err or err2:
-        raise ManifestError(f"cannot query the GPU: {err or err2}")
-    return f"{major}{minor}"
+    if not d.sm:
+        raise ManifestError("cannot tell the GPU's compute capability (no device tree, no cuda-python); "
+                            "set EDGEVLM_SM=87 on an Orin or pass ENGINES=")
+    return d.tag
 
 
 def select_engines(onnx_root: Path) -> Path:

@@ -43,7 +43,7 @@ class Release:
 
 # The releases our TensorRT code claims, one row each (see README, "TensorRT releases").
 RELEASES = (
-    Release("8.6", "tensorrt-bindings", "8.6.1", "nearest on PyPI to JetPack 5.1's TensorRT 8.5"),
+    Release("8.6", "tensorrt-bindings", "8.6.1", "JetPack 6.0"),
     Release("10.3", "tensorrt-cu12-bindings", "10.3.0", "JetPack 6.1 / 6.2"),
     Release("10.16", "tensorrt-cu12-bindings", "10.16.1.11", "JetPack 7.2 on Orin"),
     Release("11.4", "tensorrt-cu12-bindings", "11.4.0.106", "the newest release"),

@@ -286,6 +286,11 @@ class Checker:
         for _ in range(3):  # a few rounds: types flow through chains of assignments
             for node in ast.walk(fn):
                 self.learn_assignment(node, env, cls, assigned)
+        for name in ("trt", "tensorrt"):  # bound here to something else: a local, not the module
+            rebound = [n for n in ast.walk(fn) if isinstance(n, ast.Assign) and any(
+                isinstance(tg, ast.Name) and tg.id == name for tg in n.targets)]
+            if rebound and not any(MODULE in self.type_of(n.value, env) for n in rebound):
+                env[name] = env[name] - {MODULE}
         return env
 
     def learn_assignment(self, node, env: dict, cls: str | None, assigned: dict) -> None:

@@ -1,0 +1,199 @@
+"""`make jetson-doctor`: is this Orin ready to build engines and serve? One line per check, in
+the order a new owner hits them, each failure with its fix.
+
+    python -m edgevlm.jetson.doctor [--preset mobilevlm-v2-1.7b] [--precision int4] [--engines DIR]
+
+The checks read a `Probe`: on the device (or inside the container) `Probe.read()` collects the
+real files and commands; the tests hand it recorded outputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from edgevlm.jetson import device, memory, power, stack
+
+FASTEST = ("MAXN_SUPER", "MAXN")  # the uncapped modes, by name (ids differ per module)
+
+
+@dataclass
+class Probe:
+    """What the doctor looks at. Every field is the raw text a file or command gave (None where
+    it was absent), so a recording replays exactly."""
+    nv_tegra_release: str | None = None
+    compatible: bytes | None = None          # /proc/device-tree/compatible
+    in_container: bool = False
+    docker_info: str | None = None           # `docker info` (None: no docker CLI)
+    compose_version: str | None = None       # `docker compose version` (None: no v2 plugin)
+    tensorrt: str | None = None              # tensorrt.__version__, or "error: ..." if the import failed
+    cuda_check: str | None = None            # "ok", or "error <n>: <name>" from cudaFree(0)
+    meminfo: str = ""
+    nvpmodel_q: str | None = None            # `nvpmodel -q`
+    nvpmodel_conf: str | None = None         # /etc/nvpmodel.conf
+    euid: int = 0
+    engines: dict | None = None              # the engines' manifest.json for this model, if built
+
+    @classmethod
+    def read(cls, engines_dir: Path | None = None) -> Probe:
+        def run(argv):
+            try:
+                r = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+                return r.stdout if r.returncode == 0 else None
+            except (OSError, subprocess.TimeoutExpired):
+                return None
+
+        def read(path, binary=False):
+            try:
+                return Path(path).read_bytes() if binary else Path(path).read_text()
+            except OSError:
+                return None
+        p = cls(nv_tegra_release=read("/etc/nv_tegra_release"), compatible=read("/proc/device-tree/compatible", True),
+                in_container=Path("/.dockerenv").exists(), meminfo=read("/proc/meminfo") or "",
+                euid=os.geteuid(), nvpmodel_conf=read("/etc/nvpmodel.conf"))
+        if shutil.which("docker"):
+            p.docker_info = run(["docker", "info"])
+            p.compose_version = run(["docker", "compose", "version"])
+        p.nvpmodel_q = run(["nvpmodel", "-q"]) if shutil.which("nvpmodel") else None
+        try:
+            import tensorrt
+            p.tensorrt = tensorrt.__version__
+        except Exception as e:  # ImportError, or a library that fails to load
+            p.tensorrt = f"error: {type(e).__name__}: {e}"
+        rt = device.cudart()
+        if rt is None:
+            p.cuda_check = "error: no cuda-python"
+        else:
+            err = rt.cudaFree(0)[0]
+            p.cuda_check = "ok" if int(err) == 0 else f"error {int(err)}: {rt.cudaGetErrorName(err)[1].decode()}"
+        if engines_dir and (engines_dir / "manifest.json").is_file():
+            p.engines = json.loads((engines_dir / "manifest.json").read_text())
+        return p
+
+
+@dataclass
+class Check:
+    name: str
+    ok: bool
+    detail: str
+    fix: str = ""
+    warn: bool = False  # worth fixing, does not stop a build or a server
+
+    def line(self) -> str:
+        mark = "ok  " if self.ok else ("warn" if self.warn else "FAIL")
+        return f"{mark} {self.name}: {self.detail}" + (f"\n     fix: {self.fix}" if self.fix and not self.ok else "")
+
+
+@dataclass
+class Report:
+    checks: list[Check] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return all(c.ok or c.warn for c in self.checks)
+
+
+def diagnose(p: Probe, preset: str = "mobilevlm-v2-1.7b", precision: str = "fp16") -> Report:
+    r = Report()
+    add = r.checks.append
+    l4t = device.parse_nv_tegra_release(p.nv_tegra_release or "")
+    jetpack = device.jetpack_for(l4t)
+    try:
+        s = stack.stack_for(jetpack)
+        add(Check("JetPack", True, f"{s.jetpack} (L4T {l4t}): TensorRT {s.tensorrt}, CUDA {s.cuda}; image "
+                                   f"{s.triton_image or 'none verified'}, {s.cuda_python}"))
+    except stack.StackError as e:
+        s = None
+        fix = ("mount it: `-v /etc/nv_tegra_release:/etc/nv_tegra_release:ro` (jetson/compose.yaml does)"
+               if p.in_container and not l4t else "flash JetPack 6.1 or newer (SDK Manager or the SD-card image)")
+        add(Check("JetPack", False, str(e), fix))
+    if p.in_container:
+        add(Check("container runtime", True, "inside a container (the NVIDIA runtime mapped the GPU in)"))
+    elif p.docker_info is None:
+        add(Check("container runtime", False, "no docker CLI answering (`docker info` failed)",
+                  "install Docker (JetPack's `nvidia-container` package) and add yourself to the docker group", warn=True))
+    elif "nvidia" not in _runtimes(p.docker_info):
+        add(Check("container runtime", False, "Docker has no `nvidia` runtime",
+                  "sudo nvidia-ctk runtime configure --runtime=docker && sudo systemctl restart docker"))
+    elif p.compose_version is None:
+        add(Check("container runtime", False, "Docker has the nvidia runtime but no `docker compose` (v2 plugin)",
+                  "sudo apt-get install docker-compose-plugin (Docker's apt repository), then `docker compose version`"))
+    else:
+        add(Check("container runtime", True, f"nvidia runtime; {p.compose_version.strip().splitlines()[0]}"))
+    version = p.tensorrt or "error: not imported"
+    if version.startswith("error"):
+        add(Check("import tensorrt", False, version, "in the device venv: `make setup` (it sees JetPack's system "
+                                                 "tensorrt); in a container: the igpu Triton image has it"))
+    else:
+        want = s.tensorrt if s else None
+        built = (p.engines or {}).get("device_tag", "").split("-sm")[0] or None
+        if want and not version.startswith(want + "."):
+            add(Check("import tensorrt", False, f"{version}, but JetPack {s.jetpack} pairs with {want}",
+                      "use the TRITON_IMAGE `make jetson-doctor` names for this JetPack"))
+        elif built and built != version:
+            add(Check("import tensorrt", False, f"{version}, but the engines were built with {built}",
+                      "rebuild them here: `make engines` (or `docker compose run --rm engines`)"))
+        else:
+            add(Check("import tensorrt", True, version + (" (engines built with it)" if built else " (no engines yet)")))
+    cuda = p.cuda_check or "error: not checked"
+    if cuda == "ok":
+        add(Check("cuda-python", True, "cudaFree(0) round trip ok"))
+    else:
+        fix = f"pip install '{s.cuda_python}' (the cuda-python of JetPack {s.jetpack}'s CUDA)" if s else \
+            "install the cuda-python of this JetPack's CUDA"
+        add(Check("cuda-python", False, cuda, fix))
+    total, free = device.total_memory_gib(p.meminfo), device.available_memory_gib(p.meminfo)
+    if total:
+        n = memory.need(preset, precision, total_gib=total)
+        detail = (f"{free:.1f} of {total:.1f} GiB free; {preset} {precision} needs about {n.build_gib:.1f} GiB "
+                  f"to build, {n.serve_gib:.1f} to serve (estimate)")
+        short = max(n.build_gib, n.serve_gib) > (free or total)
+        smallest = memory.smallest_module(preset, precision)
+        add(Check("memory", not short, detail,
+                  f"stop other services, or a lighter precision (int4), MAX_CONTEXT=1024, fewer sequences; "
+                  f"smallest module for this: {smallest or 'none'}"))
+    else:
+        add(Check("memory", False, "cannot read /proc/meminfo", "run on the device", warn=True))
+    if p.nvpmodel_q is None:
+        add(Check("power mode", False, "no nvpmodel here (inside a container it is not mounted)",
+                  "check and set it on the host: `make jetson-doctor` there", warn=True))
+    else:
+        mode = power.parse_nvpmodel_query(p.nvpmodel_q)
+        modes = power.parse_nvpmodel_conf(p.nvpmodel_conf) if p.nvpmodel_conf else {}
+        fastest = next((n for n in FASTEST if n in modes.values()), None)
+        if fastest and mode.name != fastest:
+            add(Check("power mode", False, f"{mode.name} (id {mode.id}); this module's fastest is {fastest}",
+                      f"sudo nvpmodel -m {power.mode_id(fastest, modes)}   # {fastest}, by this module's own "
+                      "mode list; some modes need a reboot", warn=True))
+        else:
+            add(Check("power mode", True, mode.name))
+    add(Check("root for jetson_clocks", p.euid == 0, "root" if p.euid == 0 else f"uid {p.euid}",
+              "run `make jetson-bench` with sudo so it can read and pin the clocks", warn=True))
+    return r
+
+
+def _runtimes(docker_info: str) -> str:
+    line = next((ln for ln in docker_info.splitlines() if ln.strip().startswith("Runtimes:")), "")
+    return line.split(":", 1)[-1]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default="mobilevlm-v2-1.7b")
+    ap.add_argument("--precision", default="fp16", choices=("fp16", "int8", "int4"))
+    ap.add_argument("--engines", type=Path, help="an engine folder, to compare its TensorRT with this one")
+    args = ap.parse_args(argv)
+    report = diagnose(Probe.read(args.engines), args.preset, args.precision)
+    for c in report.checks:
+        print(c.line(), flush=True)
+    return 0 if report.ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

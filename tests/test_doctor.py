@@ -1,0 +1,87 @@
+"""make jetson-doctor on recorded device outputs. The L4T release files, device-tree strings,
+nvpmodel output and mode tables are the public captures in shared/reference/jetson-samples.md;
+`docker info` / `docker compose version` lines, /proc/meminfo figures and the cuda-python
+result are written here in those commands' formats for each case (no capture of them was
+available)."""
+
+from __future__ import annotations
+
+from edgevlm.jetson import power
+from edgevlm.jetson.doctor import Probe, diagnose
+
+R36_4_3 = "# R36 (release), REVISION: 4.3, GCID: 38968081, BOARD: generic, EABI: aarch64, DATE: Wed Jan 8 01:49:37 UTC 2025\n"
+R39_2_1 = ("# R39 (release), REVISION: 2.1, GCID: 46758480, BOARD: generic, EABI: aarch64, DATE: Fri Aug  7 05:54:22 AM "
+           "UTC 2026\n# KERNEL_VARIANT: oot\nTARGET_USERSPACE_LIB_DIR=nvidia\n")
+DOCKER_NVIDIA = "Client: Docker Engine - Community\n Runtimes: io.containerd.runc.v2 nvidia runc\n Default Runtime: runc\n"
+DOCKER_PLAIN = "Client: Docker Engine - Community\n Runtimes: io.containerd.runc.v2 runc\n Default Runtime: runc\n"
+
+
+def conf(part: str) -> str:
+    """/etc/nvpmodel.conf's POWER_MODEL lines for a module (its ids and names, per the samples)."""
+    return "".join(f"< POWER_MODEL ID={i} NAME={n} >\n" for i, n in power.MODES[part].items())
+
+
+def meminfo(total_kb: int, available_kb: int) -> str:
+    return f"MemTotal:       {total_kb} kB\nMemFree:        1000 kB\nMemAvailable:   {available_kb} kB\n"
+
+
+def lines(report):
+    return {c.name: c for c in report.checks}
+
+
+def test_agx_orin_64gb_jetpack_6_2_is_ready_but_not_in_its_fastest_mode():
+    p = Probe(nv_tegra_release=R36_4_3, compatible=b"nvidia,p3737-0000+p3701-0005\0nvidia,p3701-0005\0nvidia,tegra234\0",
+              docker_info=DOCKER_NVIDIA, compose_version="Docker Compose version v2.27.1\n", tensorrt="10.3.0.30",
+              cuda_check="ok", meminfo=meminfo(64_302_080, 60_000_000), nvpmodel_q="NV Power Mode: MODE_30W\n2\n",
+              nvpmodel_conf=conf("p3701-0005"), euid=0, engines={"device_tag": "10.3.0.30-sm87"})
+    r = diagnose(p, "mobilevlm-v2-1.7b", "fp16")
+    c = lines(r)
+    assert [x.name for x in r.checks] == ["JetPack", "container runtime", "import tensorrt", "cuda-python", "memory",
+                                          "power mode", "root for jetson_clocks"]
+    assert c["JetPack"].ok and "24.08-py3-igpu" in c["JetPack"].detail and "cuda-python==12.6.*" in c["JetPack"].detail
+    assert all(c[n].ok for n in ("container runtime", "import tensorrt", "cuda-python", "memory"))
+    assert not c["power mode"].ok and c["power mode"].warn and "sudo nvpmodel -m 0" in c["power mode"].fix
+    assert r.ok  # a warning does not stop it
+
+
+def test_orin_nano_super_jetpack_6_2_names_maxn_super_by_its_own_id_and_the_missing_runtime():
+    p = Probe(nv_tegra_release=R36_4_3, compatible=b"nvidia,p3768-0000+p3767-0005-super\0nvidia,tegra234\0",
+              docker_info=DOCKER_PLAIN, compose_version=None, tensorrt="10.3.0.30", cuda_check="ok",
+              meminfo=meminfo(7_790_000, 5_600_000), nvpmodel_q="NV Power Mode: 25W\n1\n",
+              nvpmodel_conf=conf("p3767-0005-super"), euid=1000)
+    c = lines(diagnose(p, "mobilevlm-v2-1.7b", "fp16"))
+    assert "nvidia-ctk runtime configure --runtime=docker" in c["container runtime"].fix
+    # mode 0 is 15W on this module: the fastest is MAXN_SUPER, id 2
+    assert "sudo nvpmodel -m 2" in c["power mode"].fix and "MAXN_SUPER" in c["power mode"].fix
+    assert not c["memory"].ok and "orin-nx-16gb" in c["memory"].fix  # FP16 1.7B does not fit 8 GB
+    assert lines(diagnose(p, "mobilevlm-v2-1.7b", "int4"))["memory"].ok
+    assert not c["root for jetson_clocks"].ok and c["root for jetson_clocks"].warn
+
+
+def test_agx_orin_jetpack_7_2_with_a_too_new_cuda_python():
+    p = Probe(nv_tegra_release=R39_2_1, docker_info=DOCKER_NVIDIA, compose_version="Docker Compose version v2.29.0",
+              tensorrt="10.16.2.10", cuda_check="error 35: cudaErrorInsufficientDriver",
+              meminfo=meminfo(64_302_080, 61_000_000), nvpmodel_q="NV Power Mode: MAXN\n0\n",
+              nvpmodel_conf=conf("p3701-0005"), euid=0)
+    r = diagnose(p, "mobilevlm-v2-1.7b", "int4")
+    c = lines(r)
+    assert c["JetPack"].ok and "TensorRT 10.16" in c["JetPack"].detail and "none verified" in c["JetPack"].detail
+    assert c["import tensorrt"].ok
+    assert not c["cuda-python"].ok and "cuda-python==13.2.*" in c["cuda-python"].fix
+    assert c["power mode"].ok and not r.ok
+
+
+def test_in_a_container_without_the_release_file_it_says_to_mount_it():
+    p = Probe(in_container=True, tensorrt="10.3.0.30", cuda_check="ok", meminfo=meminfo(16_000_000, 12_000_000),
+              euid=0)
+    c = lines(diagnose(p))
+    assert not c["JetPack"].ok and "/etc/nv_tegra_release:/etc/nv_tegra_release:ro" in c["JetPack"].fix
+    assert c["container runtime"].ok and c["power mode"].warn
+
+
+def test_jetpack_5_is_refused_with_the_reason():
+    p = Probe(nv_tegra_release="# R35 (release), REVISION: 4.1, GCID: 33958178, BOARD: t186ref, EABI: aarch64, "
+                               "DATE: Tue Aug  1 19:57:35 UTC 2023\n", tensorrt="8.5.2.2", cuda_check="ok",
+              meminfo=meminfo(16_000_000, 12_000_000))
+    c = lines(diagnose(p))
+    assert not c["JetPack"].ok and "LayerNormalization" in c["JetPack"].detail
