@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import sys
 import time
@@ -34,6 +35,10 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     try:
         dev = device.detect().require("l4t", "tensorrt", "sm")
+        missing = [tool for tool in ("nvpmodel", "tegrastats") if shutil.which(tool) is None]
+        if missing:  # inside the Triton container: these are the host's
+            raise device.DeviceError(f"no {' or '.join(missing)} here: run it on the host, in the device venv "
+                                     "(`make setup` there), not in the container")
         mode = power.set_mode(args.power_mode) if args.power_mode else power.query()
         import tensorrt  # noqa: F401
     except (device.DeviceError, power.PowerError, ImportError) as e:

@@ -7,9 +7,10 @@ Why pins: cuda-python's runtime bindings need a driver at least as new as their 
 cudaErrorInsufficientDriver (error 35; seen on AGX Orin with JetPack 6.1), and 13.x needs a 580+
 driver. So each JetPack gets the cuda-python of its own CUDA.
 
-Why NVIDIA_DISABLE_REQUIRE: the igpu Triton images check the driver version against desktop
-numbering at start; JetPack 6.2.1's 540.4.0 fails the 24.08 image's "560.35 or later" although
-the image's CUDA 12.6 is JetPack 6's own (triton-inference-server/server#8536, #7798).
+Why 24.08 for JetPack 6.1 / 6.2: its release notes base it on CUDA 12.6, JetPack 6.1/6.2's own,
+with TensorRT 10.3 as JetPack 6.1/6.2 ship it. Why NVIDIA_DISABLE_REQUIRE: the same notes ask for
+driver 560 or later in desktop numbering, and the image checks that at start; JetPack 6.2.1's
+540.4.0 fails it although the CUDA versions match (triton-inference-server/server#8536, #7798).
 """
 
 from __future__ import annotations
