@@ -39,6 +39,7 @@ class Probe:
     nvpmodel_conf: str | None = None         # /etc/nvpmodel.conf
     euid: int = 0
     engines: dict | None = None              # the engines' manifest.json for this model, if built
+    jetpack_override: str | None = None      # EDGEVLM_JETPACK (device.py's override)
 
     @classmethod
     def read(cls, engines_dir: Path | None = None) -> Probe:
@@ -56,7 +57,8 @@ class Probe:
                 return None
         p = cls(nv_tegra_release=read("/etc/nv_tegra_release"), compatible=read("/proc/device-tree/compatible", True),
                 in_container=Path("/.dockerenv").exists(), meminfo=read("/proc/meminfo") or "",
-                euid=os.geteuid(), nvpmodel_conf=read("/etc/nvpmodel.conf"))
+                euid=os.geteuid(), nvpmodel_conf=read("/etc/nvpmodel.conf"),
+                jetpack_override=os.environ.get("EDGEVLM_JETPACK"))
         if shutil.which("docker"):
             p.docker_info = run(["docker", "info"])
             p.compose_version = run(["docker", "compose", "version"])
@@ -103,10 +105,10 @@ def diagnose(p: Probe, preset: str = "mobilevlm-v2-1.7b", precision: str = "fp16
     r = Report()
     add = r.checks.append
     l4t = device.parse_nv_tegra_release(p.nv_tegra_release or "")
-    jetpack = device.jetpack_for(l4t)
+    jetpack = p.jetpack_override or device.jetpack_for(l4t)
     try:
         s = stack.stack_for(jetpack)
-        add(Check("JetPack", True, f"{s.jetpack} (L4T {l4t}): TensorRT {s.tensorrt}, CUDA {s.cuda}; image "
+        add(Check("JetPack", True, f"{s.jetpack} (L4T {l4t or 'unread'}): TensorRT {s.tensorrt}, CUDA {s.cuda}; image "
                                    f"{s.triton_image or 'none verified'}, {s.cuda_python}"))
     except stack.StackError as e:
         s = None
