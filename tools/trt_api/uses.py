@@ -204,6 +204,8 @@ class Checker:
             self.check_attribute(node, env, file)
         if isinstance(node, ast.Call) and node.keywords:
             self.check_keywords(node, env, file)
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+            self.check_not_a_property(node, env, file)
         for child in ast.iter_child_nodes(node):
             self.check_expr(child, env, facts, file)
 
@@ -224,6 +226,14 @@ class Checker:
                 self.report.misses.append(Miss(file, node.lineno, f"{base}.{node.attr}: no such name in TensorRT "
                                                                    f"{self.api['__version__']}"
                                                                    + (f" ({', '.join(kinds)})" if kinds else "")))
+
+    def check_not_a_property(self, node: ast.Call, env: dict, file: str) -> None:
+        """`engine.num_io_tensors()` where the release has a property: a TypeError on the device."""
+        kinds = {self.classes.get(t[1], {}).get("members", {}).get(node.func.attr, {}).get("kind")
+                 for t in self.type_of(node.func.value, env) if t[0] == "inst"}
+        if kinds == {"property"}:
+            self.report.misses.append(Miss(file, node.lineno, f"{ast.unparse(node.func)} is a property in TensorRT "
+                                                              f"{self.api['__version__']}: read it, do not call it"))
 
     def check_keywords(self, node: ast.Call, env: dict, file: str) -> None:
         for t in self.type_of(node.func, env):
