@@ -29,10 +29,11 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def write_manifest(root: Path, data: dict) -> None:
+def write_manifest(root: Path, data: dict, hashes: bool = True) -> None:
     """Written last by every stage. Where it lists `files`, it also records each one's SHA-256:
-    what later stages (engines, the repository check) identify an export by."""
-    if "files" in data:
+    what later stages (engines, the repository check) identify an export by. hashes=False for a
+    provisional manifest that only lets a check open the directory before the final one."""
+    if "files" in data and hashes:
         data = {**data, "sha256": {key: file_sha256(Path(root) / name) for key, name in data["files"].items()}}
     (root / MANIFEST).write_text(json.dumps({"format": FORMAT, **data}, indent=2) + "\n")
 

@@ -36,7 +36,7 @@ def wait_until(condition: Callable[[], object], what: str, timeout_s: float = PA
             return value
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
+        time.sleep(0.05)  # Triton's metrics can only be polled; the event, not this interval, ends the wait
 
 
 def settle(server, finished: float) -> dict[str, float]:

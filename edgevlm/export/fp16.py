@@ -59,7 +59,7 @@ def fp16_export(onnx_dir: str | Path, out_dir: str | Path, *, log: Callable[[str
                           "decoder": {"kept_fp32": FP16_KEEP_FP32, "kv_cache_io": "float16"},
                           "source_onnx": str(src.root.resolve()), "source_digest": src.digest},
             created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
-        write_manifest(tmp, manifest)
+        write_manifest(tmp, manifest, hashes=False)  # final one below
         log("fp16: checking against FP32 with ONNX Runtime")
         report = check_quantized(src.root, tmp, calibration_images(None))
         report.raise_if_failed("fp16")

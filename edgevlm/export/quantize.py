@@ -297,7 +297,7 @@ def quantize_export(onnx_dir: str | Path, out_dir: str | Path, precision: str, *
                 "derived_graphs_logits_cosine": {k: round(v, 6) for k, v in cosines.items()}},
                 "source_onnx": str(src.root.resolve()), "source_digest": src.digest},
             created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
-        write_manifest(tmp, manifest)
+        write_manifest(tmp, manifest, hashes=False)  # final one below
         log("quantize: checking against FP32 with ONNX Runtime")
         report = check_quantized(src.root, tmp, images)
         report.raise_if_failed(precision)  # nothing is left behind: the staged directory goes

@@ -63,7 +63,23 @@ class OrtDecoder:
         return logits, present
 
 
-class OrtSequence:
+class _Sequence:
+    """What both sequence kinds share: a capacity, the positions held, an IO binding."""
+    capacity: int
+    length: int
+    binding: ort.IOBinding
+
+    def _bind_step(self, inputs_embeds: np.ndarray) -> tuple[int, int]:
+        """Bind this step's embeddings and positions; returns (positions held, new positions)."""
+        s, p = inputs_embeds.shape[1], self.length
+        if p + s > self.capacity:
+            raise ValueError(f"sequence capacity {self.capacity} exceeded")
+        self.binding.bind_cpu_input("inputs_embeds", np.ascontiguousarray(inputs_embeds, np.float32))
+        self.binding.bind_cpu_input("position_ids", np.arange(p, p + s, dtype=np.int64)[None])
+        return p, s
+
+
+class OrtSequence(_Sequence):
     """A batch-1 sequence whose KV cache lives in two preallocated buffers per tensor.
 
     decoder.onnx concatenates past and new KV into `present`. With IO binding, ONNX Runtime
@@ -92,13 +108,8 @@ class OrtSequence:
 
     def forward(self, inputs_embeds: np.ndarray) -> np.ndarray:
         """Append inputs_embeds [1, S, D]; returns the last position's logits [vocab]."""
-        s = inputs_embeds.shape[1]
-        p = self.length
-        if p + s > self.capacity:
-            raise ValueError(f"sequence capacity {self.capacity} exceeded")
+        p, s = self._bind_step(inputs_embeds)
         b = self.binding
-        b.bind_cpu_input("inputs_embeds", np.ascontiguousarray(inputs_embeds, np.float32))
-        b.bind_cpu_input("position_ids", np.arange(p, p + s, dtype=np.int64)[None])
         src, dst = self.buffers[self.current], self.buffers[1 - self.current]
         for i, (past, present) in enumerate(zip(self.d.past_names, self.d.output_names[1:])):
             b.bind_cpu_input(past, self._view(src, i, p))
@@ -110,7 +121,7 @@ class OrtSequence:
         return self.logits[0]
 
 
-class OrtStaticSequence:
+class OrtStaticSequence(_Sequence):
     """A batch-1 sequence on decoder.static.onnx: one [1, kv_heads, capacity, head_dim] buffer
     per cache tensor, bound as both the past input and the present output. TensorScatter
     sees the same buffer on both sides and writes only the new positions, so a step moves no
@@ -134,13 +145,8 @@ class OrtStaticSequence:
 
     def forward(self, inputs_embeds: np.ndarray) -> np.ndarray:
         """Append inputs_embeds [1, S, D]; returns the last position's logits [vocab]."""
-        s = inputs_embeds.shape[1]
-        p = self.length
-        if p + s > self.capacity:
-            raise ValueError(f"sequence capacity {self.capacity} exceeded")
+        p, s = self._bind_step(inputs_embeds)
         b = self.binding
-        b.bind_cpu_input("inputs_embeds", np.ascontiguousarray(inputs_embeds, np.float32))
-        b.bind_cpu_input("position_ids", np.arange(p, p + s, dtype=np.int64)[None])
         self.d.sess.run_with_iobinding(b)
         self.length = p + s
         return self.logits[0]

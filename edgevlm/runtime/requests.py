@@ -15,7 +15,6 @@ from edgevlm_client.contract import (MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, MAX_PROM
                                      PARAMETERS)
 
 from edgevlm.manifest import OnnxArtifacts
-from edgevlm.presets import IMAGE_TOKEN_INDEX
 from edgevlm.runtime.errors import BadRequest
 from edgevlm.runtime.image import ImageError, preprocess
 from edgevlm.runtime.prompt import IMAGE_PLACEHOLDER, SYSTEM_V1, build_prompt, tokenize_prompt
@@ -67,10 +66,11 @@ def sampling_params(inputs: dict, default_max_tokens: int) -> SamplingParams:
 class Preprocessor:
     """image bytes + prompt -> (pixel_values [N, 3, S, S], input_ids [L]), N = 0 or 1."""
 
-    def __init__(self, onnx_dir: str | Path, max_image_pixels: int = MAX_IMAGE_PIXELS):
+    def __init__(self, onnx_dir: str | Path, max_image_pixels: int = MAX_IMAGE_PIXELS,
+                 tokenizer: Tokenizer | None = None):
         art = OnnxArtifacts.open(onnx_dir)
         self.cfg = art.config
-        self.tok = Tokenizer(art.path("tokenizer"))
+        self.tok = tokenizer or Tokenizer(art.path("tokenizer"))  # the generator's, where it has one
         self.max_image_pixels = max_image_pixels
 
     def from_inputs(self, inputs: dict) -> tuple[np.ndarray, np.ndarray]:
@@ -140,13 +140,3 @@ def parse_history(value) -> list[tuple[str, str]]:
 
 def image_embeds_or_none(embeds: np.ndarray | None) -> np.ndarray | None:
     return None if embeds is None or embeds.shape[0] == 0 else embeds
-
-
-def check_ids(ids: np.ndarray, vocab: int) -> list[int]:
-    ids = np.asarray(ids).reshape(-1)
-    if ids.dtype.kind not in "iu":
-        raise BadRequest(f"input_ids has type {ids.dtype}, expected int64")
-    bad = ids[(ids != IMAGE_TOKEN_INDEX) & ((ids < 0) | (ids >= vocab))]
-    if bad.size:
-        raise BadRequest(f"input_ids holds {int(bad[0])}, outside the vocabulary of {vocab}")
-    return ids.tolist()

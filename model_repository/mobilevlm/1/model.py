@@ -81,12 +81,12 @@ class TritonPythonModel:
         from edgevlm.runtime import requests
         from edgevlm.runtime.runners import load_generator
         self.requests = requests
-        self.pre = requests.Preprocessor(params["onnx_dir"], max_image_pixels=int(params["max_image_pixels"]))
         self.prompt_inputs = contract.PROMPT_INPUTS
         self.decode_inputs = [t.name for t in contract.INPUTS if t.name not in contract.PROMPT_INPUTS]
         self.gen = load_generator(params["onnx_dir"], params["runner"], params.get("engine_dir", ""),
                                   params.get("kv_cache", "auto"))
-        self.vocab = self.gen.tok.vocab_size
+        self.pre = requests.Preprocessor(params["onnx_dir"], max_image_pixels=int(params["max_image_pixels"]),
+                                         tokenizer=self.gen.tok)
         self.default_max_tokens = int(params["default_max_tokens"])
         self.pool = ThreadPoolExecutor(max_workers=int(params["max_sequences"]),
                                        thread_name_prefix="decode")
@@ -101,9 +101,9 @@ class TritonPythonModel:
                     {name: get(name).as_numpy() for name in self.prompt_inputs if get(name) is not None})
                 embeds, encode_ms = bls("vision_encoder", [pb_utils.Tensor("pixel_values", pixel_values)],
                                         ["image_embeds", "encode_ms"])
-                # Copy out of shared memory: the decode loop outlives execute().
+                # Copy out of shared memory: the decode loop outlives execute(). The ids are our own.
                 inputs = {name: get(name).as_numpy().copy() for name in self.decode_inputs if get(name) is not None}
-                inputs.update(input_ids=input_ids.copy(), image_embeds=embeds.copy(), encode_ms=encode_ms.copy())
+                inputs.update(input_ids=input_ids.tolist(), image_embeds=embeds.copy(), encode_ms=encode_ms.copy())
             except Exception as e:
                 self.metrics.finished(_outcome(e))
                 send_error(sender, e, "mobilevlm")
@@ -118,9 +118,8 @@ class TritonPythonModel:
         try:
             r = self.requests
             params = r.sampling_params(inputs, self.default_max_tokens)
-            ids = r.check_ids(inputs["input_ids"], self.vocab)
             encode_ms = r.scalar(inputs, "encode_ms", "f", float) or 0.0
-            for event in self.gen.generate(ids, r.image_embeds_or_none(inputs["image_embeds"]), params,
+            for event in self.gen.generate(inputs["input_ids"], r.image_embeds_or_none(inputs["image_embeds"]), params,
                                            image_encode_ms=encode_ms,
                                            cancelled=lambda: sender.is_cancelled() or request.is_cancelled()):
                 if not event.final:
