@@ -19,6 +19,9 @@ PRECISION ?=#              quantize: int8 (default) | int4;  engines: fp16 (defa
 CALIB ?=#                  photo directory for INT8 calibration (default: scikit-image samples)
 ENGINES ?=#                TensorRT engine directory for TARGET=jetson (default: this device's)
 KV ?= auto#                KV cache layout: auto | static | concat
+MAX_SEQUENCES ?= 8#        streams decoded together in one batched step
+BATCHING ?= continuous#    continuous (the scheduler) | off (a decode loop per request)
+KV_BUDGET_MIB ?= 0#        KV pool of the cpu target (0: MAX_SEQUENCES full contexts, <= RAM/4)
 MAX_CONTEXT ?=#            tokens a TensorRT decoder engine holds (default: the model's)
 HOST ?= 127.0.0.1
 GRPC_PORT ?= 8001
@@ -29,6 +32,8 @@ TLS_KEY ?=
 TLS_CLIENT_CA ?=
 PYTEST_ARGS ?=
 BENCH_PRESETS ?= tiny mobilevlm-v2-1.7b
+SOAK_REQUESTS ?= 1000#     make soak: requests per run (concurrency 8, tiny model)
+SOAK_RUNS ?= 3#            make soak: runs in a row, all must be clean
 QUICK ?=#                  1: make bench as a smoke run
 POWER_MODE ?=#             jetson-bench: switch to this nvpmodel mode by name first (root)
 # On a Jetson the setup installs only what runs there (no torch, no exporters) into a venv
@@ -44,7 +49,7 @@ CKPT_SRC := $(if $(MODEL),$(wildcard $(MODEL)/*),$(ART)/checkpoint/config.json)
 QUANT_SRC := edgevlm/export/quantize.py edgevlm/export/quant_check.py edgevlm/export/static_cache.py \
 	edgevlm/export/cleanup.py build/quantize.py
 
-.PHONY: help setup checkpoint onnx verify quantize engines trt-api jetson-doctor jetson-bench repo serve gateway bench demo test test-fast clean
+.PHONY: help setup checkpoint onnx verify quantize engines trt-api jetson-doctor jetson-bench repo serve gateway bench soak demo test test-fast clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -99,7 +104,7 @@ $(ART)/onnx-%/manifest.json: $(ART)/onnx/manifest.json $(QUANT_SRC) | $(SETUP)
 
 engines: $(ART)/onnx/manifest.json | $(SETUP) ## on the Orin: TensorRT engines (PRECISION=fp16|int8|int4, MAX_CONTEXT=, KV=auto|static|concat)
 	$(PY) build/build_engines.py --onnx $(ART)/onnx --precision $(or $(PRECISION),fp16) \
-		$(if $(MAX_CONTEXT),--max-context $(MAX_CONTEXT)) --kv $(KV)
+		$(if $(MAX_CONTEXT),--max-context $(MAX_CONTEXT)) --kv $(KV) --max-sequences $(MAX_SEQUENCES)
 
 trt-api: | $(SETUP) ## our TensorRT code against the real Python API of 8.6, 10.3, 10.16, 11.4 (also in make test)
 	$(PY) -m tools.trt_api
@@ -115,7 +120,8 @@ jetson-bench: | $(SETUP) ## on the Orin: encode/prefill/decode, J/token, peak me
 # it reads is rebuilt only when out of date.
 repo: $(ART)/onnx/manifest.json | $(SETUP) ## render the Triton model repository (TARGET=cpu|jetson; on cpu KV=auto|static|concat)
 	$(PY) build/render_repository.py --onnx $(ART)/onnx --out $(ART)/repository --target $(TARGET) \
-		$(if $(ENGINES),--engines $(ENGINES)) $(if $(filter cpu,$(TARGET)),--kv-cache $(KV))
+		$(if $(ENGINES),--engines $(ENGINES)) $(if $(filter cpu,$(TARGET)),--kv-cache $(KV)) \
+		--max-sequences $(MAX_SEQUENCES) --batching $(BATCHING) --kv-budget-mib $(KV_BUDGET_MIB)
 
 serve: repo ## run tritonserver on the repository (HOST=127.0.0.1, GRPC_PORT=8001, TLS_CERT/TLS_KEY; Ctrl-C stops)
 	$(PY) -m edgevlm.serve --repository $(ART)/repository --host $(HOST) \
@@ -130,6 +136,10 @@ bench: | $(SETUP) ## benchmarks, not in make test (BENCH_PRESETS="tiny mobilevlm
 		$(MAKE) --no-print-directory artifacts/$$p/onnx/manifest.json PRESET=$$p NAME=$$p MODEL= || exit 1; done
 	$(PY) tools/bench.py $(foreach p,$(BENCH_PRESETS),--onnx $(p)=artifacts/$(p)/onnx --checkpoint $(p)=artifacts/$(p)/checkpoint) \
 		$(if $(QUICK),--quick)
+
+soak: | $(SETUP) ## long soak, not in make test: SOAK_RUNS x SOAK_REQUESTS requests at concurrency 8 on tiny, rude clients included
+	@$(MAKE) --no-print-directory artifacts/tiny/onnx/manifest.json PRESET=tiny NAME=tiny MODEL=
+	$(PY) tools/soak.py --onnx artifacts/tiny/onnx --requests $(SOAK_REQUESTS) --runs $(SOAK_RUNS)
 
 demo: repo ## the whole path: checkpoint, ONNX, repository, tritonserver, a streamed answer
 	$(PY) tools/demo.py --repository $(ART)/repository $(if $(MODEL),,--random-weights)

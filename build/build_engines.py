@@ -67,7 +67,9 @@ def main(argv=None) -> int:
     ap.add_argument("--onnx", required=True, help="the FP32 export (artifacts/<name>/onnx)")
     ap.add_argument("--precision", choices=PRECISIONS, default="fp16")
     ap.add_argument("--max-context", type=int, help="tokens the decoder engine holds (default: the model's)")
-    ap.add_argument("--max-batch", type=int, default=4, help="images per vision-encoder call")
+    ap.add_argument("--max-batch", type=int, default=8, help="images per vision-encoder call")
+    ap.add_argument("--max-sequences", type=int, default=8,
+                    help="rows of the batched decode step (static KV; concat engines decode one)")
     ap.add_argument("--kv", choices=("auto", "static", "concat"), default="auto",
                     help="decoder KV cache layout (default: static on TensorRT 10.15+)")
     ap.add_argument("--workspace-gib", type=float,
@@ -91,7 +93,7 @@ def main(argv=None) -> int:
         art = OnnxArtifacts.open(src_dir)
         kv = engine_kv_layout(args.kv, art)
         if kv == "static":
-            pinned, dec_profiles = static_decoder_profiles(art, args.max_context)
+            pinned, dec_profiles = static_decoder_profiles(art, args.max_context, max_sequences=args.max_sequences)
             max_context = pinned["cache"]
         else:
             pinned, dec_profiles = None, decoder_profiles(art, args.max_context)
@@ -124,6 +126,7 @@ def main(argv=None) -> int:
                 "precision": args.precision, # the export's own files, hashed: what the repository check compares
                 "onnx_sha256": art.digest, "source_onnx": str(src_dir.resolve()),
                 "model": art.manifest["model"], "max_context": max_context, "kv_cache": kv,
+                "max_sequences": args.max_sequences if kv == "static" else 1,
                 "engines": built, "io": art.manifest["io"],
                 "created": datetime.now(timezone.utc).isoformat(timespec="seconds")})
     except BuildError as e:

@@ -9,7 +9,7 @@ import argparse
 import sys
 
 from edgevlm.manifest import ManifestError
-from edgevlm.serve.repository import TARGETS, render_repository
+from edgevlm.serve.repository import BATCHING, TARGETS, render_repository
 from edgevlm.runtime.runners import KV_CACHES
 
 
@@ -19,7 +19,15 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True)
     ap.add_argument("--target", default="cpu", choices=TARGETS)
     ap.add_argument("--engines", default=None, help="TensorRT engine directory (jetson target)")
-    ap.add_argument("--max-sequences", type=int, default=4, help="streams decoded at once")
+    ap.add_argument("--max-sequences", type=int, default=8, help="streams decoded together (one batched step)")
+    ap.add_argument("--max-queue", type=int, default=None,
+                    help="requests waiting for a slot before UNAVAILABLE (default: 2 x max-sequences)")
+    ap.add_argument("--batching", default="continuous", choices=BATCHING,
+                    help="continuous: the scheduler; off: a batch-1 decode loop per request")
+    ap.add_argument("--prefill-chunk", type=int, default=64,
+                    help="prompt positions per prefill call while other streams decode")
+    ap.add_argument("--kv-budget-mib", type=int, default=0,
+                    help="KV pool (0: max-sequences full contexts, at most a quarter of RAM)")
     ap.add_argument("--max-tokens", type=int, default=256, help="default max_tokens per request")
     ap.add_argument("--kv-cache", default="auto", choices=KV_CACHES,
                     help="cpu target: decoder KV cache layout, default static where the export has it "
@@ -28,7 +36,8 @@ def main(argv=None) -> int:
     try:
         out = render_repository(args.onnx, args.out, args.target, engine_dir=args.engines,
                                 max_sequences=args.max_sequences, default_max_tokens=args.max_tokens,
-                                kv_cache=args.kv_cache)
+                                kv_cache=args.kv_cache, batching=args.batching, max_queue=args.max_queue,
+                                prefill_chunk=args.prefill_chunk, kv_budget_mib=args.kv_budget_mib)
     except (ManifestError, ValueError) as e:
         print(f"repo: error: {e}", file=sys.stderr)
         return 1

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from edgevlm_client import Retry
 
-OUTCOMES = ("complete", "cancelled", "invalid", "error")
+OUTCOMES = ("complete", "cancelled", "invalid", "refused", "error")
 PATIENCE_S = 120.0  # a limit for hangs only: every wait ends as soon as its event happens
 # A generation as long as the tiny model's 512-position context allows after a short prompt.
 LONG = 440

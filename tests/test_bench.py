@@ -26,10 +26,14 @@ def test_quick_bench_writes_every_section(tiny_onnx, tiny_ckpt, tmp_path):
     assert report["vs_transformers"]["greedy_tokens_identical"] == "8/8"  # same weights, same greedy tokens
     assert "fp32" in report["quantized"]
     assert set(report["decode_static_ms_per_token"]) == set(report["decode_ms_per_token"])
+    for mode in ("off", "continuous"):  # both served, every request answered, the newcomer measured
+        b = report["batching"]["precisions"]["fp32"][mode]
+        assert [v["ok"] for v in b["levels"].values()] == [v["requests"] for v in b["levels"].values()]
+        assert b["newcomer"]["ttft_with_running_ms"] > 0
     kv = report["kv_mb_per_sequence"]
     assert kv["static"] * 2 == kv["concat"] > 0  # one in-place buffer per tensor instead of two
     doc = (tmp_path / "docs" / "BENCHMARKS.md").read_text()
     for heading in ("Decode ms/token vs context", "concat vs in place", "Triton + gRPC", "Time to first token",
-                    "transformers"):
+                    "transformers", "continuous batching"):
         assert heading in doc
     assert (tmp_path / "docs" / "bench_decode_vs_context.png").stat().st_size > 1000

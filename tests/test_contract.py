@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 from edgevlm_client import InvalidRequest, contract
-from edgevlm_client.errors import BY_STATUS, Cancelled, ServerError, ServerUnavailable, Timeout, from_triton
+from edgevlm_client.errors import BY_STATUS, Cancelled, ServerBusy, ServerError, ServerUnavailable, Timeout, from_triton
 from tritonclient.utils import InferenceServerException
 
 from support import settle
@@ -144,7 +144,7 @@ def test_client_types_errors_by_status_never_by_message(status, cls):
     assert str(from_triton(_Rpc(code, " the reason \n"))) == "the reason"
 
 
-@pytest.mark.parametrize("status,cls", [("INVALID_ARG", InvalidRequest), ("UNAVAILABLE", ServerUnavailable),
+@pytest.mark.parametrize("status,cls", [("INVALID_ARG", InvalidRequest), ("UNAVAILABLE", ServerBusy),
                                         ("INTERNAL", ServerError)])
 def test_a_streamed_refusal_is_typed_by_the_status_its_stats_announced(status, cls):
     bare = InferenceServerException("invalid argument: server exiting, connection refused")  # no gRPC code

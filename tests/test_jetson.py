@@ -151,6 +151,20 @@ def test_roofline_matches_the_bandwidth_arithmetic():
         roofline("xavier", "mobilevlm-v2-1.7b")
 
 
+def test_batched_decode_ceiling_reads_the_weights_once_per_step():
+    from edgevlm.jetson.roofline import batch_ceiling
+    one = roofline("agx-orin-64gb", "mobilevlm-v2-1.7b", "int4", context=300)
+    points, knee = batch_ceiling("agx-orin-64gb", "mobilevlm-v2-1.7b", "int4", context=300)
+    assert points[0].aggregate_tok_s == pytest.approx(one.decode_tok_s)
+    rates = [p.aggregate_tok_s for p in points]
+    assert rates == sorted(rates) and rates[3] > 3 * rates[0]  # batch 8: weights shared by 8 rows
+    # per-row KV (MHA, 16 KV heads) costs more bandwidth time than a row's FLOPs: never compute-bound
+    assert knee == float("inf") and all(p.bound == "memory" for p in points)
+    # with a tiny context the rows are nearly free until the FLOPs catch up
+    _, short_knee = batch_ceiling("orin-nano-8gb", "mobilevlm-v2-1.7b", "int4", mode="25W", context=1)
+    assert 1 < short_knee < float("inf")
+
+
 def test_roofline_prices_each_kv_layout():
     """ideal reads the context once; concat ~3x (copy + read); static all MAX_CONTEXT slots."""
     per_pos = 2 * 24 * 16 * 128 * 2 / 1e6  # MB of FP16 K and V per position, 1.7B
@@ -191,12 +205,16 @@ def test_static_cache_profiles_pin_the_cache_and_vary_only_seq(tiny_onnx, tmp_pa
     from edgevlm.engines.profiles import ProfileError, static_decoder_profiles
     from edgevlm.manifest import OnnxArtifacts
     art = OnnxArtifacts.open(tiny_onnx)
-    pinned, (prefill, decode) = static_decoder_profiles(art, max_context=256)
-    assert pinned == {"batch": 1, "cache": 256}
-    assert set(prefill.shapes) == set(decode.shapes) == {"inputs_embeds", "position_ids"}
+    pinned, (prefill, decode) = static_decoder_profiles(art, max_context=256, max_sequences=8)
+    assert pinned == {"cache": 256}
+    kv = {f"past_{kv}_{i}" for i in range(2) for kv in ("key", "value")}
+    assert set(prefill.shapes) == set(decode.shapes) == {"inputs_embeds", "position_ids"} | kv
     assert prefill.shapes["inputs_embeds"] == ((1, 1, 128), (1, 72, 128), (1, 255, 128))
-    # one decode shape: the step a CUDA graph captures
-    assert decode.shapes == {"inputs_embeds": ((1, 1, 128),) * 3, "position_ids": ((1, 1),) * 3}
+    assert prefill.shapes["past_key_0"] == ((1, 4, 256, 32),) * 3
+    # decode: one token per row, 1..8 rows (one shape per batch size: what a CUDA graph captures)
+    assert decode.shapes["inputs_embeds"] == ((1, 1, 128), (8, 1, 128), (8, 1, 128))
+    assert decode.shapes["position_ids"] == ((1, 1), (8, 1), (8, 1))
+    assert decode.shapes["past_value_1"] == ((1, 4, 256, 32), (8, 4, 256, 32), (8, 4, 256, 32))
     with pytest.raises(ProfileError, match="MAX_CONTEXT=600"):
         static_decoder_profiles(art, max_context=600)
     old = tmp_path / "onnx"

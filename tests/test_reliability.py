@@ -120,6 +120,12 @@ def test_killed_stub_gives_a_typed_error_and_serving_resumes(tiny_onnx, tmp_path
             assert client.generate("Back again?", max_tokens=4).tokens == 4
             assert len(supervisor.restarts) == 1, logged
             assert any("stub of mobilevlm died" in m or "exited" in m for m in logged), logged
+            # the dead server's log survives the restart, in a file of its own, named in the message
+            [kept] = supervisor.kept_logs
+            assert str(kept) in " ".join(logged)
+            first_run = kept.read_text(errors="replace")
+            assert "successfully loaded 'mobilevlm'" in first_run and first_run.startswith("# edgevlm: ")
+            assert first_run.count("Started GRPCInferenceService") == 1  # that run only, not the new one
         finally:
             supervisor.stop()
 

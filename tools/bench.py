@@ -11,6 +11,8 @@ Per model, medians of repeated runs:
   ttft        time to first token with an image: image encode, prefill, first decode, and
               the client-seen TTFT; peak resident memory of the server (stubs included)
   hf          our ONNX Runtime path vs transformers' generate on the same checkpoint weights
+  batching    per-request decode loops vs continuous batching at concurrency 1, 2, 4, 8,
+              FP32 and INT4, served (tools/bench_batching.py)
 Writes artifacts/bench/<model>.json, docs/BENCHMARKS.md and docs/bench_decode_vs_context.png.
 """
 
@@ -36,6 +38,9 @@ from edgevlm.samples import sample_image
 from edgevlm.runtime.runners import load_generator
 from edgevlm.serve.tritonserver import TritonServer
 from edgevlm_client import Client
+
+from bench_batching import batching  # beside this script (python tools/bench.py)
+from bench_batching import markdown as batching_markdown
 
 ROOT = Path(__file__).resolve().parents[1]
 CONTEXTS = (200, 500, 1000)
@@ -263,6 +268,9 @@ def bench_model(name: str, onnx_dir: Path, checkpoint: Path | None, quick: bool)
                                  "ratio": round(b / a, 3), "samples": [len(local), len(s["gaps"])]}
     report["ttft_with_image"] = {**s["ttft"], "prompt_tokens": s["prompt_tokens"]}
     report["server_rss_mb"] = {"idle": s["server_rss_idle_mb"], "peak": s["server_rss_peak_mb"]}
+    if big or quick:  # the tiny model is all per-call overhead: batching says nothing there
+        log(f"{name}: per-request loops vs continuous batching, served")
+        report["batching"] = batching(onnx_dir, quick)
     log(f"{name}: quantized decoders vs FP32")
     report["quantized"] = quantized_decoders(onnx_dir, steps, runs)
     if checkpoint is not None:
@@ -323,6 +331,14 @@ def markdown(reports: list[dict]) -> str:
         out.append(f"| {r['model']} | {t['prompt_tokens']} | {t['image_encode_ms']:.1f} | {t['prefill_ms']:.1f} | "
                    f"{t['preprocess_and_transport_ms']:.1f} | {t['client_ttft_ms']:.1f} | {t['first_decode_ms']:.1f} | "
                    f"{r['server_rss_mb']['idle']} / {r['server_rss_mb']['peak']} |")
+    batched = [r for r in reports if "batching" in r]
+    if batched:
+        out += ["", "## Many streams: per-request loops vs continuous batching (served)", "",
+                "The same tritonserver setup, `BATCHING=off` (a batch-1 decode loop per request, on threads) "
+                "against `BATCHING=continuous` (one decoder call per step for every stream), measured in the "
+                "same run through the real gRPC client.", ""]
+        for r in batched:
+            out += batching_markdown(r["model"], r["batching"])
     hf = [r for r in reports if "vs_transformers" in r]
     if hf:
         out += ["", "## Our ONNX Runtime path vs transformers `generate` (same weights, FP32, greedy)", "",

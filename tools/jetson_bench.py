@@ -5,7 +5,8 @@
 
 Records the power mode and versions, then through the TensorRT runners in this process: image
 encode ms, prefill ms, decode tok/s (medians), joules per generated token from tegrastats'
-input-power rail, peak RAM. Writes artifacts/bench/jetson-<module>-<mode>.json. Off the
+input-power rail, peak RAM; then the scheduler's aggregate decode tok/s with 1, 2, 4 and 8
+streams in flight, each beside the roofline's ceiling for that batch. Writes artifacts/bench/jetson-<module>-<mode>.json. Off the
 device it refuses in one line, exit 2.
 """
 
@@ -21,6 +22,44 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 QUESTION = "What is in the image? Describe it in detail."
+
+
+BATCHES = (1, 2, 4, 8)
+
+
+def batched_rates(gen, ids, tokens: int, batches=BATCHES) -> dict:
+    """Aggregate decode tok/s of the scheduler with B identical text streams in flight, for
+    each B (one pool per B, so each runs the engine's decode bucket of that size)."""
+    import threading
+
+    from edgevlm.runtime.sampling import SamplingParams
+    from edgevlm.runtime.scheduler import Request, Scheduler
+    from edgevlm.runtime.slots import open_pool
+    out = {}
+    for b in batches:
+        pool = open_pool(gen.decoder, b, 0, gen.max_context)
+        if getattr(pool, "max_rows", b) < b:
+            break  # the engine's decode profile stops below b (make engines MAX_SEQUENCES=)
+        sched = Scheduler(gen, pool, max_queue=b)
+        done, stats = threading.Semaphore(0), []
+
+        def emit(event):
+            if event.final:
+                stats.append(event.stats)
+                done.release()
+        try:
+            t0 = time.perf_counter()
+            for _ in range(b):
+                sched.submit(Request(ids, None, SamplingParams(max_tokens=tokens), emit, lambda e: done.release()))
+            for _ in range(b):
+                done.acquire()
+            wall = time.perf_counter() - t0
+        finally:
+            sched.close()
+        out[str(b)] = {"aggregate_tok_s": round(sum(s.decode_tokens for s in stats) / wall, 2),
+                       "decode_tok_s_per_stream": round(statistics.median(s.decode_tokens_per_s for s in stats), 2)}
+        print(f"jetson-bench: batch {b}: {out[str(b)]}", file=sys.stderr)
+    return out
 
 
 def main(argv=None) -> int:
@@ -74,6 +113,7 @@ def main(argv=None) -> int:
             decode.append(stats.decode_tokens_per_s)
             tokens += stats.decode_tokens
     tele = rec.summary()
+    batches = batched_rates(gen, ids, args.tokens)
     module = args.module or next((m for m in roofline.MODULES if dev.module and m.replace("-", " ") in
                                   dev.module.lower().replace("jetson ", "")), None)
     built = json.loads((engines / "manifest.json").read_text())
@@ -89,6 +129,7 @@ def main(argv=None) -> int:
         "prefill_tokens": stats.prefill_tokens, "decode_tok_s": round(statistics.median(decode), 2),
         "joules_per_token": round(tele["energy_j"] / tokens, 4) if tele.get("energy_j") and tokens else None,
         "peak_ram_used_mb": tele.get("peak_ram_used_mb"), "telemetry": tele,
+        "batched_decode": batches,  # the scheduler's aggregate tok/s at batch 1, 2, 4, 8
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     if module and mode.name in roofline.MODULES[module]:
@@ -99,6 +140,12 @@ def main(argv=None) -> int:
         report["roofline"] = r.to_dict()  # for the layout the engines use
         report["roofline_ideal_kv"] = roofline.roofline(module, preset, precision, mode.name, context=context).to_dict()
         report["decode_of_ceiling"] = round(report["decode_tok_s"] / r.decode_tok_s, 3)
+        points, knee = roofline.batch_ceiling(module, preset, precision, mode.name, context=context, kv_cache=kv,
+                                              max_context=built.get("max_context"), batches=BATCHES)
+        for p in points:
+            if str(p.batch) in batches:
+                batches[str(p.batch)]["ceiling_tok_s"] = round(p.aggregate_tok_s, 1)
+        report["memory_bound_up_to_batch"] = knee if knee != float("inf") else None
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"jetson-{module or 'orin'}-{mode.name}.json"

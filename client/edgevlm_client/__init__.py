@@ -10,7 +10,7 @@ _WHERE = {
     "Client": "client", "Stream": "client", "AsyncClient": "aio", "AsyncStream": "aio",
     "Chat": "chat", "AsyncChat": "chat", "Result": "request", "ModelInfo": "request",
     "TLS": "connection", "Retry": "connection",
-    "EdgeVLMError": "errors", "ServerUnavailable": "errors", "InvalidRequest": "errors",
+    "EdgeVLMError": "errors", "ServerUnavailable": "errors", "ServerBusy": "errors", "InvalidRequest": "errors",
     "Timeout": "errors", "Cancelled": "errors", "ServerError": "errors",
 }
 __all__ = list(_WHERE)

@@ -83,7 +83,7 @@ class AsyncStream:
                         return
             except (InferenceServerException, grpc.RpcError) as e:
                 exc: EdgeVLMError = from_triton(e, status)
-                delay = next(delays, None) if isinstance(exc, ServerUnavailable) and not received else None
+                delay = next(delays, None) if self._client.retry.retries(exc) and not received else None
                 if delay is None:
                     raise exc from e
             finally:
@@ -163,7 +163,7 @@ class AsyncClient:
                 return await call()
             except (InferenceServerException, grpc.RpcError) as e:
                 exc: EdgeVLMError = from_triton(e)
-                delay = next(delays, None) if isinstance(exc, ServerUnavailable) else None
+                delay = next(delays, None) if self.retry.retries(exc) else None
                 if delay is None:
                     raise exc from e
             await asyncio.sleep(delay)

@@ -55,7 +55,7 @@ class Stream:
                     raise Timeout(f"no response within {self._timeout_s:g} s") from None
                 if error is not None:
                     exc = from_triton(error, self._status)
-                    delay = next(delays, None) if isinstance(exc, ServerUnavailable) and not self._received else None
+                    delay = next(delays, None) if self._client.retry.retries(exc) and not self._received else None
                     if delay is None:
                         raise exc from error
                     self._close(cancel=False)
@@ -156,7 +156,7 @@ class Client:
                 return call()
             except InferenceServerException as e:
                 exc: EdgeVLMError = from_triton(e)
-                delay = next(delays, None) if isinstance(exc, ServerUnavailable) else None
+                delay = next(delays, None) if self.retry.retries(exc) else None
                 if delay is None:
                     raise exc from e
                 time.sleep(delay)

@@ -33,11 +33,18 @@ class TLS:
 
 @dataclass(frozen=True)
 class Retry:
-    """Retries for connection-level failures only (no server, or one restarting), and only
-    before the first response: a request that has streamed text is never sent again."""
+    """Retries for a server that cannot take the request now (none listening, one restarting,
+    or the model's queue full: ServerBusy), and only before the first response: a request
+    that has streamed text is never sent again."""
     attempts: int = 3          # tries in all, the first included
     backoff_s: float = 0.5     # wait before the first retry, doubled each time
     max_backoff_s: float = 5.0
+    busy: bool = True          # also retry a full queue (a proxy answering 429 turns this off)
+
+    def retries(self, exc) -> bool:
+        """Whether `exc` (one of errors.py's) is worth another attempt."""
+        from edgevlm_client.errors import ServerBusy, ServerUnavailable
+        return isinstance(exc, ServerUnavailable) and (self.busy or not isinstance(exc, ServerBusy))
 
     def delays(self) -> Iterator[float]:
         for i in range(max(self.attempts, 1) - 1):

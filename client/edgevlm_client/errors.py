@@ -17,6 +17,12 @@ class ServerUnavailable(EdgeVLMError):
     """No server answers, or it is overloaded or restarting: worth retrying."""
 
 
+class ServerBusy(ServerUnavailable):
+    """The model answered that it is full ("busy: N sequences active, M queued"): retry later.
+    Told apart from a server that is down by who said it: the model's own refusal (its
+    stream status), not the transport's."""
+
+
 class InvalidRequest(EdgeVLMError):
     """The server refused the request; the message says why. Retrying will not help."""
 
@@ -35,7 +41,7 @@ class ServerError(EdgeVLMError):
 
 
 # The model's Triton status (contract.STATUS) -> our types.
-BY_TRITON_STATUS = {"INVALID_ARG": InvalidRequest, "UNAVAILABLE": ServerUnavailable, "INTERNAL": ServerError}
+BY_TRITON_STATUS = {"INVALID_ARG": InvalidRequest, "UNAVAILABLE": ServerBusy, "INTERNAL": ServerError}
 # gRPC status names (grpc.StatusCode.X.name) -> our types; anything else is the server's fault.
 BY_STATUS = {
     "INVALID_ARGUMENT": InvalidRequest,

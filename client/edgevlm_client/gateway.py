@@ -27,7 +27,7 @@ from starlette.routing import Route
 
 from edgevlm_client import openai_api as api
 from edgevlm_client.aio import AsyncClient
-from edgevlm_client.connection import TLS
+from edgevlm_client.connection import TLS, Retry
 from edgevlm_client.errors import EdgeVLMError
 
 MB = 1 << 20
@@ -47,7 +47,7 @@ class GatewayConfig:
 
 
 def _error(e: api.APIError) -> JSONResponse:
-    return JSONResponse(e.body(), status_code=e.status)
+    return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
 
 def _sse(data: dict | str) -> bytes:
@@ -57,7 +57,10 @@ def _sse(data: dict | str) -> bytes:
 class Gateway:
     def __init__(self, config: GatewayConfig):
         self.config = config
-        self.client = AsyncClient(config.grpc_url, tls=config.tls, timeout_s=config.timeout_s)
+        # A full model queue is answered 429 + Retry-After at once, not retried here: the
+        # HTTP client (the OpenAI SDKs retry 429) decides when to come back.
+        self.client = AsyncClient(config.grpc_url, tls=config.tls, timeout_s=config.timeout_s,
+                                  retry=Retry(busy=False))
         self._model_id = config.model_id
 
     async def model_id(self) -> str:

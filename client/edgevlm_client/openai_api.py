@@ -21,13 +21,17 @@ MAX_STOP = 4
 _DATA_URL = re.compile(r"data:(image/[\w.+-]+)?(;[\w-]+=[\w.-]+)*;base64,", re.ASCII)
 
 
+BUSY_RETRY_AFTER_S = 1  # a decode step frees slots within seconds even on a CPU
+
+
 class APIError(Exception):
     """An error answered in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
 
     def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None):
+                 param: str | None = None, code: str | None = None, headers: dict | None = None):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers or {}
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
@@ -37,6 +41,9 @@ def from_client_error(e: errors.EdgeVLMError) -> APIError:
     """The client library's typed errors as HTTP statuses."""
     if isinstance(e, errors.InvalidRequest):
         return APIError(400, str(e))
+    if isinstance(e, errors.ServerBusy):  # the model is full: come back shortly
+        return APIError(429, f"model server busy: {e}", type="server_error", code="server_busy",
+                        headers={"Retry-After": str(BUSY_RETRY_AFTER_S)})
     if isinstance(e, errors.ServerUnavailable):
         return APIError(503, f"model server unavailable: {e}", type="server_error", code="server_unavailable")
     if isinstance(e, errors.Timeout):

@@ -3,9 +3,10 @@ symbolic dims `batch`, `seq`, `past`) and the context the engines should hold.
 
     decoder  prefill: batch 1, seq 1..max_prefill, past 0      (one pass over the prompt)
              decode:  batch 1, seq 1,            past 1..max_context-1
-    static decoder (decoder.static.onnx, TensorRT >= 10.15): batch and cache pinned in the
-             graph itself (1, max_context; KVCacheUpdate wants a static cache), so only seq
-             varies: prefill 1..max_prefill, decode exactly 1 (one shape: CUDA-graph capturable)
+    static decoder (decoder.static.onnx, TensorRT >= 10.15): the cache length pinned in the
+             graph itself (max_context; KVCacheUpdate wants a static cache); prefill: batch 1,
+             seq 1..max_prefill; decode: batch 1..max_sequences, seq 1 (the scheduler's batched
+             step; one shape per batch size, each captured as a CUDA graph)
     vision   batch 1..max_batch at the tower's fixed image size
 
 Two decoder profiles let TensorRT pick kernels for each phase; the runner selects the
@@ -72,17 +73,24 @@ def decoder_profiles(art: OnnxArtifacts, max_context: int | None = None,
 
 
 def static_decoder_profiles(art: OnnxArtifacts, max_context: int | None = None,
-                            max_prefill: int | None = None) -> tuple[dict[str, int], list[Profile]]:
-    """(dims to pin in decoder.static.onnx, its two profiles over the inputs left dynamic)."""
+                            max_prefill: int | None = None,
+                            max_sequences: int = 1) -> tuple[dict[str, int], list[Profile]]:
+    """(dims to pin in decoder.static.onnx, its two profiles over the inputs left dynamic).
+
+    The cache length is pinned (KVCacheUpdate wants a static cache). The batch is the number
+    of sequences decoded together: prefill runs one sequence (batch 1), decode runs
+    1..max_sequences rows at their own positions (the scheduler's batched step)."""
     if "decoder_static" not in art.manifest["io"]:
         raise ProfileError("this export has no decoder.static.onnx (re-run `make onnx`)")
+    if max_sequences < 1:
+        raise ProfileError(f"max_sequences must be >= 1, got {max_sequences}")
     max_context, max_prefill, typical_prompt = _limits(art, max_context, max_prefill)
-    pinned = {"batch": 1, "cache": max_context}
+    pinned = {"cache": max_context}
     inputs = [t for t in art.manifest["io"]["decoder_static"]["inputs"]
               if any(isinstance(d, str) and d not in pinned for d in t["shape"])]
     fixed = {k: (v, v, v) for k, v in pinned.items()}
-    return pinned, [_profile("prefill", inputs, {**fixed, "seq": (1, typical_prompt, max_prefill)}),
-                    _profile("decode", inputs, {**fixed, "seq": (1, 1, 1)})]
+    return pinned, [_profile("prefill", inputs, {**fixed, "batch": (1, 1, 1), "seq": (1, typical_prompt, max_prefill)}),
+                    _profile("decode", inputs, {**fixed, "batch": (1, max_sequences, max_sequences), "seq": (1, 1, 1)})]
 
 
 def vision_profiles(art: OnnxArtifacts, max_batch: int = 4) -> list[Profile]:

@@ -13,6 +13,10 @@ ideal time = FLOPs / dense peak. Measured figures are printed beside these by
 `make jetson-bench`; good systems reach 50-80 % of the decode ceiling.
 
     python -m edgevlm.jetson.roofline --module agx-orin-64gb --preset mobilevlm-v2-1.7b
+    python -m edgevlm.jetson.roofline --module orin-nano-8gb --batch     # ceiling vs batch size
+
+With continuous batching a step of B rows reads the weights once: aggregate tok/s grows
+almost B-fold until the step's FLOPs catch up with its bytes (--batch prints where).
 """
 
 from __future__ import annotations
@@ -112,6 +116,41 @@ def roofline(module: str, preset: str, precision: str = "fp16", mode: str | None
                     prefill_ms=2 * streamed * prefill_n / peak * 1e3, prefill_tokens=prefill_n)
 
 
+BATCHES = (1, 2, 4, 8, 16, 32)
+
+
+@dataclass
+class BatchPoint:
+    batch: int
+    step_ms: float  # the longer of the step's memory time and its compute time
+    memory_ms: float
+    compute_ms: float
+    aggregate_tok_s: float
+    bound: str  # "memory" or "compute"
+
+
+def batch_ceiling(module: str, preset: str, precision: str = "fp16", mode: str | None = None,
+                  context: int = 512, kv_cache: str = "ideal", max_context: int | None = None,
+                  batches=BATCHES) -> tuple[list[BatchPoint], float]:
+    """Decode ceiling against batch size: a step of B rows reads the weights once and each
+    row's KV, and does 2 x params x B FLOPs. Returns the points and the batch where compute
+    catches up with memory (inf if it never does): past it, more rows stop being free."""
+    r = roofline(module, preset, precision, mode, context, kv_cache=kv_cache, max_context=max_context)
+    bw, fp16_tflops, int8_tops = MODULES[module][r.mode]
+    peak = fp16_tflops * 1e12 if precision == "fp16" else int8_tops * 1e12 / 2
+    streamed, _ = decoder_params(PRESETS[preset])
+    weights_b, kv_b = r.decoder_gb * 1e9, r.kv_mb * 1e6
+    points = []
+    for b in batches:
+        mem = (weights_b + b * kv_b) / (bw * 1e9)
+        comp = 2 * streamed * b / peak
+        step = max(mem, comp)
+        points.append(BatchPoint(b, step * 1e3, mem * 1e3, comp * 1e3, b / step, "memory" if mem >= comp else "compute"))
+    per_row = 2 * streamed / peak - kv_b / (bw * 1e9)  # each row's compute beyond its own KV traffic
+    knee = weights_b / (bw * 1e9) / per_row if per_row > 0 else float("inf")
+    return points, knee
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="Decode ceiling and ideal compute times on an Orin module.")
     ap.add_argument("--module", default="agx-orin-64gb", choices=sorted(MODULES))
@@ -121,8 +160,12 @@ def main(argv=None) -> int:
     ap.add_argument("--context", type=int, default=512)
     ap.add_argument("--kv-cache", default="ideal", choices=KV_LAYOUTS, help="KV traffic per step (see above)")
     ap.add_argument("--max-context", type=int, help="the static cache's capacity (default: the model's)")
+    ap.add_argument("--batch", action="store_true",
+                    help="the decode ceiling against batch size (continuous batching) instead")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
+    if args.batch:
+        return _print_batches(args)
     try:
         rows = [roofline(args.module, args.preset, p, args.mode, args.context, kv_cache=args.kv_cache,
                          max_context=args.max_context)
@@ -137,6 +180,30 @@ def main(argv=None) -> int:
         print(f"{r.module} {r.mode} | {r.preset} {r.precision}: decoder {r.decoder_gb:.2f} GB + KV {r.kv_mb:.0f} MB "
               f"({r.kv_cache}) @{r.context} -> decode <= {r.decode_tok_s:.0f} tok/s | image encode >= {r.image_encode_ms:.1f} ms | "
               f"prefill {r.prefill_tokens} tokens >= {r.prefill_ms:.1f} ms")
+    return 0
+
+
+def _print_batches(args) -> int:
+    out = []
+    try:
+        for p in ([args.precision] if args.precision else list(WEIGHT_BYTES)):
+            points, knee = batch_ceiling(args.module, args.preset, p, args.mode, args.context, args.kv_cache,
+                                         args.max_context)
+            out.append((p, points, knee))
+    except ValueError as e:
+        print(f"roofline: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps([{"precision": p, "memory_bound_up_to_batch": round(k, 1),
+                           "points": [pt.__dict__ for pt in pts]} for p, pts, k in out], indent=2))
+        return 0
+    for p, points, knee in out:
+        bound = (f"memory-bound up to batch {knee:.0f}" if knee != float("inf") else
+                 "memory-bound at every batch (each row's KV costs more time than its FLOPs)")
+        print(f"{args.module} | {args.preset} {p} @{args.context} ({args.kv_cache} KV): {bound}")
+        for pt in points:
+            print(f"  batch {pt.batch:>3}: step >= {pt.step_ms:6.2f} ms ({pt.bound}), aggregate <= "
+                  f"{pt.aggregate_tok_s:7.0f} tok/s")
     return 0
 
 

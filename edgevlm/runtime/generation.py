@@ -21,6 +21,7 @@ from edgevlm.runtime.sampling import Sampler, SamplingParams
 @dataclass
 class Stats:
     image_encode_ms: float = 0.0
+    queue_ms: float = 0.0  # waiting for a slot (the scheduler's admission queue)
     prefill_tokens: int = 0
     prefill_ms: float = 0.0
     decode_tokens: int = 0

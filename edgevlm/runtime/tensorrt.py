@@ -111,6 +111,9 @@ class TrtDecoder:
         self.embed_dtype = _np_dtype(self.trt, self.engine, "inputs_embeds")
         self.max_prefill = self.engine.get_tensor_profile_shape("inputs_embeds", 0)[2][1]
         self.static = self.manifest.get("kv_cache", "concat") == "static"
+        self.chunked_prefill = self.static  # the concat prefill profile has past 0: one pass
+        # rows of the batched decode step (static engines built with MAX_SEQUENCES; else 1)
+        self.max_batch = int(self.manifest.get("max_sequences", 1)) if self.static else 1
         if self.static:
             self.max_context = self.engine.get_tensor_shape("past_key_0")[2]  # pinned at build
             self._check_aliased(engine_dir)
@@ -335,3 +338,174 @@ class TrtStaticSequence(_Slot):
                 raise RuntimeError("TensorRT decoder: enqueue failed")
         self.length = p + s
         return self._logits()
+
+
+class TrtPackedPool:
+    """The scheduler's KV pool on a static-cache engine built for batched decode (its decode
+    profile takes 1..max_sequences rows; `make engines` records max_sequences).
+
+    One device buffer per cache tensor holds every row's [kv_heads, C, head_dim] cache, the
+    live rows packed at the front (a leaving row is replaced by the last one, one device copy
+    per tensor), so a decode step binds each tensor once at the buffer's base with batch B.
+    Prefill runs one row through the prefill context, bound at that row's offset. The
+    decode step for each batch-size bucket (1, 2, 4, ... max) has its own execution context,
+    its addresses and shape fixed, captured as a CUDA graph after its first run; a step of B
+    rows runs the smallest bucket >= B, the extra rows fed zeros at position 0 of free slots
+    (whatever they write there is overwritten by the next sequence's prefill). All contexts
+    share one activation buffer: they run one after another on one stream.
+    """
+
+    chunked_prefill = True
+
+    def __init__(self, d: TrtDecoder, max_rows: int):
+        from edgevlm.runtime.cuda import DeviceBuffer, Stream
+        c = d.cfg
+        self.d = d
+        self.max_rows = min(max_rows, d.max_batch)
+        self.rows: list = []
+        self.stream = Stream()
+        self.row_bytes = c.num_kv_heads * d.max_context * c.head_dim * d.kv_dtype.itemsize
+        self.kv = [DeviceBuffer(self.max_rows * self.row_bytes) for _ in d.past_names]
+        for b in self.kv:  # finite values in masked positions (0 x NaN is NaN in attention)
+            b.zero(self.stream)
+        self.buckets = sorted({min(1 << i, self.max_rows) for i in range(self.max_rows.bit_length() + 1)})
+        if d.features.user_managed_memory:
+            strategy = d.trt.ExecutionContextAllocationStrategy.USER_MANAGED
+            make = lambda: d.engine.create_execution_context(strategy=strategy)  # noqa: E731
+            self.activations = DeviceBuffer(d.engine.device_memory_size_v2)
+        else:
+            make = d.engine.create_execution_context_without_device_memory
+            self.activations = DeviceBuffer(d.engine.device_memory_size)
+        self.prefill_ctx = self._context(make(), 0)
+        self.decode_ctx = {b: self._context(make(), 1) for b in self.buckets}
+        self.graphs: dict[int, object] = {}
+        self.graph_failed: set[int] = set()
+        rows = max(d.max_prefill, self.max_rows)
+        self.embeds = DeviceBuffer(rows * c.hidden_size * d.embed_dtype.itemsize)
+        self.positions = DeviceBuffer(rows * d.pos_dtype.itemsize)
+        self.logits_dtype = _np_dtype(d.trt, d.engine, "logits")
+        self.logits_dev = DeviceBuffer(self.max_rows * c.vocab_size * self.logits_dtype.itemsize)
+        for b, ctx in self.decode_ctx.items():  # fixed shapes and addresses: capturable
+            ctx.set_input_shape("inputs_embeds", (b, 1, c.hidden_size))
+            ctx.set_input_shape("position_ids", (b, 1))
+            self._bind(ctx, b, 0)
+        self.stream.sync()
+
+    def _context(self, ctx, profile: int):
+        if self.d.features.user_managed_memory:
+            ctx.set_device_memory(self.activations.ptr, self.activations.nbytes)
+        else:
+            ctx.device_memory = self.activations.ptr
+        if not ctx.set_optimization_profile_async(profile, self.stream.handle):
+            raise RuntimeError(f"TensorRT would not give optimization profile {profile} to another "
+                               "execution context")
+        return ctx
+
+    def _bind(self, ctx, batch: int, row: int) -> None:
+        """Cache tensors at `row`'s offset with `batch` rows, and the step's inputs and logits."""
+        c, d = self.d.cfg, self.d
+        for past, present, buf in zip(d.past_names, d.present_names, self.kv):
+            ctx.set_input_shape(past, (batch, c.num_kv_heads, d.max_context, c.head_dim))
+            ctx.set_tensor_address(past, buf.ptr + row * self.row_bytes)
+            ctx.set_tensor_address(present, buf.ptr + row * self.row_bytes)
+        ctx.set_tensor_address("inputs_embeds", self.embeds.ptr)
+        ctx.set_tensor_address("position_ids", self.positions.ptr)
+        ctx.set_tensor_address("logits", self.logits_dev.ptr)
+
+    def describe(self) -> str:
+        total = len(self.kv) * self.max_rows * self.row_bytes
+        return (f"KV pool {total / 2**20:.0f} MiB on the GPU: {self.max_rows} sequences of {self.d.max_context} "
+                f"positions, decode buckets {self.buckets} (a CUDA graph each)")
+
+    # -- admission (each row holds the engine's whole context) ----------------------------------
+    def fits(self, capacity: int) -> bool:
+        return len(self.rows) < self.max_rows
+
+    def never_fits(self, capacity: int) -> bool:
+        return capacity > self.d.max_context
+
+    def acquire(self, capacity: int):
+        from edgevlm.runtime.slots import Row
+        row = Row(capacity, index=len(self.rows))
+        self.rows.append(row)
+        return row
+
+    def release(self, row) -> None:
+        from edgevlm.runtime.cuda import check, cudart
+        last = self.rows.pop()
+        if last is not row:
+            for buf in self.kv:
+                check(cudart.cudaMemcpyAsync(buf.ptr + row.index * self.row_bytes, buf.ptr + last.index * self.row_bytes,
+                                             self.row_bytes, cudart.cudaMemcpyKind.cudaMemcpyDeviceToDevice,
+                                             self.stream.handle))
+            last.index = row.index
+            self.rows[row.index] = last
+        row.index = -1
+
+    # -- steps ------------------------------------------------------------------------------------
+    def _upload(self, embeds: np.ndarray, positions: np.ndarray) -> None:
+        self.embeds.upload(embeds.astype(self.d.embed_dtype, copy=False), self.stream)
+        self.positions.upload(positions.astype(self.d.pos_dtype, copy=False), self.stream)
+
+    def _logits(self, rows: int) -> np.ndarray:
+        host = np.empty((rows, self.d.cfg.vocab_size), self.logits_dtype)
+        self.logits_dev.download(host, self.stream)
+        self.stream.sync()
+        return host.astype(np.float32, copy=False)
+
+    def prefill(self, row, embeds: np.ndarray) -> np.ndarray:
+        s = embeds.shape[1]
+        if row.length + s > row.capacity:
+            raise ValueError(f"sequence capacity {row.capacity} exceeded")
+        if s > self.d.max_prefill:
+            raise ValueError(f"{s} positions in one pass; the prefill profile takes up to {self.d.max_prefill}")
+        ctx = self.prefill_ctx
+        self._upload(embeds, np.arange(row.length, row.length + s)[None])
+        ctx.set_input_shape("inputs_embeds", (1, s, self.d.cfg.hidden_size))
+        ctx.set_input_shape("position_ids", (1, s))
+        self._bind(ctx, 1, row.index)
+        if not ctx.execute_async_v3(self.stream.handle):
+            raise RuntimeError("TensorRT decoder: prefill enqueue failed")
+        row.length += s
+        return self._logits(1)[0]
+
+    def decode(self, rows: list, embeds: np.ndarray) -> np.ndarray:
+        """One token for each of `rows` (embeds [len(rows), 1, D]): one engine call over all
+        packed rows (rows still prefilling ride along, as in slots.PackedPool)."""
+        for r in rows:
+            if r.length + 1 > r.capacity:
+                raise ValueError(f"sequence capacity {r.capacity} exceeded")
+        n = len(self.rows)
+        b = next(k for k in self.buckets if k >= n)
+        batch = np.zeros((b, 1, embeds.shape[2]), np.float32)
+        positions = np.zeros((b, 1), np.int64)
+        positions[:n, 0] = [r.length for r in self.rows]
+        at = [r.index for r in rows]
+        batch[at] = embeds
+        self._upload(batch, positions)
+        self._step(b)
+        logits = self._logits(b)
+        for r in rows:
+            r.length += 1
+        return logits[at]
+
+    def _step(self, b: int) -> None:
+        from edgevlm.runtime.cuda import CudaError, Graph, cudart
+        graph = self.graphs.get(b)
+        if graph is not None:
+            graph.launch(self.stream)
+            return
+        ctx = self.decode_ctx[b]
+        if not ctx.execute_async_v3(self.stream.handle):
+            raise RuntimeError("TensorRT decoder: decode enqueue failed")
+        if b in self.graph_failed:
+            return
+        # Capture after one ordinary run (which does the context's lazy setup), as trtexec does.
+        self.stream.sync()
+        try:
+            self.graphs[b] = Graph(self.stream, lambda: ctx.execute_async_v3(self.stream.handle))
+        except CudaError as e:
+            cudart.cudaGetLastError()  # capture errors are not sticky; clear the last one
+            self.graph_failed.add(b)
+            logging.getLogger(__name__).warning("decode step of %d rows not captured as a CUDA graph (%s); "
+                                                "running it without", b, e)

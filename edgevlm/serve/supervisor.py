@@ -5,7 +5,9 @@ Triton restarts the stub of a plain python model on its next request, but not th
 a decoupled model (python backend, 2.51): once `mobilevlm`'s stub is gone every request fails
 with "Stub process ... is not healthy" until the server restarts. Killing that stub in the
 middle of a stream can also abort the whole server (seen here: boost lock_exception). Both
-end in a restart here; clients ride it out with `wait_ready` and retries.
+end in a restart here; clients ride it out with `wait_ready` and retries. Before each
+restart the dead server's part of the log is copied to a file of its own, named in the
+supervisor's message, so the reason it died is never lost to the next run.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ class Supervisor:
         self.max_restarts, self.window_s = max_restarts, window_s
         self.restarts: deque[float] = deque()
         self.failed: str | None = None  # why it gave up
+        self.kept_logs: list = []  # the logs of servers that died, one file each
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -53,7 +56,12 @@ class Supervisor:
             self.log(f"supervisor: {self.failed}")
             return False
         self.restarts.append(now)
-        self.log(f"supervisor: {why}; restarting tritonserver")
+        try:
+            kept = self.server.keep_log(why)
+            self.kept_logs.append(kept)
+            self.log(f"supervisor: {why}; its log is kept in {kept}; restarting tritonserver")
+        except OSError as e:
+            self.log(f"supervisor: {why}; could not keep its log ({e}); restarting tritonserver")
         t0 = time.monotonic()
         try:
             self.server.restart()

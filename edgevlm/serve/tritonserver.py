@@ -184,6 +184,7 @@ class TritonServer:
         (self.work / "admin-key").write_text(self.admin_key + "\n")
         (self.work / "admin-key").chmod(0o600)
         log = open(self.log_path, "ab")  # appended: a restarted server keeps the earlier log
+        self._log_start = log.tell()  # where this run's lines begin (keep_log copies them)
         # Own session: stop() can take down the stubs with the server.
         self.proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
@@ -225,6 +226,23 @@ class TritonServer:
 
     def stub_alive(self, model: str) -> bool:
         return self.stub_pid(model) is not None
+
+    def keep_log(self, why: str) -> Path:
+        """Copy this run's part of the log (from its start to now) beside the log, headed by
+        `why`, and return where: the record of a server that died survives any restart, any
+        rotation of the main log and stop() (which may remove the working directory)."""
+        kept_dir = self.log_path.parent if self.log_path.parent != self.work else self.work.parent
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        kept = kept_dir / f"{self.log_path.stem}.died-{stamp}-{os.getpid()}-{self.grpc_port}.log"
+        n = 1
+        while kept.exists():
+            n += 1
+            kept = kept.with_name(f"{self.log_path.stem}.died-{stamp}-{os.getpid()}-{self.grpc_port}-{n}.log")
+        with open(self.log_path, "rb") as src, open(kept, "wb") as dst:
+            src.seek(getattr(self, "_log_start", 0))
+            dst.write(f"# edgevlm: {why}\n".encode())
+            shutil.copyfileobj(src, dst)
+        return kept
 
     def restart(self, timeout_s: float = 180.0) -> TritonServer:
         """Kill at once (a server needing a restart cannot finish its requests) and start again

@@ -25,18 +25,9 @@ def model_params(args) -> dict:
 
 
 class ComposedModelError(RuntimeError):
-    """A composing model failed. Python-backend BLS hands its error back as INTERNAL whatever
-    code it was sent with (triton-inference-server/server#7804), so only composing models
-    whose failures are server faults (vision_encoder) are called through BLS."""
-
-
-def bls(model, inputs, outputs):
-    """Run a composing model; its failure raises ComposedModelError (sent on as INTERNAL)."""
-    response = pb_utils.InferenceRequest(model_name=model, inputs=inputs,
-                                         requested_output_names=outputs).exec()
-    if response.has_error():
-        raise ComposedModelError(response.error().message())
-    return [pb_utils.get_output_tensor_by_name(response, name).as_numpy() for name in outputs]
+    """A composing model failed (sent on as INTERNAL). Python-backend BLS hands its error back
+    as INTERNAL whatever code it was sent with (triton-inference-server/server#7804), so only
+    composing models whose failures are server faults (vision_encoder) are called through BLS."""
 
 
 def status_of(exc, model):
