@@ -66,6 +66,13 @@ $(VENV)/.installed: pyproject.toml client/pyproject.toml
 	@# Only the tritonserver binary, python backend and stubs of this wheel are used; its
 	@# own pins (numpy, tritonclient) would fight ours, hence --no-deps.
 	$(VENV)/bin/pip install -q --no-deps nvidia-pytriton==0.7.0
+	@# The web page's tests drive a real Chromium: Debian's, where apt-get can install it.
+	@if command -v chromium >/dev/null; then echo "setup: $$(chromium --version 2>/dev/null)"; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "setup: installing Debian's chromium for the web page tests"; \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } \
+			|| echo "setup: apt-get could not install chromium: the web page tests will skip"; \
+	else echo "setup: no chromium, and apt-get needs root: the web page tests will skip (apt-get install chromium)"; fi
 	@touch $@
 
 # The device venv sees JetPack's system packages (tensorrt, its cuda-python) and adds only

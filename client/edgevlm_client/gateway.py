@@ -3,6 +3,7 @@
     POST /v1/chat/completions   text and image_url parts, `stream: true` as server-sent events
     GET  /v1/models             the one model served
     GET  /health                200 when the model server is ready
+    GET  /                      a web page that uses the API above (web/: no CDN, strict CSP)
 
 Every request becomes one gRPC stream to `mobilevlm`; nothing is computed here. Remote image
 URLs are refused unless enabled, request bodies and images are capped, and a client that
@@ -18,6 +19,7 @@ import json
 import urllib.request
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -31,6 +33,13 @@ from edgevlm_client.connection import TLS, Retry
 from edgevlm_client.errors import EdgeVLMError
 
 MB = 1 << 20
+WEB = Path(__file__).resolve().parent / "web"
+PAGE_FILES = {"index.html": "text/html; charset=utf-8", "app.js": "text/javascript; charset=utf-8",
+              "app.css": "text/css; charset=utf-8"}
+# The page loads only its own files; images are data: URLs, the camera a local stream.
+PAGE_HEADERS = {"Content-Security-Policy": "default-src 'self'; img-src 'self' data: blob:; "
+                "media-src 'self' blob: mediastream:; object-src 'none'; frame-ancestors 'none'",
+                "X-Content-Type-Options": "nosniff", "Cache-Control": "no-cache"}
 
 
 @dataclass(frozen=True)
@@ -125,6 +134,13 @@ class Gateway:
         return JSONResponse({"object": "list", "data": [
             {"id": mid, "object": "model", "created": 0, "owned_by": "edgevlm"}]})
 
+    async def page(self, request: Request) -> Response:
+        """The demo page and its two files (web/): everything local, nothing from a CDN."""
+        name = request.path_params.get("name", "index.html")
+        if name not in PAGE_FILES:
+            raise api.APIError(404, f"no such file: {name}", code="not_found")
+        return Response((WEB / name).read_bytes(), media_type=PAGE_FILES[name], headers=PAGE_HEADERS)
+
     async def health(self, request: Request) -> Response:
         ok = await self.client.health()
         return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
@@ -168,7 +184,9 @@ class Gateway:
             yield _sse(first_chunk)
             async for delta in deltas:
                 yield _sse(api.chunk(cid, mid, {"content": delta}, created=created))
-            yield _sse(api.chunk(cid, mid, {}, stream.stats.get("finish_reason") or "stop", created=created))
+            last = api.chunk(cid, mid, {}, stream.stats.get("finish_reason") or "stop", created=created)
+            last["edgevlm"] = stream.stats  # not OpenAI's: the timings the web page shows (SDKs ignore it)
+            yield _sse(last)
             if include_usage:
                 yield _sse(api.usage_chunk(cid, mid, stream.stats, created=created))
             yield _sse("[DONE]")
@@ -203,6 +221,8 @@ def create_app(config: GatewayConfig) -> Starlette:
         Route("/v1/chat/completions", gw.chat_completions, methods=["POST"]),
         Route("/v1/models", gw.models, methods=["GET"]),
         Route("/health", gw.health, methods=["GET"]),
+        Route("/", gw.page, methods=["GET"]),
+        Route("/static/{name}", gw.page, methods=["GET"]),
     ], exception_handlers={api.APIError: api_error, EdgeVLMError: client_error, HTTPException: http_error,
                            Exception: unexpected}, lifespan=lifespan)
     app.state.gateway = gw

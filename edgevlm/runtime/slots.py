@@ -234,9 +234,10 @@ def open_pool(decoder, max_rows: int, budget_mib: int = 0, max_context: int | No
     sequence by sequence otherwise. budget_mib 0: room for `max_rows` sequences of the full
     context, but at most a quarter of this machine's memory."""
     from edgevlm.runtime.onnxruntime import OrtDecoder
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")  # a Jetson's GPU memory too
     if getattr(decoder, "max_batch", 1) > 1:  # a TensorRT static engine with a batched decode profile
         from edgevlm.runtime.tensorrt import TrtPackedPool
-        return TrtPackedPool(decoder, max_rows)
+        return TrtPackedPool(decoder, max_rows, (budget_mib << 20) if budget_mib > 0 else ram // 4)
     if not (isinstance(decoder, OrtDecoder) and decoder.static):
         return SequencePool(decoder, max_rows)
     c = decoder.cfg
@@ -244,6 +245,5 @@ def open_pool(decoder, max_rows: int, budget_mib: int = 0, max_context: int | No
     if budget_mib > 0:
         budget = budget_mib << 20
     else:
-        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
         budget = min(max_rows * _round_up(max_context or c.max_position) * per_position, ram // 4)
     return PackedPool(decoder, max_rows, budget)

@@ -357,14 +357,23 @@ class TrtPackedPool:
 
     chunked_prefill = True
 
-    def __init__(self, d: TrtDecoder, max_rows: int):
+    def __init__(self, d: TrtDecoder, max_rows: int, budget_bytes: int | None = None):
+        """budget_bytes caps the rows (each holds the engine's whole context in every cache
+        tensor); on a Jetson this memory is the board's RAM, shared with everything else."""
         from edgevlm.runtime.cuda import DeviceBuffer, Stream
         c = d.cfg
         self.d = d
+        self.row_bytes = c.num_kv_heads * d.max_context * c.head_dim * d.kv_dtype.itemsize
         self.max_rows = min(max_rows, d.max_batch)
+        if budget_bytes is not None:
+            fit = budget_bytes // (self.row_bytes * len(d.past_names))
+            if fit < 1:
+                raise ValueError(f"KV budget {budget_bytes >> 20} MiB holds no sequence of {d.max_context} positions "
+                                 f"({self.row_bytes * len(d.past_names) >> 20} MiB each; make engines MAX_CONTEXT= "
+                                 "for shorter ones)")
+            self.max_rows = min(self.max_rows, fit)
         self.rows: list = []
         self.stream = Stream()
-        self.row_bytes = c.num_kv_heads * d.max_context * c.head_dim * d.kv_dtype.itemsize
         self.kv = [DeviceBuffer(self.max_rows * self.row_bytes) for _ in d.past_names]
         for b in self.kv:  # finite values in masked positions (0 x NaN is NaN in attention)
             b.zero(self.stream)
