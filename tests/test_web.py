@@ -105,6 +105,25 @@ def test_a_dead_model_server_is_explained_not_a_blank_page(page, start_gateway):
     assert page.locator("#conversation li").count() == 0  # the unanswered question is taken back
 
 
+def test_refusals_are_said_in_words(page, server, start_gateway, tmp_path):
+    """An image over the gateway's limit and a prompt over the context: the reason, not a blank."""
+    small = start_gateway(server.grpc_url, "--max-image-mb", "0.01")
+    photo = tmp_path / "astronaut.png"
+    photo.write_bytes(sample_image("astronaut"))
+    page.goto(small + "/")
+    page.set_input_files("#image-file", str(photo))
+    page.wait_for_selector("#preview:not([hidden])")
+    page.fill("#question", "What is in the image?")
+    page.click("#send")
+    page.wait_for_selector("#error:not([hidden])", timeout=PATIENCE_MS)
+    assert "too large" in page.text_content("#error")
+    page.click("#image-clear")
+    page.fill("#question", "word " * 2000)
+    page.click("#send")
+    page.wait_for_selector("#send:not([disabled])", timeout=PATIENCE_MS)
+    assert "the context holds" in page.text_content("#error")
+
+
 def test_the_page_loads_only_its_own_files(web):
     import urllib.request
     with urllib.request.urlopen(web + "/") as r:

@@ -77,6 +77,13 @@ async def newcomer(url: str, running: int, long_tokens: int) -> dict:
             "running_streams_max_gap_ms": round(max(gaps), 1) if gaps else None, "streams_still_running": still}
 
 
+def _steps(server) -> tuple[float, float]:
+    """(rows decoded, seconds spent in decode steps) so far: the scheduler's counters."""
+    m = server.metrics()
+    return (m.get('edgevlm_decode_step_rows_total{model="mobilevlm"}', 0.0),
+            m.get('edgevlm_decode_step_seconds_total{model="mobilevlm"}', 0.0))
+
+
 def sweep(onnx_dir: Path, mode: str, tokens: int, levels, long_tokens: int) -> dict:
     out = {"levels": {}}
     with tempfile.TemporaryDirectory() as tmp:
@@ -84,13 +91,19 @@ def sweep(onnx_dir: Path, mode: str, tokens: int, levels, long_tokens: int) -> d
                                  max_queue=4 * max(levels), default_max_tokens=tokens)
         with TritonServer(repo) as server:
             for c in levels:
+                rows0, secs0 = _steps(server)
                 r = asyncio.run(run(server.grpc_url, requests=max(2, c), concurrency=c, prompt=QUESTION,
                                     warmup=1 if c == levels[0] else 0, timeout_s=1800, max_tokens=tokens,
                                     temperature=0.0))
-                out["levels"][str(c)] = {"aggregate_tok_s": r["throughput_tok_s"], "itl_p50_ms": r["itl_ms"].get("p50"),
+                out["levels"][str(c)] = {"aggregate_tok_s": r["throughput_tok_s"],
+                                         "aggregate_decode_tok_s": r["decode_tok_s_aggregate"],
+                                         "itl_p50_ms": r["itl_ms"].get("p50"),
                                          "ttft_p50_ms": r["ttft_ms"].get("p50"), "requests": r["requests"],
                                          "ok": r["ok"], "tokens": r["tokens"]}
-                log(f"    {mode} c={c}: {r['throughput_tok_s']} tok/s, p50 ITL {r['itl_ms'].get('p50')} ms, "
+                rows, secs = (a - b for a, b in zip(_steps(server), (rows0, secs0)))
+                if mode == "continuous" and secs > 0:  # the decode steps alone, as the server timed them
+                    out["levels"][str(c)]["decode_step_rows_per_s"] = round(rows / secs, 2)
+                log(f"    {mode} c={c}: {r['throughput_tok_s']} tok/s (decode {r['decode_tok_s_aggregate']}), p50 ITL {r['itl_ms'].get('p50')} ms, "
                     f"p50 TTFT {r['ttft_ms'].get('p50')} ms ({r['ok']}/{r['requests']} ok)")
             out["newcomer"] = asyncio.run(newcomer(server.grpc_url, max(levels) - 1, long_tokens))
             log(f"    {mode} newcomer: {out['newcomer']}")
@@ -112,6 +125,10 @@ def batching(onnx_dir: Path, quick: bool) -> dict:
         cont, off = modes["continuous"]["levels"], modes["off"]["levels"]
         modes["ratios"] = {
             f"continuous_c{top}_vs_c{one}_aggregate": round(cont[top]["aggregate_tok_s"] / cont[one]["aggregate_tok_s"], 2),
+            f"continuous_c{top}_vs_c{one}_aggregate_decode": round(
+                cont[top]["aggregate_decode_tok_s"] / cont[one]["aggregate_decode_tok_s"], 2),
+            f"continuous_c{top}_vs_c{one}_decode_step_rate": round(
+                cont[top]["decode_step_rows_per_s"] / cont[one]["decode_step_rows_per_s"], 2),
             f"continuous_vs_off_c{top}_aggregate": round(cont[top]["aggregate_tok_s"] / off[top]["aggregate_tok_s"], 2),
             f"continuous_c{top}_itl_vs_c{one}": round(cont[top]["itl_p50_ms"] / cont[one]["itl_p50_ms"], 2),
         }
@@ -122,13 +139,17 @@ def batching(onnx_dir: Path, quick: bool) -> dict:
 def markdown(name: str, b: dict) -> list[str]:
     out = [f"### {name}", "",
            f"Text-only greedy, {b['tokens']} tokens per request (\"{b['prompt']}\"), concurrency c = requests in "
-           "flight; aggregate = all tokens / wall time.", "",
-           "| precision | mode | c | aggregate tok/s | p50 inter-token ms | p50 time to first text ms |",
-           "|---|---|---|---|---|---|"]
+           "flight. Aggregate = all tokens / wall time (prefills included); aggregate decode = tokens after each "
+           "stream's first / the time from the earliest first text to the last end (later prefills interleave); "
+           "decode steps = rows per second of the scheduler's decode steps alone (its metrics).", "",
+           "| precision | mode | c | aggregate tok/s | aggregate decode tok/s | decode steps rows/s | "
+           "p50 inter-token ms | p50 time to first text ms |", "|---|---|---|---|---|---|---|---|"]
     for precision, modes in b["precisions"].items():
         for mode in MODES:
             for c, v in modes[mode]["levels"].items():
-                out.append(f"| {precision} | {mode} | {c} | {v['aggregate_tok_s']:.1f} | {v['itl_p50_ms']:.0f} | "
+                out.append(f"| {precision} | {mode} | {c} | {v['aggregate_tok_s']:.1f} | "
+                           f"{v.get('aggregate_decode_tok_s', float('nan')):.1f} | "
+                           f"{v.get('decode_step_rows_per_s', '–')} | {v['itl_p50_ms']:.0f} | "
                            f"{v['ttft_p50_ms']:.0f} |")
     out += ["", "| precision | ratio | value |", "|---|---|---|"]
     for precision, modes in b["precisions"].items():
