@@ -137,7 +137,7 @@ def batching(onnx_dir: Path, quick: bool) -> dict:
 
 
 def markdown(name: str, b: dict) -> list[str]:
-    out = [f"### {name}", "",
+    out = [f"### {name}", "", *([b["note"].capitalize() + ".", ""] if b.get("note") else []),
            f"Text-only greedy, {b['tokens']} tokens per request (\"{b['prompt']}\"), concurrency c = requests in "
            "flight. Aggregate = all tokens / wall time (prefills included); aggregate decode = tokens after each "
            "stream's first / the time from the earliest first text to the last end (later prefills interleave); "
