@@ -56,6 +56,8 @@ def batched_rates(gen, ids, tokens: int, batches=BATCHES) -> dict:
             wall = time.perf_counter() - t0
         finally:
             sched.close()
+            if hasattr(pool, "close"):  # free this batch size's device KV before the next
+                pool.close()
         out[str(b)] = {"aggregate_tok_s": round(sum(s.decode_tokens for s in stats) / wall, 2),
                        "decode_tok_s_per_stream": round(statistics.median(s.decode_tokens_per_s for s in stats), 2)}
         print(f"jetson-bench: batch {b}: {out[str(b)]}", file=sys.stderr)

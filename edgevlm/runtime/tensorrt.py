@@ -421,6 +421,15 @@ class TrtPackedPool:
         ctx.set_tensor_address("position_ids", self.positions.ptr)
         ctx.set_tensor_address("logits", self.logits_dev.ptr)
 
+    def close(self) -> None:
+        """Free the graphs, contexts' memory, caches and stream (a pool made for a measurement)."""
+        for g in self.graphs.values():
+            g.free()
+        self.graphs.clear()
+        for b in [*self.kv, self.embeds, self.positions, self.logits_dev, self.activations]:
+            b.free()
+        self.stream.free()
+
     def describe(self) -> str:
         total = len(self.kv) * self.max_rows * self.row_bytes
         return (f"KV pool {total / 2**20:.0f} MiB on the GPU: {self.max_rows} sequences of {self.d.max_context} "
