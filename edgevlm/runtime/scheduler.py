@@ -193,7 +193,9 @@ class Scheduler:
             self._prefill_chunk(prefilling, alone=not decoding)
 
     def _drop_cancelled(self) -> None:
-        for live in [x for x in self.live if self._is_cancelled(x.req)]:
+        # Decoding rows are checked right before each send instead (_advance): one check per
+        # row per step either way.
+        for live in [x for x in self.live if x.prefilling and self._is_cancelled(x.req)]:
             self._end(live, "cancelled")
         with self.cond:
             gone = [q for q in self.queue if self._is_cancelled(q[0])]
@@ -249,6 +251,12 @@ class Scheduler:
         x.stats.decode_tokens += 1
         if tok == self.gen.tok.eos_id:
             return self._end(x, "stop")
+        # Checked here, just before the send, not only at the step's start: tritonserver
+        # 2.51's gRPC frontend can crash when a response races the client's cancel
+        # (triton-inference-server/server#7840, #8034; seen here once in a soak), and the
+        # decode step between the two would widen that window to a whole step.
+        if self._is_cancelled(x.req):
+            return self._end(x, "cancelled")
         delta = x.detok.push(tok)
         if delta and not self._safe(x.req.emit, Event(delta)):
             return self._end(x, "cancelled")
