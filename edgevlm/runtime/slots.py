@@ -49,7 +49,47 @@ class Row:
     seq: object = field(default=None, repr=False)  # SequencePool: its batch-1 sequence
 
 
-class PackedPool:
+class PackedRows:
+    """What both packed pools (PackedPool here, TrtPackedPool on TensorRT) share: live rows
+    kept contiguous at the front, a leaving row replaced by the last one (`_move_row` copies
+    its cache), and the inputs of a decode step over every packed row."""
+
+    rows: list[Row]
+
+    def acquire(self, capacity: int) -> Row:
+        if not self.fits(capacity):
+            raise RuntimeError("acquire without room: the scheduler checks fits() first")
+        row = Row(capacity, index=len(self.rows))
+        self.rows.append(row)
+        return row
+
+    def release(self, row: Row) -> None:
+        """The row leaves; the last row moves into its place so the rows stay contiguous."""
+        last = self.rows.pop()
+        if last is not row:
+            self._move_row(last, row.index)
+            last.index = row.index
+            self.rows[row.index] = last
+        row.index = -1
+
+    def _step_inputs(self, rows: list[Row], embeds: np.ndarray, batch: int):
+        """(embeds [batch, 1, D], positions [batch, 1], where `rows` sit) for one decode step over
+        every packed row. A row still being prefilled rides along with a zero input written at
+        its next position, which its next chunk overwrites; rows past the live ones (padding
+        to a bucket) write at position 0 of free slots, which a new sequence's prefill
+        overwrites. That keeps the batch one contiguous view."""
+        for r in rows:
+            if r.length + 1 > r.capacity:
+                raise ValueError(f"sequence capacity {r.capacity} exceeded")
+        inputs = np.zeros((batch, 1, embeds.shape[2]), np.float32)
+        positions = np.zeros((batch, 1), np.int64)
+        positions[:len(self.rows), 0] = [r.length for r in self.rows]
+        at = [r.index for r in rows]
+        inputs[at] = embeds
+        return inputs, positions, at
+
+
+class PackedPool(PackedRows):
     """The batched pool of the cpu target (see the module's docstring)."""
 
     def __init__(self, decoder, max_rows: int, budget_bytes: int):
@@ -95,22 +135,12 @@ class PackedPool:
         return _round_up(capacity) > self.positions
 
     def acquire(self, capacity: int) -> Row:
-        if not self.fits(capacity):
-            raise RuntimeError("acquire without room: the scheduler checks fits() first")
-        row = Row(capacity, index=len(self.rows))
-        self.rows.append(row)
-        if self.width == 0:
-            self.width = GRANULE
+        row = super().acquire(capacity)
+        self.width = self.width or GRANULE
         return row
 
     def release(self, row: Row) -> None:
-        """The row leaves; the last row moves into its place so the rows stay contiguous."""
-        last = self.rows.pop()
-        if last is not row:
-            self._copy_row(last, row.index)
-            last.index = row.index
-            self.rows[row.index] = last
-        row.index = -1
+        super().release(row)
         if not self.rows:
             self.width = 0
 
@@ -120,7 +150,7 @@ class PackedPool:
         block = self.heads * w * self.dim
         return buf[start * block:(start + count) * block].reshape(count, self.heads, w, self.dim)
 
-    def _copy_row(self, src: Row, dst_index: int) -> None:
+    def _move_row(self, src: Row, dst_index: int) -> None:
         n = src.length
         for buf in self.buffers:
             self._view(buf, dst_index, 1)[:, :, :n] = self._view(buf, src.index, 1)[:, :, :n]
@@ -166,23 +196,12 @@ class PackedPool:
         return logits
 
     def decode(self, rows: list[Row], embeds: np.ndarray) -> np.ndarray:
-        """One token for each of `rows` (embeds [len(rows), 1, D]); their logits [len(rows), V].
-
-        The call covers every packed row: one whose prompt is still being prefilled rides
-        along with a zero input written at its next position, which its next chunk
-        overwrites, and its logits are dropped. That costs one row of compute and keeps the
-        batch one contiguous view.
-        """
-        for r in rows:
-            if r.length + 1 > r.capacity:
-                raise ValueError(f"sequence capacity {r.capacity} exceeded")
+        """One token for each of `rows` (embeds [len(rows), 1, D]); their logits [len(rows), V],
+        from one decoder call over every packed row (see PackedRows._step_inputs)."""
         n = len(self.rows)
+        inputs, positions, at = self._step_inputs(rows, embeds, n)
         self._fit_width(max(r.length + 1 for r in self.rows))
-        batch = np.zeros((n, 1, embeds.shape[2]), np.float32)
-        positions = np.array([[r.length] for r in self.rows], np.int64)
-        at = [r.index for r in rows]
-        batch[at] = embeds
-        logits = self._run(0, n, batch, positions)
+        logits = self._run(0, n, inputs, positions)
         for r in rows:
             r.length += 1
         return logits[at]

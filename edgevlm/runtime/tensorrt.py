@@ -30,6 +30,7 @@ from edgevlm.engines.features import Features, requires
 from edgevlm.manifest import ManifestError, read_manifest
 from edgevlm.presets import TextConfig
 from edgevlm.runtime.errors import BadRequest, Busy
+from edgevlm.runtime.slots import PackedRows
 
 if TYPE_CHECKING:  # annotations only: the module is imported where an engine is opened
     import tensorrt as trt
@@ -340,7 +341,7 @@ class TrtStaticSequence(_Slot):
         return self._logits()
 
 
-class TrtPackedPool:
+class TrtPackedPool(PackedRows):
     """The scheduler's KV pool on a static-cache engine built for batched decode (its decode
     profile takes 1..max_sequences rows; `make engines` records max_sequences).
 
@@ -442,23 +443,12 @@ class TrtPackedPool:
     def never_fits(self, capacity: int) -> bool:
         return capacity > self.d.max_context
 
-    def acquire(self, capacity: int):
-        from edgevlm.runtime.slots import Row
-        row = Row(capacity, index=len(self.rows))
-        self.rows.append(row)
-        return row
-
-    def release(self, row) -> None:
+    def _move_row(self, src, dst_index: int) -> None:
         from edgevlm.runtime.cuda import check, cudart
-        last = self.rows.pop()
-        if last is not row:
-            for buf in self.kv:
-                check(cudart.cudaMemcpyAsync(buf.ptr + row.index * self.row_bytes, buf.ptr + last.index * self.row_bytes,
-                                             self.row_bytes, cudart.cudaMemcpyKind.cudaMemcpyDeviceToDevice,
-                                             self.stream.handle))
-            last.index = row.index
-            self.rows[row.index] = last
-        row.index = -1
+        for buf in self.kv:
+            check(cudart.cudaMemcpyAsync(buf.ptr + dst_index * self.row_bytes, buf.ptr + src.index * self.row_bytes,
+                                         self.row_bytes, cudart.cudaMemcpyKind.cudaMemcpyDeviceToDevice,
+                                         self.stream.handle))
 
     # -- steps ------------------------------------------------------------------------------------
     def _upload(self, embeds: np.ndarray, positions: np.ndarray) -> None:
@@ -489,17 +479,9 @@ class TrtPackedPool:
 
     def decode(self, rows: list, embeds: np.ndarray) -> np.ndarray:
         """One token for each of `rows` (embeds [len(rows), 1, D]): one engine call over all
-        packed rows (rows still prefilling ride along, as in slots.PackedPool)."""
-        for r in rows:
-            if r.length + 1 > r.capacity:
-                raise ValueError(f"sequence capacity {r.capacity} exceeded")
-        n = len(self.rows)
-        b = next(k for k in self.buckets if k >= n)
-        batch = np.zeros((b, 1, embeds.shape[2]), np.float32)
-        positions = np.zeros((b, 1), np.int64)
-        positions[:n, 0] = [r.length for r in self.rows]
-        at = [r.index for r in rows]
-        batch[at] = embeds
+        packed rows, padded to the smallest captured bucket (slots.PackedRows._step_inputs)."""
+        b = next(k for k in self.buckets if k >= len(self.rows))
+        batch, positions, at = self._step_inputs(rows, embeds, b)
         self._upload(batch, positions)
         self._step(b)
         logits = self._logits(b)
