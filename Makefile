@@ -22,6 +22,8 @@ KV ?= auto#                KV cache layout: auto | static | concat
 MAX_SEQUENCES ?= 8#        streams decoded together in one batched step
 BATCHING ?= continuous#    continuous (the scheduler) | off (a decode loop per request)
 KV_BUDGET_MIB ?= 0#        KV pool of the cpu target (0: MAX_SEQUENCES full contexts, <= RAM/4)
+PREFIX_CACHE_MIB ?= 512#   earlier sequences' KV, reused by prompts that begin the same way (0: off)
+IMAGE_CACHE_MIB ?= 64#     image embeddings by the image bytes' hash (0: off)
 MAX_CONTEXT ?=#            tokens a TensorRT decoder engine holds (default: the model's)
 HOST ?= 127.0.0.1
 GRPC_PORT ?= 8001
@@ -62,7 +64,7 @@ $(VENV)/.installed: pyproject.toml client/pyproject.toml
 	@# torch first and pinned: the local CPU wheel; anything looser pulls multi-GB CUDA builds.
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q torch==2.13.0
-	$(VENV)/bin/pip install -q -e ".[build,serve,test,bench]" -e "./client[images,gateway]"
+	$(VENV)/bin/pip install -q -e ".[build,serve,test,bench]" -e "./client[images,gateway,watch]"
 	@# Only the tritonserver binary, python backend and stubs of this wheel are used; its
 	@# own pins (numpy, tritonclient) would fight ours, hence --no-deps.
 	$(VENV)/bin/pip install -q --no-deps nvidia-pytriton==0.7.0
@@ -128,7 +130,8 @@ jetson-bench: | $(SETUP) ## on the Orin: encode/prefill/decode, J/token, peak me
 repo: $(ART)/onnx/manifest.json | $(SETUP) ## render the Triton model repository (TARGET=cpu|jetson; on cpu KV=auto|static|concat)
 	$(PY) build/render_repository.py --onnx $(ART)/onnx --out $(ART)/repository --target $(TARGET) \
 		$(if $(ENGINES),--engines $(ENGINES)) $(if $(filter cpu,$(TARGET)),--kv-cache $(KV)) \
-		--max-sequences $(MAX_SEQUENCES) --batching $(BATCHING) --kv-budget-mib $(KV_BUDGET_MIB)
+		--max-sequences $(MAX_SEQUENCES) --batching $(BATCHING) --kv-budget-mib $(KV_BUDGET_MIB) \
+		--prefix-cache-mib $(PREFIX_CACHE_MIB) --image-cache-mib $(IMAGE_CACHE_MIB)
 
 serve: repo ## run tritonserver on the repository (HOST=127.0.0.1, GRPC_PORT=8001, TLS_CERT/TLS_KEY; Ctrl-C stops)
 	$(PY) -m edgevlm.serve --repository $(ART)/repository --host $(HOST) \

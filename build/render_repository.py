@@ -9,7 +9,7 @@ import argparse
 import sys
 
 from edgevlm.manifest import ManifestError
-from edgevlm.serve.repository import BATCHING, TARGETS, render_repository
+from edgevlm.serve.repository import BATCHING, IMAGE_CACHE_MIB, PREFIX_CACHE_MIB, TARGETS, render_repository
 from edgevlm.runtime.runners import KV_CACHES
 
 
@@ -28,6 +28,10 @@ def main(argv=None) -> int:
                     help="prompt positions per prefill call while other streams decode")
     ap.add_argument("--kv-budget-mib", type=int, default=0,
                     help="KV pool (0: max-sequences full contexts, at most a quarter of RAM)")
+    ap.add_argument("--prefix-cache-mib", type=int, default=PREFIX_CACHE_MIB,
+                    help="KV of earlier sequences kept for prompts that begin the same way (0: off)")
+    ap.add_argument("--image-cache-mib", type=int, default=IMAGE_CACHE_MIB,
+                    help="image embeddings kept by the image bytes' hash (0: off)")
     ap.add_argument("--max-tokens", type=int, default=256, help="default max_tokens per request")
     ap.add_argument("--kv-cache", default="auto", choices=KV_CACHES,
                     help="cpu target: decoder KV cache layout, default static where the export has it "
@@ -37,7 +41,8 @@ def main(argv=None) -> int:
         out = render_repository(args.onnx, args.out, args.target, engine_dir=args.engines,
                                 max_sequences=args.max_sequences, default_max_tokens=args.max_tokens,
                                 kv_cache=args.kv_cache, batching=args.batching, max_queue=args.max_queue,
-                                prefill_chunk=args.prefill_chunk, kv_budget_mib=args.kv_budget_mib)
+                                prefill_chunk=args.prefill_chunk, kv_budget_mib=args.kv_budget_mib,
+                                prefix_cache_mib=args.prefix_cache_mib, image_cache_mib=args.image_cache_mib)
     except (ManifestError, ValueError) as e:
         print(f"repo: error: {e}", file=sys.stderr)
         return 1

@@ -53,7 +53,7 @@ def test_streamed_text_is_the_pytorch_reference_greedy_output(client, reference,
     st = stream.stats
     assert st["decode_tokens"] == n and st["finish_reason"] in ("length", "stop")
     assert st["prefill_tokens"] > 0 and st["decode_tokens_per_s"] > 0
-    assert (st["image_encode_ms"] > 0) == (image is not None)
+    assert (st["image_encode_ms"] > 0 or st["image_cached"]) == (image is not None)  # encoded, or seen before
 
 
 def test_eight_concurrent_streams_all_complete_correctly(client, reference):

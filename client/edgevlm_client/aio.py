@@ -29,10 +29,10 @@ class AsyncStream:
     """`async for delta in stream`; afterwards `.text` and `.stats`. Leaving the loop early,
     or `await stream.aclose()`, cancels the request on the server."""
 
-    def __init__(self, client: AsyncClient, inputs, timeout_s: float):
+    def __init__(self, client: AsyncClient, inputs, timeout_s: float, retry: Retry):
         self.stats: dict = {}
         self.text = ""
-        self._client, self._inputs, self._timeout_s = client, inputs, timeout_s
+        self._client, self._inputs, self._timeout_s, self._retry = client, inputs, timeout_s, retry
         self._gen: AsyncIterator[str] | None = None
 
     def __aiter__(self) -> AsyncIterator[str]:
@@ -54,7 +54,7 @@ class AsyncStream:
         yield {"model_name": self._client.model, "inputs": self._inputs}
 
     async def _run(self) -> AsyncIterator[str]:
-        delays = self._client.retry.delays()
+        delays = self._retry.delays()
         received = False
         while True:
             call, status = None, None
@@ -83,7 +83,7 @@ class AsyncStream:
                         return
             except (InferenceServerException, grpc.RpcError) as e:
                 exc: EdgeVLMError = from_triton(e, status)
-                delay = next(delays, None) if self._client.retry.retries(exc) and not received else None
+                delay = next(delays, None) if self._retry.retries(exc) and not received else None
                 if delay is None:
                     raise exc from e
             finally:
@@ -120,9 +120,12 @@ class AsyncClient:
     async def __aexit__(self, *exc) -> None:
         await self.close()
 
-    def stream(self, prompt: str, *, image=None, timeout_s: float | None = None, **options) -> AsyncStream:
-        """Text deltas as they are generated (options as Client.stream)."""
-        return AsyncStream(self, build_inputs(prompt, image, **options), timeout_s or self.timeout_s)
+    def stream(self, prompt: str, *, image=None, timeout_s: float | None = None, retry: Retry | None = None,
+               **options) -> AsyncStream:
+        """Text deltas as they are generated (options as Client.stream; retry replaces the
+        client's for this request)."""
+        return AsyncStream(self, build_inputs(prompt, image, **options), timeout_s or self.timeout_s,
+                           retry or self.retry)
 
     async def generate(self, prompt: str, *, image=None, timeout_s: float | None = None, **options) -> Result:
         s = self.stream(prompt, image=image, timeout_s=timeout_s, **options)

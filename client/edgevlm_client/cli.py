@@ -18,8 +18,10 @@ from edgevlm_client.images import image_bytes
 
 def timing_line(stats: dict) -> str:
     """Per-stage timings in the spirit of llama.cpp's summary."""
-    return (f"image encode {stats.get('image_encode_ms', 0):.1f} ms | "
-            f"prompt {stats.get('prefill_tokens', 0)} tokens in {stats.get('prefill_ms', 0):.1f} ms "
+    image = "image cached" if stats.get("image_cached") else f"image encode {stats.get('image_encode_ms', 0):.1f} ms"
+    cached = f" ({stats['cached_tokens']} cached)" if stats.get("cached_tokens") else ""
+    return (f"{image} | "
+            f"prompt {stats.get('prefill_tokens', 0)} tokens{cached} in {stats.get('prefill_ms', 0):.1f} ms "
             f"({stats.get('prefill_tokens_per_s', 0):.1f} tok/s) | "
             f"decode {stats.get('decode_tokens', 0)} tokens in {stats.get('decode_ms', 0):.1f} ms "
             f"({stats.get('decode_tokens_per_s', 0):.1f} tok/s)")
@@ -83,6 +85,36 @@ def cmd_bench(args) -> int:
         Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report) if args.json else bench.table(report))
     return 0 if report["ok"] == report["requests"] else 1
+
+
+def cmd_watch(args) -> int:
+    """JSON lines, one per question per answered frame; a summary on stderr at the end."""
+    from edgevlm_client.aio import AsyncClient
+    from edgevlm_client.watch import watch
+    options = {}
+    for o in args.option:
+        key, eq, value = o.partition("=")
+        if not eq or not key:
+            raise ValueError(f"--option {o!r}: expected KEY=VALUE")
+        options[key] = value
+    summary = {"answered": 0, "frames_dropped": 0}
+
+    async def run() -> None:
+        async with AsyncClient(args.url, tls=_tls(args), timeout_s=args.timeout_s) as client:
+            async for line in watch(client, args.source, args.questions, every_s=args.every,
+                                    max_frames=args.max_frames, fmt=args.format, options=options,
+                                    realtime=False if args.no_realtime else None, **_generation_options(args)):
+                if not args.stats:
+                    line.pop("stats")
+                print(json.dumps(line), flush=True)
+                summary["answered"] += line["question"] == args.questions[0]
+                summary["frames_dropped"] = line["frames_dropped_total"]
+    try:
+        asyncio.run(run())
+    except KeyboardInterrupt:
+        pass  # Ctrl-C is the usual way to stop watching a camera: a clean end, not an error
+    print(f"watch: {summary['answered']} frames answered, {summary['frames_dropped']} dropped", file=sys.stderr)
+    return 0
 
 
 def cmd_health(args) -> int:
@@ -153,6 +185,23 @@ def parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", help="also write the JSON report to this file")
     _add_generation(bench, max_tokens_default=64)
     bench.set_defaults(func=cmd_bench)
+
+    w = sub.add_parser("watch", help="ask about the newest frame of a video, stream or camera, over and over "
+                                     "(JSON lines; frames that arrive while the model answers are dropped)")
+    w.add_argument("source", help="video file, rtsp:// or http:// URL, or a V4L2 device (/dev/video0 --format v4l2)")
+    w.add_argument("questions", nargs="+", help="one or more questions, each asked about every answered frame")
+    w.add_argument("--every", type=float, default=0.0, help="ask at most once per this many seconds "
+                                                            "(default 0: as fast as the model keeps up)")
+    w.add_argument("--max-frames", type=int, help="stop after answering this many frames")
+    w.add_argument("--format", help="FFmpeg input format (v4l2 for a camera device)")
+    w.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="FFmpeg input option, e.g. rtsp_transport=tcp or video_size=640x480 (repeatable)")
+    w.add_argument("--no-realtime", action="store_true",
+                   help="answer every frame of a file in order (none dropped) instead of playing it "
+                        "at its frame rate")
+    w.add_argument("--stats", action="store_true", help="include the server's stats in each line")
+    _add_generation(w, max_tokens_default=64)
+    w.set_defaults(func=cmd_watch)
 
     health = sub.add_parser("health", help="is the server ready? (and what it serves)")
     health.set_defaults(func=cmd_health)

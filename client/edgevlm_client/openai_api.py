@@ -200,7 +200,8 @@ def new_id() -> str:
 
 def usage(stats: dict) -> dict:
     prompt, completion = int(stats.get("prefill_tokens", 0)), int(stats.get("decode_tokens", 0))
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": int(stats.get("cached_tokens", 0))}}
 
 
 def completion(cid: str, model: str, text: str, stats: dict) -> dict:

@@ -21,8 +21,10 @@ from edgevlm.runtime.sampling import Sampler, SamplingParams
 @dataclass
 class Stats:
     image_encode_ms: float = 0.0
+    image_cached: bool = False  # the image's embeddings came from the image cache (encode 0 ms)
     queue_ms: float = 0.0  # waiting for a slot (the scheduler's admission queue)
-    prefill_tokens: int = 0
+    prefill_tokens: int = 0  # prompt positions, cached ones included
+    cached_tokens: int = 0  # of those, taken from the prefix cache instead of prefilled
     prefill_ms: float = 0.0
     decode_tokens: int = 0
     decode_ms: float = 0.0
@@ -36,7 +38,8 @@ class Stats:
 
     @property
     def prefill_tokens_per_s(self) -> float:
-        return self.prefill_tokens / (self.prefill_ms / 1e3) if self.prefill_ms > 0 else 0.0
+        computed = self.prefill_tokens - self.cached_tokens
+        return computed / (self.prefill_ms / 1e3) if self.prefill_ms > 0 else 0.0
 
     def to_dict(self) -> dict:
         return {**asdict(self), "decode_tokens_per_s": round(self.decode_tokens_per_s, 2),

@@ -120,6 +120,21 @@ class OrtSequence(_Sequence):
         self.length, self.current = p + s, 1 - self.current
         return self.logits[0]
 
+    def save(self, n: int) -> list[np.ndarray]:
+        """The first n positions of the cache, [kv_heads, n, head_dim] per tensor (PrefixCache)."""
+        buf = self.buffers[self.current]
+        return [self._view(buf, i, self.length)[0, :, :n].copy() for i in range(len(buf))]
+
+    def load(self, kv: list[np.ndarray]) -> None:
+        """Start this (new) sequence from saved KV."""
+        n = kv[0].shape[1]
+        if n > self.capacity:
+            raise ValueError(f"sequence capacity {self.capacity} exceeded")
+        buf = self.buffers[self.current]
+        for i, a in enumerate(kv):
+            self._view(buf, i, n)[0] = a
+        self.length = n
+
 
 class OrtStaticSequence(_Sequence):
     """A batch-1 sequence on decoder.static.onnx: one [1, kv_heads, capacity, head_dim] buffer
@@ -150,3 +165,14 @@ class OrtStaticSequence(_Sequence):
         self.d.sess.run_with_iobinding(b)
         self.length = p + s
         return self.logits[0]
+
+    def save(self, n: int) -> list[np.ndarray]:
+        return [buf[0, :, :n].copy() for buf in self.cache]
+
+    def load(self, kv: list[np.ndarray]) -> None:
+        n = kv[0].shape[1]
+        if n > self.capacity:
+            raise ValueError(f"sequence capacity {self.capacity} exceeded")
+        for buf, a in zip(self.cache, kv):
+            buf[0, :, :n] = a
+        self.length = n

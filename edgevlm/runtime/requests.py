@@ -64,7 +64,11 @@ def sampling_params(inputs: dict, default_max_tokens: int) -> SamplingParams:
 
 
 class Preprocessor:
-    """image bytes + prompt -> (pixel_values [N, 3, S, S], input_ids [L]), N = 0 or 1."""
+    """image bytes + prompt -> (pixel_values [N, 3, S, S], input_ids [L]), N = 0 or 1.
+
+    decode_image=False (the image's embeddings are cached) skips decoding and resizing: the
+    prompt is built for the image and pixel_values is None.
+    """
 
     def __init__(self, onnx_dir: str | Path, max_image_pixels: int = MAX_IMAGE_PIXELS,
                  tokenizer: Tokenizer | None = None):
@@ -73,16 +77,17 @@ class Preprocessor:
         self.tok = tokenizer or Tokenizer(art.path("tokenizer"))  # the generator's, where it has one
         self.max_image_pixels = max_image_pixels
 
-    def from_inputs(self, inputs: dict) -> tuple[np.ndarray, np.ndarray]:
+    def from_inputs(self, inputs: dict, decode_image: bool = True) -> tuple[np.ndarray | None, np.ndarray]:
         """The request's prompt inputs (contract.PROMPT_INPUTS, numpy arrays by name)."""
         if inputs.get("prompt") is None:
             raise BadRequest("prompt is required")
-        image, raw = inputs.get("image"), inputs.get("raw_prompt")
-        return self(np.asarray(image).reshape(-1)[0] if image is not None else None, inputs["prompt"],
+        raw = inputs.get("raw_prompt")
+        return self(image_bytes(inputs), inputs["prompt"],
                     bool(np.asarray(raw).reshape(-1)[0]) if raw is not None else False,
-                    inputs.get("history"), inputs.get("system"))
+                    inputs.get("history"), inputs.get("system"), decode_image)
 
-    def __call__(self, image: bytes | None, prompt, raw_prompt: bool = False, history=None, system=None):
+    def __call__(self, image: bytes | None, prompt, raw_prompt: bool = False, history=None, system=None,
+                 decode_image: bool = True):
         prompt = text(prompt, "prompt")
         turns = parse_history(history)
         if turns and raw_prompt:
@@ -101,12 +106,12 @@ class Preprocessor:
             if len(image) > MAX_IMAGE_BYTES:
                 raise BadRequest(f"image is {len(image)} bytes, over the {MAX_IMAGE_BYTES} limit")
             try:
-                pixel_values = preprocess(image, s, self.max_image_pixels)[None]
+                pixel_values = preprocess(image, s, self.max_image_pixels)[None] if decode_image else None
             except ImageError as e:
                 raise BadRequest(f"image: {e}") from None
         else:
             pixel_values = np.zeros((0, 3, s, s), np.float32)
-        n_images = pixel_values.shape[0]
+        n_images = int(image is not None)
         if raw_prompt:
             placeholders = prompt.count(IMAGE_PLACEHOLDER)
             if placeholders != n_images:
@@ -119,6 +124,12 @@ class Preprocessor:
         if n >= self.cfg.text.max_position:
             raise BadRequest(f"prompt is {n} tokens, the context holds {self.cfg.text.max_position}")
         return pixel_values, ids
+
+
+def image_bytes(inputs: dict) -> bytes | None:
+    """The request's encoded image, or None for a text-only request."""
+    image = inputs.get("image")
+    return None if image is None else bytes(np.asarray(image, dtype=object).reshape(-1)[0])
 
 
 def parse_history(value) -> list[tuple[str, str]]:

@@ -13,6 +13,10 @@ each loop iteration then does:
      a new request stalls the running streams by one chunk per token (`make bench` measures
      it); with no stream decoding the whole prompt goes in one call.
 
+With a PrefixCache (prefix_cache.py), an admitted prompt first takes the KV of the longest
+prefix it shares with an earlier sequence, and only the rest is prefilled; its prompt is
+stored once prefilled, and its prompt and answer when it ends.
+
 Events go out through each request's `emit` (text deltas, then a final event with stats)
 or its `fail` (an exception); both are called on the scheduler thread. No Triton here: the
 `mobilevlm` model is an adapter that submits requests and forwards these events.
@@ -32,6 +36,7 @@ import numpy as np
 from edgevlm.runtime.detokenize import IncrementalDecoder
 from edgevlm.runtime.errors import BadRequest, Busy
 from edgevlm.runtime.generation import Event, Generator, Stats
+from edgevlm.runtime.prefix_cache import PrefixCache, position_keys
 from edgevlm.runtime.sampling import Sampler, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -48,6 +53,7 @@ class Request:
     fail: Callable[[Exception], None]
     cancelled: Callable[[], bool] = lambda: False
     image_encode_ms: float = 0.0
+    image_cached: bool = False  # the embeddings came from the image cache
     submitted: float = field(default_factory=time.perf_counter)
 
 
@@ -57,6 +63,8 @@ class Observer:
     def step(self, rows: int, seconds: float) -> None: ...
     def depth(self, active: int, queued: int) -> None: ...
     def finished(self, outcome: str, tokens: int) -> None: ...
+    def prefix(self, reused: int, cache_bytes: int, evicted: int) -> None:
+        """A prefix-cache lookup (reused 0: a miss) or store (reused -1)."""
 
 
 class _Live:
@@ -68,7 +76,10 @@ class _Live:
         self.fed = 0  # prompt positions prefilled so far
         self.sampler = Sampler(req.params, req.input_ids)
         self.detok = IncrementalDecoder(tok, req.params.stop)
-        self.stats = Stats(image_encode_ms=req.image_encode_ms, prefill_tokens=n_prompt)
+        self.stats = Stats(image_encode_ms=req.image_encode_ms, prefill_tokens=n_prompt,
+                           image_cached=req.image_cached)
+        self.keys: np.ndarray | None = None  # the prompt's position keys (with a prefix cache)
+        self.fed_tokens: list[int] = []  # generated tokens whose KV is in the row
         self.stats.queue_ms = (time.perf_counter() - req.submitted) * 1e3
         self.t_prefill = time.perf_counter()
         self.t_decode = 0.0
@@ -81,10 +92,13 @@ class _Live:
 
 class Scheduler:
     def __init__(self, gen: Generator, pool, *, max_queue: int, prefill_chunk: int = PREFILL_CHUNK,
-                 observer: Observer | None = None):
+                 observer: Observer | None = None, prefix_cache: PrefixCache | None = None):
         self.gen, self.pool = gen, pool
         self.max_queue = max_queue
         self.chunk = prefill_chunk if getattr(pool, "chunked_prefill", True) else None
+        # reuse needs a pool that copies KV in and out and prefills at any offset
+        reusable = getattr(pool, "reuses_prefix", False) and self.chunk is not None
+        self.cache = prefix_cache if reusable and prefix_cache is not None and prefix_cache.budget > 0 else None
         self.obs = observer or Observer()
         self.queue: deque[tuple[Request, int, int]] = deque()  # (request, prompt positions, new tokens)
         self.live: list[_Live] = []
@@ -186,6 +200,8 @@ class Scheduler:
             t0 = time.perf_counter()
             logits = self.pool.decode([x.row for x in decoding], embeds)
             self.obs.step(len(decoding), time.perf_counter() - t0)
+            for x in decoding:
+                x.fed_tokens.append(x.next_token)
             for x, row_logits in zip(decoding, logits):
                 self._advance(x, row_logits)
         prefilling = next((x for x in self.live if x.prefilling), None)
@@ -222,15 +238,44 @@ class Scheduler:
                 if not self.pool.fits(n_prompt + max_new):
                     break
                 self.queue.popleft()
+                row = None
                 try:
                     embeds = self.gen.table.embed(req.input_ids, req.image_embeds)
                     row = self.pool.acquire(n_prompt + max_new)
+                    live = _Live(req, row, n_prompt, max_new, embeds, self.gen.tok)
+                    if self.cache is not None:
+                        self._reuse_prefix(live)
                 except Exception as e:
+                    if row is not None:
+                        self.pool.release(row)
                     self._safe(req.fail, e)
                     self.obs.finished("error", 0)
                     continue
-                self.live.append(_Live(req, row, n_prompt, max_new, embeds, self.gen.tok))
+                self.live.append(live)
         self._report_depth()
+
+    def _reuse_prefix(self, x: _Live) -> None:
+        """Start x from the cached KV of its longest known prefix; its last prompt position is
+        always prefilled (its logits give the first token)."""
+        x.keys = position_keys(x.req.input_ids, x.req.image_embeds)
+        hit = self.cache.lookup(x.keys, limit=len(x.keys) - 1)
+        if hit.positions:
+            self.pool.load(x.row, hit.kv())
+            x.fed = hit.positions
+            x.stats.cached_tokens = hit.positions
+        self.obs.prefix(hit.positions, self.cache.bytes, 0)
+
+    def _remember(self, x: _Live) -> None:
+        """Store the KV x's row holds (its prompt, and the answer fed back so far)."""
+        if self.cache is None or x.keys is None or x.row.length == 0:
+            return
+        keys = np.concatenate([x.keys, np.asarray(x.fed_tokens, np.int64)])[:x.row.length]
+        try:
+            evicted = self.cache.store(keys, lambda n: self.pool.save(x.row, n))
+        except Exception:  # a cache fault must not fail the request
+            log.exception("prefix cache: store failed")
+            return
+        self.obs.prefix(-1, self.cache.bytes, evicted)
 
     def _prefill_chunk(self, x: _Live, alone: bool) -> None:
         total = x.embeds.shape[1]
@@ -243,6 +288,7 @@ class Scheduler:
             x.stats.prefill_ms = (now - x.t_prefill) * 1e3
             x.t_decode = now
             x.embeds = x.embeds[:, :0]  # the prompt's embeddings are no longer needed
+            self._remember(x)  # requests about the same frame, arriving now, share it
             self._advance(x, logits)
 
     def _advance(self, x: _Live, logits: np.ndarray) -> None:
@@ -269,6 +315,8 @@ class Scheduler:
     def _end(self, x: _Live, finish: str = "", error: Exception | None = None) -> None:
         if x in self.live:
             self.live.remove(x)
+            if error is None:
+                self._remember(x)
             self.pool.release(x.row)
         if error is not None:
             self._safe(x.req.fail, error)

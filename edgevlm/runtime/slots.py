@@ -92,6 +92,8 @@ class PackedRows:
 class PackedPool(PackedRows):
     """The batched pool of the cpu target (see the module's docstring)."""
 
+    reuses_prefix = True  # save/load: the prefix cache copies rows' KV out and in
+
     def __init__(self, decoder, max_rows: int, budget_bytes: int):
         from edgevlm.runtime.onnxruntime import OrtDecoder
         if not (isinstance(decoder, OrtDecoder) and decoder.static):
@@ -143,6 +145,21 @@ class PackedPool(PackedRows):
         super().release(row)
         if not self.rows:
             self.width = 0
+
+    # -- the prefix cache's copies ------------------------------------------------------------
+    def save(self, row: Row, n: int) -> list[np.ndarray]:
+        """A copy of the first n positions of row's cache: [kv_heads, n, head_dim] per tensor."""
+        return [self._view(buf, row.index, 1)[0, :, :n].copy() for buf in self.buffers]
+
+    def load(self, row: Row, kv: list[np.ndarray]) -> None:
+        """Fill a new row's first positions from saved KV (PrefixCache); the row continues from there."""
+        n = kv[0].shape[1]
+        if n > row.capacity:
+            raise ValueError(f"sequence capacity {row.capacity} exceeded")
+        self._fit_width(max([n] + [r.length + 1 for r in self.rows]))
+        for buf, a in zip(self.buffers, kv):
+            self._view(buf, row.index, 1)[0, :, :n] = a
+        row.length = n
 
     # -- layout -------------------------------------------------------------------------------
     def _view(self, buf: np.ndarray, start: int, count: int, width: int | None = None) -> np.ndarray:
@@ -217,6 +234,10 @@ class SequencePool:
         self.max_context = getattr(decoder, "max_context", None)
         # a concat-KV TensorRT engine prefills once, on an empty cache
         self.chunked_prefill = getattr(decoder, "chunked_prefill", True)
+        # ONNX Runtime's sequences copy their KV out and in (save/load); TensorRT's batch-1
+        # sequences do not (the batched TrtPackedPool does)
+        from edgevlm.runtime.onnxruntime import OrtDecoder
+        self.reuses_prefix = isinstance(decoder, OrtDecoder)
 
     def describe(self) -> str:
         return (f"KV per sequence, allocated at admission: up to {self.max_rows} sequences, "
@@ -238,6 +259,13 @@ class SequencePool:
         if hasattr(row.seq, "release"):  # pooled TensorRT slots go back for the next request
             row.seq.release()
         row.seq = None
+
+    def save(self, row: Row, n: int) -> list[np.ndarray]:
+        return row.seq.save(n)
+
+    def load(self, row: Row, kv: list[np.ndarray]) -> None:
+        row.seq.load(kv)
+        row.length = kv[0].shape[1]
 
     def prefill(self, row: Row, embeds: np.ndarray) -> np.ndarray:
         logits = row.seq.forward(embeds)

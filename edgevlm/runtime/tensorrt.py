@@ -357,6 +357,7 @@ class TrtPackedPool(PackedRows):
     """
 
     chunked_prefill = True
+    reuses_prefix = True  # save/load copy rows' KV between the device and PrefixCache
 
     def __init__(self, d: TrtDecoder, max_rows: int, budget_bytes: int | None = None):
         """budget_bytes caps the rows (each holds the engine's whole context in every cache
@@ -449,6 +450,41 @@ class TrtPackedPool(PackedRows):
             check(cudart.cudaMemcpyAsync(buf.ptr + dst_index * self.row_bytes, buf.ptr + src.index * self.row_bytes,
                                          self.row_bytes, cudart.cudaMemcpyKind.cudaMemcpyDeviceToDevice,
                                          self.stream.handle))
+
+    # -- the prefix cache's copies: one strided copy per tensor (a row is [kv_heads, C, head_dim]) -
+    def _copy_positions(self, buf, host: np.ndarray, row, to_device: bool) -> None:
+        """host [kv_heads, n, head_dim] (rows may be strided: a slice of a longer entry) to or
+        from the first n positions of `row` in the device buffer `buf`."""
+        from edgevlm.runtime.cuda import check, cudart
+        heads, n, dim = host.shape
+        width = n * dim * host.itemsize
+        device_pitch = self.d.max_context * dim * host.itemsize
+        base = buf.ptr + row.index * self.row_bytes
+        kind = cudart.cudaMemcpyKind
+        if to_device:
+            args = (base, device_pitch, host.ctypes.data, host.strides[0], width, heads, kind.cudaMemcpyHostToDevice)
+        else:
+            args = (host.ctypes.data, host.strides[0], base, device_pitch, width, heads, kind.cudaMemcpyDeviceToHost)
+        check(cudart.cudaMemcpy2DAsync(*args, self.stream.handle))
+
+    def save(self, row, n: int) -> list[np.ndarray]:
+        c = self.d.cfg
+        out = [np.empty((c.num_kv_heads, n, c.head_dim), self.d.kv_dtype) for _ in self.kv]
+        for buf, host in zip(self.kv, out):
+            self._copy_positions(buf, host, row, to_device=False)
+        self.stream.sync()
+        return out
+
+    def load(self, row, kv: list[np.ndarray]) -> None:
+        n = kv[0].shape[1]
+        if n > row.capacity:
+            raise ValueError(f"sequence capacity {row.capacity} exceeded")
+        for buf, a in zip(self.kv, kv):
+            if a.strides[1:] != (a.shape[2] * a.itemsize, a.itemsize):  # each head's positions contiguous
+                a = np.ascontiguousarray(a)
+            self._copy_positions(buf, a, row, to_device=True)
+        self.stream.sync()
+        row.length = n
 
     # -- steps ------------------------------------------------------------------------------------
     def _upload(self, embeds: np.ndarray, positions: np.ndarray) -> None:

@@ -76,23 +76,31 @@ def _exports_served_with(art: OnnxArtifacts, precision: str) -> set[str]:
 
 
 BATCHING = ("continuous", "off")
+# Cache defaults, modest for an 8 GB Orin: 512 MiB holds ~1,300 positions of 1.7B FP32 KV
+# (2,600 in FP16: several conversations about a frame); 64 MiB holds ~50 images' embeddings.
+PREFIX_CACHE_MIB = 512
+IMAGE_CACHE_MIB = 64
 
 
 def render_repository(onnx_dir: str | Path, out_dir: str | Path, target: str = "cpu", *,
                       engine_dir: str | Path | None = None, max_sequences: int = 8,
                       default_max_tokens: int = 256, max_image_pixels: int = MAX_IMAGE_PIXELS,
                       kv_cache: str = "auto", batching: str = "continuous", max_queue: int | None = None,
-                      prefill_chunk: int = 64, kv_budget_mib: int = 0) -> Path:
+                      prefill_chunk: int = 64, kv_budget_mib: int = 0,
+                      prefix_cache_mib: int = PREFIX_CACHE_MIB, image_cache_mib: int = IMAGE_CACHE_MIB) -> Path:
     """kv_cache (cpu target): "concat" (decoder.onnx), "static" (decoder.static.onnx, one
     in-place cache buffer per tensor: half the KV memory) or "auto" (static where the export
     has it). Jetson engines record their own. batching: "continuous" (the scheduler) or "off"
-    (a decode loop per request); max_queue defaults to twice max_sequences."""
+    (a decode loop per request); max_queue defaults to twice max_sequences. prefix_cache_mib
+    and image_cache_mib size the caches (0: off)."""
     if target not in TARGETS:
         raise ValueError(f"unknown target {target!r}; use one of {', '.join(TARGETS)}")
     if batching not in BATCHING:
         raise ValueError(f"unknown batching {batching!r}; use one of {', '.join(BATCHING)}")
-    if max_sequences < 1 or prefill_chunk < 1 or kv_budget_mib < 0 or (max_queue is not None and max_queue < 0):
-        raise ValueError("max_sequences and prefill_chunk must be at least 1, max_queue and kv_budget_mib at least 0")
+    if max_sequences < 1 or prefill_chunk < 1 or min(kv_budget_mib, prefix_cache_mib, image_cache_mib) < 0 \
+            or (max_queue is not None and max_queue < 0):
+        raise ValueError("max_sequences and prefill_chunk must be at least 1; max_queue, kv_budget_mib, "
+                         "prefix_cache_mib and image_cache_mib at least 0")
     art = OnnxArtifacts.open(onnx_dir)
     cfg = art.config
     kv_cache = kv_layout(art, kv_cache)
@@ -114,6 +122,7 @@ def render_repository(onnx_dir: str | Path, out_dir: str | Path, target: str = "
         "max_sequences": max_sequences, "default_max_tokens": default_max_tokens,
         "batching": batching, "max_queue": 2 * max_sequences if max_queue is None else max_queue,
         "prefill_chunk": prefill_chunk, "kv_budget_mib": kv_budget_mib,
+        "prefix_cache_mib": prefix_cache_mib, "image_cache_mib": image_cache_mib,
         "max_image_pixels": max_image_pixels,
         "edgevlm_src": str(SOURCE.parent),
         "inputs": contract.pbtxt(contract.INPUTS), "outputs": contract.pbtxt(contract.OUTPUTS),

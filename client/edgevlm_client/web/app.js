@@ -172,7 +172,9 @@ async function* events(response) {
 
 function timingLine(stats, ttftMs, tokens) {
   const parts = [];
-  if (stats && stats.image_encode_ms) parts.push(`image encode ${stats.image_encode_ms.toFixed(0)} ms`);
+  if (stats && stats.image_cached) parts.push("image cached");
+  else if (stats && stats.image_encode_ms) parts.push(`image encode ${stats.image_encode_ms.toFixed(0)} ms`);
+  if (stats && stats.cached_tokens) parts.push(`${stats.cached_tokens} prompt tokens cached`);
   parts.push(`first text ${ttftMs.toFixed(0)} ms`);
   if (stats && stats.decode_tokens_per_s) parts.push(`${stats.decode_tokens_per_s.toFixed(1)} tok/s`);
   parts.push(`${tokens} tokens`);

@@ -29,7 +29,14 @@ when idle, or a sequence leaked), edgevlm_queued_requests (gauge), edgevlm_batch
 rows in the last decode step), edgevlm_decode_steps_total, edgevlm_decode_step_seconds_total
 and edgevlm_decode_step_rows_total (counters: their ratios are the mean step time and batch),
 edgevlm_requests_total{outcome=complete|cancelled|invalid|refused|error} (refused: busy),
-edgevlm_generated_tokens_total.
+edgevlm_generated_tokens_total; the caches: edgevlm_prefix_cache_{hits,misses,reused_tokens,
+evictions}_total, edgevlm_prefix_cache_bytes, edgevlm_image_cache_{hits,misses}_total,
+edgevlm_image_cache_bytes.
+
+A request whose image bytes were seen recently takes their embeddings from the image cache
+(edgevlm/runtime/image_cache.py): no decode, no resize, no vision_encoder call, `stats` says
+image_cached. The scheduler's prefix cache (edgevlm/runtime/prefix_cache.py) then skips the
+prefill of whatever the prompt shares with an earlier sequence (`stats`: cached_tokens).
 """
 
 import json
@@ -71,7 +78,15 @@ class Metrics:
                 ("edgevlm_decode_step_seconds_total", "Time spent in decode steps", C),
                 ("edgevlm_decode_step_rows_total", "Rows summed over decode steps", C),
                 ("edgevlm_requests_total", "Finished requests by outcome", C),
-                ("edgevlm_generated_tokens_total", "Tokens generated", C))}
+                ("edgevlm_generated_tokens_total", "Tokens generated", C),
+                ("edgevlm_prefix_cache_hits_total", "Prompts that reused a cached prefix's KV", C),
+                ("edgevlm_prefix_cache_misses_total", "Prompts prefilled from scratch", C),
+                ("edgevlm_prefix_cache_reused_tokens_total", "Prompt positions taken from the prefix cache", C),
+                ("edgevlm_prefix_cache_evictions_total", "Prefix cache entries evicted for room", C),
+                ("edgevlm_prefix_cache_bytes", "Bytes held by the prefix cache", G),
+                ("edgevlm_image_cache_hits_total", "Images whose embeddings were cached", C),
+                ("edgevlm_image_cache_misses_total", "Images encoded", C),
+                ("edgevlm_image_cache_bytes", "Bytes held by the image cache", G))}
         m = {name: f.Metric(labels=labels) for name, f in self.families.items() if name != "edgevlm_requests_total"}
         self.active, self.queued, self.batch = (m["edgevlm_active_sequences"], m["edgevlm_queued_requests"],
                                                 m["edgevlm_batch_size"])
@@ -79,6 +94,11 @@ class Metrics:
                                                          m["edgevlm_decode_step_seconds_total"],
                                                          m["edgevlm_decode_step_rows_total"])
         self.tokens = m["edgevlm_generated_tokens_total"]
+        self.prefix_hits, self.prefix_misses, self.prefix_reused, self.prefix_evictions, self.prefix_bytes = (
+            m[f"edgevlm_prefix_cache_{k}"] for k in ("hits_total", "misses_total", "reused_tokens_total",
+                                                     "evictions_total", "bytes"))
+        self.image_hits, self.image_misses, self.image_bytes = (
+            m[f"edgevlm_image_cache_{k}"] for k in ("hits_total", "misses_total", "bytes"))
         self.outcomes = {o: self.families["edgevlm_requests_total"].Metric(labels={**labels, "outcome": o})
                          for o in self.OUTCOMES}
         self.lock = threading.Lock()
@@ -108,10 +128,25 @@ class Metrics:
             if tokens:
                 self.tokens.increment(tokens)
 
+    def prefix(self, reused, cache_bytes, evicted):
+        with self.lock:
+            if reused >= 0:
+                (self.prefix_hits if reused else self.prefix_misses).increment(1)
+                self.prefix_reused.increment(reused)
+            self.prefix_evictions.increment(evicted)
+            self.prefix_bytes.set(cache_bytes)
+
+    def image(self, hit, cache_bytes):
+        with self.lock:
+            (self.image_hits if hit else self.image_misses).increment(1)
+            self.image_bytes.set(cache_bytes)
+
     def close(self):
         # a Metric must go before its MetricFamily
         self.active = self.queued = self.batch = self.steps = self.step_seconds = None
         self.step_rows = self.tokens = self.outcomes = None
+        self.prefix_hits = self.prefix_misses = self.prefix_reused = self.prefix_evictions = None
+        self.prefix_bytes = self.image_hits = self.image_misses = self.image_bytes = None
         self.families = None
 
 
@@ -146,6 +181,8 @@ class TritonPythonModel:
         from edgevlm_client import contract
 
         from edgevlm.runtime import requests
+        from edgevlm.runtime.image_cache import ImageCache, image_digest
+        from edgevlm.runtime.prefix_cache import PrefixCache
         from edgevlm.runtime.runners import load_generator
         from edgevlm.runtime.scheduler import Scheduler
         from edgevlm.runtime.slots import open_pool
@@ -159,6 +196,9 @@ class TritonPythonModel:
         self.default_max_tokens = int(params["default_max_tokens"])
         max_sequences = int(params["max_sequences"])
         self.metrics = Metrics()
+        self.image_digest = image_digest
+        self.image_cache = ImageCache(int(params.get("image_cache_mib") or 0) << 20)
+        prefix_cache = PrefixCache(int(params.get("prefix_cache_mib") or 0) << 20)
         from edgevlm.runtime.batcher import Batcher
         self.images = Batcher(self._encode, max_batch=max_sequences)
         self.scheduler = self.pool = None
@@ -170,9 +210,12 @@ class TritonPythonModel:
                               self.gen.max_context)
             self.scheduler = Scheduler(self.gen, slots, max_queue=int(params.get("max_queue") or 16),
                                        prefill_chunk=int(params.get("prefill_chunk") or 64),
-                                       observer=self.metrics)
+                                       observer=self.metrics, prefix_cache=prefix_cache)
+            reuse = (prefix_cache.describe() if self.scheduler.cache is not None
+                     else "no prefix cache" + (" (this KV layout cannot reuse one)" if prefix_cache.budget else ""))
             pb_utils.Logger.log_info(f"mobilevlm: continuous batching; {slots.describe()}; "
-                                     f"admission queue {self.scheduler.max_queue}")
+                                     f"admission queue {self.scheduler.max_queue}; {reuse}; "
+                                     f"{self.image_cache.describe()}")
 
     def execute(self, requests):
         for request in requests:
@@ -187,17 +230,24 @@ class TritonPythonModel:
     def _accept(self, request, stream):
         """Check and preprocess; then decode at once (text) or after the image batcher."""
         get = lambda name: pb_utils.get_input_tensor_by_name(request, name)  # noqa: E731
-        pixel_values, input_ids = self.pre.from_inputs(
-            {name: get(name).as_numpy() for name in self.prompt_inputs if get(name) is not None})
+        prompt_inputs = {name: get(name).as_numpy() for name in self.prompt_inputs if get(name) is not None}
+        image = self.requests.image_bytes(prompt_inputs)
+        key = cached = None
+        if image is not None and self.image_cache.budget:
+            key = self.image_digest(image)
+            cached = self.image_cache.get(key)
+        pixel_values, input_ids = self.pre.from_inputs(prompt_inputs, decode_image=cached is None)
+        if key is not None:
+            self.metrics.image(cached is not None, self.image_cache.bytes)
         # Copy out of shared memory: decoding outlives execute().
         inputs = {name: get(name).as_numpy().copy() for name in self.decode_inputs if get(name) is not None}
         params = self.requests.sampling_params(inputs, self.default_max_tokens)
         ids = input_ids.tolist()
-        n_images = pixel_values.shape[0]
+        n_images = int(image is not None)
         if self.scheduler is not None:
             self.scheduler.check(ids, n_images * self.pre.cfg.image_tokens, params)
-        if not n_images:
-            return self._start(stream, ids, None, params, 0.0, reserved=False)
+        if not n_images or cached is not None:
+            return self._start(stream, ids, cached, params, 0.0, reserved=False, image_cached=cached is not None)
         if self.scheduler is not None:
             self.scheduler.reserve()  # a full queue refuses before the image is encoded
 
@@ -205,6 +255,8 @@ class TritonPythonModel:
             try:
                 if error is not None:
                     raise error
+                if key is not None:
+                    self.image_cache.put(key, embeds)
                 self._start(stream, ids, embeds, params, encode_ms, reserved=True)
             except Exception as e:
                 if self.scheduler is not None and error is not None:
@@ -213,13 +265,13 @@ class TritonPythonModel:
                 send_error(stream.sender, e, "mobilevlm")
         self.images.put(pixel_values, encoded)
 
-    def _start(self, stream, ids, embeds, params, encode_ms, reserved):
+    def _start(self, stream, ids, embeds, params, encode_ms, reserved, image_cached=False):
         if self.scheduler is None:
             self.pool.submit(self._decode_alone, stream, ids, embeds, params, encode_ms)
         else:
             from edgevlm.runtime.scheduler import Request
             self.scheduler.submit(Request(ids, embeds, params, stream.emit, stream.fail, stream.cancelled,
-                                          encode_ms), reserved=reserved)
+                                          encode_ms, image_cached), reserved=reserved)
 
     def _encode(self, pixel_values):
         """vision_encoder through BLS, for the image batcher's thread: every image that arrived
