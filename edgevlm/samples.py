@@ -20,5 +20,16 @@ def sample_image(name: str) -> bytes:
     return buf.getvalue()
 
 
+def camera_frame(seed: int, name: str = "chelsea") -> bytes:
+    """A sample photo with a corner of pixels set by `seed`: a new frame (new bytes, as a
+    camera's next frame would be) that no image cache has seen. PNG, so the pixels are exact."""
+    import numpy as np
+    pixels = np.array(Image.open(io.BytesIO(sample_image(name))).convert("RGB"))
+    pixels[:4, :4] = np.random.default_rng(seed).integers(0, 255, (4, 4, 3))
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()
+
+
 def sample_images(names=None) -> dict[str, bytes]:
     return {n: sample_image(n) for n in (names or SAMPLES)}

@@ -6,14 +6,11 @@ caches off (greedy and seeded sampling). The metrics agree with what the request
 from __future__ import annotations
 
 import asyncio
-import io
 
-import numpy as np
 import pytest
 from edgevlm_client import AsyncClient, Client
-from PIL import Image
 
-from edgevlm.samples import sample_image
+from edgevlm.samples import camera_frame as frame  # a photo no other test sends: its first request misses
 from edgevlm.serve.repository import render_repository
 from edgevlm.serve.tritonserver import TritonServer
 from support import settle
@@ -21,15 +18,6 @@ from support import settle
 CACHE_METRICS = ("edgevlm_prefix_cache_hits_total", "edgevlm_prefix_cache_misses_total",
                  "edgevlm_prefix_cache_reused_tokens_total", "edgevlm_image_cache_hits_total",
                  "edgevlm_image_cache_misses_total")
-
-
-def frame(seed: int) -> bytes:
-    """A photo no other test sends (a few pixels changed), so its first request is a miss."""
-    pixels = np.array(Image.open(io.BytesIO(sample_image("chelsea"))).convert("RGB"))
-    pixels[:4, :4] = np.random.default_rng(seed).integers(0, 255, (4, 4, 3))
-    buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def cache_metrics(server) -> dict[str, float]:
@@ -48,6 +36,7 @@ def uncached(tiny_onnx, tmp_path_factory):
 
 def test_a_repeated_frame_skips_the_encoder_and_the_prefill(server, client, uncached):
     image = frame(1)
+    settle(server, 0)  # what earlier tests sent has finished: the deltas below are these requests'
     before = cache_metrics(server)
     first = client.generate("What is in the image?", image=image, max_tokens=16)
     again = client.generate("What is in the image?", image=image, max_tokens=16)

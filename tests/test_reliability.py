@@ -78,7 +78,7 @@ def test_soak_every_request_ends_cleanly_and_nothing_leaks(own_server):
     with ThreadPoolExecutor(SOAK_CLIENTS) as pool:
         list(pool.map(lambda r: run_one(client, r), warmup))
     settle(own_server, len(warmup))
-    rss_before = own_server.rss_mb()
+    rss_before = own_server.unleaked_rss_mb()
     before = outcomes(own_server)
 
     jobs = [random_request(rng, images) for _ in range(SOAK_REQUESTS)]
@@ -95,7 +95,7 @@ def test_soak_every_request_ends_cleanly_and_nothing_leaks(own_server):
     assert seen["complete"] >= endings.count("complete") and seen["cancelled"] <= endings.count("cancelled")
     assert seen["cancelled"] > 0
     assert active(own_server) == 0, "a sequence is still active after every request ended"
-    growth = own_server.rss_mb() - rss_before
+    growth = own_server.unleaked_rss_mb() - rss_before
     print(f"soak: {len(jobs)} requests, outcomes {seen}, RSS {rss_before:.0f} MiB -> +{growth:.1f} MiB")
     assert growth < RSS_GROWTH_MB, f"server RSS grew {growth:.0f} MiB over {len(jobs)} requests"
     assert client.generate("Still there?", max_tokens=4).tokens == 4

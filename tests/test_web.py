@@ -72,7 +72,9 @@ def test_a_photo_is_asked_about_and_the_answer_streams_with_its_timing(page, web
     assert answer == client.generate("What is in the image?", image=sample_image("chelsea"), max_tokens=128).text
     assert _deltas(page) > 1
     timing = page.text_content("#timing")
-    assert "image encode" in timing and "first text" in timing and "tok/s" in timing, timing
+    # earlier tests sent this photo: the server may have its embeddings cached
+    assert ("image encode" in timing or "image cached" in timing) and "first text" in timing \
+        and "tok/s" in timing, timing
     # a follow-up about the same image: the page sends the first turn as history
     follow = _ask(page, "And what colour is it?")
     history = [("What is in the image?", answer)]

@@ -13,6 +13,8 @@ Per model, medians of repeated runs:
   hf          our ONNX Runtime path vs transformers' generate on the same checkpoint weights
   batching    per-request decode loops vs continuous batching at concurrency 1, 2, 4, 8,
               FP32 and INT4, served (tools/bench_batching.py)
+  caches      time to first text of a cold turn, a chat follow-up and a repeated question
+              about one camera frame, prefix and image caches on vs off (tools/bench_caches.py)
 Writes artifacts/bench/<model>.json, docs/BENCHMARKS.md and docs/bench_decode_vs_context.png.
 """
 
@@ -41,6 +43,8 @@ from edgevlm_client import Client
 
 from bench_batching import batching  # beside this script (python tools/bench.py)
 from bench_batching import markdown as batching_markdown
+from bench_caches import caches
+from bench_caches import markdown as caches_markdown
 
 ROOT = Path(__file__).resolve().parents[1]
 CONTEXTS = (200, 500, 1000)
@@ -139,7 +143,9 @@ def served(onnx_dir: Path, tokens: int, runs: int, ttft_tokens: int) -> dict:
     """Triton + gRPC: per-token gaps, TTFT split with an image, server memory."""
     image = sample_image("chelsea")
     with tempfile.TemporaryDirectory() as tmp:
-        repo = render_repository(onnx_dir, Path(tmp) / "repository", max_sequences=1)
+        # caches off: the same photo and question are sent repeatedly, and these are the cold figures
+        repo = render_repository(onnx_dir, Path(tmp) / "repository", max_sequences=1,
+                                 prefix_cache_mib=0, image_cache_mib=0)
         with TritonServer(repo) as server, PeakRSS(server) as rss:
             client = Client(server.grpc_url, timeout_s=1800)
             client.generate(QUESTION, max_tokens=4)
@@ -271,6 +277,8 @@ def bench_model(name: str, onnx_dir: Path, checkpoint: Path | None, quick: bool)
     if big or quick:  # the tiny model is all per-call overhead: batching says nothing there
         log(f"{name}: per-request loops vs continuous batching, served")
         report["batching"] = batching(onnx_dir, quick)
+    log(f"{name}: prefix and image caches, served")
+    report["caches"] = caches(onnx_dir, quick)
     log(f"{name}: quantized decoders vs FP32")
     report["quantized"] = quantized_decoders(onnx_dir, steps, runs)
     if checkpoint is not None:
@@ -339,6 +347,13 @@ def markdown(reports: list[dict]) -> str:
                 "same run through the real gRPC client.", ""]
         for r in batched:
             out += batching_markdown(r["model"], r["batching"])
+    cached = [r for r in reports if "caches" in r]
+    if cached:
+        out += ["", "## Conversations about a frame: prefix and image caches (served)", "",
+                "The same requests to a tritonserver with the caches on (`PREFIX_CACHE_MIB`, `IMAGE_CACHE_MIB` "
+                "defaults) and to one with both off, in the same run.", ""]
+        for r in cached:
+            out += caches_markdown(r["model"], r["caches"])
     hf = [r for r in reports if "vs_transformers" in r]
     if hf:
         out += ["", "## Our ONNX Runtime path vs transformers `generate` (same weights, FP32, greedy)", "",

@@ -87,8 +87,10 @@ def _steps(server) -> tuple[float, float]:
 def sweep(onnx_dir: Path, mode: str, tokens: int, levels, long_tokens: int) -> dict:
     out = {"levels": {}}
     with tempfile.TemporaryDirectory() as tmp:
+        # caches off: every request repeats one prompt, and a prefix hit would skip its prefill
         repo = render_repository(onnx_dir, Path(tmp) / "repository", batching=mode, max_sequences=max(levels),
-                                 max_queue=4 * max(levels), default_max_tokens=tokens)
+                                 max_queue=4 * max(levels), default_max_tokens=tokens,
+                                 prefix_cache_mib=0, image_cache_mib=0)
         with TritonServer(repo) as server:
             for c in levels:
                 rows0, secs0 = _steps(server)

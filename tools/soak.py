@@ -153,14 +153,14 @@ def soak_once(onnx: Path, requests: int, concurrency: int, seed: int, rss_growth
             warm = Soak(server.grpc_url, images, seed + 1)
             asyncio.run(warm.run(32, concurrency))
             counted = settle(server, sum(warm.attempts.values()))
-            rss0 = server.rss_mb()
+            rss0 = server.unleaked_rss_mb()
             soak = Soak(server.grpc_url, images, seed)
             t0 = time.monotonic()
             asyncio.run(soak.run(requests, concurrency))
             want = sum(counted[o] for o in OUTCOMES) + soak.attempts["sent"]
             after = settle(server, want)
             seen = {o: after[o] - counted[o] for o in OUTCOMES}
-            growth = server.rss_mb() - rss0
+            growth = server.unleaked_rss_mb() - rss0
             log(f"{requests} requests in {time.monotonic() - t0:.0f} s: client endings {dict(soak.endings)}; "
                 f"server outcomes {seen}; RSS +{growth:.1f} MiB; restarts {len(supervisor.restarts)}")
             if sum(seen.values()) != soak.attempts["sent"]:
