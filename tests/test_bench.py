@@ -30,10 +30,17 @@ def test_quick_bench_writes_every_section(tiny_onnx, tiny_ckpt, tmp_path):
         b = report["batching"]["precisions"]["fp32"][mode]
         assert [v["ok"] for v in b["levels"].values()] == [v["requests"] for v in b["levels"].values()]
         assert b["newcomer"]["ttft_with_running_ms"] > 0
+    c = report["caches"]  # a follow-up and a repeat found the frame cached; without caches they did not
+    assert c["on"]["follow_up"]["cached_tokens"] > 0 and c["on"]["repeated"]["image_cached"]
+    assert c["off"]["follow_up"]["cached_tokens"] == 0 and not c["off"]["repeated"]["image_cached"]
+    assert c["ratios"]["follow_up_vs_cold"] > 0
+    g = report["constrained"]
+    assert set(g["served"]) == {"1", "4"} and all(v["constrained_stream_decode_tok_s"] > 0 for v in g["served"].values())
+    assert set(g["compile_ms"]) == {"detection", "boxes", "caption"} and g["mask_us_per_token"] > 0
     kv = report["kv_mb_per_sequence"]
     assert kv["static"] * 2 == kv["concat"] > 0  # one in-place buffer per tensor instead of two
     doc = (tmp_path / "docs" / "BENCHMARKS.md").read_text()
     for heading in ("Decode ms/token vs context", "concat vs in place", "Triton + gRPC", "Time to first token",
-                    "transformers", "continuous batching"):
+                    "transformers", "continuous batching", "prefix and image caches", "Constrained decoding"):
         assert heading in doc
     assert (tmp_path / "docs" / "bench_decode_vs_context.png").stat().st_size > 1000

@@ -15,6 +15,8 @@ Per model, medians of repeated runs:
               FP32 and INT4, served (tools/bench_batching.py)
   caches      time to first text of a cold turn, a chat follow-up and a repeated question
               about one camera frame, prefix and image caches on vs off (tools/bench_caches.py)
+  constrained the grammar mask's cost per token, alone and 4 streams, and schema compile
+              times (tools/bench_constrained.py)
 Writes artifacts/bench/<model>.json, docs/BENCHMARKS.md and docs/bench_decode_vs_context.png.
 """
 
@@ -45,6 +47,8 @@ from bench_batching import batching  # beside this script (python tools/bench.py
 from bench_batching import markdown as batching_markdown
 from bench_caches import caches
 from bench_caches import markdown as caches_markdown
+from bench_constrained import constrained
+from bench_constrained import markdown as constrained_markdown
 
 ROOT = Path(__file__).resolve().parents[1]
 CONTEXTS = (200, 500, 1000)
@@ -279,6 +283,8 @@ def bench_model(name: str, onnx_dir: Path, checkpoint: Path | None, quick: bool)
         report["batching"] = batching(onnx_dir, quick)
     log(f"{name}: prefix and image caches, served")
     report["caches"] = caches(onnx_dir, quick)
+    log(f"{name}: constrained decoding, served")
+    report["constrained"] = constrained(onnx_dir, quick)
     log(f"{name}: quantized decoders vs FP32")
     report["quantized"] = quantized_decoders(onnx_dir, steps, runs)
     if checkpoint is not None:
@@ -354,6 +360,11 @@ def markdown(reports: list[dict]) -> str:
                 "defaults) and to one with both off, in the same run.", ""]
         for r in cached:
             out += caches_markdown(r["model"], r["caches"])
+    masked = [r for r in reports if "constrained" in r]
+    if masked:
+        out += ["", "## Constrained decoding: the grammar mask's cost (served)", ""]
+        for r in masked:
+            out += constrained_markdown(r["model"], r["constrained"])
     hf = [r for r in reports if "vs_transformers" in r]
     if hf:
         out += ["", "## Our ONNX Runtime path vs transformers `generate` (same weights, FP32, greedy)", "",

@@ -11,7 +11,7 @@ _WHERE = {
     "Chat": "chat", "AsyncChat": "chat", "Result": "request", "ModelInfo": "request",
     "TLS": "connection", "Retry": "connection",
     "EdgeVLMError": "errors", "ServerUnavailable": "errors", "ServerBusy": "errors", "InvalidRequest": "errors",
-    "Timeout": "errors", "Cancelled": "errors", "ServerError": "errors",
+    "Timeout": "errors", "Cancelled": "errors", "ServerError": "errors", "IncompleteAnswer": "errors",
 }
 __all__ = list(_WHERE)
 

@@ -20,7 +20,7 @@ from edgevlm_client.client import DEFAULT_URL
 from edgevlm_client.connection import TLS, Retry
 from edgevlm_client.contract import MODEL, STATS_ERROR
 from edgevlm_client.errors import EdgeVLMError, ServerError, ServerUnavailable, Timeout, from_triton
-from edgevlm_client.request import ModelInfo, Result, build_inputs, read_response
+from edgevlm_client.request import ModelInfo, Result, build_inputs, read_response, split_options
 
 T = TypeVar("T")
 
@@ -28,6 +28,7 @@ T = TypeVar("T")
 class AsyncStream:
     """`async for delta in stream`; afterwards `.text` and `.stats`. Leaving the loop early,
     or `await stream.aclose()`, cancels the request on the server."""
+    response_format: dict | None = None  # the constraint asked for, if any
 
     def __init__(self, client: AsyncClient, inputs, timeout_s: float, retry: Retry):
         self.stats: dict = {}
@@ -124,14 +125,17 @@ class AsyncClient:
                **options) -> AsyncStream:
         """Text deltas as they are generated (options as Client.stream; retry replaces the
         client's for this request)."""
-        return AsyncStream(self, build_inputs(prompt, image, **options), timeout_s or self.timeout_s,
-                           retry or self.retry)
+        options, fmt = split_options(options)
+        s = AsyncStream(self, build_inputs(prompt, image, response_format=fmt, **options),
+                        timeout_s or self.timeout_s, retry or self.retry)
+        s.response_format = fmt
+        return s
 
     async def generate(self, prompt: str, *, image=None, timeout_s: float | None = None, **options) -> Result:
         s = self.stream(prompt, image=image, timeout_s=timeout_s, **options)
         async for _ in s:
             pass
-        return Result(s.text, s.stats)
+        return Result(s.text, s.stats, s.response_format)
 
     def chat(self, image=None, **options) -> AsyncChat:
         return AsyncChat(self, image, **options)

@@ -37,7 +37,7 @@ class Chat(_Session):
         for _ in s:
             pass
         self.turns.append((question, s.text.strip()))
-        return Result(s.text, s.stats)
+        return Result(s.text, s.stats, s.response_format)
 
 
 class AsyncChat(_Session):
@@ -54,4 +54,4 @@ class AsyncChat(_Session):
         async for _ in s:
             pass
         self.turns.append((question, s.text.strip()))
-        return Result(s.text, s.stats)
+        return Result(s.text, s.stats, s.response_format)

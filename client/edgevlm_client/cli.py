@@ -39,7 +39,17 @@ def _client(args) -> Client:
 
 def _generation_options(args) -> dict:
     names = ("max_tokens", "temperature", "top_p", "top_k", "seed")
-    return {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
+    options = {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
+    if getattr(args, "json_schema", None):
+        try:
+            options["json_schema"] = json.loads(Path(args.json_schema).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"--json-schema {args.json_schema}: {e}") from None
+    if getattr(args, "regex", None):
+        options["regex"] = args.regex
+    if getattr(args, "choice", None):
+        options["choices"] = args.choice
+    return options
 
 
 def cmd_ask(args) -> int:
@@ -151,6 +161,10 @@ def _add_generation(p: argparse.ArgumentParser, max_tokens_default=None) -> None
     p.add_argument("--top-k", type=int)
     p.add_argument("--seed", type=int)
     p.add_argument("--timeout-s", type=float, default=300.0, help="longest wait for the next response")
+    shape = p.add_mutually_exclusive_group()
+    shape.add_argument("--json-schema", metavar="FILE", help="the answer is JSON valid against this JSON Schema file")
+    shape.add_argument("--regex", help="the whole answer matches this regular expression")
+    shape.add_argument("--choice", action="append", metavar="TEXT", help="the answer is one of these (repeatable)")
 
 
 def parser() -> argparse.ArgumentParser:

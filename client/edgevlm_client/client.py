@@ -15,7 +15,7 @@ from edgevlm_client.chat import Chat
 from edgevlm_client.connection import TLS, Retry
 from edgevlm_client.contract import MODEL, STATS_ERROR
 from edgevlm_client.errors import EdgeVLMError, ServerError, ServerUnavailable, Timeout, from_triton
-from edgevlm_client.request import ModelInfo, Result, build_inputs, read_response
+from edgevlm_client.request import ModelInfo, Result, build_inputs, read_response, split_options
 
 DEFAULT_URL = "127.0.0.1:8001"
 T = TypeVar("T")
@@ -26,6 +26,7 @@ class Stream:
 
     Closing it early (break, exception, `close()`) cancels the request on the server.
     """
+    response_format: dict | None = None  # the constraint asked for, if any
 
     def __init__(self, client: Client, inputs, timeout_s: float):
         self.stats: dict = {}
@@ -114,14 +115,21 @@ class Client:
     def stream(self, prompt: str, *, image=None, timeout_s: float | None = None, **options) -> Stream:
         """Text deltas as they are generated. image: path, bytes, PIL image or uint8 array.
         Options: max_tokens, temperature, top_p, top_k, repetition_penalty, seed, stop, system,
-        history, raw_prompt."""
-        return Stream(self, build_inputs(prompt, image, **options), timeout_s or self.timeout_s)
+        history, raw_prompt; and at most one constraint on the answer: json_schema={...},
+        json_object=True, regex="...", choices=[...] (or response_format={...} as the wire
+        contract has it)."""
+        options, fmt = split_options(options)
+        s = Stream(self, build_inputs(prompt, image, response_format=fmt, **options), timeout_s or self.timeout_s)
+        s.response_format = fmt
+        return s
 
     def generate(self, prompt: str, *, image=None, timeout_s: float | None = None, **options) -> Result:
+        """The whole answer. With json_schema= (or another constraint) `result.parsed` is the
+        parsed object."""
         s = self.stream(prompt, image=image, timeout_s=timeout_s, **options)
         for _ in s:
             pass
-        return Result(s.text, s.stats)
+        return Result(s.text, s.stats, s.response_format)
 
     def chat(self, image=None, **options) -> Chat:
         """A multi-turn conversation, about `image` if given (see Chat)."""

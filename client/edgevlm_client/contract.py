@@ -71,7 +71,12 @@ INPUTS = (
     Tensor("system", "BYTES", (1,), "replaces the template's system line"),
     *PARAMETERS,
     Tensor("stop", "BYTES", (-1,), "stop strings (never streamed)"),
+    Tensor("response_format", "BYTES", (1,), "JSON: the answer must match a JSON schema, any JSON object, a "
+           "regex or one of some choices (see RESPONSE_FORMATS)"),
 )
+
+# response_format, by its "type": the other key it needs (None: none)
+RESPONSE_FORMATS = {"json_schema": "schema", "json_object": None, "regex": "pattern", "choice": "choices"}
 
 # The inputs that make the prompt (image, template, tokens); the rest steer decoding.
 PROMPT_INPUTS = ("image", "prompt", "raw_prompt", "history", "system")

@@ -35,6 +35,10 @@ class Cancelled(EdgeVLMError):
     """The request was cancelled before it finished."""
 
 
+class IncompleteAnswer(EdgeVLMError):
+    """A constrained answer (json_schema, regex, ...) that max_tokens cut before it matched."""
+
+
 class ServerError(EdgeVLMError):
     """The server failed while serving the request (a bug, a dead model, or an answer
     without a status code)."""

@@ -168,6 +168,9 @@ def parse_chat_request(body) -> ChatRequest:
         if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop) or len(stop) > MAX_STOP:
             raise _type_error("stop", f"a non-empty string or a list of up to {MAX_STOP}")
         options["stop"] = stop
+    fmt = _response_format(body.get("response_format"))
+    if fmt is not None:
+        options["response_format"] = fmt
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise _type_error("stream", "true or false")
@@ -177,6 +180,28 @@ def parse_chat_request(body) -> ChatRequest:
     return ChatRequest(model=model, question=turns[-1][1], history=history,
                        system="\n".join(system) if system else None, image_url=images[0] if images else None,
                        stream=stream, include_usage=bool(stream_options.get("include_usage")), options=options)
+
+
+def _response_format(value) -> dict | None:
+    """OpenAI's response_format as the model's: text (none), json_object, json_schema (its
+    `schema`, always enforced, whatever `strict` says). Anything else is refused, never ignored."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise _type_error("response_format", "an object")
+    kind = value.get("type")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return {"type": "json_object"}
+    if kind == "json_schema":
+        spec = value.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
+            raise APIError(400, "response_format json_schema needs json_schema.schema: a JSON Schema object",
+                           param="response_format.json_schema.schema")
+        return {"type": "json_schema", "schema": spec["schema"]}
+    raise APIError(400, f"response_format type {kind!r} is not supported (text, json_object or json_schema)",
+                   param="response_format.type")
 
 
 def decode_data_url(url: str, max_bytes: int) -> bytes:

@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import tritonclient.grpc as grpcclient
 
-from edgevlm_client.contract import BY_NAME, PARAMETERS
+from edgevlm_client.contract import BY_NAME, PARAMETERS, RESPONSE_FORMATS
+from edgevlm_client.errors import IncompleteAnswer, InvalidRequest
 from edgevlm_client.images import image_bytes
 
 _NP = {"BYTES": object, "BOOL": np.bool_, "INT32": np.int32, "INT64": np.int64, "FP32": np.float32}
@@ -23,6 +24,19 @@ class Result:
     """A finished answer: its text and the server's stats (see `timing_line`)."""
     text: str
     stats: dict = field(default_factory=dict)
+    response_format: dict | None = None  # what the answer was constrained to, if anything
+
+    @property
+    def parsed(self):
+        """The answer as a program wants it: the object of a json_schema or json_object answer
+        (parsed), the text of a regex or choice one. Raises IncompleteAnswer when max_tokens
+        cut it short (finish_reason "length"), so a truncated answer is never half-used."""
+        if self.finish_reason == "length" and self.response_format is not None:
+            raise IncompleteAnswer(f"the answer was cut at max_tokens ({self.tokens} tokens) before it matched "
+                                   f"its {self.response_format['type']}: ask for more max_tokens")
+        if self.response_format is not None and self.response_format["type"] in ("json_schema", "json_object"):
+            return json.loads(self.text)
+        return self.text
 
     @property
     def finish_reason(self) -> str:
@@ -76,8 +90,10 @@ def build_inputs(prompt: str, image=None, *, system: str | None = None, raw_prom
                  history: Sequence[tuple[str, str]] | None = None, max_tokens: int | None = None,
                  temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,
                  repetition_penalty: float | None = None, seed: int | None = None,
-                 stop: Sequence[str] | str | None = None) -> list[grpcclient.InferInput]:
-    """Request tensors; options left as None take the server's defaults."""
+                 stop: Sequence[str] | str | None = None, response_format: dict | None = None
+                 ) -> list[grpcclient.InferInput]:
+    """Request tensors; options left as None take the server's defaults. response_format:
+    see `response_format()`."""
     inputs = [_tensor("prompt", prompt.encode("utf-8"))]
     if image is not None:
         inputs.append(_tensor("image", image_bytes(image)))
@@ -95,7 +111,35 @@ def build_inputs(prompt: str, image=None, *, system: str | None = None, raw_prom
     if stop:
         stop = [stop] if isinstance(stop, str) else list(stop)
         inputs.append(_tensor("stop", [s.encode("utf-8") for s in stop]))
+    if response_format is not None:
+        inputs.append(_tensor("response_format", json.dumps(response_format).encode("utf-8")))
     return inputs
+
+
+def response_format(json_schema: dict | None = None, json_object: bool = False, regex: str | None = None,
+                    choices: Sequence[str] | None = None) -> dict | None:
+    """The response_format of the wire contract from the client's keyword options (at most
+    one): json_schema (a JSON Schema dict), json_object=True (any object), regex (the whole
+    answer matches it), choices (exactly one of these strings)."""
+    given = {k: v for k, v in (("json_schema", json_schema), ("json_object", json_object or None),
+                               ("regex", regex), ("choice", choices)) if v is not None}
+    if len(given) > 1:
+        raise InvalidRequest(f"constrain the answer one way, not {len(given)}: {', '.join(given)}")
+    if not given:
+        return None
+    (kind, value), = given.items()
+    key = RESPONSE_FORMATS[kind]
+    return {"type": kind} if key is None else {"type": kind, key: list(value) if kind == "choice" else value}
+
+
+def split_options(options: dict) -> tuple[dict, dict | None]:
+    """(request options, response_format) from a call's keyword options."""
+    keys = ("json_schema", "json_object", "regex", "choices")
+    fmt = response_format(**{k: options.pop(k) for k in keys if k in options})
+    if fmt is not None and options.get("response_format") is not None:
+        raise InvalidRequest("give response_format or json_schema / json_object / regex / choices, not both")
+    fmt = fmt if fmt is not None else options.pop("response_format", None)
+    return options, fmt
 
 
 def read_response(result) -> tuple[str, dict]:

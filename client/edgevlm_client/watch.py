@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import os
 import threading
 import time
@@ -177,7 +178,11 @@ async def _ask(client, question: str, frame: Frame, generation: dict) -> dict:
         async for _ in stream:
             if ttft is None:
                 ttft = (time.monotonic() - t0) * 1e3
-    return {"wall_time": round(time.time(), 3), "frame": frame.index,
+    line = {"wall_time": round(time.time(), 3), "frame": frame.index,
             "pts_s": None if frame.pts_s is None else round(frame.pts_s, 3), "question": question,
             "answer": stream.text, "ttft_ms": round(ttft if ttft is not None else (time.monotonic() - t0) * 1e3, 1),
             "stats": stream.stats}
+    fmt = stream.response_format
+    if fmt is not None and fmt["type"] in ("json_schema", "json_object") and stream.stats.get("finish_reason") != "length":
+        line["parsed"] = json.loads(stream.text)  # the object itself, for the program reading the lines
+    return line

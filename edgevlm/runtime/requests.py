@@ -59,6 +59,9 @@ def sampling_params(inputs: dict, default_max_tokens: int) -> SamplingParams:
     stop = inputs.get("stop")
     if stop is not None:
         values["stop"] = tuple(text(s, "stop") for s in np.asarray(stop, dtype=object).reshape(-1))
+    fmt = inputs.get("response_format")
+    if fmt is not None:
+        values["response_format"] = text(fmt, "response_format")
     values.setdefault("max_tokens", default_max_tokens)
     return SamplingParams(**values).validate()
 

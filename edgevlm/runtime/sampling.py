@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import time
+
 import numpy as np
 from edgevlm_client.contract import BY_NAME, PARAMETERS, stop_reason
 
@@ -25,6 +27,7 @@ class SamplingParams:
     repetition_penalty: float = _default("repetition_penalty")
     seed: int | None = _default("seed")
     stop: tuple[str, ...] = ()
+    response_format: str | None = None  # JSON (contract.RESPONSE_FORMATS); checked by grammar.Grammars
 
     def validate(self) -> SamplingParams:
         """Each parameter in its contract range, or BadRequest with the reason."""
@@ -40,15 +43,33 @@ class SamplingParams:
 
 
 class Sampler:
-    """Picks the next token: repetition penalty, then greedy or temperature / top-k / top-p."""
+    """Picks the next token: the grammar's mask (constrained decoding), repetition penalty,
+    then greedy or temperature / top-k / top-p."""
 
-    def __init__(self, params: SamplingParams, prompt_ids: Sequence[int]):
+    def __init__(self, params: SamplingParams, prompt_ids: Sequence[int], constraint=None):
         self.p = params
         self.rng = np.random.default_rng(params.seed)
         # Penalised ids: the prompt's (as transformers does) plus everything generated.
         self.seen = {int(i) for i in prompt_ids if i >= 0}
+        self.constraint = constraint  # grammar.Constraint or None
+        self.mask_s = 0.0  # time spent computing masks (make bench reads it)
+
+    @property
+    def complete(self) -> bool:
+        """The grammar is satisfied and allows nothing more: the answer ends here."""
+        return self.constraint is not None and self.constraint.complete
 
     def __call__(self, logits: np.ndarray) -> int:
+        if self.constraint is None:
+            return self._pick(logits)
+        t0 = time.perf_counter()
+        logits = self.constraint.mask(logits)
+        self.mask_s += time.perf_counter() - t0
+        tok = self._pick(logits)
+        self.constraint.consume(tok)
+        return tok
+
+    def _pick(self, logits: np.ndarray) -> int:
         p = self.p
         if p.repetition_penalty != 1.0 and self.seen:
             logits = logits.astype(np.float32, copy=True)

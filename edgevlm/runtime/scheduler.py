@@ -70,11 +70,11 @@ class Observer:
 class _Live:
     """One admitted request: its row, sampler, detokenizer, stats and progress."""
 
-    def __init__(self, req: Request, row, n_prompt: int, max_new: int, embeds: np.ndarray, tok):
+    def __init__(self, req: Request, row, n_prompt: int, max_new: int, embeds: np.ndarray, tok, sampler: Sampler):
         self.req, self.row, self.max_new = req, row, max_new
         self.embeds = embeds  # the prompt's, consumed chunk by chunk
         self.fed = 0  # prompt positions prefilled so far
-        self.sampler = Sampler(req.params, req.input_ids)
+        self.sampler = sampler
         self.detok = IncrementalDecoder(tok, req.params.stop)
         self.stats = Stats(image_encode_ms=req.image_encode_ms, prefill_tokens=n_prompt,
                            image_cached=req.image_cached)
@@ -242,7 +242,8 @@ class Scheduler:
                 try:
                     embeds = self.gen.table.embed(req.input_ids, req.image_embeds)
                     row = self.pool.acquire(n_prompt + max_new)
-                    live = _Live(req, row, n_prompt, max_new, embeds, self.gen.tok)
+                    live = _Live(req, row, n_prompt, max_new, embeds, self.gen.tok,
+                                 self.gen.sampler(req.params, req.input_ids))
                     if self.cache is not None:
                         self._reuse_prefix(live)
                 except Exception as e:
@@ -306,7 +307,7 @@ class Scheduler:
         delta = x.detok.push(tok)
         if delta and not self._safe(x.req.emit, Event(delta)):
             return self._end(x, "cancelled")
-        if x.detok.stopped:
+        if x.detok.stopped or x.sampler.complete:  # a stop string, or the grammar is satisfied
             return self._end(x, "stop")
         if x.stats.decode_tokens >= x.max_new:
             return self._end(x, "length")
