@@ -141,11 +141,11 @@ serve: repo ## run tritonserver on the repository (HOST=127.0.0.1, GRPC_PORT=800
 gateway: | $(SETUP) ## OpenAI-compatible HTTP gateway to a running server (GATEWAY_PORT=8080, loopback)
 	$(VENV)/bin/edgevlm-client --url 127.0.0.1:$(GRPC_PORT) gateway --host $(HOST) --port $(GATEWAY_PORT)
 
-bench: | $(SETUP) ## benchmarks, not in make test (BENCH_PRESETS="tiny mobilevlm-v2-1.7b", QUICK=1 smoke): JSON + docs/BENCHMARKS.md
+bench: | $(SETUP) ## benchmarks, not in make test (BENCH_PRESETS="tiny mobilevlm-v2-1.7b", QUICK=1 smoke, ONLY=caches,... some sections): docs/bench/*.json + docs/BENCHMARKS.md
 	@for p in $(BENCH_PRESETS); do \
 		$(MAKE) --no-print-directory artifacts/$$p/onnx/manifest.json PRESET=$$p NAME=$$p MODEL= || exit 1; done
 	$(PY) tools/bench.py $(foreach p,$(BENCH_PRESETS),--onnx $(p)=artifacts/$(p)/onnx --checkpoint $(p)=artifacts/$(p)/checkpoint) \
-		$(if $(QUICK),--quick)
+		$(if $(QUICK),--quick) $(if $(ONLY),--only $(ONLY))
 
 soak: | $(SETUP) ## long soak, not in make test: SOAK_RUNS x SOAK_REQUESTS requests at concurrency 8 on tiny, rude clients included
 	@$(MAKE) --no-print-directory artifacts/tiny/onnx/manifest.json PRESET=tiny NAME=tiny MODEL=

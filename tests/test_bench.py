@@ -44,3 +44,25 @@ def test_quick_bench_writes_every_section(tiny_onnx, tiny_ckpt, tmp_path):
                     "transformers", "continuous batching", "prefix and image caches", "Constrained decoding"):
         assert heading in doc
     assert (tmp_path / "docs" / "bench_decode_vs_context.png").stat().st_size > 1000
+    # ONLY=section re-measures that section alone and keeps every other figure from the JSON
+    r = subprocess.run([sys.executable, str(ROOT / "tools" / "bench.py"), "--quick", "--onnx", f"tiny={tiny_onnx}",
+                        "--only", "quantized", "--out", str(tmp_path / "bench"),
+                        "--doc", str(tmp_path / "docs" / "BENCHMARKS.md")],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    again = json.loads((tmp_path / "bench" / "tiny.json").read_text())
+    assert {k: again[k] for k in ("caches", "batching", "triton_overhead", "vs_transformers")} == {
+        k: report[k] for k in ("caches", "batching", "triton_overhead", "vs_transformers")}
+    assert set(again["measured"]) == set(report["measured"]) >= {"decode", "caches", "quantized", "hf"}
+    assert "bench: quantized decoders vs FP32" in r.stderr and "caches, served" not in r.stderr
+
+
+def test_only_needs_a_full_run_first(tiny_onnx, tmp_path):
+    r = subprocess.run([sys.executable, str(ROOT / "tools" / "bench.py"), "--onnx", f"tiny={tiny_onnx}",
+                        "--only", "caches", "--out", str(tmp_path / "bench"), "--doc", str(tmp_path / "B.md")],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode != 0 and "run `make bench` once without ONLY" in r.stderr
+    assert not (tmp_path / "B.md").exists()
+    r = subprocess.run([sys.executable, str(ROOT / "tools" / "bench.py"), "--onnx", f"tiny={tiny_onnx}",
+                        "--only", "cache"], capture_output=True, text=True, timeout=600)
+    assert r.returncode != 0 and "unknown section(s) cache" in r.stderr

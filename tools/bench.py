@@ -1,7 +1,7 @@
 """`make bench`: the tracked figures of the cpu target, same machine, same thread count.
 
     python tools/bench.py --onnx tiny=artifacts/tiny/onnx --onnx mobilevlm-v2-1.7b=artifacts/mobilevlm-v2-1.7b/onnx \
-        [--checkpoint mobilevlm-v2-1.7b=artifacts/mobilevlm-v2-1.7b/checkpoint] [--quick]
+        [--checkpoint mobilevlm-v2-1.7b=artifacts/mobilevlm-v2-1.7b/checkpoint] [--quick] [--only caches,...]
 
 Per model, medians of repeated runs:
   decode      ms/token of the decoder at context 200, 500, 1000 (KV-cache scaling), for the
@@ -17,7 +17,7 @@ Per model, medians of repeated runs:
               about one camera frame, prefix and image caches on vs off (tools/bench_caches.py)
   constrained the grammar mask's cost per token, alone and 4 streams, and schema compile
               times (tools/bench_constrained.py)
-Writes artifacts/bench/<model>.json, docs/BENCHMARKS.md and docs/bench_decode_vs_context.png.
+Writes docs/bench/<model>.json, docs/BENCHMARKS.md and docs/bench_decode_vs_context.png.
 """
 
 from __future__ import annotations
@@ -248,13 +248,20 @@ def quantized_decoders(onnx_dir: Path, steps: int, runs: int) -> dict:
     return out
 
 
-def bench_model(name: str, onnx_dir: Path, checkpoint: Path | None, quick: bool) -> dict:
-    art = OnnxArtifacts.open(onnx_dir)
-    big = art.config.text.hidden_size >= 1024
-    runs = 2 if quick else (3 if big else 5)
-    steps = 8 if quick else 32
-    report = {"model": name, "quick": quick, "machine": machine(), "runs": runs,
-              "decoder_onnx_mb": round(sum(f.stat().st_size for f in onnx_dir.glob("decoder.onnx*")) / 2**20)}
+# Each section writes these keys of a model's report; `--only` re-measures some sections and
+# keeps the others from the report on disk, so a change to one path is re-measured alone.
+SECTIONS = {
+    "decode": ("decode_ms_per_token", "decode_growth", "decode_static_ms_per_token", "kv_mb_per_sequence"),
+    "triton": ("triton_overhead", "ttft_with_image", "server_rss_mb"),
+    "batching": ("batching",),
+    "caches": ("caches",),
+    "constrained": ("constrained",),
+    "quantized": ("quantized",),
+    "hf": ("vs_transformers",),
+}
+
+
+def _decode(report, name, onnx_dir, art, steps, runs, quick):
     log(f"{name}: decode ms/token vs context")
     report["decode_ms_per_token"] = decode_scaling(onnx_dir, CONTEXTS, steps, runs, "concat")
     d = report["decode_ms_per_token"]
@@ -269,8 +276,11 @@ def bench_model(name: str, onnx_dir: Path, checkpoint: Path | None, quick: bool)
             for kv in ("concat", "static")}}
     else:
         log(f"{name}: no decoder.static.onnx in this export (older `make onnx`); static KV skipped")
+
+
+def _triton(report, name, onnx_dir, art, steps, runs, quick):
     log(f"{name}: Triton + gRPC vs in process")
-    tokens = 24 if quick else (64 if big else 200)
+    tokens = 24 if quick else (64 if _big(art) else 200)
     local = in_process_gaps(onnx_dir, tokens, runs)
     s = served(onnx_dir, tokens, runs, ttft_tokens=4)
     a, b = statistics.median(local), statistics.median(s["gaps"])
@@ -278,19 +288,52 @@ def bench_model(name: str, onnx_dir: Path, checkpoint: Path | None, quick: bool)
                                  "ratio": round(b / a, 3), "samples": [len(local), len(s["gaps"])]}
     report["ttft_with_image"] = {**s["ttft"], "prompt_tokens": s["prompt_tokens"]}
     report["server_rss_mb"] = {"idle": s["server_rss_idle_mb"], "peak": s["server_rss_peak_mb"]}
-    if big or quick:  # the tiny model is all per-call overhead: batching says nothing there
+
+
+def _big(art) -> bool:
+    return art.config.text.hidden_size >= 1024
+
+
+def bench_model(name: str, onnx_dir: Path, checkpoint: Path | None, quick: bool,
+                only: set[str] | None = None, previous: dict | None = None) -> dict:
+    art = OnnxArtifacts.open(onnx_dir)
+    runs = 2 if quick else (3 if _big(art) else 5)
+    steps = 8 if quick else 32
+    report = dict(previous or {})
+    report.update({"model": name, "quick": quick, "machine": machine(), "runs": runs,
+                   "decoder_onnx_mb": round(sum(f.stat().st_size for f in onnx_dir.glob("decoder.onnx*")) / 2**20)})
+    measured = dict(report.get("measured", {}))
+
+    def wanted(section: str) -> bool:
+        return only is None or section in only
+
+    def run(section: str, fn) -> None:
+        for key in SECTIONS[section]:
+            report.pop(key, None)
+        fn()
+        measured[section] = time.strftime("%Y-%m-%d")
+
+    if wanted("decode"):
+        run("decode", lambda: _decode(report, name, onnx_dir, art, steps, runs, quick))
+    if wanted("triton"):
+        run("triton", lambda: _triton(report, name, onnx_dir, art, steps, runs, quick))
+    if wanted("batching") and (_big(art) or quick):  # the tiny model is all per-call overhead
         log(f"{name}: per-request loops vs continuous batching, served")
-        report["batching"] = batching(onnx_dir, quick)
-    log(f"{name}: prefix and image caches, served")
-    report["caches"] = caches(onnx_dir, quick)
-    log(f"{name}: constrained decoding, served")
-    report["constrained"] = constrained(onnx_dir, quick)
-    log(f"{name}: quantized decoders vs FP32")
-    report["quantized"] = quantized_decoders(onnx_dir, steps, runs)
-    if checkpoint is not None:
+        run("batching", lambda: report.update(batching=batching(onnx_dir, quick)))
+    if wanted("caches"):
+        log(f"{name}: prefix and image caches, served")
+        run("caches", lambda: report.update(caches=caches(onnx_dir, quick)))
+    if wanted("constrained"):
+        log(f"{name}: constrained decoding, served")
+        run("constrained", lambda: report.update(constrained=constrained(onnx_dir, quick)))
+    if wanted("quantized"):
+        log(f"{name}: quantized decoders vs FP32")
+        run("quantized", lambda: report.update(quantized=quantized_decoders(onnx_dir, steps, runs)))
+    if wanted("hf") and checkpoint is not None:
         log(f"{name}: ONNX Runtime vs transformers generate")
-        report["vs_transformers"] = transformers_vs_ours(checkpoint, onnx_dir, 64 if quick else 128,
-                                                         8 if quick else 32, runs)
+        run("hf", lambda: report.update(vs_transformers=transformers_vs_ours(
+            checkpoint, onnx_dir, 64 if quick else 128, 8 if quick else 32, runs)))
+    report["measured"] = measured
     return report
 
 
@@ -302,6 +345,11 @@ def markdown(reports: list[dict]) -> str:
            "FP32, cpu target, random weights in the exact upstream layout (speed does not depend on the "
            "values). Medians of repeated runs; the machine is shared, and repeated `make bench` runs have differed "
            "by up to ~15 % at the 1.7B shape. TensorRT figures on an Orin come from `make jetson-bench`.", ""]
+    dates = {d for r in reports for d in r.get("measured", {}).values()}
+    if len(dates) > 1:
+        out += ["Sections were measured on different days (`make bench ONLY=section,...` re-measures some and keeps "
+                "the rest): " + "; ".join(f"{r['model']}: " + ", ".join(f"{k} {v}" for k, v in r["measured"].items())
+                                            for r in reports) + ".", ""]
     out += ["## Decode ms/token vs context (KV cache)", "",
             "One decode step with the context already in the KV cache. A model whose context is shorter than "
             "1000 shows its longest instead.", "",
@@ -425,10 +473,18 @@ def main(argv=None) -> int:
     ap.add_argument("--onnx", action="append", required=True, help="NAME=DIR of an ONNX export (repeatable)")
     ap.add_argument("--checkpoint", action="append", help="NAME=DIR: also compare with transformers")
     ap.add_argument("--quick", action="store_true", help="fewer runs and tokens: a smoke test")
-    ap.add_argument("--out", default=str(ROOT / "artifacts" / "bench"))
+    ap.add_argument("--only", help=f"comma-separated sections to re-measure ({', '.join(SECTIONS)}); "
+                    "the rest is kept from the JSON in --out")
+    ap.add_argument("--out", default=str(ROOT / "docs" / "bench"), help="the per-model JSON the doc is made from")
     ap.add_argument("--doc", default=str(ROOT / "docs" / "BENCHMARKS.md"))
     ap.add_argument("--report-only", action="store_true", help="re-render the doc from the JSON in --out")
     args = ap.parse_args(argv)
+    only = None
+    if args.only:
+        only = {x.strip() for x in args.only.split(",") if x.strip()}
+        if unknown := only - set(SECTIONS):
+            raise SystemExit(f"bench: unknown section(s) {', '.join(sorted(unknown))}; "
+                             f"known: {', '.join(SECTIONS)}")
     onnx, ckpts = pairs(args.onnx), pairs(args.checkpoint)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -437,7 +493,14 @@ def main(argv=None) -> int:
         if args.report_only:
             reports.append(json.loads((out / f"{name}.json").read_text()))
             continue
-        report = bench_model(name, onnx_dir, ckpts.get(name), args.quick)
+        saved = out / f"{name}.json"
+        previous = None
+        if only:
+            if not saved.exists():
+                raise SystemExit(f"bench: --only keeps the other sections from {saved}, which is missing: "
+                                 "run `make bench` once without ONLY")
+            previous = json.loads(saved.read_text())
+        report = bench_model(name, onnx_dir, ckpts.get(name), args.quick, only, previous)
         (out / f"{name}.json").write_text(json.dumps(report, indent=2) + "\n")
         log(f"{name}: wrote {out / f'{name}.json'}")
         reports.append(report)
