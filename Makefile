@@ -15,7 +15,9 @@ ART := artifacts/$(NAME)
 CKPT := $(if $(MODEL),$(MODEL),$(ART)/checkpoint)
 CLIP ?=#                   local openai CLIP directory for V1 checkpoints (upstream's choice)
 TARGET ?= cpu#             repository target: cpu (ONNX Runtime) | jetson (TensorRT engines)
-PRECISION ?=#              quantize: int8 (default) | int4;  engines: fp16 (default) | int8 | int4
+PRECISION ?=#              quantize: int8 (default) | int4;  engines: fp16 (default) | int8 | int4;
+#                          repo/serve/demo on cpu: fp32 (default) | int8 | int4 (the quantized export's
+#                          MatMulNBits decoder, made by `make quantize` when missing)
 CALIB ?=#                  photo directory for INT8 calibration (default: scikit-image samples)
 ENGINES ?=#                TensorRT engine directory for TARGET=jetson (default: this device's)
 KV ?= auto#                KV cache layout: auto | static | concat
@@ -49,7 +51,9 @@ EXPORT_SRC := $(shell find edgevlm/model edgevlm/export -name '*.py') edgevlm/pr
 	build/export_onnx.py
 CKPT_SRC := $(if $(MODEL),$(wildcard $(MODEL)/*),$(ART)/checkpoint/config.json)
 QUANT_SRC := edgevlm/export/quantize.py edgevlm/export/quant_check.py edgevlm/export/static_cache.py \
-	edgevlm/export/cleanup.py build/quantize.py
+	edgevlm/export/cleanup.py edgevlm/export/matmul_nbits.py build/quantize.py
+# The export a cpu repository serves: the FP32 one, or a quantized one (PRECISION=int8|int4)
+SERVED := $(ART)/onnx$(if $(filter cpu,$(TARGET)),$(if $(filter int8 int4,$(PRECISION)),-$(PRECISION)),)
 
 .PHONY: help setup checkpoint onnx verify quantize engines trt-api jetson-doctor jetson-bench repo serve gateway bench soak demo test test-fast clean
 
@@ -127,8 +131,10 @@ jetson-bench: | $(SETUP) ## on the Orin: encode/prefill/decode, J/token, peak me
 
 # Rendering is a second's copying, so it always runs (its options are variables); the export
 # it reads is rebuilt only when out of date.
-repo: $(ART)/onnx/manifest.json | $(SETUP) ## render the Triton model repository (TARGET=cpu|jetson; on cpu KV=auto|static|concat)
-	$(PY) build/render_repository.py --onnx $(ART)/onnx --out $(ART)/repository --target $(TARGET) \
+repo: $(SERVED)/manifest.json | $(SETUP) ## render the Triton model repository (TARGET=cpu|jetson; on cpu KV=auto|static|concat, PRECISION=fp32|int8|int4)
+	@$(if $(filter cpu,$(TARGET)),$(if $(filter-out fp32 int8 int4,$(or $(PRECISION),fp32)),\
+		{ echo "repo: the cpu target serves PRECISION=fp32, int8 or int4, not $(PRECISION)" >&2; exit 2; },),)
+	$(PY) build/render_repository.py --onnx $(SERVED) --out $(ART)/repository --target $(TARGET) \
 		$(if $(ENGINES),--engines $(ENGINES)) $(if $(filter cpu,$(TARGET)),--kv-cache $(KV)) \
 		--max-sequences $(MAX_SEQUENCES) --batching $(BATCHING) --kv-budget-mib $(KV_BUDGET_MIB) \
 		--prefix-cache-mib $(PREFIX_CACHE_MIB) --image-cache-mib $(IMAGE_CACHE_MIB)
@@ -142,8 +148,8 @@ gateway: | $(SETUP) ## OpenAI-compatible HTTP gateway to a running server (GATEW
 	$(VENV)/bin/edgevlm-client --url 127.0.0.1:$(GRPC_PORT) gateway --host $(HOST) --port $(GATEWAY_PORT)
 
 bench: | $(SETUP) ## benchmarks, not in make test (BENCH_PRESETS="tiny mobilevlm-v2-1.7b", QUICK=1 smoke, ONLY=caches,... some sections): docs/bench/*.json + docs/BENCHMARKS.md
-	@for p in $(BENCH_PRESETS); do \
-		$(MAKE) --no-print-directory artifacts/$$p/onnx/manifest.json PRESET=$$p NAME=$$p MODEL= || exit 1; done
+	@for p in $(BENCH_PRESETS); do for e in onnx onnx-int8 onnx-int4; do \
+		$(MAKE) --no-print-directory artifacts/$$p/$$e/manifest.json PRESET=$$p NAME=$$p MODEL= || exit 1; done; done
 	$(PY) tools/bench.py $(foreach p,$(BENCH_PRESETS),--onnx $(p)=artifacts/$(p)/onnx --checkpoint $(p)=artifacts/$(p)/checkpoint) \
 		$(if $(QUICK),--quick) $(if $(ONLY),--only $(ONLY))
 

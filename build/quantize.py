@@ -3,7 +3,8 @@
     python build/quantize.py --onnx artifacts/tiny/onnx --precision int8 --out artifacts/tiny/onnx-int8
 
 fp16 is what strongly typed TensorRT (10, 11) builds fp16 engines from (export/fp16.py);
-int8 / int4 are Q/DQ exports (export/quantize.py).
+int8 / int4 are Q/DQ exports (export/quantize.py) with the cpu target's MatMulNBits form of
+the same decoder weights beside them (export/matmul_nbits.py); both are checked against FP32.
 """
 
 from __future__ import annotations
@@ -32,7 +33,11 @@ def main(argv=None) -> int:
         print(f"quantize: error: {e}", file=sys.stderr)
         return 1
     print(f"quantize: wrote {args.out}")
-    print("quantize: " + QuantReport(**report).summary(args.precision))
+    cpu_form = report.pop("cpu_form", None)
+    print("quantize: Q/DQ graphs (TensorRT) " + QuantReport(**report).summary(args.precision))
+    if cpu_form is not None:
+        print("quantize: cpu target (MatMulNBits decoder, 8-bit lm_head; int8 vision) "
+              + QuantReport(**cpu_form).summary(args.precision))
     return 0
 
 

@@ -37,11 +37,15 @@ def test_quick_bench_writes_every_section(tiny_onnx, tiny_ckpt, tmp_path):
     g = report["constrained"]
     assert set(g["served"]) == {"1", "4"} and all(v["constrained_stream_decode_tok_s"] > 0 for v in g["served"].values())
     assert set(g["compile_ms"]) == {"detection", "boxes", "caption"} and g["mask_us_per_token"] > 0
+    p = report["peers"]  # ours served beside llama.cpp; the quick run skips the peer and says so
+    assert p["ours"]["fp32"]["decode_tok_s"] > 0 and p["ours"]["fp32"]["peak_rss_mb"] > 0
+    assert p["llamacpp"] == {"skipped": "quick run"} and p["copy_bandwidth_gb_s"] > 0
     kv = report["kv_mb_per_sequence"]
     assert kv["static"] * 2 == kv["concat"] > 0  # one in-place buffer per tensor instead of two
     doc = (tmp_path / "docs" / "BENCHMARKS.md").read_text()
     for heading in ("Decode ms/token vs context", "concat vs in place", "Triton + gRPC", "Time to first token",
-                    "transformers", "continuous batching", "prefix and image caches", "Constrained decoding"):
+                    "transformers", "continuous batching", "prefix and image caches", "Constrained decoding",
+                    "llama.cpp"):
         assert heading in doc
     assert (tmp_path / "docs" / "bench_decode_vs_context.png").stat().st_size > 1000
     # ONLY=section re-measures that section alone and keeps every other figure from the JSON

@@ -102,9 +102,66 @@ def test_quantized_export_serves_on_the_cpu_target(quantized, tmp_path):
     from edgevlm.runtime.runners import load_generator
     from edgevlm.runtime.sampling import SamplingParams
     _, out, _ = quantized
+    from edgevlm.runtime.runners import VisionEncoder
     gen = load_generator(out)
+    assert gen.decoder.path.name == "decoder.static.cpu.onnx"  # the MatMulNBits twin, in-place KV
+    assert VisionEncoder(out).run.path.name == "vision_encoder.cpu.onnx"
+    assert load_generator(out, kv_cache="concat").decoder.path.name == "decoder.cpu.onnx"
     events = list(gen.generate(gen.tok.encode("Hello there"), None, SamplingParams(max_tokens=5)))
     assert events[-1].stats.decode_tokens >= 1
+
+
+def unpack(b: np.ndarray, bits: int, k: int) -> np.ndarray:
+    """MatMulNBits' B [N, blocks, blob] -> the signed integers [K, N] (the inverse of pack)."""
+    if bits == 4:
+        b = np.stack([b & 0xF, b >> 4], axis=-1)
+    return (b.reshape(b.shape[0], -1)[:, :k].astype(np.int16) - (1 << (bits - 1))).T
+
+
+def test_cpu_form_holds_the_same_weights_and_an_8_bit_lm_head(quantized, tiny_onnx):
+    precision, out, _ = quantized
+    qdq = onnx.load(str(out / "decoder.onnx"))
+    cpu = onnx.load(str(out / "decoder.cpu.onnx"))
+    q_inits = {t.name: numpy_helper.to_array(t) for t in qdq.graph.initializer}
+    c_inits = {t.name: numpy_helper.to_array(t) for t in cpu.graph.initializer}
+    dq_of = {n.output[0]: n for n in qdq.graph.node if n.op_type == "DequantizeLinear"}
+    expected = {}  # MatMul output -> the weights the Q/DQ graph multiplies by
+    for n in qdq.graph.node:
+        if n.op_type == "MatMul" and n.input[1] in dq_of:
+            dq = dq_of[n.input[1]]
+            w, s = q_inits[dq.input[0]].astype(np.float32), q_inits[dq.input[1]]
+            block = {x.name: onnx.helper.get_attribute_value(x) for x in dq.attribute}.get("block_size")
+            expected[n.output[0]] = w * (np.repeat(s, block, axis=0)[:w.shape[0]] if block else s)
+    nbits = [n for n in cpu.graph.node if n.op_type == "MatMulNBits"]
+    assert not [n for n in cpu.graph.node if n.op_type in ("DequantizeLinear", "Gemm")]
+    assert not [n for n in cpu.graph.node if n.op_type == "MatMul" and n.input[1] in c_inits]
+    assert len(nbits) == len(expected) + 1 == weight_matmuls(tiny_onnx / "decoder.onnx") + 1
+    for n in nbits:
+        a = {x.name: onnx.helper.get_attribute_value(x) for x in n.attribute}
+        q = unpack(c_inits[n.input[1]], a["bits"], a["K"]).astype(np.float32)
+        scales = c_inits[n.input[2]].reshape(a["N"], -1).T  # [blocks, N]
+        w = q * np.repeat(scales, a["block_size"], axis=0)[:a["K"]]
+        if n.output[0] == "logits":  # the lm_head: 8-bit blocks, within half a step of FP32
+            assert a["bits"] == 8
+            ref = numpy_helper.to_array(next(t for t in onnx.load(str(tiny_onnx / "decoder.onnx")).graph.initializer
+                                             if t.name == "decoder.lm_head.weight")).T
+            assert np.all(np.abs(w - ref) <= np.repeat(scales, a["block_size"], axis=0)[:a["K"]] / 2 + 1e-7)
+        else:
+            assert a["bits"] == (8 if precision == "int8" else 4)
+            np.testing.assert_array_equal(w, expected[n.output[0]])  # the same integers and scales
+    # the vision encoder's cpu form: every weight MatMul in int8 with activations quantized per
+    # call, attention left in FP32
+    vision = onnx.load(str(out / "vision_encoder.cpu.onnx"), load_external_data=False)
+    v_inits = {t.name for t in vision.graph.initializer}
+    assert sum(n.op_type == "MatMulInteger" for n in vision.graph.node) == weight_matmuls(
+        tiny_onnx / "vision_encoder.onnx") > 0
+    assert not [n for n in vision.graph.node if n.op_type == "MatMul" and n.input[1] in v_inits]
+    assert [n for n in vision.graph.node if n.op_type == "MatMul"]  # attention
+    cpu_form = OnnxArtifacts.open(out).manifest["quantization"]["decoder"]["cpu_form"]
+    for key, floor in THRESHOLDS[precision].items():  # its own parity gate against FP32
+        assert cpu_form["accuracy"][key] >= floor, (key, cpu_form["accuracy"][key])
+    sizes = cpu_form["accuracy"]["size_mb"]
+    assert sizes["decoder"] < OnnxArtifacts.open(out).manifest["quantization"]["accuracy"]["size_mb"]["decoder"]
 
 
 def test_failed_quantize_leaves_nothing_and_says_why(tiny_onnx, tmp_path):
@@ -221,3 +278,29 @@ def test_fp16_export_is_what_strongly_typed_builds_need(fp16, tiny_onnx):
     assert gen.decoder.kv_dtype == np.float16
     events = list(gen.generate(gen.tok.encode("Hi"), None, SamplingParams(max_tokens=4)))
     assert events[-1].stats.decode_tokens == 4
+
+
+@pytest.mark.integration
+def test_int4_answers_through_tritonserver_as_it_does_in_process(tiny_family, tmp_path):
+    """`make repo PRECISION=int4` on the cpu target: tritonserver runs the MatMulNBits decoder
+    and the W8A8 vision encoder, and streams what the same export gives in process."""
+    from edgevlm_client import Client
+
+    from edgevlm.runtime.image import preprocess
+    from edgevlm.runtime.prompt import build_prompt, tokenize_prompt
+    from edgevlm.runtime.runners import VisionEncoder, load_generator
+    from edgevlm.samples import sample_image
+    from edgevlm.serve.repository import render_repository
+    from edgevlm.serve.tritonserver import TritonServer
+    out = tiny_family / "onnx-int4"
+    image = sample_image("chelsea")
+    gen = load_generator(out)
+    vision = VisionEncoder(out)
+    embeds, _ = vision(preprocess(image, vision.cfg.vision.image_size)[None])
+    ids = tokenize_prompt(gen.tok, build_prompt("What is in the image?", image=True))
+    local = [e for e in gen.generate(ids, embeds, SamplingParams(max_tokens=12))]
+    repo = render_repository(out, tmp_path / "repository", max_sequences=2)
+    with TritonServer(repo, log_path=tmp_path / "tritonserver.log") as srv:
+        r = Client(srv.grpc_url, timeout_s=120).generate("What is in the image?", image=image, max_tokens=12)
+    assert r.text == "".join(e.text for e in local) and r.text
+    assert r.stats["decode_tokens"] == local[-1].stats.decode_tokens

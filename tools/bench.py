@@ -17,6 +17,8 @@ Per model, medians of repeated runs:
               about one camera frame, prefix and image caches on vs off (tools/bench_caches.py)
   constrained the grammar mask's cost per token, alone and 4 streams, and schema compile
               times (tools/bench_constrained.py)
+  peers       FP32 / INT8 / INT4 served beside llama.cpp's MobileVLM port (f16 / q8_0 /
+              q4_k_s): image encode, prefill, decode, memory, GB/s (tools/bench_peers.py)
 Writes docs/bench/<model>.json, docs/BENCHMARKS.md and docs/bench_decode_vs_context.png.
 """
 
@@ -49,6 +51,8 @@ from bench_caches import caches
 from bench_caches import markdown as caches_markdown
 from bench_constrained import constrained
 from bench_constrained import markdown as constrained_markdown
+from bench_peers import markdown as peers_markdown
+from bench_peers import decoder_weight_bytes, peers
 
 ROOT = Path(__file__).resolve().parents[1]
 CONTEXTS = (200, 500, 1000)
@@ -241,7 +245,7 @@ def quantized_decoders(onnx_dir: Path, steps: int, runs: int) -> dict:
             log(f"  {precision}: no export at {root} (make quantize PRECISION={precision}), skipped")
             continue
         ms = decode_scaling(root, (200,), steps, runs, "concat").get("200")
-        mb = sum(f.stat().st_size for f in root.glob("decoder.onnx*")) / 2**20
+        mb = decoder_weight_bytes(root) / 2**20  # the graph the cpu target serves (MatMulNBits)
         out[precision] = {"decode_ms_per_token_ctx200": ms, "decode_tok_s": round(1e3 / ms, 2) if ms else None,
                           "decoder_mb": round(mb, 1)}
         log(f"  {precision}: {ms} ms/token, decoder {mb:.0f} MB")
@@ -258,6 +262,7 @@ SECTIONS = {
     "constrained": ("constrained",),
     "quantized": ("quantized",),
     "hf": ("vs_transformers",),
+    "peers": ("peers",),
 }
 
 
@@ -333,6 +338,9 @@ def bench_model(name: str, onnx_dir: Path, checkpoint: Path | None, quick: bool,
         log(f"{name}: ONNX Runtime vs transformers generate")
         run("hf", lambda: report.update(vs_transformers=transformers_vs_ours(
             checkpoint, onnx_dir, 64 if quick else 128, 8 if quick else 32, runs)))
+    if wanted("peers") and (_big(art) or quick):  # llama.cpp's recipe is for the real shapes
+        log(f"{name}: served FP32 / INT8 / INT4 beside llama.cpp's MobileVLM port")
+        run("peers", lambda: report.update(peers=peers(onnx_dir, checkpoint, quick, report["machine"]["threads"])))
     report["measured"] = measured
     return report
 
@@ -393,26 +401,26 @@ def markdown(reports: list[dict]) -> str:
         out.append(f"| {r['model']} | {t['prompt_tokens']} | {t['image_encode_ms']:.1f} | {t['prefill_ms']:.1f} | "
                    f"{t['preprocess_and_transport_ms']:.1f} | {t['client_ttft_ms']:.1f} | {t['first_decode_ms']:.1f} | "
                    f"{r['server_rss_mb']['idle']} / {r['server_rss_mb']['peak']} |")
-    batched = [r for r in reports if "batching" in r]
-    if batched:
-        out += ["", "## Many streams: per-request loops vs continuous batching (served)", "",
-                "The same tritonserver setup, `BATCHING=off` (a batch-1 decode loop per request, on threads) "
-                "against `BATCHING=continuous` (one decoder call per step for every stream), measured in the "
-                "same run through the real gRPC client.", ""]
-        for r in batched:
-            out += batching_markdown(r["model"], r["batching"])
-    cached = [r for r in reports if "caches" in r]
-    if cached:
-        out += ["", "## Conversations about a frame: prefix and image caches (served)", "",
-                "The same requests to a tritonserver with the caches on (`PREFIX_CACHE_MIB`, `IMAGE_CACHE_MIB` "
-                "defaults) and to one with both off, in the same run.", ""]
-        for r in cached:
-            out += caches_markdown(r["model"], r["caches"])
-    masked = [r for r in reports if "constrained" in r]
-    if masked:
-        out += ["", "## Constrained decoding: the grammar mask's cost (served)", ""]
-        for r in masked:
-            out += constrained_markdown(r["model"], r["constrained"])
+    # the served sections: a heading, what is compared, then each model's own tables
+    for key, heading, intro, render in (
+            ("batching", "Many streams: per-request loops vs continuous batching (served)",
+             "The same tritonserver setup, `BATCHING=off` (a batch-1 decode loop per request, on threads) "
+             "against `BATCHING=continuous` (one decoder call per step for every stream), measured in the "
+             "same run through the real gRPC client.", batching_markdown),
+            ("caches", "Conversations about a frame: prefix and image caches (served)",
+             "The same requests to a tritonserver with the caches on (`PREFIX_CACHE_MIB`, `IMAGE_CACHE_MIB` "
+             "defaults) and to one with both off, in the same run.", caches_markdown),
+            ("constrained", "Constrained decoding: the grammar mask's cost (served)", "", constrained_markdown),
+            ("peers", "The cpu target against llama.cpp's MobileVLM port (served, same run)",
+             "The tiers a CPU user picks between, ours served through tritonserver (`make repo PRECISION=int4`, "
+             "`int8`, or FP32) and llama.cpp's `llama-mtmd-cli` on GGUFs converted from the same checkpoint by "
+             "its MobileVLM recipe. Decode on a CPU reads every weight once per token, so bytes per token sets "
+             "the pace; the GB/s column says how close each side runs to the machine's bandwidth.", peers_markdown)):
+        measured = [r for r in reports if key in r]
+        if measured:
+            out += ["", f"## {heading}", ""] + ([intro, ""] if intro else [])
+            for r in measured:
+                out += render(r["model"], r[key])
     hf = [r for r in reports if "vs_transformers" in r]
     if hf:
         out += ["", "## Our ONNX Runtime path vs transformers `generate` (same weights, FP32, greedy)", "",
@@ -427,9 +435,9 @@ def markdown(reports: list[dict]) -> str:
     q = [r for r in reports if len(r.get("quantized", {})) > 1]
     if q:
         out += ["", "## Weight-only quantized decoders vs FP32 (ONNX Runtime CPU, context 200)", "",
-                "The `make quantize` exports as they are, under ONNX Runtime on this CPU: decode reads every "
-                "weight once per token, so fewer bytes per token is most of the gain here too. Their purpose is "
-                "TensorRT on the Orin; accuracy figures are in each export's manifest.", "",
+                "The `make quantize` exports in the form the cpu target serves them (the MatMulNBits decoder, "
+                "8-bit lm_head), in process: decode reads every weight once per token, so fewer bytes per token "
+                "is most of the gain. Accuracy figures are in each export's manifest.", "",
                 "| model | precision | decode ms/token | tok/s | decoder MB |", "|---|---|---|---|---|"]
         for r in q:
             for precision, v in r["quantized"].items():

@@ -91,11 +91,11 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 class _Pipeline:
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, decoder: str = "decoder", vision: str = "vision_encoder"):
         art = OnnxArtifacts.open(root)
         self.cfg = art.config
-        self.vision = OrtVisionEncoder(art.path("vision_encoder"))
-        self.decoder = OrtDecoder(art.path("decoder"), self.cfg.text)
+        self.vision = OrtVisionEncoder(art.path(vision))
+        self.decoder = OrtDecoder(art.path(decoder), self.cfg.text)
         self.table = EmbeddingTable(art.path("embed_tokens"))
 
     def prefill(self, ids, image_embeds, capacity):
@@ -106,13 +106,18 @@ class _Pipeline:
         return seq.forward(self.table.embed([token]))
 
 
-def check_quantized(fp32_dir: str | Path, quant_dir: str | Path, images: dict[str, bytes]) -> QuantReport:
+def check_quantized(fp32_dir: str | Path, quant_dir: str | Path, images: dict[str, bytes],
+                    decoder: str = "decoder", vision: str = "vision_encoder") -> QuantReport:
+    """decoder, vision: the manifest keys of the quantized export's graphs to check
+    (decoder_cpu, vision_encoder_cpu: the forms the cpu target serves)."""
     fp32_dir, quant_dir = Path(fp32_dir), Path(quant_dir)
-    ref, q = _Pipeline(fp32_dir), _Pipeline(quant_dir)
+    ref, q = _Pipeline(fp32_dir), _Pipeline(quant_dir, decoder, vision)
     tok = Tokenizer(OnnxArtifacts.open(fp32_dir).path("tokenizer"))
-    r = QuantReport(size_mb={"decoder_fp32": _size_mb(fp32_dir, "decoder"), "decoder": _size_mb(quant_dir, "decoder"),
+    files = OnnxArtifacts.open(quant_dir).manifest["files"]
+    r = QuantReport(size_mb={"decoder_fp32": _size_mb(fp32_dir, "decoder"),
+                             "decoder": _size_mb(quant_dir, files[decoder].removesuffix(".onnx")),
                              "vision_fp32": _size_mb(fp32_dir, "vision_encoder"),
-                             "vision": _size_mb(quant_dir, "vision_encoder")})
+                             "vision": _size_mb(quant_dir, files[vision].removesuffix(".onnx"))})
     cosines, agree, top5, total = [], 0, 0, 0
     cases = [(name, img) for name, img in list(images.items())[:4]] + [("text-only", None)]
     for _name, img in cases:

@@ -37,7 +37,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from edgevlm.export import cleanup, static_cache
+from edgevlm.export import cleanup, matmul_nbits, static_cache
 from edgevlm.runtime.image import preprocess
 from edgevlm.manifest import OnnxArtifacts, write_manifest
 from edgevlm.staging import staged_dir
@@ -81,6 +81,24 @@ def quantize_vision_w8a8(src: Path, dst: Path, images: Iterable[bytes], image_si
                         use_external_data_format=True,
                         # TensorRT takes symmetric Q/DQ only (zero point 0)
                         extra_options={"ActivationSymmetric": True, "WeightSymmetric": True})
+    finally:
+        root.setLevel(level)
+
+
+def quantize_vision_cpu(src: Path, dst: Path) -> None:
+    """The cpu target's vision encoder: int8 weights per channel (symmetric, as in the W8A8
+    graph) and activations quantized per call to uint8 (ONNX Runtime's DynamicQuantizeMatMul on
+    VNNI). The W8A8 Q/DQ graph is TensorRT's form: on a CPU, ONNX Runtime leaves a third of its
+    MatMuls in FP32 between Q/DQ pairs (attention and one projection per layer) and gains little
+    over FP32; this form runs the weight MatMuls in int8 and attention in FP32 (`make bench`)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # the pre-processing advice again
+    try:
+        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True,
+                         op_types_to_quantize=["MatMul"], use_external_data_format=True,
+                         extra_options={"MatMulConstBOnly": True})  # attention stays FP32
     finally:
         root.setLevel(level)
 
@@ -221,7 +239,8 @@ def _agreement(quant: Path, other: Path, cfg, table_path: Path, tok_path: Path, 
 
 def quantize_export(onnx_dir: str | Path, out_dir: str | Path, precision: str, *,
                     calib_dir: str | Path | None = None, log: Callable[[str], None] = print) -> dict:
-    """Quantize an export; returns the accuracy report written into the manifest."""
+    """Quantize an export; returns the accuracy report written into the manifest (the Q/DQ
+    decoder's, with the cpu form's under "cpu_form")."""
     from edgevlm.export.quant_check import QuantizationError, check_quantized
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
@@ -233,6 +252,8 @@ def quantize_export(onnx_dir: str | Path, out_dir: str | Path, precision: str, *
         log(f"quantize: vision encoder W8A8, calibrated on {len(images)} photo(s)")
         quantize_vision_w8a8(src.path("vision_encoder"), tmp / "vision_encoder.onnx", images.values(),
                              cfg.vision.image_size)
+        log("quantize: the cpu target's vision encoder: int8 weights, activations quantized per call")
+        quantize_vision_cpu(src.path("vision_encoder"), tmp / "vision_encoder.cpu.onnx")
         log("quantize: FP16 copy of the vision encoder for strongly typed TensorRT builds")
         cast_vision_fp16(tmp / "vision_encoder.onnx", tmp / "vision_encoder.fp16.onnx", min_opset=FP16_DQ_OPSET)
         vision_cosine = _embedding_cosine(tmp / "vision_encoder.onnx", tmp / "vision_encoder.fp16.onnx",
@@ -253,6 +274,12 @@ def quantize_export(onnx_dir: str | Path, out_dir: str | Path, precision: str, *
             cast_decoder_fp16(tmp / "decoder.static.onnx", tmp / "decoder.static.fp16.onnx", fp16_cache=True,
                               min_opset=FP16_DQ_OPSET)
             static_cache.share_file_weights(tmp / "decoder.static.fp16.onnx", tmp / "decoder.fp16.onnx")
+        log("quantize: the cpu target's decoder: the same weights as MatMulNBits, lm_head "
+            f"{matmul_nbits.LM_HEAD_BITS}-bit")
+        cpu_counts = matmul_nbits.write_cpu_decoder(tmp / "decoder.onnx", tmp / "decoder.cpu.onnx")
+        if static:
+            matmul_nbits.write_cpu_decoder(tmp / "decoder.static.onnx", tmp / "decoder.static.cpu.onnx")
+            static_cache.share_file_weights(tmp / "decoder.static.cpu.onnx", tmp / "decoder.cpu.onnx")
         for key in ("embed_tokens", "tokenizer"):
             shutil.copy2(src.path(key), tmp / src.manifest["files"][key])
         agree = functools.partial(_agreement, tmp / "decoder.onnx", cfg=cfg,
@@ -268,11 +295,14 @@ def quantize_export(onnx_dir: str | Path, out_dir: str | Path, precision: str, *
         manifest = {k: v for k, v in src.manifest.items() if k not in ("format", "files", "sha256", "io", "opset", "created")}
         files = {"vision_encoder": "vision_encoder.onnx", "decoder": "decoder.onnx",
                  "embed_tokens": src.manifest["files"]["embed_tokens"], "tokenizer": src.manifest["files"]["tokenizer"]}
-        files.update(decoder_fp16="decoder.fp16.onnx", vision_encoder_fp16="vision_encoder.fp16.onnx")
+        files.update(decoder_fp16="decoder.fp16.onnx", vision_encoder_fp16="vision_encoder.fp16.onnx",
+                     decoder_cpu="decoder.cpu.onnx", vision_encoder_cpu="vision_encoder.cpu.onnx")
         if static:
-            files.update(decoder_static="decoder.static.onnx", decoder_static_fp16="decoder.static.fp16.onnx")
+            files.update(decoder_static="decoder.static.onnx", decoder_static_fp16="decoder.static.fp16.onnx",
+                         decoder_static_cpu="decoder.static.cpu.onnx")
         for key, name in (("vision_encoder", "vision_encoder"), ("decoder", "decoder"), ("decoder_fp16", "decoder.fp16"),
-                          ("vision_encoder_fp16", "vision_encoder.fp16")):
+                          ("vision_encoder_fp16", "vision_encoder.fp16"), ("decoder_cpu", "decoder.cpu"),
+                          ("vision_encoder_cpu", "vision_encoder.cpu")):
             if (tmp / f"{name}.onnx.data").is_file():
                 files[f"{key}_data"] = f"{name}.onnx.data"
         io = {k: cleanup.io_specs(tmp / f"{k}.onnx") for k in ("vision_encoder", "decoder")}
@@ -287,12 +317,21 @@ def quantize_export(onnx_dir: str | Path, out_dir: str | Path, precision: str, *
                                    "activations": "int8 per tensor, symmetric, MinMax",
                                    "calibration_images": sorted(images),
                                    "fp16_copy": {"file": "vision_encoder.fp16.onnx", "keeps_fp32": VISION_KEEP_FP32,
-                                                 "embedding_cosine": round(vision_cosine, 6)}},
+                                                 "embedding_cosine": round(vision_cosine, 6)},
+                                   "cpu_form": {"file": "vision_encoder.cpu.onnx", "op": "DynamicQuantizeMatMul",
+                                                "weights": "int8 per channel, symmetric",
+                                                "activations": "uint8 per tensor, quantized per call",
+                                                "kept_fp32": ["attention", "LayerNorm", "QuickGelu"]}},
                 "decoder": {"scheme": f"INT{bits} weight-only",
                             "weights": "per output channel, symmetric" if bits == 8 else
                             f"blocks of {INT4_BLOCK} along K, symmetric, round-to-nearest (RTN)",
                             "kept_fp32": ["RMSNorm", "RoPE", "softmax", "lm_head"],
                 "fp16_copy": {"file": "decoder.fp16.onnx", "keeps_fp32": FP16_KEEP_FP32},
+                "cpu_form": {"file": "decoder.cpu.onnx", "op": "com.microsoft.MatMulNBits",
+                             "weights": "the same integers and scales", "rewritten": cpu_counts,
+                             "lm_head": f"{matmul_nbits.LM_HEAD_BITS}-bit, blocks of {matmul_nbits.LM_HEAD_BLOCK} "
+                                        "along K, symmetric, round-to-nearest",
+                             "accuracy_level": matmul_nbits.ACCURACY_LEVEL},
                 # min logits cosine vs decoder.onnx over a prefill and 4 decode steps
                 "derived_graphs_logits_cosine": {k: round(v, 6) for k, v in cosines.items()}},
                 "source_onnx": str(src.root.resolve()), "source_digest": src.digest},
@@ -301,6 +340,10 @@ def quantize_export(onnx_dir: str | Path, out_dir: str | Path, precision: str, *
         log("quantize: checking against FP32 with ONNX Runtime")
         report = check_quantized(src.root, tmp, images)
         report.raise_if_failed(precision)  # nothing is left behind: the staged directory goes
+        log("quantize: checking the cpu target's decoder against FP32")
+        cpu_report = check_quantized(src.root, tmp, images, decoder="decoder_cpu", vision="vision_encoder_cpu")
+        cpu_report.raise_if_failed(precision)
+        manifest["quantization"]["decoder"]["cpu_form"]["accuracy"] = cpu_report.to_dict()
         manifest["quantization"].update(accuracy=report.to_dict(), seconds=round(time.perf_counter() - t0, 1))
         write_manifest(tmp, manifest)
-    return report.to_dict()
+    return {**report.to_dict(), "cpu_form": cpu_report.to_dict()}

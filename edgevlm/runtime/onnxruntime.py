@@ -22,6 +22,7 @@ class OrtVisionEncoder:
     """pixel_values float32 [B, 3, S, S] -> image_embeds float32 [B, N, D]."""
 
     def __init__(self, path: str | Path, threads: int | None = None):
+        self.path = Path(path)
         self.sess = session(path, threads)
 
     def __call__(self, pixel_values: np.ndarray) -> np.ndarray:
@@ -38,6 +39,7 @@ class OrtDecoder:
     def __init__(self, path: str | Path, cfg: TextConfig, threads: int | None = None, static: bool = False):
         self.cfg = cfg
         self.static = static
+        self.path = Path(path)
         self.sess = session(path, threads)
         n = cfg.num_layers
         self.past_names = [f"past_{kv}_{i}" for i in range(n) for kv in ("key", "value")]

@@ -21,7 +21,7 @@ class VisionEncoder:
         self.cfg = art.config
         if runner == "onnxruntime":
             from edgevlm.runtime.onnxruntime import OrtVisionEncoder
-            self.run = OrtVisionEncoder(art.path("vision_encoder"))
+            self.run = OrtVisionEncoder(art.path(cpu_form(art, "vision_encoder")))
         elif runner == "tensorrt":
             from edgevlm.runtime.tensorrt import TrtVisionEncoder
             self.run = TrtVisionEncoder(engine_dir)
@@ -50,6 +50,13 @@ def kv_layout(art: OnnxArtifacts, kv_cache: str = "auto") -> str:
     return kv_cache
 
 
+def cpu_form(art: OnnxArtifacts, key: str) -> str:
+    """The graph ONNX Runtime runs: a quantized export's cpu twin where it has one (the
+    MatMulNBits decoder of export/matmul_nbits.py, the dynamically quantized vision encoder);
+    its Q/DQ graphs are TensorRT's."""
+    return f"{key}_cpu" if f"{key}_cpu" in art.manifest["files"] else key
+
+
 def load_generator(onnx_dir: str | Path, runner: str = "onnxruntime", engine_dir: str | Path = "",
                    kv_cache: str = "auto"):
     """kv_cache picks the ONNX Runtime decoder graph (the TensorRT engine folder records its own)."""
@@ -60,7 +67,8 @@ def load_generator(onnx_dir: str | Path, runner: str = "onnxruntime", engine_dir
     if runner == "onnxruntime":
         from edgevlm.runtime.onnxruntime import OrtDecoder
         static = kv_cache == "static"
-        decoder = OrtDecoder(art.path("decoder_static" if static else "decoder"), cfg.text, static=static)
+        decoder = OrtDecoder(art.path(cpu_form(art, "decoder_static" if static else "decoder")), cfg.text,
+                             static=static)
     elif runner == "tensorrt":
         from edgevlm.runtime.tensorrt import TrtDecoder
         decoder = TrtDecoder(engine_dir, cfg.text)

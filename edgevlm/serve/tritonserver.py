@@ -169,15 +169,22 @@ class TritonServer:
 
     def rss_mb(self) -> float:
         """Resident memory of the server and its stubs together, MiB."""
+        return self._status_kib("VmRSS:") / 1024
+
+    def _status_kib(self, field: str) -> int:
         total = 0
         for pid in self.pids():
             try:
                 for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                    if line.startswith("VmRSS:"):
+                    if line.startswith(field):
                         total += int(line.split()[1])
             except OSError:
                 pass
-        return total / 1024
+        return total
+
+    def peak_rss_mb(self) -> float:
+        """The server's and its stubs' peak resident memory (each one's high-water mark), MiB."""
+        return self._status_kib("VmHWM:") / 1024
 
     def unleaked_rss_mb(self) -> float:
         """rss_mb() less what mobilevlm's prefix and image caches hold by design (their

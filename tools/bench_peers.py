@@ -1,0 +1,213 @@
+"""`make bench`, peers: the cpu target served through tritonserver beside llama.cpp's MobileVLM
+port, same checkpoint, same photo, same thread count, in one run.
+
+Ours: the FP32 export and the `make quantize` exports beside it (INT8, INT4: the W8A8 vision
+encoder and the MatMulNBits decoder the cpu target serves), each in its own tritonserver with
+the caches off. llama.cpp: f16, q8_0 and q4_k_s GGUFs with an f16 mmproj (tools/llamacpp.py).
+Per tier: image encode ms, prefill tok/s (image + text positions), decode tok/s over TOKENS
+greedy tokens, peak resident memory, and decode's effective GB/s (weight bytes read per token
+times tok/s) beside this machine's measured copy bandwidth. Ratios are ours / llama.cpp for
+rates and llama.cpp / ours for times, so > 1 means we are faster.
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+from edgevlm_client import Client
+
+from edgevlm.manifest import OnnxArtifacts
+from edgevlm.runtime.runners import cpu_form, kv_layout
+from edgevlm.samples import sample_image
+from edgevlm.serve.repository import render_repository
+from edgevlm.serve.tritonserver import TritonServer
+
+import llamacpp
+
+ROOT = Path(__file__).resolve().parents[1]
+QUESTION = "What is in the image? Describe it in detail."
+PHOTO = "chelsea"
+TOKENS = 64
+OURS = ("fp32", "int8", "int4")
+# (row, our precision, llama.cpp's file): the tiers a CPU user would pick between
+TIERS = (("4-bit", "int4", "q4_k_s"), ("8-bit", "int8", "q8_0"), ("16/32-bit", "fp32", "f16"))
+
+
+def log(msg: str) -> None:
+    print(f"bench: {msg}", file=sys.stderr, flush=True)
+
+
+def copy_bandwidth_gb_s(mib: int = 1024, runs: int = 5) -> float:
+    """One thread copying a buffer far larger than the caches: bytes read + written per second."""
+    a = np.ones(mib << 18, np.float32)
+    b = np.empty_like(a)
+    best = float("inf")
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        np.copyto(b, a)
+        best = min(best, time.perf_counter() - t0)
+    return round(2 * a.nbytes / best / 1e9, 1)
+
+
+def half_matmul(k: int = 2048, n: int = 5632, runs: int = 50) -> dict:
+    """A 16-bit tier's core on this CPU: ONNX Runtime's MatMul of one row by a 1.7B-shaped
+    weight, FP32 against FP16 (ms per call, weight GB/s)."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+    rng = np.random.default_rng(0)
+    out = {}
+    for name, dtype, elem in (("fp32", np.float32, TensorProto.FLOAT), ("fp16", np.float16, TensorProto.FLOAT16)):
+        w = (rng.standard_normal((k, n)) * 0.02).astype(dtype)
+        graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "row_by_weight",
+                                  [helper.make_tensor_value_info("x", elem, [1, k])],
+                                  [helper.make_tensor_value_info("y", elem, [1, n])], [numpy_helper.from_array(w, "w")])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = 2
+        sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        x = rng.standard_normal((1, k)).astype(dtype)
+        for _ in range(5):
+            sess.run(None, {"x": x})
+        t0 = time.perf_counter()
+        for _ in range(runs):
+            sess.run(None, {"x": x})
+        ms = (time.perf_counter() - t0) / runs * 1e3
+        out[name] = {"ms": round(ms, 3), "weight_gb_s": round(w.nbytes / ms / 1e6, 1)}
+    return out
+
+
+def decoder_weight_bytes(root: Path) -> int:
+    """Bytes a decode step reads: the served decoder graph and its weights (the embedding table
+    is outside it: one row per token)."""
+    art = OnnxArtifacts.open(root)
+    graph = art.path(cpu_form(art, "decoder_static" if kv_layout(art) == "static" else "decoder"))
+    model = onnx.load(str(graph), load_external_data=False)
+    data = {e.value for t in model.graph.initializer for e in t.external_data if e.key == "location"}
+    return graph.stat().st_size + sum((graph.parent / f).stat().st_size for f in data)
+
+
+def ours(root: Path, image: bytes, runs: int, tokens: int) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        repo = render_repository(root, Path(tmp) / "repository", max_sequences=1, prefix_cache_mib=0,
+                                 image_cache_mib=0)
+        with TritonServer(repo) as server:
+            client = Client(server.grpc_url, timeout_s=1800)
+            client.generate(QUESTION, image=image, max_tokens=2)  # warm-up: sessions, pages
+            rows = [client.generate(QUESTION, image=image, max_tokens=tokens).stats for _ in range(runs)]
+            peak = server.peak_rss_mb()
+    return {"image_encode_ms": statistics.median(s["image_encode_ms"] for s in rows),
+            "prompt_tokens": rows[0]["prefill_tokens"],
+            "prefill_tok_s": statistics.median(s["prefill_tokens_per_s"] for s in rows),
+            "decode_tokens": rows[0]["decode_tokens"],
+            "decode_tok_s": statistics.median(s["decode_tokens_per_s"] for s in rows),
+            "peak_rss_mb": round(peak), "decode_weight_mb": round(decoder_weight_bytes(root) / 2**20)}
+
+
+def theirs(checkpoint: Path, image: bytes, runs: int, tokens: int, threads: int) -> dict:
+    cache = ROOT / "artifacts" / "llama.cpp"
+    bins, tree = llamacpp.build(cache, log)
+    files = llamacpp.convert(checkpoint, checkpoint.parent / "gguf", bins, tree, log)
+    photo = checkpoint.parent / "gguf" / f"{PHOTO}.png"
+    photo.write_bytes(image)
+    out = {}
+    for q in llamacpp.QUANTS:
+        log(f"  llama.cpp {q}: {runs} run(s), {tokens} tokens, {threads} threads")
+        rs = [llamacpp.run(bins, files[q], files["mmproj"], photo, QUESTION, threads, tokens) for _ in range(runs)]
+        out[q] = {k: statistics.median(getattr(r, k) for r in rs) for k in
+                  ("image_encode_ms", "prefill_tok_s", "decode_tok_s", "peak_rss_mb")}
+        out[q].update(prompt_tokens=rs[0].prompt_tokens, decode_tokens=rs[0].decode_tokens,
+                      decode_weight_mb=round(llamacpp.decode_weight_bytes(files[q], tree) / 2**20),
+                      file_mb=round(files[q].stat().st_size / 2**20))
+    out["mmproj_mb"] = round(files["mmproj"].stat().st_size / 2**20)
+    out["sdist"] = llamacpp.SDIST
+    return out
+
+
+def peers(onnx_dir: Path, checkpoint: Path | None, quick: bool, threads: int) -> dict:
+    runs, tokens = (1, 8) if quick else (3, TOKENS)
+    image = sample_image(PHOTO)
+    report = {"runs": runs, "tokens": tokens, "threads": threads, "photo": PHOTO, "question": QUESTION,
+              "copy_bandwidth_gb_s": copy_bandwidth_gb_s(), "half_matmul": half_matmul(), "ours": {}}
+    for precision in OURS:
+        root = onnx_dir if precision == "fp32" else onnx_dir.parent / f"onnx-{precision}"
+        if not (root / "manifest.json").is_file():
+            log(f"  ours {precision}: no export at {root} (make quantize PRECISION={precision}), skipped")
+            continue
+        log(f"  ours {precision}: served, {runs} run(s), {tokens} tokens")
+        report["ours"][precision] = ours(root, image, runs, tokens)
+    if quick or checkpoint is None:
+        log("  llama.cpp: skipped (" + ("quick run" if quick else "no --checkpoint to convert") + ")")
+        report["llamacpp"] = {"skipped": "quick run" if quick else "no checkpoint"}
+        return report
+    try:
+        report["llamacpp"] = theirs(checkpoint, image, runs, tokens, threads)
+    except llamacpp.PeerUnavailable as e:
+        log(f"  llama.cpp: skipped: {e}")
+        report["llamacpp"] = {"skipped": str(e)}
+        return report
+    report["ratios"] = ratios(report)
+    return report
+
+
+def _gb_s(v: dict) -> float:
+    return round(v["decode_weight_mb"] * 2**20 * v["decode_tok_s"] / 1e9, 1)
+
+
+def ratios(r: dict) -> dict:
+    """> 1: ours is faster. Image encode: ours FP32 and W8A8 against the f16 mmproj."""
+    o, t = r["ours"], r["llamacpp"]
+    out = {}
+    if "fp32" in o:
+        out["image_encode_fp32"] = round(t["f16"]["image_encode_ms"] / o["fp32"]["image_encode_ms"], 2)
+    int8_vision = [o[p]["image_encode_ms"] for p in ("int8", "int4") if p in o]  # one graph, both exports
+    if int8_vision:
+        out["image_encode_int8"] = round(t["f16"]["image_encode_ms"] / statistics.median(int8_vision), 2)
+    for row, mine, peer in TIERS:
+        if mine in o:
+            out[f"prefill_{row}"] = round(o[mine]["prefill_tok_s"] / t[peer]["prefill_tok_s"], 2)
+            out[f"decode_{row}"] = round(o[mine]["decode_tok_s"] / t[peer]["decode_tok_s"], 2)
+    return out
+
+
+def markdown(name: str, r: dict) -> list[str]:
+    out = [f"### {name}", ""]
+    o, t = r["ours"], r["llamacpp"]
+    if "skipped" in t:
+        return out + [f"llama.cpp not measured: {t['skipped']}.", ""]
+    out += [f"`{r['photo']}` photo, \"{r['question']}\", {r['tokens']} greedy tokens (llama.cpp with `--ignore-eos`), "
+            f"{r['threads']} threads on both sides, medians of {r['runs']} runs. llama.cpp from the `{t['sdist']}` "
+            f"sdist's vendored tree, `llama-mtmd-cli` with an f16 mmproj ({t['mmproj_mb']} MB); ours through "
+            "tritonserver and gRPC, caches off. Effective GB/s: the decoder's weight bytes (no embedding table) × "
+            f"decode tok/s; one thread copies **{r['copy_bandwidth_gb_s']} GB/s** (read + write) on this machine.", "",
+            "| tier | llama.cpp | ours | image encode ms | prefill tok/s (tokens) | decode tok/s | decode GB/s "
+            "| weights read MB | peak RSS MB | ours / llama.cpp: encode, prefill, decode |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
+    for row, mine, peer in TIERS:
+        if mine not in o:
+            continue
+        a, b = t[peer], o[mine]
+        q = r["ratios"]
+        enc = b["image_encode_ms"]
+        out.append(
+            f"| {row} | {peer} | {mine.upper()} | {a['image_encode_ms']:.0f} / {enc:.0f} | "
+            f"{a['prefill_tok_s']:.0f} ({a['prompt_tokens']}) / {b['prefill_tok_s']:.0f} ({b['prompt_tokens']}) | "
+            f"{a['decode_tok_s']:.1f} / {b['decode_tok_s']:.1f} | {_gb_s(a)} / {_gb_s(b)} | "
+            f"{a['decode_weight_mb']} / {b['decode_weight_mb']} | {a['peak_rss_mb']:.0f} / {b['peak_rss_mb']:.0f} | "
+            f"{a['image_encode_ms'] / enc:.2f}×, **{q[f'prefill_{row}']:.2f}×**, **{q[f'decode_{row}']:.2f}×** |")
+    q, h = r["ratios"], r["half_matmul"]
+    out += ["", "Each cell is llama.cpp / ours. Goal: every ratio ≥ 1.0, image encode and prefill ≥ 1.5. Image "
+            f"encode, llama.cpp's f16 mmproj / ours: FP32 **{q['image_encode_fp32']:.2f}×**"
+            + (f", the quantized exports' int8 vision encoder **{q['image_encode_int8']:.2f}×**"
+               if "image_encode_int8" in q else "") + ".", "",
+            "No 16-bit tier on this CPU: ONNX Runtime's FP16 MatMul here takes "
+            f"{h['fp16']['ms']:.2f} ms for one row by a 2048×5632 weight ({h['fp16']['weight_gb_s']} GB/s of weights) "
+            f"against FP32's {h['fp32']['ms']:.2f} ms ({h['fp32']['weight_gb_s']} GB/s): on x86 its FP16 MatMul is a "
+            "generic fallback, not an MLAS kernel, and no BF16 MatMul is registered for the CPU, so half the bytes "
+            "does not make decode faster. The 16/32-bit row compares FP32; the 8-bit tier is the cpu target's answer to f16.", ""]
+    return out
