@@ -132,8 +132,8 @@ jetson-bench: | $(SETUP) ## on the Orin: encode/prefill/decode, J/token, peak me
 # Rendering is a second's copying, so it always runs (its options are variables); the export
 # it reads is rebuilt only when out of date.
 repo: $(SERVED)/manifest.json | $(SETUP) ## render the Triton model repository (TARGET=cpu|jetson; on cpu KV=auto|static|concat, PRECISION=fp32|int8|int4)
-	@$(if $(filter cpu,$(TARGET)),$(if $(filter-out fp32 int8 int4,$(or $(PRECISION),fp32)),\
-		{ echo "repo: the cpu target serves PRECISION=fp32, int8 or int4, not $(PRECISION)" >&2; exit 2; },),)
+	@if [ "$(TARGET)" = cpu ] && [ -n "$(filter-out fp32 int8 int4,$(or $(PRECISION),fp32))" ]; then \
+		echo "repo: the cpu target serves PRECISION=fp32|int8|int4, not $(PRECISION)" >&2; exit 2; fi
 	$(PY) build/render_repository.py --onnx $(SERVED) --out $(ART)/repository --target $(TARGET) \
 		$(if $(ENGINES),--engines $(ENGINES)) $(if $(filter cpu,$(TARGET)),--kv-cache $(KV)) \
 		--max-sequences $(MAX_SEQUENCES) --batching $(BATCHING) --kv-budget-mib $(KV_BUDGET_MIB) \
