@@ -93,3 +93,14 @@ def test_concurrent_questions_about_one_frame_each_get_their_own_answer(server, 
     assert [r.text for r in results] == expected
     # the image was encoded at most once per burst and reused after; prompts share the frame
     assert sum(r.stats["cached_tokens"] > 0 for r in results) >= 1
+
+
+@pytest.mark.integration
+def test_per_request_loops_say_when_the_image_came_from_the_cache(tiny_onnx, tmp_path):
+    """BATCHING=off (a decode loop per request) shares the image cache and reports it too."""
+    repo = render_repository(tiny_onnx, tmp_path / "repository", batching="off")
+    with TritonServer(repo, log_path=tmp_path / "tritonserver.log") as srv:
+        client = Client(srv.grpc_url, timeout_s=120)
+        first, again = (client.generate("What is in the image?", image=frame(4), max_tokens=4) for _ in range(2))
+    assert not first.stats["image_cached"] and first.stats["image_encode_ms"] > 0
+    assert again.stats["image_cached"] and again.stats["image_encode_ms"] == 0

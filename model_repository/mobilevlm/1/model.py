@@ -267,7 +267,7 @@ class TritonPythonModel:
 
     def _start(self, stream, ids, embeds, params, encode_ms, reserved, image_cached=False):
         if self.scheduler is None:
-            self.pool.submit(self._decode_alone, stream, ids, embeds, params, encode_ms)
+            self.pool.submit(self._decode_alone, stream, ids, embeds, params, encode_ms, image_cached)
         else:
             from edgevlm.runtime.scheduler import Request
             self.scheduler.submit(Request(ids, embeds, params, stream.emit, stream.fail, stream.cancelled,
@@ -284,13 +284,15 @@ class TritonPythonModel:
         out = lambda name: pb_utils.get_output_tensor_by_name(response, name).as_numpy()  # noqa: E731
         return out("image_embeds").copy(), float(out("encode_ms").reshape(-1)[0])
 
-    def _decode_alone(self, stream, input_ids, embeds, params, encode_ms):
+    def _decode_alone(self, stream, input_ids, embeds, params, encode_ms, image_cached=False):
         """batching: off: this request's own decode loop, at batch 1, on a pool thread."""
         self.metrics.add_active(1)
         outcome, tokens = "error", 0
         try:
             for event in self.gen.generate(input_ids, embeds, params, image_encode_ms=encode_ms,
                                            cancelled=stream.cancelled):
+                if event.final:
+                    event.stats.image_cached = image_cached
                 stream.emit(event)
                 if event.final:
                     tokens = event.stats.decode_tokens
