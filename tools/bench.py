@@ -266,7 +266,7 @@ SECTIONS = {
 }
 
 
-def _decode(report, name, onnx_dir, art, steps, runs, quick):
+def _decode(report, name, onnx_dir, art, steps, runs):
     log(f"{name}: decode ms/token vs context")
     report["decode_ms_per_token"] = decode_scaling(onnx_dir, CONTEXTS, steps, runs, "concat")
     d = report["decode_ms_per_token"]
@@ -283,7 +283,7 @@ def _decode(report, name, onnx_dir, art, steps, runs, quick):
         log(f"{name}: no decoder.static.onnx in this export (older `make onnx`); static KV skipped")
 
 
-def _triton(report, name, onnx_dir, art, steps, runs, quick):
+def _triton(report, name, onnx_dir, art, runs, quick):
     log(f"{name}: Triton + gRPC vs in process")
     tokens = 24 if quick else (64 if _big(art) else 200)
     local = in_process_gaps(onnx_dir, tokens, runs)
@@ -319,9 +319,9 @@ def bench_model(name: str, onnx_dir: Path, checkpoint: Path | None, quick: bool,
         measured[section] = time.strftime("%Y-%m-%d")
 
     if wanted("decode"):
-        run("decode", lambda: _decode(report, name, onnx_dir, art, steps, runs, quick))
+        run("decode", lambda: _decode(report, name, onnx_dir, art, steps, runs))
     if wanted("triton"):
-        run("triton", lambda: _triton(report, name, onnx_dir, art, steps, runs, quick))
+        run("triton", lambda: _triton(report, name, onnx_dir, art, runs, quick))
     if wanted("batching") and (_big(art) or quick):  # the tiny model is all per-call overhead
         log(f"{name}: per-request loops vs continuous batching, served")
         run("batching", lambda: report.update(batching=batching(onnx_dir, quick)))

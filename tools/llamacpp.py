@@ -30,6 +30,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from edgevlm.serve.tritonserver import proc_status_kib
+
 ROOT = Path(__file__).resolve().parents[1]
 SDIST = "llama-cpp-python==0.3.36"  # pinned: the vendored llama.cpp the figures were measured with
 QUANTS = ("f16", "q8_0", "q4_k_s")
@@ -191,7 +193,7 @@ def run(bins: Path, model: Path, mmproj: Path, image: Path, question: str, threa
         # its own high-water mark, read while it runs: wait4's ru_maxrss would also count the
         # bench process it was forked from (Linux carries the pre-exec peak over)
         while p.poll() is None:
-            peak_kib = max(peak_kib, _hwm_kib(p.pid))
+            peak_kib = max(peak_kib, proc_status_kib(p.pid, "VmHWM:"))
             time.sleep(0.05)
         log.seek(0)
         out = log.read()
@@ -199,15 +201,6 @@ def run(bins: Path, model: Path, mmproj: Path, image: Path, question: str, threa
         raise PeerUnavailable(f"llama-mtmd-cli failed (exit {p.returncode}): " + " | ".join(out.strip().splitlines()[-3:]))
     return PeerRun(**parse(out), peak_rss_mb=round(peak_kib / 1024))
 
-
-def _hwm_kib(pid: int) -> int:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
 
 
 def decode_weight_bytes(model: Path, tree: Path) -> int:

@@ -1,9 +1,8 @@
 """The cpu target's form of a quantized decoder: ONNX Runtime's MatMulNBits kernels.
 
-The Q/DQ decoders `make quantize` writes are what TensorRT builds from. ONNX Runtime on a CPU
-runs a DequantizeLinear -> MatMul pair by widening the weights to FP32 first, so a decode step
-still moves most of the FP32 bytes. `com.microsoft.MatMulNBits` keeps the weights packed and
-multiplies them directly (MLAS; with accuracy_level 4 the activations are quantized to int8 per
+The Q/DQ decoders `make quantize` writes are what TensorRT builds from, and their lm_head stays
+FP32. `com.microsoft.MatMulNBits`, ONNX Runtime's weight-only kernel, keeps the weights packed
+and multiplies them directly (MLAS; with accuracy_level 4 the activations are quantized to int8 per
 block and the products run on VNNI / dot-product instructions). Decode on a CPU is bound by
 memory bandwidth, so bytes per token is what sets tokens per second.
 

@@ -25,6 +25,7 @@ its own MatMulNBits operator.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import shutil
@@ -58,6 +59,19 @@ def calibration_images(directory: str | Path | None = None, limit: int = 32) -> 
     return {p.name: p.read_bytes() for p in files}
 
 
+@contextlib.contextmanager
+def _quiet_root_logger():
+    """ONNX Runtime's quantizers log on the root logger, chiefly the advice to run its
+    pre-processing first, which does not apply to these graphs: errors only, while they run."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
 def quantize_vision_w8a8(src: Path, dst: Path, images: Iterable[bytes], image_size: int) -> None:
     from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
                                           quantize_static)
@@ -71,18 +85,13 @@ def quantize_vision_w8a8(src: Path, dst: Path, images: Iterable[bytes], image_si
         def get_next(self):
             return next(self.it, None)
 
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)  # its advice to run ORT's pre-processing first does not apply to Q/DQ for TensorRT
-    try:
+    with _quiet_root_logger():
         quantize_static(str(src), str(dst), Photos(), quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
                         op_types_to_quantize=["MatMul", "Conv", "Gemm"], calibrate_method=CalibrationMethod.MinMax,
                         use_external_data_format=True,
                         # TensorRT takes symmetric Q/DQ only (zero point 0)
                         extra_options={"ActivationSymmetric": True, "WeightSymmetric": True})
-    finally:
-        root.setLevel(level)
 
 
 def quantize_vision_cpu(src: Path, dst: Path) -> None:
@@ -92,15 +101,10 @@ def quantize_vision_cpu(src: Path, dst: Path) -> None:
     MatMuls in FP32 between Q/DQ pairs (attention and one projection per layer) and gains little
     over FP32; this form runs the weight MatMuls in int8 and attention in FP32 (`make bench`)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)  # the pre-processing advice again
-    try:
+    with _quiet_root_logger():
         quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True,
                          op_types_to_quantize=["MatMul"], use_external_data_format=True,
                          extra_options={"MatMulConstBOnly": True})  # attention stays FP32
-    finally:
-        root.setLevel(level)
 
 
 def _int8_weight_only(model: onnx.ModelProto) -> int:

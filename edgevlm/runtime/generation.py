@@ -95,12 +95,12 @@ class Generator:
         return n
 
     def generate(self, input_ids: Sequence[int], image_embeds: np.ndarray | None,
-                 params: SamplingParams, *, image_encode_ms: float = 0.0,
+                 params: SamplingParams, *, image_encode_ms: float = 0.0, image_cached: bool = False,
                  cancelled: Callable[[], bool] = lambda: False) -> Iterator[Event]:
         n_image = 0 if image_embeds is None or image_embeds.shape[0] == 0 else image_embeds.shape[1]
         n_prompt = self.check(input_ids, n_image, params)
         max_new = min(params.max_tokens, self.max_context - n_prompt)
-        stats = Stats(image_encode_ms=image_encode_ms, prefill_tokens=n_prompt)
+        stats = Stats(image_encode_ms=image_encode_ms, image_cached=image_cached, prefill_tokens=n_prompt)
         sampler = self.sampler(params, input_ids)
         detok = IncrementalDecoder(self.tok, params.stop)
         seq = self.decoder.new_sequence(n_prompt + max_new)

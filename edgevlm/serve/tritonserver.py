@@ -85,6 +85,17 @@ ADMIN_APIS = "model-repository,shared-memory,statistics,trace,logging"
 ADMIN_HEADER = "edgevlm-admin-key"
 
 
+def proc_status_kib(pid: int, field: str) -> int:
+    """A kB figure of /proc/<pid>/status ("VmRSS:", "VmHWM:"); 0 once the process is gone."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(field):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
 class TritonServer:
     """A tritonserver process bound to `host` (loopback by default) on free or given ports.
 
@@ -172,15 +183,7 @@ class TritonServer:
         return self._status_kib("VmRSS:") / 1024
 
     def _status_kib(self, field: str) -> int:
-        total = 0
-        for pid in self.pids():
-            try:
-                for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                    if line.startswith(field):
-                        total += int(line.split()[1])
-            except OSError:
-                pass
-        return total
+        return sum(proc_status_kib(pid, field) for pid in self.pids())
 
     def peak_rss_mb(self) -> float:
         """The server's and its stubs' peak resident memory (each one's high-water mark), MiB."""

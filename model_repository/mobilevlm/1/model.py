@@ -290,9 +290,7 @@ class TritonPythonModel:
         outcome, tokens = "error", 0
         try:
             for event in self.gen.generate(input_ids, embeds, params, image_encode_ms=encode_ms,
-                                           cancelled=stream.cancelled):
-                if event.final:
-                    event.stats.image_cached = image_cached
+                                           image_cached=image_cached, cancelled=stream.cancelled):
                 stream.emit(event)
                 if event.final:
                     tokens = event.stats.decode_tokens
