@@ -9,11 +9,15 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PRESET ?= tiny#            model shape for random-weight checkpoints (edgevlm/presets.py)
-MODEL ?=#                  a real MobileVLM checkpoint directory instead of a random one
-NAME ?= $(if $(MODEL),$(notdir $(abspath $(MODEL))),$(PRESET))#  artifact folder name
+FORMAT ?= original#        random checkpoints' layout: original | llava-hf (LLaVA presets only)
+MODEL ?=#                  a real MobileVLM or LLaVA checkpoint directory instead of a random one
+NAME ?= $(if $(MODEL),$(notdir $(abspath $(MODEL))),$(PRESET)$(if $(filter llava-hf,$(FORMAT)),-hf))#  artifact folder name
 ART := artifacts/$(NAME)
 CKPT := $(if $(MODEL),$(MODEL),$(ART)/checkpoint)
-CLIP ?=#                   local openai CLIP directory for V1 checkpoints (upstream's choice)
+CLIP ?=#                   local openai CLIP directory: MobileVLM V1 (upstream's choice), LLaVA-1.5 (not in its checkpoint)
+# A random LLaVA-1.5 checkpoint in the original layout has no tower either: its writer puts
+# the stand-in for openai's CLIP beside it.
+CLIP_DIR := $(or $(CLIP),$(if $(MODEL),,$(if $(and $(filter llava-v1.5-% tiny-llava-1.5,$(PRESET)),$(filter original,$(FORMAT))),$(ART)/clip)))
 TARGET ?= cpu#             repository target: cpu (ONNX Runtime) | jetson (TensorRT engines)
 PRECISION ?=#              quantize: int8 (default) | int4;  engines: fp16 (default) | int8 | int4;
 #                          repo/serve/demo on cpu: fp32 (default) | int8 | int4 (the quantized export's
@@ -95,7 +99,7 @@ $(VENV)/.installed-device: pyproject.toml client/pyproject.toml
 checkpoint: $(CKPT_SRC) ## write a random-weight checkpoint for PRESET (upstream layout)
 
 $(ART)/checkpoint/config.json: edgevlm/model/random_weights.py edgevlm/presets.py build/make_checkpoint.py | $(SETUP)
-	$(PY) build/make_checkpoint.py --preset $(PRESET) --out $(ART)/checkpoint
+	$(PY) build/make_checkpoint.py --preset $(PRESET) --layout $(FORMAT) --out $(ART)/checkpoint
 
 onnx: $(ART)/onnx/manifest.json ## export vision_encoder.onnx + decoder.onnx + manifest (when the checkpoint or exporter changed)
 
@@ -104,11 +108,11 @@ $(ART)/onnx/manifest.json:  # exports need torch: they are made off the device a
 	@test -f $@ || { echo "onnx: no export at $(ART)/onnx: run \`make onnx\` on an x86 machine and copy artifacts/$(NAME)/onnx* here" >&2; exit 1; }
 else
 $(ART)/onnx/manifest.json: $(CKPT_SRC) $(EXPORT_SRC) | $(SETUP)
-	$(PY) build/export_onnx.py --checkpoint $(CKPT) --out $(ART)/onnx $(if $(CLIP),--clip $(CLIP))
+	$(PY) build/export_onnx.py --checkpoint $(CKPT) --out $(ART)/onnx $(if $(CLIP_DIR),--clip $(CLIP_DIR))
 endif
 
 verify: $(ART)/onnx/manifest.json ## PyTorch vs ONNX Runtime parity on real photos
-	$(PY) build/verify.py --checkpoint $(CKPT) --onnx $(ART)/onnx $(if $(CLIP),--clip $(CLIP))
+	$(PY) build/verify.py --checkpoint $(CKPT) --onnx $(ART)/onnx $(if $(CLIP_DIR),--clip $(CLIP_DIR))
 
 quantize: $(ART)/onnx-$(or $(PRECISION),int8)/manifest.json ## FP16 or Q/DQ export checked against FP32 (PRECISION=fp16|int8|int4, CALIB=photo dir)
 

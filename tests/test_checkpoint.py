@@ -24,11 +24,17 @@ def shrink(name: str):
     heads = 4 if t.num_heads == t.num_kv_heads else 8
     text = replace(t, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=heads,
                    num_kv_heads=heads * t.num_kv_heads // t.num_heads, vocab_size=512)
-    return replace(cfg, name=f"{name}-toy", vision=TINY_VISION, text=text)
+    scale = TINY_VISION.image_size / cfg.vision.image_size
+    pinpoints = tuple((round(h * scale), round(w * scale)) for h, w in cfg.grid_pinpoints)
+    return replace(cfg, name=f"{name}-toy", vision=TINY_VISION, text=text, grid_pinpoints=pinpoints)
 
 
-# How each released checkpoint is stored: one bf16 bin, except V2-7B's two shards + index.
-STORAGE = {"mobilevlm-v2-7b": dict(fmt="bin", shard_bytes=200_000)}
+# How each released checkpoint is stored: one bf16 bin, except V2-7B's two shards + index and
+# LLaVA-1.6's safetensors shards.
+STORAGE = {"mobilevlm-v2-7b": dict(fmt="bin", shard_bytes=200_000),
+           "llava-v1.6-vicuna-7b": dict(fmt="safetensors", shard_bytes=200_000),
+           "llava-v1.6-mistral-7b": dict(fmt="safetensors", shard_bytes=200_000)}
+ARCHITECTURES = {"mobilevlm": "MobileLlamaForCausalLM", "llava": "LlavaLlamaForCausalLM"}
 
 
 @pytest.mark.parametrize("name", [n for n in PRESETS if not n.startswith("tiny")])
@@ -37,10 +43,13 @@ def test_round_trip_of_every_preset_layout(tmp_path, name):
     d = write_random_checkpoint(tmp_path / name, cfg, **STORAGE.get(name, {}))
     written = json.loads((d / "config.json").read_text())
     assert written["mm_projector_type"] == PRESETS[name].projector_type
-    assert written["architectures"] == ["MobileLlamaForCausalLM"]
-    if name == "mobilevlm-v2-7b":
-        assert (d / "pytorch_model.bin.index.json").is_file()
-    ck = read_checkpoint(d)
+    arch = "LlavaMistralForCausalLM" if "mistral" in name else ARCHITECTURES[cfg.family]
+    assert written["architectures"] == [arch]
+    if name in STORAGE:
+        assert any(d.glob("*.index.json"))
+    # LLaVA-1.5 is released without its CLIP tower; the writer puts it beside the checkpoint
+    clip = tmp_path / "clip" if cfg.version == "1.5" else None
+    ck = read_checkpoint(d, clip)
     assert ck.config.same_shape(cfg)
     assert set(ck.tensors) == set(layout(cfg))
     assert all(t.dtype == torch.bfloat16 for t in ck.tensors.values())

@@ -93,6 +93,8 @@ def test_reference_modules_have_exactly_the_checkpoint_keys(name):
     got |= {k: tuple(p.shape) for k, p in model.decoder.state_dict().items()}
     got |= {"model.vision_tower.vision_tower." + k: tuple(p.shape)
             for k, p in model.vision.tower.state_dict().items()}
+    if hasattr(model, "image_newline"):  # LLaVA-1.6
+        got["model.image_newline"] = tuple(model.image_newline.shape)
     # The tower is built only up to the selected layer; the rest are in the checkpoint only.
     unused = {k for k in want if k not in got}
     assert all(".post_layernorm." in k or f".layers.{cfg.vision.layers_used}." in k

@@ -133,8 +133,10 @@ def cmd_health(args) -> int:
         print(f"{args.url}: not ready")
         return 1
     info = client.metadata()
+    tokens = (f"{info.image_tokens_min}-{info.image_tokens}" if info.image_tokens_min < info.image_tokens
+              else str(info.image_tokens))
     print(f"{args.url}: ready | {info.name} serves {info.model_name}: context {info.max_context} tokens, "
-          f"image {info.image_size}px -> {info.image_tokens} tokens, {info.max_sequences} streams at once")
+          f"image {info.image_size}px -> {tokens} tokens, {info.max_sequences} streams at once")
     return 0
 
 

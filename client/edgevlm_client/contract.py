@@ -87,9 +87,10 @@ OUTPUTS = (
 )
 
 # Keys of the JSON in the last response's `stats`.
-STATS = ("image_encode_ms", "image_cached", "queue_ms", "prefill_tokens", "cached_tokens", "prefill_ms",
+STATS = ("image_encode_ms", "image_cached", "image_tokens", "queue_ms", "prefill_tokens", "cached_tokens", "prefill_ms",
          "decode_tokens", "decode_ms", "decode_tokens_per_s", "prefill_tokens_per_s", "finish_reason")
 # image_cached: the image's embeddings came from the server's image cache (image_encode_ms 0);
+# image_tokens: context positions the image took (LLaVA-1.6: depends on the picture's size);
 # cached_tokens: prompt positions whose KV came from the prefix cache instead of prefill.
 FINISH_REASONS = ("stop", "length", "cancelled")
 

@@ -62,10 +62,11 @@ class ModelInfo:
     model_name: str           # the checkpoint behind it (e.g. "mobilevlm-v2-1.7b")
     max_context: int          # tokens: prompt, image embeddings and answer together
     image_size: int           # the vision tower's input side, pixels
-    image_tokens: int         # context tokens one image takes
+    image_tokens: int         # context tokens one image takes, at most
     default_max_tokens: int
     max_sequences: int        # streams decoded at once; more wait their turn
     inputs: dict[str, str]    # input name -> Triton datatype
+    image_tokens_min: int = 0  # at least (LLaVA-1.6's count depends on the picture's size)
 
     @classmethod
     def from_triton(cls, metadata: dict, config: dict) -> ModelInfo:
@@ -75,7 +76,8 @@ class ModelInfo:
                    model_name=params.get("model_name", ""), max_context=number("max_context"),
                    image_size=number("image_size"), image_tokens=number("image_tokens"),
                    default_max_tokens=number("default_max_tokens"), max_sequences=number("max_sequences"),
-                   inputs={t["name"]: t["datatype"] for t in metadata.get("inputs", [])})
+                   inputs={t["name"]: t["datatype"] for t in metadata.get("inputs", [])},
+                   image_tokens_min=number("image_tokens_min") or number("image_tokens"))
 
 
 def _tensor(name: str, value) -> grpcclient.InferInput:

@@ -1,4 +1,5 @@
-"""Checkpoint -> ONNX: vision_encoder.onnx, decoder.onnx, embedding table, tokenizer, manifest.
+"""Checkpoint -> ONNX: vision_encoder.onnx, decoder.onnx, embedding table, tokenizer, manifest
+(and LLaVA-1.6's image_newline.npy, which the runtime's anyres packing appends to each row).
 
 Tensor contract (float32 graphs; TensorRT lowers them to FP16/INT8 on the device):
   vision_encoder  pixel_values [batch, 3, S, S]  ->  image_embeds [batch, N, D]
@@ -32,7 +33,7 @@ from edgevlm.export import cleanup, static_cache
 from edgevlm.model.checkpoint import TOKENIZER_FILES, read_checkpoint
 from edgevlm.runtime.image import PAD_COLOUR
 from edgevlm.manifest import write_manifest
-from edgevlm.presets import CLIP_MEAN, CLIP_STD, IMAGE_TOKEN_INDEX, ModelConfig
+from edgevlm.presets import ANYRES, CLIP_MEAN, CLIP_STD, IMAGE_TOKEN_INDEX, ModelConfig
 from edgevlm.runtime.prompt import STOP_STRING
 from edgevlm.model.llama import LlamaDecoder
 from edgevlm.model.mobilevlm import MobileVLM
@@ -130,7 +131,7 @@ def export_onnx(checkpoint_dir: str | Path, out_dir: str | Path, clip_dir: str |
         rss, peak = memory_gb()
         _log(f"{msg}  [{time.monotonic() - t0:.0f} s, RSS {rss:.1f} GB, peak {peak:.1f} GB]")
 
-    ckpt = read_checkpoint(checkpoint_dir)
+    ckpt = read_checkpoint(checkpoint_dir, clip_dir)
     cfg = ckpt.config
     out_dir = Path(out_dir)
     log(f"onnx: {ckpt.path} -> {out_dir} ({cfg.name}, {cfg.version}, {cfg.projector_type})")
@@ -149,6 +150,8 @@ def export_onnx(checkpoint_dir: str | Path, out_dir: str | Path, clip_dir: str |
         log("onnx: [2/4] decoder, static KV cache (in-place updates)")
         export_decoder(model, cfg, raw / "static" / "decoder.static.onnx", static=True)
         np.save(tmp / "embed_tokens.npy", model.decoder.model.embed_tokens.weight.detach().numpy())
+        if cfg.image_aspect == ANYRES:  # the runtime packs tiles (runtime/anyres.py)
+            np.save(tmp / "image_newline.npy", model.image_newline.detach().float().numpy())
         # The exporter's IR keeps references to the parameters after export: release their
         # storage outright, and the checkpoint's mapped weights with it.
         for t in [*model.parameters(), *model.buffers()]:
@@ -179,6 +182,8 @@ def _manifest(ckpt, cfg: ModelConfig, root: Path, vision_source: str) -> dict:
     files = {"vision_encoder": "vision_encoder.onnx", "decoder": "decoder.onnx",
              "decoder_static": "decoder.static.onnx",
              "embed_tokens": "embed_tokens.npy", "tokenizer": "tokenizer.model"}
+    if (root / "image_newline.npy").is_file():
+        files["image_newline"] = "image_newline.npy"
     for key in ("vision_encoder", "decoder"):  # weights beside each graph
         if (root / f"{key}.onnx.data").is_file():
             files[f"{key}_data"] = f"{key}.onnx.data"
@@ -188,8 +193,10 @@ def _manifest(ckpt, cfg: ModelConfig, root: Path, vision_source: str) -> dict:
         "source": {"checkpoint": str(ckpt.path.resolve()), "sha256": ckpt.sha256(),
                    "vision_weights": vision_source},
         "image": {"size": cfg.vision.image_size, "mean": list(CLIP_MEAN), "std": list(CLIP_STD),
-                  "pad_colour": list(PAD_COLOUR), "tokens": cfg.image_tokens},
-        "prompt": {"template": "v1", "image_token_index": IMAGE_TOKEN_INDEX,
+                  "pad_colour": list(PAD_COLOUR), "aspect": cfg.image_aspect,
+                  "grid_pinpoints": [list(p) for p in cfg.grid_pinpoints],
+                  "tokens": cfg.image_tokens, "max_tokens": cfg.max_image_tokens},
+        "prompt": {"template": cfg.template, "image_token_index": IMAGE_TOKEN_INDEX,
                    "stop": [STOP_STRING], "eos_token_id": cfg.text.eos_token_id,
                    "bos_token_id": cfg.text.bos_token_id},
         "files": files,

@@ -20,7 +20,9 @@ import torch
 from edgevlm.model.checkpoint import read_checkpoint
 from edgevlm.runtime.embedding import EmbeddingTable
 from edgevlm.runtime.onnxruntime import OrtDecoder, OrtVisionEncoder
-from edgevlm.runtime.image import preprocess
+from edgevlm.presets import ANYRES
+from edgevlm.runtime import anyres
+from edgevlm.runtime.image import preprocess_tiles
 from edgevlm.manifest import OnnxArtifacts
 from edgevlm.runtime.prompt import build_prompt, tokenize_prompt
 from edgevlm.model.mobilevlm import MobileVLM
@@ -74,7 +76,8 @@ class Report:
 
 
 def onnx_greedy(decoder: OrtDecoder, table: EmbeddingTable, ids: list[int],
-                image_embeds: np.ndarray | None, n: int) -> tuple[list[int], np.ndarray]:
+                image_embeds: np.ndarray | None, n: int, vocab: int | None = None) -> tuple[list[int], np.ndarray]:
+    """Greedy over the first `vocab` ids (the tokenizer's), as serving picks."""
     x = table.embed(ids, image_embeds)
     past = decoder.empty_cache()
     pos, out, rows = 0, [], []
@@ -82,7 +85,7 @@ def onnx_greedy(decoder: OrtDecoder, table: EmbeddingTable, ids: list[int],
         positions = np.arange(pos, pos + x.shape[1], dtype=np.int64)[None]
         logits, past = decoder(x, positions, past)
         pos += x.shape[1]
-        tok = int(logits[0].argmax())
+        tok = int(logits[0][:vocab].argmax())
         out.append(tok)
         rows.append(logits[0])
         x = table.embed([tok])
@@ -90,14 +93,14 @@ def onnx_greedy(decoder: OrtDecoder, table: EmbeddingTable, ids: list[int],
 
 
 def sequence_greedy(decoder: OrtDecoder, table: EmbeddingTable, ids: list[int],
-                    image_embeds: np.ndarray | None, n: int) -> tuple[list[int], np.ndarray]:
+                    image_embeds: np.ndarray | None, n: int, vocab: int | None = None) -> tuple[list[int], np.ndarray]:
     """Greedy through decoder.new_sequence (the path Generator takes)."""
     x = table.embed(ids, image_embeds)
     seq = decoder.new_sequence(x.shape[1] + n)
     out, rows = [], []
     for _ in range(n):
         logits = seq.forward(x).copy()
-        out.append(int(logits.argmax()))
+        out.append(int(logits[:vocab].argmax()))
         rows.append(logits)
         x = table.embed([out[-1]])
     return out, np.stack(rows)
@@ -118,7 +121,7 @@ def run_parity(checkpoint: str | Path, onnx_dir: str | Path, *, clip_dir=None, i
                new_tokens: int = 32, log=print) -> Report:
     t0 = time.monotonic()
     art = OnnxArtifacts.open(onnx_dir)
-    ckpt = read_checkpoint(checkpoint)
+    ckpt = read_checkpoint(checkpoint, clip_dir)
     cfg = ckpt.config
     if not cfg.same_shape(art.config):
         raise ValueError(f"{onnx_dir} was exported from a {art.config.name} model, "
@@ -130,27 +133,33 @@ def run_parity(checkpoint: str | Path, onnx_dir: str | Path, *, clip_dir=None, i
               if "decoder_static" in art.manifest["files"] else None)
     table = EmbeddingTable(art.path("embed_tokens"))
     tok = Tokenizer(art.path("tokenizer"))
+    newline = np.load(art.path("image_newline")) if cfg.image_aspect == ANYRES else None
 
     report = Report()
     cases = [(name, data) for name, data in sample_images(images).items()] + [("text-only", None)]
     for name, data in cases:
-        ids = tokenize_prompt(tok, build_prompt(QUESTION if data else TEXT_ONLY, image=data is not None))
-        px = preprocess(data, cfg.vision.image_size)[None] if data else None
+        ids = tokenize_prompt(tok, build_prompt(QUESTION if data else TEXT_ONLY, image=data is not None,
+                                                template=cfg.template))
+        px, size = (preprocess_tiles(data, cfg.vision.image_size, cfg.image_aspect, cfg.grid_pinpoints)
+                    if data else (None, None))
         img_err = img_scale = ref_embeds = onnx_embeds = None
         with torch.no_grad():
             if px is not None:
-                ref_embeds = model.vision(torch.from_numpy(px)).numpy()
+                ref_embeds = model.image_features(torch.from_numpy(px), size).numpy()[None]
                 onnx_embeds = vision(px)
+                if newline is not None:  # the runtime's packing, with the export's newline vector
+                    onnx_embeds = anyres.pack(onnx_embeds, size, cfg.grid_pinpoints, cfg.vision.image_size,
+                                              newline)[None]
                 img_err = float(np.abs(ref_embeds - onnx_embeds).max())
                 img_scale = float(np.abs(ref_embeds).max())
             ref_tokens, ref_rows = model.generate(
                 ids, torch.from_numpy(px) if px is not None else None, max_new_tokens=new_tokens,
-                stop_ids=[], return_logits=True)
-        onnx_tokens, onnx_rows = onnx_greedy(decoder, table, ids, onnx_embeds, new_tokens)
+                stop_ids=[], return_logits=True, image_size=size, vocab=tok.vocab_size)
+        onnx_tokens, onnx_rows = onnx_greedy(decoder, table, ids, onnx_embeds, new_tokens, tok.vocab_size)
         err = _logits_err(ref_tokens, ref_rows.numpy(), onnx_tokens, onnx_rows)
         static_tokens = None
         if static is not None:
-            static_tokens, static_rows = sequence_greedy(static, table, ids, onnx_embeds, new_tokens)
+            static_tokens, static_rows = sequence_greedy(static, table, ids, onnx_embeds, new_tokens, tok.vocab_size)
             err = max(err, _logits_err(ref_tokens, ref_rows.numpy(), static_tokens, static_rows))
         case = Case(name, len(ids), ref_tokens, onnx_tokens, err,
                     float(np.abs(ref_rows.numpy()).max()), img_err, img_scale, static_tokens)

@@ -15,7 +15,9 @@ import numpy as np
 
 from edgevlm.runtime.embedding import EmbeddingTable
 from edgevlm.runtime.onnxruntime import OrtDecoder, OrtVisionEncoder
-from edgevlm.runtime.image import preprocess
+from edgevlm.presets import ANYRES
+from edgevlm.runtime import anyres
+from edgevlm.runtime.image import preprocess_tiles
 from edgevlm.manifest import OnnxArtifacts
 from edgevlm.runtime.prompt import build_prompt, tokenize_prompt
 from edgevlm.runtime.tokenizer import Tokenizer
@@ -97,6 +99,16 @@ class _Pipeline:
         self.vision = OrtVisionEncoder(art.path(vision))
         self.decoder = OrtDecoder(art.path(decoder), self.cfg.text)
         self.table = EmbeddingTable(art.path("embed_tokens"))
+        self.newline = np.load(art.path("image_newline")) if self.cfg.image_aspect == ANYRES else None
+
+    def image(self, data: bytes) -> np.ndarray:
+        """A photo -> its image_embeds [1, T, D], as the runtime makes them (anyres: packed)."""
+        c = self.cfg
+        px, size = preprocess_tiles(data, c.vision.image_size, c.image_aspect, c.grid_pinpoints)
+        feats = self.vision(px)
+        if self.newline is None:
+            return feats
+        return anyres.pack(feats, size, c.grid_pinpoints, c.vision.image_size, self.newline)[None]
 
     def prefill(self, ids, image_embeds, capacity):
         seq = self.decoder.new_sequence(capacity)
@@ -123,11 +135,11 @@ def check_quantized(fp32_dir: str | Path, quant_dir: str | Path, images: dict[st
     for _name, img in cases:
         emb_ref = emb_q = None
         if img is not None:
-            px = preprocess(img, ref.cfg.vision.image_size)[None]
-            emb_ref, emb_q = ref.vision(px), q.vision(px)
+            emb_ref, emb_q = ref.image(img), q.image(img)
             cosines.extend(_cosine(emb_ref, emb_q).tolist())
-        ids = tokenize_prompt(tok, build_prompt(QUESTION if img is not None else TEXT_ONLY, image=img is not None))
-        n = len(ids) + (0 if img is None else ref.cfg.image_tokens - 1)
+        ids = tokenize_prompt(tok, build_prompt(QUESTION if img is not None else TEXT_ONLY, image=img is not None,
+                                                template=ref.cfg.template))
+        n = len(ids) + (0 if img is None else emb_ref.shape[1] - 1)
         seq_r, lr = ref.prefill(ids, emb_ref, n + STEPS + 1)
         seq_t, lt = q.prefill(ids, emb_q, n + STEPS + 1)  # teacher-forced: fed the FP32 tokens
         seq_f, lf = q.prefill(ids, emb_q, n + STEPS + 1)  # free-running

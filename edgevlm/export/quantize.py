@@ -284,7 +284,8 @@ def quantize_export(onnx_dir: str | Path, out_dir: str | Path, precision: str, *
         if static:
             matmul_nbits.write_cpu_decoder(tmp / "decoder.static.onnx", tmp / "decoder.static.cpu.onnx")
             static_cache.share_file_weights(tmp / "decoder.static.cpu.onnx", tmp / "decoder.cpu.onnx")
-        for key in ("embed_tokens", "tokenizer"):
+        carried = [k for k in ("embed_tokens", "tokenizer", "image_newline") if k in src.manifest["files"]]
+        for key in carried:
             shutil.copy2(src.path(key), tmp / src.manifest["files"][key])
         agree = functools.partial(_agreement, tmp / "decoder.onnx", cfg=cfg,
                                   table_path=tmp / src.manifest["files"]["embed_tokens"],
@@ -298,7 +299,7 @@ def quantize_export(onnx_dir: str | Path, out_dir: str | Path, precision: str, *
                 raise QuantizationError(f"{name} drifts from the quantized decoder: logits cosine {cosine:.4f}")
         manifest = {k: v for k, v in src.manifest.items() if k not in ("format", "files", "sha256", "io", "opset", "created")}
         files = {"vision_encoder": "vision_encoder.onnx", "decoder": "decoder.onnx",
-                 "embed_tokens": src.manifest["files"]["embed_tokens"], "tokenizer": src.manifest["files"]["tokenizer"]}
+                 **{k: src.manifest["files"][k] for k in carried}}
         files.update(decoder_fp16="decoder.fp16.onnx", vision_encoder_fp16="vision_encoder.fp16.onnx",
                      decoder_cpu="decoder.cpu.onnx", vision_encoder_cpu="vision_encoder.cpu.onnx")
         if static:

@@ -1,9 +1,12 @@
-"""MobileVLM checkpoints in the upstream Hugging Face layout: the key layout and the reader.
+"""MobileVLM and LLaVA checkpoints in their upstream layouts: the key layout and the reader.
 
 A checkpoint directory holds config.json, the weights (`pytorch_model.bin` or
 `model.safetensors`, optionally sharded with an `*.index.json`) and the LLaMA SentencePiece
-tokenizer. One state dict carries the LLM, the projector (`model.mm_projector.*`) and a copy
-of the CLIP tower (`model.vision_tower.vision_tower.vision_model.*`).
+tokenizer. In the original (LLaVA-code) format one state dict carries the LLM, the projector
+(`model.mm_projector.*`), a copy of the CLIP tower (`model.vision_tower.vision_tower.
+vision_model.*`; LLaVA-1.5 releases leave it out and run openai's) and, for LLaVA-1.6,
+`model.image_newline`. That format is the canonical key set here: the llava-hf transformers
+format (llava_hf.py) is renamed into it on reading.
 """
 
 from __future__ import annotations
@@ -11,16 +14,19 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
-from edgevlm.presets import LDP, LDPV2, ModelConfig, TextConfig, VisionConfig, match_preset
+from edgevlm.presets import (ANYRES, LDP, LDPV2, MLP2X_GELU, PAD, ModelConfig, TextConfig,
+                             VisionConfig, match_preset)
 from edgevlm.model.projector import se_width
 
 VISION_PREFIX = "model.vision_tower.vision_tower."
 PROJECTOR_PREFIX = "model.mm_projector."
+NEWLINE_KEY = "model.image_newline"  # LLaVA-1.6: the vector closing each row of the tile grid
+PROJECTORS = (LDP, LDPV2, MLP2X_GELU)
 CLIP_HEAD_DIM = 64  # every OpenAI CLIP ViT; config.json does not record the tower's head count
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
 
@@ -29,7 +35,7 @@ WEIGHT_SINGLES = ("model.safetensors", "pytorch_model.bin")
 
 
 class CheckpointError(ValueError):
-    """A checkpoint directory that does not hold a loadable MobileVLM checkpoint."""
+    """A checkpoint directory that does not hold a loadable MobileVLM or LLaVA checkpoint."""
 
 
 # --- the layout: every key of the upstream state dict and its shape ------------------------
@@ -58,6 +64,8 @@ def vision_layout(v: VisionConfig) -> dict[str, tuple[int, ...]]:
 def projector_layout(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Keys inside `model.mm_projector.`."""
     i, d = cfg.vision.hidden_size, cfg.text.hidden_size
+    if cfg.projector_type == MLP2X_GELU:
+        return {"0.weight": (d, i), "0.bias": (d,), "2.weight": (d, d), "2.bias": (d,)}
     if cfg.projector_type.startswith(LDPV2):
         return {"mlp.mlp.0.weight": (d, i), "mlp.mlp.0.bias": (d,),
                 "mlp.mlp.2.weight": (d, d), "mlp.mlp.2.bias": (d,),
@@ -76,7 +84,7 @@ def projector_layout(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
             })
         return keys
     raise CheckpointError(f"config.json: mm_projector_type {cfg.projector_type!r} is not "
-                          f"supported (expected {LDP!r} or {LDPV2!r})")
+                          f"supported (expected one of {', '.join(PROJECTORS)})")
 
 
 def llm_layout(t: TextConfig) -> dict[str, tuple[int, ...]]:
@@ -97,11 +105,15 @@ def llm_layout(t: TextConfig) -> dict[str, tuple[int, ...]]:
     return keys
 
 
-def layout(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """The whole checkpoint state dict: key -> shape, in upstream key names."""
+def layout(cfg: ModelConfig, tower: bool = True) -> dict[str, tuple[int, ...]]:
+    """The whole checkpoint state dict: key -> shape, in upstream key names. tower=False: as
+    LLaVA-1.5 is released, without the CLIP tower."""
     keys = llm_layout(cfg.text)
     keys.update({PROJECTOR_PREFIX + k: s for k, s in projector_layout(cfg).items()})
-    keys.update({VISION_PREFIX + k: s for k, s in vision_layout(cfg.vision).items()})
+    if tower:
+        keys.update({VISION_PREFIX + k: s for k, s in vision_layout(cfg.vision).items()})
+    if cfg.image_aspect == ANYRES:
+        keys[NEWLINE_KEY] = (cfg.text.hidden_size,)
     return keys
 
 
@@ -115,6 +127,7 @@ class Weights:
     projector: dict[str, torch.Tensor]
     llm: dict[str, torch.Tensor]  # LlamaForCausalLM keys
     vision_source: str  # where the CLIP weights came from
+    image_newline: torch.Tensor | None = None  # LLaVA-1.6 only
 
 
 @dataclass
@@ -122,29 +135,35 @@ class Checkpoint:
     path: Path
     config: ModelConfig
     weight_files: list[Path]
-    tensors: dict[str, torch.Tensor]  # lazily mapped from disk
+    tensors: dict[str, torch.Tensor]  # lazily mapped from disk, canonical key names
+    clip_dir: Path | None = None  # where the tower comes from when the checkpoint has none
+    format: str = "original"  # or "llava-hf"
 
     def weights(self, clip_dir: str | Path | None = None) -> Weights:
         """Split the state dict into its parts, honouring upstream's choice of CLIP weights.
 
-        V2 runs the CLIP copy stored in the checkpoint. V1 upstream re-loads pristine
-        openai/clip-vit-large-patch14-336 from the hub instead; pass its local directory as
-        `clip_dir` to reproduce that. Without it the stored copy is used (the tower was frozen
-        in training, so the two differ only by bf16 rounding) and a note says so.
+        MobileVLM V2 and LLaVA-1.6 run the tower stored in the checkpoint (1.6 fine-tuned it).
+        MobileVLM V1 and LLaVA-1.5 upstream load pristine openai/clip-vit-large-patch14-336
+        from the hub instead; pass its local directory as `clip_dir` to reproduce that. Without
+        it a stored copy is used (the tower was frozen in training, so the two differ only by
+        rounding) and a note says so; a 1.5 release stores none, so read_checkpoint needed it.
         """
         t = self.tensors
+        clip_dir = clip_dir if clip_dir is not None else self.clip_dir
         vision = {k[len(VISION_PREFIX):]: t[k] for k in t if k.startswith(VISION_PREFIX)}
         source = f"{self.path.name} (stored copy)"
-        if self.config.version == "v1":
+        if self.clip_dir is not None and Path(clip_dir) == self.clip_dir:
+            source = str(clip_dir)  # read_checkpoint already took the tower from there
+        elif self.config.version in ("v1", "1.5") and self.format == "original":
             if clip_dir is not None:
                 vision, source = read_clip_dir(Path(clip_dir), self.config.vision), str(clip_dir)
             else:
-                print(f"note: {self.path.name} is MobileVLM V1, which upstream runs with the "
-                      "hub's openai CLIP weights; using the stored copy (pass a local CLIP "
-                      "directory to use those instead)", file=sys.stderr)
+                print(f"note: {self.path.name} is {self.config.family} {self.config.version}, which "
+                      "upstream runs with the hub's openai CLIP weights; using the stored copy (pass a "
+                      "local CLIP directory to use those instead)", file=sys.stderr)
         projector = {k[len(PROJECTOR_PREFIX):]: t[k] for k in t if k.startswith(PROJECTOR_PREFIX)}
         llm = {k: t[k] for k in llm_layout(self.config.text)}
-        return Weights(vision, projector, llm, source)
+        return Weights(vision, projector, llm, source, t.get(NEWLINE_KEY))
 
     def sha256(self) -> str:
         """Digest of config.json and the weight files, for manifests."""
@@ -161,11 +180,13 @@ class Checkpoint:
         return self.path / "tokenizer.model"
 
 
-def read_checkpoint(path: str | Path) -> Checkpoint:
-    """Open and validate a checkpoint directory. Raises CheckpointError naming the problem."""
+def read_checkpoint(path: str | Path, clip_dir: str | Path | None = None) -> Checkpoint:
+    """Open and validate a checkpoint directory, either format. Raises CheckpointError naming
+    the problem. clip_dir: the CLIP tower for a checkpoint released without one (LLaVA-1.5)."""
+    from edgevlm.model import llava_hf
     path = Path(path)
     if not (path / "config.json").is_file():
-        raise CheckpointError(f"{path}: no config.json (is this a MobileVLM checkpoint directory?)")
+        raise CheckpointError(f"{path}: no config.json (is this a MobileVLM or LLaVA checkpoint directory?)")
     raw = json.loads((path / "config.json").read_text())
     if not (path / "tokenizer.model").is_file():
         raise CheckpointError(f"{path}: no tokenizer.model (the LLaMA SentencePiece tokenizer)")
@@ -175,9 +196,35 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
         tensors.update(_load_file(f))
     # transformers < 4.32 saved RoPE's inv_freq buffer; it is recomputed, never loaded.
     tensors = {k: v for k, v in tensors.items() if not k.endswith("rotary_emb.inv_freq")}
-    config = config_from_checkpoint(raw, tensors, name=path.name)
-    check_tensors(tensors, layout(config), where=str(path))
-    return Checkpoint(path, config, files, tensors)
+    fmt = "llava-hf" if llava_hf.is_hf_config(raw) else "original"
+    spell = None  # canonical key -> the name on disk, for messages
+    if fmt == "llava-hf":
+        tensors, names = llava_hf.canonical_keys(tensors)
+        spell = lambda k: names.get(k) or llava_hf.hub_name(k)  # noqa: E731
+    else:
+        tensors = _with_vision_model_level(tensors)
+    tower_stored = any(k.startswith(VISION_PREFIX) for k in tensors)
+    if not tower_stored:
+        if clip_dir is None:
+            raise CheckpointError(f"{path}: the checkpoint holds no CLIP vision tower (LLaVA-1.5 releases "
+                                  "leave it out); pass CLIP=<local openai/clip-vit-large-patch14-336 directory>")
+        tensors.update({VISION_PREFIX + k: t for k, t in _clip_tensors(Path(clip_dir)).items()})
+    if fmt == "llava-hf":
+        config = llava_hf.config_from_hf(raw, tensors, name=path.name)
+    else:
+        config = config_from_checkpoint(raw, tensors, name=path.name)
+    check_tensors(tensors, layout(config), where=str(path), spell=spell)
+    return Checkpoint(path, config, files, tensors, Path(clip_dir) if not tower_stored else None, fmt)
+
+
+def _with_vision_model_level(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """transformers 5 saves CLIPVisionModel without its `vision_model.` level; put it back."""
+    out = {}
+    for k, t in tensors.items():
+        if k.startswith(VISION_PREFIX) and not k.startswith(VISION_PREFIX + "vision_model."):
+            k = VISION_PREFIX + "vision_model." + k[len(VISION_PREFIX):]
+        out[k] = t
+    return out
 
 
 def weight_files(path: Path) -> list[Path]:
@@ -214,9 +261,9 @@ def config_from_checkpoint(raw: dict, tensors: dict[str, torch.Tensor], name: st
         return raw[key]
 
     ptype = need("mm_projector_type")
-    if not (ptype.startswith(LDPV2) or ptype.startswith(LDP)):
+    if not (ptype == MLP2X_GELU or ptype.startswith(LDPV2) or ptype.startswith(LDP)):
         raise CheckpointError(f"config.json: mm_projector_type {ptype!r} is not supported "
-                              f"(expected {LDP!r} or {LDPV2!r})")
+                              f"(expected one of {', '.join(PROJECTORS)})")
     if raw.get("mm_vision_select_feature", "patch") != "patch":
         raise CheckpointError("config.json: only mm_vision_select_feature 'patch' is supported")
     if raw.get("mm_use_im_start_end"):
@@ -230,7 +277,40 @@ def config_from_checkpoint(raw: dict, tensors: dict[str, torch.Tensor], name: st
         rms_norm_eps=need("rms_norm_eps"), rope_theta=raw.get("rope_theta", 10000.0),
         bos_token_id=raw.get("bos_token_id", 1), eos_token_id=raw.get("eos_token_id", 2),
         pad_token_id=raw.get("pad_token_id", 0))
+    if ptype == MLP2X_GELU:
+        # LLaVA trains and truncates at tokenizer_model_max_length (4096) whatever the LLM's
+        # own positions reach (Mistral: 32768).
+        text = replace(text, max_position=min(text.max_position, raw.get("tokenizer_model_max_length") or 4096))
+    vision = vision_from_tensors(tensors, raw.get("mm_vision_select_layer", -2))
+    if raw.get("mm_hidden_size", vision.hidden_size) != vision.hidden_size:
+        raise CheckpointError(f"config.json: mm_hidden_size {raw['mm_hidden_size']} does not "
+                              f"match the vision tower width {vision.hidden_size}")
+    aspect = PAD  # what MobileVLM's code does whatever the field says
+    if ptype == MLP2X_GELU:
+        aspect = raw.get("image_aspect_ratio") or PAD
+        if aspect not in (PAD, ANYRES):
+            raise CheckpointError(f"config.json: image_aspect_ratio {aspect!r} is not supported "
+                                  f"(expected {PAD!r} or {ANYRES!r})")
+    pinpoints = ()
+    if aspect == ANYRES:
+        if "unpad" not in (raw.get("mm_patch_merge_type") or ""):
+            raise CheckpointError("config.json: anyres needs mm_patch_merge_type 'spatial_unpad'")
+        # The original code reads each pinpoint as (width, height); ours are (height, width).
+        pinpoints = tuple((h, w) for w, h in need("image_grid_pinpoints"))
+    return match_preset(ModelConfig(name, ptype, vision, text, aspect, pinpoints,
+                                    template_for(raw, ptype, aspect)))
 
+
+def template_for(raw: dict, ptype: str, aspect: str) -> str:
+    """The conversation template upstream picks for the model (LLaVA's run_llava by name)."""
+    arch = " ".join(raw.get("architectures") or []) + " " + str(raw.get("model_type", ""))
+    if "istral" in arch:
+        return "mistral_instruct"
+    return "llava_v1" if ptype == MLP2X_GELU and aspect == ANYRES else "vicuna_v1"
+
+
+def vision_from_tensors(tensors: dict[str, torch.Tensor], select_layer: int) -> VisionConfig:
+    """The CLIP tower's dims from its weights: config.json does not record them."""
     def shape(key):
         full = VISION_PREFIX + key
         if full not in tensors:
@@ -246,40 +326,47 @@ def config_from_checkpoint(raw: dict, tensors: dict[str, torch.Tensor], name: st
     layers = 0
     while VISION_PREFIX + f"vision_model.encoder.layers.{layers}.mlp.fc1.weight" in tensors:
         layers += 1
-    vision = VisionConfig(
+    return VisionConfig(
         image_size=grid * patch, patch_size=patch, hidden_size=c,
         intermediate_size=shape("vision_model.encoder.layers.0.mlp.fc1.weight")[0],
-        num_layers=layers, num_heads=max(1, c // CLIP_HEAD_DIM),
-        select_layer=raw.get("mm_vision_select_layer", -2))
-    if raw.get("mm_hidden_size", c) != c:
-        raise CheckpointError(f"config.json: mm_hidden_size {raw['mm_hidden_size']} does not "
-                              f"match the vision tower width {c}")
-    return match_preset(ModelConfig(name, ptype, vision, text))
+        num_layers=layers, num_heads=max(1, c // CLIP_HEAD_DIM), select_layer=select_layer)
 
 
 def check_tensors(tensors: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]],
-                  where: str) -> None:
+                  where: str, spell=None) -> None:
+    """spell: canonical key -> the key as the files spell it, so messages name what is on disk."""
+    name = (lambda k, _: spell(k)) if spell else (lambda k, _: k)
     missing = [k for k in expected if k not in tensors]
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise CheckpointError(f"{where}: missing key {missing[0]}{more}")
+        raise CheckpointError(f"{where}: missing key {name(missing[0], missing[0])}{more}")
     for k, s in expected.items():
         if tuple(tensors[k].shape) != s:
-            raise CheckpointError(f"{where}: key {k} has shape {list(tensors[k].shape)}, "
+            raise CheckpointError(f"{where}: key {name(k, k)} has shape {list(tensors[k].shape)}, "
                                   f"expected {list(s)} from config.json")
-    extra = sorted(k for k in tensors if k not in expected)
+    extra = sorted(name(k, k) for k in tensors if k not in expected)
     if extra:
         more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
         raise CheckpointError(f"{where}: unexpected key {extra[0]}{more}; does config.json "
                               "match the weights?")
 
 
-def read_clip_dir(path: Path, v: VisionConfig) -> dict[str, torch.Tensor]:
-    """CLIP weights from a local Hugging Face CLIP directory (CLIPModel or CLIPVisionModel)."""
+def _clip_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """The `vision_model.*` tensors of a local Hugging Face CLIP directory (CLIPModel or
+    CLIPVisionModel, with or without transformers 5's missing `vision_model.` level)."""
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: no such CLIP directory")
     tensors = {}
     for f in weight_files(path):
         tensors.update(_load_file(f))
+    if not any(k.startswith("vision_model.") for k in tensors):  # a transformers 5 CLIPVisionModel
+        tensors = {"vision_model." + k: t for k, t in tensors.items() if not k.startswith("text_model.")}
     vision = {k: t for k, t in tensors.items() if k.startswith("vision_model.")}
-    vision = {k: t for k, t in vision.items() if not k.endswith("position_ids")}
+    return {k: t for k, t in vision.items() if not k.endswith("position_ids")}
+
+
+def read_clip_dir(path: Path, v: VisionConfig) -> dict[str, torch.Tensor]:
+    """CLIP weights from a local Hugging Face CLIP directory, checked against the tower's dims."""
+    vision = _clip_tensors(path)
     check_tensors(vision, vision_layout(v), where=str(path))
     return vision

@@ -1,4 +1,6 @@
-"""MobileVLM assembled: vision encoder (tower + projector), embedding splice, generation."""
+"""MobileVLM and LLaVA assembled: vision encoder (tower + projector), LLaVA-1.6's anyres
+packing, embedding splice, generation. One class: the families differ only in the projector
+and in how an image's tiles become its tokens."""
 
 from __future__ import annotations
 
@@ -7,7 +9,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from edgevlm.presets import IMAGE_TOKEN_INDEX, ModelConfig
+from edgevlm.presets import ANYRES, IMAGE_TOKEN_INDEX, ModelConfig
+from edgevlm.runtime import anyres
 from edgevlm.model.clip import CLIPVisionTower
 from edgevlm.model.llama import LlamaDecoder
 from edgevlm.model.projector import build_projector
@@ -31,6 +34,8 @@ class MobileVLM(nn.Module):
         self.cfg = cfg
         self.vision = ProjectedVisionTower(cfg)
         self.decoder = LlamaDecoder(cfg.text)
+        if cfg.image_aspect == ANYRES:
+            self.image_newline = nn.Parameter(torch.zeros(cfg.text.hidden_size))
 
     @classmethod
     def from_weights(cls, cfg: ModelConfig, weights, dtype=torch.float32) -> MobileVLM:
@@ -42,13 +47,25 @@ class MobileVLM(nn.Module):
         model.vision.tower.load_state_dict(tower, strict=True, assign=True)
         model.vision.projector.load_state_dict(weights.projector, strict=True, assign=True)
         model.decoder.load_state_dict(weights.llm, strict=True, assign=True)
+        if cfg.image_aspect == ANYRES:
+            model.image_newline = nn.Parameter(weights.image_newline.clone(), requires_grad=False)
         return model.to(dtype).eval()
 
-    def embed(self, input_ids: Sequence[int], image_embeds: torch.Tensor | None) -> torch.Tensor:
+    def image_features(self, pixel_values: torch.Tensor, size_hw=None) -> torch.Tensor:
+        """One image's tiles [tiles, 3, S, S] -> its tokens [T, D]; anyres needs the picture's
+        (H, W) to unpad its grid."""
+        feats = self.vision(pixel_values)
+        if self.cfg.image_aspect != ANYRES:
+            return feats[0]
+        packed = anyres.pack(feats.detach().float().numpy(), size_hw, self.cfg.grid_pinpoints,
+                             self.cfg.vision.image_size, self.image_newline.detach().float().numpy())
+        return torch.from_numpy(packed).to(feats.dtype)
+
+    def embed(self, input_ids: Sequence[int], image_embeds) -> torch.Tensor:
         """Token ids with IMAGE_TOKEN_INDEX placeholders -> inputs_embeds [1, L, D].
 
-        Each placeholder is replaced by the next image's image_tokens rows, so L grows by
-        image_tokens - 1 per image; text around it is embedded as usual.
+        Each placeholder is replaced by the next image's rows (image_embeds [N, T, D], or a list
+        of [T_i, D]), so L grows by T - 1 per image; text around it is embedded as usual.
         """
         table = self.decoder.model.embed_tokens.weight
         parts, text, image_i = [], [], 0
@@ -56,7 +73,7 @@ class MobileVLM(nn.Module):
             if tok != IMAGE_TOKEN_INDEX:
                 text.append(tok)
                 continue
-            if image_embeds is None or image_i >= image_embeds.shape[0]:
+            if image_embeds is None or image_i >= len(image_embeds):
                 raise ValueError("the prompt has more image placeholders than images")
             parts += [table[torch.tensor(text, dtype=torch.long)], image_embeds[image_i].to(table.dtype)]
             text, image_i = [], image_i + 1
@@ -67,13 +84,21 @@ class MobileVLM(nn.Module):
     def generate(self, input_ids: Sequence[int], pixel_values: torch.Tensor | None = None, *,
                  max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0,
                  top_k: int = 0, seed: int | None = None, stop_ids: Sequence[int] | None = None,
-                 return_logits: bool = False):
+                 return_logits: bool = False, image_size=None, vocab: int | None = None):
         """Generate token ids after the prompt. temperature 0 means greedy.
 
-        Returns the new ids, and with return_logits also the logits row each was chosen from.
+        pixel_values: [N, 3, S, S], one row per image; for anyres, one image's tiles, with
+        image_size its (H, W). Returns the new ids, and with return_logits also the logits row
+        each was chosen from. vocab: pick among the first `vocab` ids only, as the runtime does
+        (the tokenizer's; llava-hf's padded rows are never text).
         """
         stop = set(stop_ids if stop_ids is not None else [self.cfg.text.eos_token_id])
-        image_embeds = self.vision(pixel_values) if pixel_values is not None else None
+        if pixel_values is None:
+            image_embeds = None
+        elif self.cfg.image_aspect == ANYRES:
+            image_embeds = [self.image_features(pixel_values, image_size)]
+        else:
+            image_embeds = self.vision(pixel_values)
         x = self.embed(input_ids, image_embeds)
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         past = self.decoder.empty_cache(dtype=x.dtype)
@@ -83,7 +108,7 @@ class MobileVLM(nn.Module):
             positions = torch.arange(pos, pos + x.shape[1])[None]
             logits, past = self.decoder(x, positions, past)
             pos += x.shape[1]
-            tok = sample(logits[0], temperature, top_p, top_k, gen)
+            tok = sample(logits[0][:vocab], temperature, top_p, top_k, gen)
             out.append(tok)
             rows.append(logits[0])
             if tok in stop:

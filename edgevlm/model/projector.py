@@ -1,6 +1,7 @@
-"""Vision-language projectors: LDP (MobileVLM V1) and LDPv2 (MobileVLM V2).
+"""Vision-language projectors: LDP (MobileVLM V1), LDPv2 (MobileVLM V2), mlp2x_gelu (LLaVA).
 
-Both map [B, N, C_vision] patch features on a square grid to [B, N/4, D_llm] tokens. Module
+The LDPs map [B, N, C_vision] patch features on a square grid to [B, N/4, D_llm] tokens; LLaVA's
+MLP keeps all N. Module
 indices and names reproduce the upstream state-dict keys (the leading Identity entries of
 LDP's Sequentials, LDPv2's doubled `mlp.mlp` / `peg.peg`), written here in plain torch: no
 torchvision or timm is needed.
@@ -12,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgevlm.presets import LDP, LDPV2, ModelConfig
+from edgevlm.presets import LDP, LDPV2, MLP2X_GELU, ModelConfig
 
 
 def _to_map(x: torch.Tensor, side: int) -> torch.Tensor:
@@ -123,7 +124,14 @@ class LDPv2Projector(nn.Module):
         return _to_tokens(m)
 
 
+def mlp2x_gelu(in_dim: int, dim: int) -> nn.Sequential:
+    """LLaVA's projector; exact (erf) GELU. Indices 0 and 2 are the upstream keys."""
+    return nn.Sequential(nn.Linear(in_dim, dim), nn.GELU(), nn.Linear(dim, dim))
+
+
 def build_projector(cfg: ModelConfig) -> nn.Module:
+    if cfg.projector_type == MLP2X_GELU:
+        return mlp2x_gelu(cfg.vision.hidden_size, cfg.text.hidden_size)
     args = (cfg.vision.hidden_size, cfg.text.hidden_size, cfg.vision.grid)
     # "ldpnetv2" must be tested first: it also starts with "ldpnet".
     if cfg.projector_type.startswith(LDPV2):

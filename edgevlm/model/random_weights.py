@@ -1,4 +1,4 @@
-"""Random-weight MobileVLM checkpoints in the exact upstream layout, for any preset.
+"""Random-weight MobileVLM and LLaVA checkpoints in the exact upstream layouts, for any preset.
 
 With no model hub on our machines, these exercise the real loading path: the same config.json
 fields, key names, bf16 `pytorch_model.bin` (or safetensors, sharded or not) and a real
@@ -17,34 +17,83 @@ import os
 import re
 import struct
 import sysconfig
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from edgevlm.model.checkpoint import layout
-from edgevlm.presets import ModelConfig
+from edgevlm.model import llava_hf
+from edgevlm.model.checkpoint import VISION_PREFIX, layout
+from edgevlm.presets import ANYRES, CLIP_MEAN, CLIP_STD, ModelConfig
 from edgevlm.runtime.prompt import SYSTEM_V1
 from edgevlm.staging import staged_dir
 
 
+FORMATS = ("original", "llava-hf")
+
+
 def write_random_checkpoint(out_dir: str | Path, cfg: ModelConfig, *, seed: int = 0,
-                            fmt: str = "bin", shard_bytes: int | None = None) -> Path:
+                            fmt: str = "bin", shard_bytes: int | None = None,
+                            layout_format: str = "original", clip_out: str | Path | None = None) -> Path:
     """Write a random checkpoint for `cfg` into out_dir (atomically). Returns out_dir.
 
     fmt is "bin" (torch pickles, as the released checkpoints) or "safetensors"; shard_bytes
     splits the weights into shards with an index file, as large checkpoints are saved.
+    layout_format "llava-hf" writes a LLaVA preset as llava-hf does (padded vocabulary, hub key
+    names, nested config). A LLaVA-1.5 original checkpoint is released without its CLIP tower:
+    the tower goes to clip_out (default: a `clip` folder beside out_dir) as a CLIPVisionModel
+    directory, the stand-in for openai/clip-vit-large-patch14-336.
     """
+    if layout_format not in FORMATS:
+        raise ValueError(f"unknown checkpoint format {layout_format!r} ({' or '.join(FORMATS)})")
     out_dir = Path(out_dir)
+    hf = layout_format == "llava-hf"
+    if hf and cfg.family != "llava":
+        raise ValueError(f"{cfg.name} is not a LLaVA preset; llava-hf holds LLaVA models only")
+    full = replace(cfg, text=replace(cfg.text, vocab_size=llava_hf.padded_vocab(cfg.text.vocab_size))) if hf else cfg
+    tensors = random_state_dict(full, seed)
+    if cfg.family == "llava" and cfg.version == "1.5" and not hf:
+        tower = {k[len(VISION_PREFIX):]: tensors.pop(k) for k in list(tensors) if k.startswith(VISION_PREFIX)}
+        write_clip_dir(Path(clip_out) if clip_out else out_dir.parent / "clip", cfg, tower)
     with staged_dir(out_dir) as tmp:
-        tensors = random_state_dict(cfg, seed)
-        _save_weights(tensors, tmp, fmt, shard_bytes)
+        _save_weights(llava_hf.hub_keys(tensors) if hf else tensors, tmp, fmt, shard_bytes)
         del tensors
-        (tmp / "config.json").write_text(json.dumps(upstream_config(cfg), indent=2) + "\n")
+        config = llava_hf.hf_config(cfg) if hf else upstream_config(cfg)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         (tmp / "generation_config.json").write_text(json.dumps(
             {"bos_token_id": cfg.text.bos_token_id, "eos_token_id": cfg.text.eos_token_id,
              "pad_token_id": cfg.text.pad_token_id}, indent=2) + "\n")
-        write_tokenizer(tmp, cfg.text.vocab_size)
+        write_tokenizer(tmp, cfg.text.vocab_size, added=("<image>", "<pad>") if hf else ())
+        if hf:
+            (tmp / "preprocessor_config.json").write_text(json.dumps(_processor_config(cfg), indent=2) + "\n")
     return out_dir
+
+
+def write_clip_dir(out: Path, cfg: ModelConfig, tower: dict[str, torch.Tensor]) -> Path:
+    """A CLIPVisionModel directory (config.json + model.safetensors), atomically."""
+    from safetensors.torch import save_file
+    v = cfg.vision
+    with staged_dir(out) as tmp:
+        save_file({k: t.contiguous() for k, t in tower.items()}, str(tmp / "model.safetensors"),
+                  metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps({
+            "architectures": ["CLIPVisionModel"], "model_type": "clip_vision_model",
+            "hidden_size": v.hidden_size, "image_size": v.image_size, "intermediate_size": v.intermediate_size,
+            "num_attention_heads": v.num_heads, "num_hidden_layers": v.num_layers, "patch_size": v.patch_size,
+            "layer_norm_eps": v.layer_norm_eps, "hidden_act": "quick_gelu", "projection_dim": 768}, indent=2) + "\n")
+    return out
+
+
+def _processor_config(cfg: ModelConfig) -> dict:
+    s = cfg.vision.image_size
+    out = {"image_processor_type": "LlavaNextImageProcessor" if cfg.image_aspect == ANYRES else "CLIPImageProcessor",
+           "do_resize": True, "size": {"shortest_edge": s}, "resample": 3, "do_center_crop": True,
+           "crop_size": {"height": s, "width": s}, "do_rescale": True, "rescale_factor": 1 / 255,
+           "do_normalize": True, "image_mean": list(CLIP_MEAN), "image_std": list(CLIP_STD),
+           "do_convert_rgb": True}
+    if cfg.image_aspect == ANYRES:
+        out.update(image_grid_pinpoints=[list(p) for p in cfg.grid_pinpoints], do_pad=True)
+    return out
 
 
 def random_state_dict(cfg: ModelConfig, seed: int) -> dict[str, torch.Tensor]:
@@ -57,7 +106,8 @@ def random_state_dict(cfg: ModelConfig, seed: int) -> dict[str, torch.Tensor]:
             t = 1.0 + 0.1 * torch.randn(shape, generator=g)
         elif len(shape) == 1:  # biases and the CLS embedding
             t = 0.02 * torch.randn(shape, generator=g)
-        elif key.endswith("embed_tokens.weight") or key.endswith("position_embedding.weight"):
+        elif key.endswith("embed_tokens.weight") or key.endswith("position_embedding.weight") \
+                or key.endswith("image_newline"):
             t = 0.5 * torch.randn(shape, generator=g)
         else:
             fan_in = 1
@@ -105,7 +155,9 @@ def _save_weights(tensors: dict[str, torch.Tensor], out: Path, fmt: str,
 
 
 def upstream_config(cfg: ModelConfig) -> dict:
-    """config.json with the fields the released MobileVLM checkpoints carry."""
+    """config.json with the fields the released checkpoints carry (LLaVA code's format)."""
+    if cfg.family == "llava":
+        return llava_config(cfg)
     t, v = cfg.text, cfg.vision
     return {
         "_name_or_path": f"edgevlm-random/{cfg.name}",
@@ -131,17 +183,57 @@ def upstream_config(cfg: ModelConfig) -> dict:
     }
 
 
+def llava_config(cfg: ModelConfig) -> dict:
+    """config.json of liuhaotian/llava-v1.5-* and llava-v1.6-* (a flat LlamaConfig/MistralConfig
+    plus the mm_* fields)."""
+    t, v = cfg.text, cfg.vision
+    mistral = cfg.template == "mistral_instruct"
+    anyres = cfg.image_aspect == ANYRES
+    out = {
+        "_name_or_path": f"edgevlm-random/{cfg.name}",
+        "architectures": ["LlavaMistralForCausalLM" if mistral else "LlavaLlamaForCausalLM"],
+        "model_type": "llava_mistral" if mistral else "llava",
+        "bos_token_id": t.bos_token_id, "eos_token_id": t.eos_token_id, "pad_token_id": t.pad_token_id,
+        "hidden_act": "silu", "hidden_size": t.hidden_size, "intermediate_size": t.intermediate_size,
+        "initializer_range": 0.02, "max_position_embeddings": 32768 if mistral else t.max_position,
+        "num_attention_heads": t.num_heads, "num_hidden_layers": t.num_layers,
+        "num_key_value_heads": t.num_kv_heads, "pretraining_tp": 1, "rms_norm_eps": t.rms_norm_eps,
+        "rope_scaling": None, "rope_theta": t.rope_theta, "tie_word_embeddings": False,
+        "torch_dtype": "float16", "use_cache": True, "vocab_size": t.vocab_size,
+        "freeze_mm_mlp_adapter": False, "image_aspect_ratio": cfg.image_aspect,
+        "mm_hidden_size": v.hidden_size, "mm_projector_type": cfg.projector_type,
+        "mm_use_im_patch_token": False, "mm_use_im_start_end": False,
+        "mm_vision_select_feature": "patch", "mm_vision_select_layer": v.select_layer,
+        "mm_vision_tower": "openai/clip-vit-large-patch14-336", "tune_mm_mlp_adapter": False,
+        "unfreeze_mm_vision_tower": anyres, "use_mm_proj": True,
+    }
+    if mistral:
+        out["sliding_window"] = None
+    if anyres:  # the original code's pinpoints are (width, height)
+        out.update(image_grid_pinpoints=[[w, h] for h, w in cfg.grid_pinpoints],
+                   mm_patch_merge_type="spatial_unpad", tokenizer_model_max_length=t.max_position,
+                   tokenizer_padding_side="left" if mistral else "right")
+    return out
+
+
 # --- tokenizer -------------------------------------------------------------------------------
 
-def write_tokenizer(out: Path, vocab_size: int) -> None:
+def write_tokenizer(out: Path, vocab_size: int, added: tuple[str, ...] = ()) -> None:
+    """tokenizer.model plus its json files; `added` tokens get ids from vocab_size on (as
+    llava-hf adds <image> and <pad> to the LLaMA tokenizer)."""
     model = train_tokenizer(vocab_size)
     (out / "tokenizer.model").write_bytes(model)
     special = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
     (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
-    (out / "tokenizer_config.json").write_text(json.dumps(
-        {**special, "add_bos_token": True, "add_eos_token": False, "legacy": True,
-         "model_max_length": 2048, "pad_token": None, "padding_side": "right",
-         "tokenizer_class": "LlamaTokenizer"}, indent=2) + "\n")
+    config = {**special, "add_bos_token": True, "add_eos_token": False, "legacy": True,
+              "model_max_length": 2048, "pad_token": None, "padding_side": "right",
+              "tokenizer_class": "LlamaTokenizer"}
+    if added:
+        config["added_tokens_decoder"] = {str(vocab_size + i): {"content": tok, "special": True}
+                                          for i, tok in enumerate(added)}
+        (out / "added_tokens.json").write_text(json.dumps(
+            {tok: vocab_size + i for i, tok in enumerate(added)}, indent=2) + "\n")
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
 _TOKENIZER_CACHE: dict[int, bytes] = {}

@@ -23,6 +23,7 @@ from edgevlm.runtime.sampling import Sampler, SamplingParams
 class Stats:
     image_encode_ms: float = 0.0
     image_cached: bool = False  # the image's embeddings came from the image cache (encode 0 ms)
+    image_tokens: int = 0  # positions the image took (LLaVA-1.6: depends on its size)
     queue_ms: float = 0.0  # waiting for a slot (the scheduler's admission queue)
     prefill_tokens: int = 0  # prompt positions, cached ones included
     cached_tokens: int = 0  # of those, taken from the prefix cache instead of prefilled
@@ -80,7 +81,7 @@ class Generator:
 
     def sampler(self, params: SamplingParams, input_ids: Sequence[int]) -> Sampler:
         constraint = self.grammars.constraint(params.response_format) if params.response_format else None
-        return Sampler(params, input_ids, constraint)
+        return Sampler(params, input_ids, constraint, vocab=self.tok.vocab_size)
 
     def check(self, input_ids: Sequence[int], image_tokens: int, params: SamplingParams) -> int:
         """Validate a request before any work; returns the prompt length in positions."""
@@ -100,7 +101,8 @@ class Generator:
         n_image = 0 if image_embeds is None or image_embeds.shape[0] == 0 else image_embeds.shape[1]
         n_prompt = self.check(input_ids, n_image, params)
         max_new = min(params.max_tokens, self.max_context - n_prompt)
-        stats = Stats(image_encode_ms=image_encode_ms, image_cached=image_cached, prefill_tokens=n_prompt)
+        stats = Stats(image_encode_ms=image_encode_ms, image_cached=image_cached, prefill_tokens=n_prompt,
+                      image_tokens=n_image)
         sampler = self.sampler(params, input_ids)
         detok = IncrementalDecoder(self.tok, params.stop)
         seq = self.decoder.new_sequence(n_prompt + max_new)

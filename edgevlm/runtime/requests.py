@@ -8,6 +8,7 @@ everything is tested in-process and the same code runs on the cpu and jetson tar
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -16,8 +17,10 @@ from edgevlm_client.contract import (MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, MAX_PROM
 
 from edgevlm.manifest import OnnxArtifacts
 from edgevlm.runtime.errors import BadRequest
-from edgevlm.runtime.image import ImageError, preprocess
-from edgevlm.runtime.prompt import IMAGE_PLACEHOLDER, SYSTEM_V1, build_prompt, tokenize_prompt
+from edgevlm.presets import ANYRES
+from edgevlm.runtime import anyres
+from edgevlm.runtime.image import ImageError, load_image, preprocess_tiles
+from edgevlm.runtime.prompt import IMAGE_PLACEHOLDER, build_prompt, default_system, tokenize_prompt
 from edgevlm.runtime.sampling import SamplingParams
 from edgevlm.runtime.tokenizer import Tokenizer
 
@@ -66,8 +69,18 @@ def sampling_params(inputs: dict, default_max_tokens: int) -> SamplingParams:
     return SamplingParams(**values).validate()
 
 
+@dataclass
+class Prepared:
+    """A checked request's prompt: what the vision encoder and the decoder need."""
+
+    pixel_values: np.ndarray | None  # [tiles, 3, S, S]: 0 without an image, > 1 for anyres; None if cached
+    input_ids: np.ndarray  # int64, IMAGE_TOKEN_INDEX where the image goes
+    image_size: tuple[int, int] | None = None  # the picture's (H, W), when decoded
+    image_tokens: int = 0  # positions the image takes (0: none, or cached and not decoded)
+
+
 class Preprocessor:
-    """image bytes + prompt -> (pixel_values [N, 3, S, S], input_ids [L]), N = 0 or 1.
+    """image bytes + prompt -> Prepared; the vision encoder's tile features -> the image's tokens.
 
     decode_image=False (the image's embeddings are cached) skips decoding and resizing: the
     prompt is built for the image and pixel_values is None.
@@ -79,8 +92,24 @@ class Preprocessor:
         self.cfg = art.config
         self.tok = tokenizer or Tokenizer(art.path("tokenizer"))  # the generator's, where it has one
         self.max_image_pixels = max_image_pixels
+        self.system = default_system(self.cfg.template)
+        self.newline = np.load(art.path("image_newline")) if self.cfg.image_aspect == ANYRES else None
 
-    def from_inputs(self, inputs: dict, decode_image: bool = True) -> tuple[np.ndarray | None, np.ndarray]:
+    def tokens_for(self, size_hw: tuple[int, int]) -> int:
+        """Positions a picture of (H, W) takes."""
+        if self.cfg.image_aspect != ANYRES:
+            return self.cfg.image_tokens
+        v = self.cfg.vision
+        return anyres.token_count(size_hw, self.cfg.grid_pinpoints, v.image_size, v.grid)
+
+    def pack(self, features: np.ndarray, prepared: Prepared) -> np.ndarray:
+        """The vision encoder's rows for one request ([tiles, T, D]) -> image_embeds [1, N, D]."""
+        if self.cfg.image_aspect != ANYRES:
+            return features
+        return anyres.pack(features, prepared.image_size, self.cfg.grid_pinpoints,
+                           self.cfg.vision.image_size, self.newline)[None]
+
+    def from_inputs(self, inputs: dict, decode_image: bool = True) -> Prepared:
         """The request's prompt inputs (contract.PROMPT_INPUTS, numpy arrays by name)."""
         if inputs.get("prompt") is None:
             raise BadRequest("prompt is required")
@@ -95,8 +124,8 @@ class Preprocessor:
         turns = parse_history(history)
         if turns and raw_prompt:
             raise BadRequest("history and raw_prompt exclude each other (a raw prompt holds its history)")
-        system = text(system, "system").strip() if system is not None else SYSTEM_V1
-        if raw_prompt and system != SYSTEM_V1:
+        system = text(system, "system").strip() if system is not None else self.system
+        if raw_prompt and system != self.system:
             raise BadRequest("system and raw_prompt exclude each other (a raw prompt holds its system line)")
         if len(system) > MAX_PROMPT_CHARS:
             raise BadRequest(f"system is {len(system)} characters, over the {MAX_PROMPT_CHARS} limit")
@@ -105,11 +134,16 @@ class Preprocessor:
         if len(prompt) > MAX_PROMPT_CHARS:
             raise BadRequest(f"prompt is {len(prompt)} characters, over the {MAX_PROMPT_CHARS} limit")
         s = self.cfg.vision.image_size
+        size_hw, tokens = None, 0
         if image is not None:
             if len(image) > MAX_IMAGE_BYTES:
                 raise BadRequest(f"image is {len(image)} bytes, over the {MAX_IMAGE_BYTES} limit")
+            pixel_values = None
             try:
-                pixel_values = preprocess(image, s, self.max_image_pixels)[None] if decode_image else None
+                if decode_image:
+                    pixel_values, size_hw = preprocess_tiles(load_image(image, self.max_image_pixels), s,
+                                                             self.cfg.image_aspect, self.cfg.grid_pinpoints)
+                    tokens = self.tokens_for(size_hw)
             except ImageError as e:
                 raise BadRequest(f"image: {e}") from None
         else:
@@ -121,12 +155,13 @@ class Preprocessor:
                 raise BadRequest(f"raw prompt has {placeholders} {IMAGE_PLACEHOLDER} placeholder(s) "
                                      f"for {n_images} image(s)")
         else:
-            prompt = build_prompt(prompt, image=n_images > 0, history=turns, system=system)
+            prompt = build_prompt(prompt, image=n_images > 0, history=turns, system=system,
+                                  template=self.cfg.template)
         ids = np.asarray(tokenize_prompt(self.tok, prompt), np.int64)
-        n = len(ids) + n_images * (self.cfg.image_tokens - 1)
+        n = len(ids) + max(tokens - 1, 0)
         if n >= self.cfg.text.max_position:
             raise BadRequest(f"prompt is {n} tokens, the context holds {self.cfg.text.max_position}")
-        return pixel_values, ids
+        return Prepared(pixel_values, ids, size_hw, tokens)
 
 
 def image_bytes(inputs: dict) -> bytes | None:

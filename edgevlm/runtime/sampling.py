@@ -46,8 +46,12 @@ class Sampler:
     """Picks the next token: the grammar's mask (constrained decoding), repetition penalty,
     then greedy or temperature / top-k / top-p."""
 
-    def __init__(self, params: SamplingParams, prompt_ids: Sequence[int], constraint=None):
+    def __init__(self, params: SamplingParams, prompt_ids: Sequence[int], constraint=None,
+                 vocab: int | None = None):
         self.p = params
+        # Only ids the tokenizer can spell are candidates: llava-hf pads the logits past the
+        # tokenizer (<image>, <pad>, then to a multiple of 64), and those rows are never text.
+        self.vocab = vocab
         self.rng = np.random.default_rng(params.seed)
         # Penalised ids: the prompt's (as transformers does) plus everything generated.
         self.seen = {int(i) for i in prompt_ids if i >= 0}
@@ -60,6 +64,8 @@ class Sampler:
         return self.constraint is not None and self.constraint.complete
 
     def __call__(self, logits: np.ndarray) -> int:
+        if self.vocab is not None and logits.shape[0] > self.vocab:
+            logits = logits[:self.vocab]
         if self.constraint is None:
             return self._pick(logits)
         t0 = time.perf_counter()

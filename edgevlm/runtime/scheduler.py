@@ -76,8 +76,10 @@ class _Live:
         self.fed = 0  # prompt positions prefilled so far
         self.sampler = sampler
         self.detok = IncrementalDecoder(tok, req.params.stop)
+        images = req.image_embeds
         self.stats = Stats(image_encode_ms=req.image_encode_ms, prefill_tokens=n_prompt,
-                           image_cached=req.image_cached)
+                           image_cached=req.image_cached,
+                           image_tokens=0 if images is None or images.shape[0] == 0 else images.shape[1])
         self.keys: np.ndarray | None = None  # the prompt's position keys (with a prefix cache)
         self.fed_tokens: list[int] = []  # generated tokens whose KV is in the row
         self.stats.queue_ms = (time.perf_counter() - req.submitted) * 1e3

@@ -116,7 +116,9 @@ def render_repository(onnx_dir: str | Path, out_dir: str | Path, target: str = "
         max_context = min(max_context, engines.get("max_context", max_context))  # MAX_CONTEXT=
         kv_cache = engines.get("kv_cache", "concat")
     values = {
-        "image_size": cfg.vision.image_size, "image_tokens": cfg.image_tokens,
+        "image_size": cfg.vision.image_size, "tile_tokens": cfg.image_tokens,
+        # the most positions one image takes, and the fewest (they differ for LLaVA-1.6's anyres)
+        "image_tokens": cfg.max_image_tokens, "image_tokens_min": cfg.image_tokens,
         "hidden_size": cfg.text.hidden_size, "onnx_dir": str(art.root.resolve()),
         "engine_dir": str(engine_dir or ""), "runner": "tensorrt" if target == "jetson" else "onnxruntime",
         "max_sequences": max_sequences, "default_max_tokens": default_max_tokens,

@@ -236,16 +236,16 @@ class TritonPythonModel:
         if image is not None and self.image_cache.budget:
             key = self.image_digest(image)
             cached = self.image_cache.get(key)
-        pixel_values, input_ids = self.pre.from_inputs(prompt_inputs, decode_image=cached is None)
+        prepared = self.pre.from_inputs(prompt_inputs, decode_image=cached is None)
         if key is not None:
             self.metrics.image(cached is not None, self.image_cache.bytes)
         # Copy out of shared memory: decoding outlives execute().
         inputs = {name: get(name).as_numpy().copy() for name in self.decode_inputs if get(name) is not None}
         params = self.requests.sampling_params(inputs, self.default_max_tokens)
-        ids = input_ids.tolist()
+        ids = prepared.input_ids.tolist()
         n_images = int(image is not None)
         if self.scheduler is not None:
-            self.scheduler.check(ids, n_images * self.pre.cfg.image_tokens, params)
+            self.scheduler.check(ids, cached.shape[1] if cached is not None else prepared.image_tokens, params)
         if not n_images or cached is not None:
             return self._start(stream, ids, cached, params, 0.0, reserved=False, image_cached=cached is not None)
         if self.scheduler is not None:
@@ -255,6 +255,7 @@ class TritonPythonModel:
             try:
                 if error is not None:
                     raise error
+                embeds = self.pre.pack(embeds, prepared)  # LLaVA-1.6: tiles -> one image's tokens
                 if key is not None:
                     self.image_cache.put(key, embeds)
                 self._start(stream, ids, embeds, params, encode_ms, reserved=True)
@@ -263,7 +264,7 @@ class TritonPythonModel:
                     self.scheduler.release_reservation()
                 self.metrics.finished(_outcome(e))
                 send_error(stream.sender, e, "mobilevlm")
-        self.images.put(pixel_values, encoded)
+        self.images.put(prepared.pixel_values, encoded)
 
     def _start(self, stream, ids, embeds, params, encode_ms, reserved, image_cached=False):
         if self.scheduler is None:

@@ -1,0 +1,341 @@
+"""LLaVA-1.5 and 1.6 on the same pipeline: both checkpoint formats, parity against transformers'
+own Llava / LlavaNext models, anyres geometry, templates, export parity, and greedy text served
+by a real tritonserver equal to the reference."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from edgevlm.model.checkpoint import CheckpointError, read_checkpoint
+from edgevlm.model.mobilevlm import MobileVLM
+from edgevlm.model.random_weights import write_random_checkpoint
+from edgevlm.presets import IMAGE_TOKEN_INDEX, PINPOINTS_1_6, PRESETS
+from edgevlm.runtime import anyres
+from edgevlm.runtime.image import preprocess_tiles
+from edgevlm.runtime.prompt import build_prompt, tokenize_prompt
+from edgevlm.runtime.tokenizer import Tokenizer
+from edgevlm.samples import sample_image
+
+FORMATS = ("original", "llava-hf")
+MODELS = ("tiny-llava-1.5", "tiny-llava-1.6")
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    """(model, format) -> checkpoint dir; a 1.5 original one has its tower in a `clip` folder beside it."""
+    root = tmp_path_factory.mktemp("llava")
+    return {(m, f): write_random_checkpoint(root / m / f / "checkpoint", PRESETS[m], layout_format=f,
+                                            fmt="safetensors" if f == "llava-hf" else "bin", seed=3)
+            for m in MODELS for f in FORMATS}
+
+
+def _read(path):
+    return read_checkpoint(path, path.parent / "clip" if (path.parent / "clip").is_dir() else None)
+
+
+def _photo(w: int, h: int) -> bytes:
+    """A real photo cut to w x h (so anyres has a non-square picture to unpad)."""
+    img = Image.open(io.BytesIO(sample_image("chelsea"))).convert("RGB").resize((w, h))
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+# --- checkpoints ------------------------------------------------------------------------------
+
+@pytest.mark.unit
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_both_formats_read_back_as_the_preset(ckpts, model, fmt):
+    d = ckpts[model, fmt]
+    raw = json.loads((d / "config.json").read_text())
+    ck = _read(d)
+    cfg = PRESETS[model]
+    assert ck.format == fmt and ck.config.version == cfg.version
+    assert (ck.config.vision, ck.config.grid_pinpoints, ck.config.template) == (
+        cfg.vision, cfg.grid_pinpoints, cfg.template)
+    from safetensors import safe_open
+    if fmt == "llava-hf":
+        assert raw["architectures"] == [("LlavaNextForConditionalGeneration" if cfg.version == "1.6"
+                                         else "LlavaForConditionalGeneration")]
+        # the hub's names on disk, the vocabulary padded past <image> and <pad> to a multiple of 64
+        with safe_open(str(d / "model.safetensors"), "pt") as f:
+            keys = set(f.keys())
+        assert {"language_model.lm_head.weight", "multi_modal_projector.linear_2.bias",
+                "vision_tower.vision_model.encoder.layers.0.mlp.fc1.weight"} <= keys
+        assert ("image_newline" in keys) == (cfg.version == "1.6")
+        assert ck.config.text.vocab_size == 1088 and raw["image_token_index"] == 1024
+        assert ck.config.image_aspect == ("anyres" if cfg.version == "1.6" else "crop")  # llava-hf 1.5 crops
+    else:
+        assert raw["mm_projector_type"] == "mlp2x_gelu" and ck.config.text == cfg.text
+        keys = set(torch.load(d / "pytorch_model.bin", weights_only=True, mmap=True))
+        # a 1.5 release leaves the tower out; 1.6 stores its fine-tuned one and image_newline
+        assert any(k.startswith("model.vision_tower.") for k in keys) == (cfg.version == "1.6")
+        assert ("model.image_newline" in keys) == (cfg.version == "1.6")
+        assert ck.config.image_aspect == cfg.image_aspect
+    w = ck.weights()
+    assert set(w.projector) == {"0.weight", "0.bias", "2.weight", "2.bias"}
+    assert (w.image_newline is not None) == (cfg.version == "1.6")
+
+
+@pytest.mark.unit
+def test_llava_1_5_without_a_clip_directory_says_how_to_give_one(ckpts):
+    with pytest.raises(CheckpointError, match="no CLIP vision tower.*CLIP="):
+        read_checkpoint(ckpts["tiny-llava-1.5", "original"])
+
+
+def _resave(src, dst, rename):
+    """A copy of a llava-hf checkpoint with its keys renamed (the other transformers spellings)."""
+    from safetensors.torch import load_file, save_file
+    shutil.copytree(src, dst)
+    sd = load_file(str(dst / "model.safetensors"))
+    save_file({rename(k): v.contiguous() for k, v in sd.items()}, str(dst / "model.safetensors"))
+    return dst
+
+
+@pytest.mark.unit
+def test_every_transformers_key_spelling_reads_the_same(ckpts, tmp_path):
+    src = ckpts["tiny-llava-1.6", "llava-hf"]
+    want = read_checkpoint(src).tensors
+    spellings = {
+        # transformers 5 saves CLIPVisionModel without its vision_model level
+        "tf5": lambda k: k.replace("vision_tower.vision_model.", "vision_tower."),
+        # transformers 4.52+ hold the LM under model.language_model in memory
+        "tf452": lambda k: (k.replace("language_model.model.", "model.language_model.")
+                            .replace("language_model.lm_head.", "lm_head.")),
+    }
+    for name, rename in spellings.items():
+        got = read_checkpoint(_resave(src, tmp_path / name, rename)).tensors
+        assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want), name
+
+
+@pytest.mark.unit
+def test_mobilevlm_reader_accepts_a_tower_saved_without_vision_model(tiny_ckpt, tmp_path):
+    d = shutil.copytree(tiny_ckpt, tmp_path / "ck")
+    sd = torch.load(d / "pytorch_model.bin", weights_only=True)
+    torch.save({k.replace("vision_tower.vision_tower.vision_model.", "vision_tower.vision_tower."): v
+                for k, v in sd.items()}, d / "pytorch_model.bin")
+    assert set(read_checkpoint(d).tensors) == set(read_checkpoint(tiny_ckpt).tensors)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("drop,shape,message", [
+    ("multi_modal_projector.linear_2.bias", None, "missing key multi_modal_projector.linear_2.bias"),
+    ("image_newline", None, "missing key image_newline"),
+    (None, "language_model.model.layers.1.mlp.up_proj.weight",
+     r"key language_model.model.layers.1.mlp.up_proj.weight has shape \[343, 128\]"),
+])
+def test_bad_llava_hf_checkpoints_name_the_key_as_it_is_on_disk(ckpts, tmp_path, drop, shape, message):
+    from safetensors.torch import load_file, save_file
+    d = shutil.copytree(ckpts["tiny-llava-1.6", "llava-hf"], tmp_path / "bad")
+    sd = load_file(str(d / "model.safetensors"))
+    if drop:
+        del sd[drop]
+    if shape:
+        sd[shape] = sd[shape][:-1].contiguous()
+    save_file(sd, str(d / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=message):
+        read_checkpoint(d)
+
+
+# --- the reference against transformers ----------------------------------------------------
+
+def _hf_ids(ids, n_image_tokens: int, image_token: int) -> list[int]:
+    """Our ids (one IMAGE_TOKEN_INDEX) -> llava-hf's (the <image> id repeated per image token)."""
+    out = []
+    for t in ids:
+        out += [image_token] * n_image_tokens if t == IMAGE_TOKEN_INDEX else [t]
+    return out
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_reference_matches_transformers_llava_models(ckpts, model):
+    import transformers
+    d = ckpts[model, "llava-hf"]
+    ck = read_checkpoint(d)
+    cfg = ck.config
+    ours = MobileVLM.from_weights(cfg, ck.weights())
+    cls = (transformers.LlavaNextForConditionalGeneration if cfg.version == "1.6"
+           else transformers.LlavaForConditionalGeneration)
+    theirs = cls.from_pretrained(d, dtype=torch.float32).eval()
+    tok = Tokenizer(ck.tokenizer_path)
+    image_token = json.loads((d / "config.json").read_text())["image_token_index"]
+    for w, h in ((260, 150), (120, 200)):  # landscape and portrait: different grids and unpads
+        px, size = preprocess_tiles(_photo(w, h), cfg.vision.image_size, cfg.image_aspect, cfg.grid_pinpoints)
+        ids = tokenize_prompt(tok, build_prompt("What is in the image?", template=cfg.template))
+        with torch.no_grad():
+            feats = ours.image_features(torch.from_numpy(px), size)
+            n = feats.shape[0]
+            if cfg.version == "1.6":
+                v = cfg.vision
+                assert n == anyres.token_count(size, cfg.grid_pinpoints, v.image_size, v.grid)
+                kw = dict(pixel_values=torch.from_numpy(px)[None], image_sizes=torch.tensor([size]))
+            else:
+                kw = dict(pixel_values=torch.from_numpy(px))
+            hf_ids = torch.tensor([_hf_ids(ids, n, image_token)])
+            want = theirs(input_ids=hf_ids, **kw).logits[0, -1]
+            x = ours.embed(ids, [feats])
+            got, _ = ours.decoder(x, torch.arange(x.shape[1])[None], ours.decoder.empty_cache())
+            torch.testing.assert_close(got[0], want, atol=1e-4, rtol=1e-4)
+            greedy = ours.generate(ids, torch.from_numpy(px), image_size=size, max_new_tokens=8, stop_ids=[])
+            hf_greedy = theirs.generate(input_ids=hf_ids, **kw, max_new_tokens=8, do_sample=False,
+                                        eos_token_id=None, pad_token_id=0)[0, hf_ids.shape[1]:].tolist()
+        assert greedy == hf_greedy
+
+
+# --- anyres and preprocessing --------------------------------------------------------------
+
+# (W, H) -> tokens for the released 1.6 grids; the llava-hf tie convention is pinned in the last
+# three rows (the original LLaVA code gives 1176, 976 and 1476 for them: same count for the
+# square, different grids for the small ones).
+TOKENS_1_6 = [((672, 672), 2928), ((500, 500), 2928), ((1024, 1024), 2928), ((640, 480), 2340),
+              ((800, 600), 2340), ((1024, 768), 2340), ((480, 640), 2352), ((1280, 720), 1948),
+              ((1920, 1080), 1948), ((899, 1024), 2640), ((1344, 336), 1890), ((336, 1344), 1944),
+              ((1008, 336), 2328), ((672, 336), 1752), ((336, 672), 1776), ((500, 334), 1464),
+              ((336, 336), 1176), ((300, 200), 1464), ((200, 300), 984)]
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("size,tokens", TOKENS_1_6)
+def test_anyres_token_counts_of_the_released_grids(size, tokens):
+    w, h = size
+    cfg = PRESETS["llava-v1.6-vicuna-7b"]
+    assert anyres.token_count((h, w), PINPOINTS_1_6, 336, 24) == tokens <= cfg.max_image_tokens == 2928
+    gh, gw = anyres.grid_shape((h, w), PINPOINTS_1_6, 336)
+    feats = np.zeros((1 + gh * gw, 576, 4), np.float32)
+    assert anyres.pack(feats, (h, w), PINPOINTS_1_6, 336, np.ones(4, np.float32)).shape == (tokens, 4)
+
+
+@pytest.mark.unit
+def test_pack_puts_a_newline_after_each_unpadded_row_in_reading_order():
+    # one 1x2 grid of tiles, 4x4 patches each; a feature's value is 10 * its canvas row + column
+    feats = np.zeros((3, 16, 1), np.float32)
+    for tile in range(2):
+        for r in range(4):
+            for c in range(4):
+                feats[1 + tile, r * 4 + c, 0] = 10 * r + 4 * tile + c
+    newline = np.array([-1.0], np.float32)
+    rows = lambda picture: anyres.pack(feats, picture, ((4, 8),), 4, newline)[16:, 0].reshape(-1, 9)  # noqa: E731
+    assert rows((4, 8)).tolist() == [[10 * r + c for c in range(8)] + [-1] for r in range(4)]
+    # a picture wider than the canvas was padded above and below: only the middle rows hold it
+    assert rows((1, 4)).tolist() == [[10 * r + c for c in range(8)] + [-1] for r in (1, 2)]
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("photo", ["chelsea", "camera", "coffee"])
+def test_preprocessing_is_transformers_pixel_for_pixel(photo):
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+    data = sample_image(photo)
+    img = Image.open(io.BytesIO(data)).convert("RGB")
+    size = {"shortest_edge": 336}, {"height": 336, "width": 336}
+    nxt = LlavaNextImageProcessorPil(image_grid_pinpoints=[list(p) for p in PINPOINTS_1_6], size=size[0],
+                                     crop_size=size[1])(images=img, return_tensors="np")
+    tiles, hw = preprocess_tiles(data, 336, "anyres", PINPOINTS_1_6)
+    assert list(nxt["image_sizes"][0]) == list(hw)
+    np.testing.assert_array_equal(tiles, nxt["pixel_values"][0][:len(tiles)])
+    crop = CLIPImageProcessorPil(size=size[0], crop_size=size[1])(images=img, return_tensors="np")
+    np.testing.assert_array_equal(preprocess_tiles(data, 336, "crop")[0], crop["pixel_values"])
+
+
+@pytest.mark.unit
+def test_templates_are_the_upstream_strings():
+    human = ("A chat between a curious human and an artificial intelligence assistant. The assistant "
+             "gives helpful, detailed, and polite answers to the human's questions.")
+    assert build_prompt("Q", template="llava_v1") == human + " USER: <image>\nQ ASSISTANT:"
+    assert build_prompt("Q", template="mistral_instruct") == "[INST] <image>\nQ [/INST]"
+    assert build_prompt("Q2", history=[("Q", "A")], template="mistral_instruct") == (
+        "[INST] <image>\nQ [/INST] A </s>[INST] Q2 [/INST]")
+    assert build_prompt("Q", image=False, system="Be brief.", template="mistral_instruct") == (
+        "[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nQ [/INST]")
+    with pytest.raises(ValueError, match="unknown prompt template"):
+        build_prompt("Q", template="chatml")
+
+
+# --- export, parity, serving -----------------------------------------------------------------
+
+# One export per version, one per format between them: 1.5 in the original layout (its tower
+# from the CLIP directory), 1.6 in llava-hf's.
+EXPORTED = (("tiny-llava-1.5", "original"), ("tiny-llava-1.6", "llava-hf"))
+
+
+@pytest.fixture(scope="module")
+def exports(ckpts, tmp_path_factory):
+    from edgevlm.export.graphs import export_onnx
+    root = tmp_path_factory.mktemp("llava-onnx")
+    out = {}
+    for model, fmt in EXPORTED:
+        d = ckpts[model, fmt]
+        clip = d.parent / "clip" if (d.parent / "clip").is_dir() else None
+        out[model] = export_onnx(d, root / model, clip_dir=clip, log=lambda m: None)
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model,fmt", EXPORTED)
+def test_export_matches_the_reference(ckpts, exports, model, fmt):
+    from edgevlm.export.parity import run_parity
+    from edgevlm.manifest import OnnxArtifacts
+    d = ckpts[model, fmt]
+    clip = d.parent / "clip" if (d.parent / "clip").is_dir() else None
+    report = run_parity(d, exports[model], clip_dir=clip, images=["chelsea", "camera"], new_tokens=12,
+                        log=lambda m: None)
+    assert report.ok(1e-3), report.summary(1e-3)
+    m = OnnxArtifacts.open(exports[model]).manifest
+    assert m["prompt"]["template"] == PRESETS[model].template
+    assert m["image"]["max_tokens"] == PRESETS[model].max_image_tokens
+    assert ("image_newline" in m["files"]) == (model == "tiny-llava-1.6")
+    assert m["io"]["vision_encoder"]["outputs"][0]["shape"] == ["batch", 64, 128]  # per tile
+
+
+@pytest.fixture(scope="module")
+def servers(exports, tmp_path_factory):
+    from edgevlm.serve.repository import render_repository
+    from edgevlm.serve.tritonserver import TritonServer
+    from edgevlm_client import Client
+    started = {}
+    try:
+        for model, onnx in exports.items():
+            tmp = tmp_path_factory.mktemp(f"serve-{model}")
+            repo = render_repository(onnx, tmp / "repository", max_sequences=2, default_max_tokens=16)
+            started[model] = TritonServer(repo, log_path=tmp / "tritonserver.log").start()
+        yield {m: Client(s.grpc_url, timeout_s=60) for m, s in started.items()}
+    finally:
+        for s in started.values():
+            s.stop()
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("model,fmt", EXPORTED)
+def test_served_greedy_text_is_the_reference(ckpts, servers, model, fmt):
+    ck = _read(ckpts[model, fmt])
+    cfg = ck.config
+    ref = MobileVLM.from_weights(cfg, ck.weights())
+    tok = Tokenizer(ck.tokenizer_path)
+    client = servers[model]
+    info = client.metadata()
+    assert (info.image_tokens_min, info.image_tokens) == (64, cfg.max_image_tokens)
+    for image, history in ((_photo(260, 150), []), (_photo(120, 200), [("What is it?", "A cat.")]),
+                           (None, [])):
+        question = "Describe it."
+        ids = tokenize_prompt(tok, build_prompt(question, image=image is not None, history=history,
+                                                template=cfg.template))
+        size = px = None
+        if image is not None:
+            px, size = preprocess_tiles(image, cfg.vision.image_size, cfg.image_aspect, cfg.grid_pinpoints)
+            px = torch.from_numpy(px)
+        want = ref.generate(ids, px, image_size=size, max_new_tokens=12, vocab=tok.vocab_size)
+        r = client.generate(question, image=image, history=history, max_tokens=12)
+        assert r.text == tok.decode(want)
+        v = cfg.vision
+        tokens = 0 if image is None else (anyres.token_count(size, cfg.grid_pinpoints, v.image_size, v.grid)
+                                          if cfg.version == "1.6" else 64)
+        assert r.stats["image_tokens"] == tokens
+        assert r.stats["prefill_tokens"] == len(ids) + max(tokens - 1, 0)
