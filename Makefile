@@ -52,10 +52,11 @@ SETUP := $(VENV)/.installed$(if $(DEVICE),-device,)
 # What an export is made from: a changed checkpoint or exporter rebuilds it, nothing else does.
 EXPORT_SRC := $(shell find edgevlm/model edgevlm/export -name '*.py') edgevlm/presets.py \
 	edgevlm/manifest.py edgevlm/staging.py edgevlm/runtime/image.py edgevlm/runtime/prompt.py \
-	build/export_onnx.py
+	edgevlm/runtime/anyres.py build/export_onnx.py
 CKPT_SRC := $(if $(MODEL),$(wildcard $(MODEL)/*),$(ART)/checkpoint/config.json)
 QUANT_SRC := edgevlm/export/quantize.py edgevlm/export/quant_check.py edgevlm/export/static_cache.py \
-	edgevlm/export/cleanup.py edgevlm/export/matmul_nbits.py build/quantize.py
+	edgevlm/export/cleanup.py edgevlm/export/matmul_nbits.py edgevlm/export/weight_only.py \
+	edgevlm/export/half_weights.py build/quantize.py
 # The export a cpu repository serves: the FP32 one, or a quantized one (PRECISION=int8|int4)
 SERVED := $(ART)/onnx$(if $(filter cpu,$(TARGET)),$(if $(filter int8 int4,$(PRECISION)),-$(PRECISION)),)
 

@@ -1,4 +1,4 @@
-"""Export a MobileVLM checkpoint to vision_encoder.onnx + decoder.onnx + manifest.
+"""Export a MobileVLM or LLaVA checkpoint to vision_encoder.onnx + decoder.onnx + manifest.
 
     python build/export_onnx.py --checkpoint DIR --out artifacts/NAME/onnx [--clip CLIP_DIR]
 """
@@ -15,14 +15,19 @@ from edgevlm.export.graphs import export_onnx
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--checkpoint", required=True, help="MobileVLM checkpoint directory")
+    ap.add_argument("--checkpoint", required=True, help="MobileVLM or LLaVA checkpoint directory")
     ap.add_argument("--out", required=True, help="output directory (replaced when done)")
     ap.add_argument("--clip", default=None,
-                    help="local openai/clip-vit-large-patch14-336 directory (V1 uses it upstream)")
+                    help="local openai/clip-vit-large-patch14-336 directory (MobileVLM V1 and LLaVA-1.5 "
+                         "use it upstream; a LLaVA-1.5 checkpoint needs it)")
+    ap.add_argument("--weights", default="auto", choices=["auto", "fp32", "half"],
+                    help="half: the decoder's projections stored 16-bit, for models whose FP32 weights "
+                         "do not fit in memory (auto: when they would not)")
     args = ap.parse_args(argv)
     try:
-        export_onnx(args.checkpoint, args.out, clip_dir=args.clip, log=lambda m: print(m, flush=True))
-    except (CheckpointError, GraphError) as e:
+        export_onnx(args.checkpoint, args.out, clip_dir=args.clip, log=lambda m: print(m, flush=True),
+                    weights=args.weights)
+    except (CheckpointError, GraphError, ValueError) as e:
         print(f"onnx: error: {e}", file=sys.stderr)
         return 1
     return 0

@@ -339,3 +339,14 @@ def test_served_greedy_text_is_the_reference(ckpts, servers, model, fmt):
                                           if cfg.version == "1.6" else 64)
         assert r.stats["image_tokens"] == tokens
         assert r.stats["prefill_tokens"] == len(ids) + max(tokens - 1, 0)
+
+
+@pytest.mark.unit
+def test_tensorrt_profiles_hold_a_whole_anyres_picture(exports):
+    from edgevlm.engines.profiles import decoder_profiles, vision_profiles
+    from edgevlm.manifest import OnnxArtifacts
+    art = OnnxArtifacts.open(exports["tiny-llava-1.6"])
+    (images,) = vision_profiles(art)
+    assert images.shapes["pixel_values"] == ((1, 3, 112, 112), (5, 3, 112, 112), (5, 3, 112, 112))
+    prefill = decoder_profiles(art)[0]
+    assert prefill.shapes["inputs_embeds"][1][1] == PRESETS["tiny-llava-1.6"].max_image_tokens + 56

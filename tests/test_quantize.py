@@ -304,3 +304,58 @@ def test_int4_answers_through_tritonserver_as_it_does_in_process(tiny_family, tm
         r = Client(srv.grpc_url, timeout_s=120).generate("What is in the image?", image=image, max_tokens=12)
     assert r.text == "".join(e.text for e in local) and r.text
     assert r.stats["decode_tokens"] == local[-1].stats.decode_tokens
+
+
+def _dq_weights(path: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """MatMul output -> (integers, scales) of the DequantizeLinear feeding it."""
+    m = onnx.load(str(path))
+    inits = {t.name: t for t in m.graph.initializer}
+    producers = {o: n for n in m.graph.node for o in n.output}
+    out = {}
+    for n in m.graph.node:
+        dq = producers.get(n.input[1]) if n.op_type == "MatMul" else None
+        if dq is not None and dq.op_type == "DequantizeLinear":
+            out[n.output[0]] = (numpy_helper.to_array(inits[dq.input[0]]).astype(np.int8),
+                                numpy_helper.to_array(inits[dq.input[1]]))
+    return out
+
+
+def test_int4_pass_has_onnx_runtimes_integers_and_scales(tiny_onnx, tmp_path):
+    """Our streaming INT4 pass against ONNX Runtime's own weight-only quantizer (QDQ form)."""
+    from onnxruntime.quantization import QuantFormat
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+    from edgevlm.export.quantize import quantize_decoder_weights
+    quantize_decoder_weights(tiny_onnx / "decoder.onnx", tmp_path / "ours.onnx", 4)
+    model = onnx.version_converter.convert_version(onnx.load(str(tiny_onnx / "decoder.onnx")), 21)
+    config = DefaultWeightOnlyQuantConfig(block_size=128, is_symmetric=True, quant_format=QuantFormat.QDQ,
+                                          op_types_to_quantize=("MatMul",), bits=4)
+    q = MatMulNBitsQuantizer(model, algo_config=config)
+    q.process()
+    onnx.save(q.model.model, str(tmp_path / "ort.onnx"))
+    ours, theirs = _dq_weights(tmp_path / "ours.onnx"), _dq_weights(tmp_path / "ort.onnx")
+    assert set(ours) == set(theirs) and len(ours) == weight_matmuls(tiny_onnx / "decoder.onnx")
+    for k in ours:
+        np.testing.assert_array_equal(ours[k][0], theirs[k][0])
+        np.testing.assert_array_equal(ours[k][1], theirs[k][1])
+
+
+@pytest.mark.slow
+def test_half_stored_export_quantizes_to_the_same_weights(tiny_ckpt, tiny_onnx, tmp_path):
+    """A 16-bit-stored export (how a 7B is built) quantizes its projections from the 16-bit
+    initializer behind each Cast, to the integers the FP32 export gives (the checkpoint is bf16,
+    so the two hold the same values)."""
+    from edgevlm.export.graphs import export_onnx
+    from edgevlm.export.quantize import quantize_decoder_weights
+    from edgevlm.runtime.onnxruntime import half_stored
+    half = export_onnx(tiny_ckpt, tmp_path / "half", log=lambda m: None, weights="half")
+    assert half_stored(half / "decoder.onnx") and not half_stored(tiny_onnx / "decoder.onnx")
+    for bits in (8, 4):
+        quantize_decoder_weights(half / "decoder.onnx", tmp_path / f"h{bits}.onnx", bits)
+        quantize_decoder_weights(tiny_onnx / "decoder.onnx", tmp_path / f"f{bits}.onnx", bits)
+        a, b = _dq_weights(tmp_path / f"h{bits}.onnx"), _dq_weights(tmp_path / f"f{bits}.onnx")
+        assert len(a) == len(b) == weight_matmuls(tiny_onnx / "decoder.onnx")
+        for x, y in zip(sorted(a.values(), key=lambda v: v[0].shape), sorted(b.values(), key=lambda v: v[0].shape)):
+            np.testing.assert_array_equal(x[0], y[0])
+        h = onnx.load(str(tmp_path / f"h{bits}.onnx"), load_external_data=False)
+        assert not any(n.op_type == "Cast" and n.input[0] in {t.name for t in h.graph.initializer}
+                       for n in h.graph.node)  # no 16-bit weight left behind

@@ -58,7 +58,8 @@ def _limits(art: OnnxArtifacts, max_context: int | None, max_prefill: int | None
     if not 2 <= max_context <= limit:
         raise ProfileError(f"MAX_CONTEXT={max_context}: this model holds 2..{limit} tokens")
     max_prefill = min(max_prefill or max_context - 1, max_context - 1)
-    return max_context, max_prefill, min(art.config.image_tokens + 56, max_prefill)
+    # LLaVA-1.6: a picture's token count varies; the typical prompt takes the largest
+    return max_context, max_prefill, min(art.config.max_image_tokens + 56, max_prefill)
 
 
 def decoder_profiles(art: OnnxArtifacts, max_context: int | None = None,
@@ -94,6 +95,12 @@ def static_decoder_profiles(art: OnnxArtifacts, max_context: int | None = None,
 
 
 def vision_profiles(art: OnnxArtifacts, max_batch: int = 4) -> list[Profile]:
+    """Rows are pictures, or for LLaVA-1.6 tiles: one picture is a base tile plus its grid's
+    (up to 5 with the released grids), so the profile holds at least one whole picture."""
     if max_batch < 1:
         raise ProfileError(f"max_batch must be >= 1, got {max_batch}")
-    return [_profile("images", art.manifest["io"]["vision_encoder"]["inputs"], {"batch": (1, 1, max_batch)})]
+    cfg = art.config
+    s = cfg.vision.image_size
+    per_picture = 1 + max(((h // s) * (w // s) for h, w in cfg.grid_pinpoints), default=0)
+    return [_profile("images", art.manifest["io"]["vision_encoder"]["inputs"],
+                     {"batch": (1, per_picture, max(max_batch, per_picture))})]

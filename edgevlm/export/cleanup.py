@@ -46,18 +46,25 @@ class GraphError(RuntimeError):
 
 
 def clean(src: Path, dst: Path, input_names: list[str], output_names: list[str],
-          allow_domains: tuple[str, ...] = ()) -> None:
+          allow_domains: tuple[str, ...] = (), finish=None, unfoldable: tuple[str, str] | None = None) -> None:
     """src ONNX (+ its external data) -> cleaned opset-17 ONNX at dst (+ `<dst>.data`).
 
     The weights are never loaded: graphsurgeon keeps each external initializer's TensorProto
     (a file reference) as is, so rewriting a 1.7B decoder costs megabytes, not three copies of
-    its 5.6 GB. The exporter's data file moves beside dst unchanged.
+    its 5.6 GB. The exporter's data file moves beside dst unchanged. finish(model), if given,
+    edits the cleaned graph in place before it is saved (placeholders becoming standard ops).
+    unfoldable (domain, op): nodes of that op keep their constant inputs out of folding (a
+    placeholder op fed by weights, which cannot be evaluated: one such node in the foldable set
+    stops all folding, and folding it would materialise what it computes).
     """
     model = onnx.load(str(src), load_external_data=False)
     with _cwd(src.parent):  # a weight that folding does need is read relative to src
         graph = gs.import_onnx(model)
+        held = _hold_constants(graph, unfoldable) if unfoldable else {}
         graph.fold_constants(size_threshold=FOLD_MAX_BYTES).cleanup(
             remove_unused_graph_inputs=False).toposort()
+        for node, i, constant in held.values():
+            node.inputs[i] = constant
         downgrade_to_opset17(graph, allow_domains)
         graph.cleanup().toposort()
         got_in, got_out = [t.name for t in graph.inputs], [t.name for t in graph.outputs]
@@ -66,6 +73,8 @@ def clean(src: Path, dst: Path, input_names: list[str], output_names: list[str],
                              f"outputs {got_out}; expected {input_names} -> {output_names}")
         model = gs.export_onnx(graph)
     set_opset(model)  # the exporter's import list still says 18
+    if finish is not None:
+        finish(model)
     external = [t for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
     files = {e.value for t in external for e in t.external_data if e.key == "location"}
     if len(files) > 1:
@@ -79,6 +88,19 @@ def clean(src: Path, dst: Path, input_names: list[str], output_names: list[str],
                     e.value = data.name
     onnx.save_model(model, str(dst))
     onnx.checker.check_model(str(dst))  # the path form also checks the data file's extents
+
+
+def _hold_constants(graph: gs.Graph, op: tuple[str, str]) -> dict:
+    """Swap the constant inputs of `op` nodes for stand-in variables (undone after folding)."""
+    held = {}
+    for node in graph.nodes:
+        if (node.domain, node.op) != op:
+            continue
+        for i, t in enumerate(node.inputs):
+            if isinstance(t, gs.Constant):
+                node.inputs[i] = gs.Variable(t.name + "_held", shape=t.shape)
+                held[t.name] = (node, i, t)
+    return held
 
 
 def opset_of(model: onnx.ModelProto) -> int:

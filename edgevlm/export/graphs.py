@@ -29,7 +29,7 @@ import numpy as np
 import onnx
 import torch
 
-from edgevlm.export import cleanup, static_cache
+from edgevlm.export import cleanup, half_weights, static_cache
 from edgevlm.model.checkpoint import TOKENIZER_FILES, read_checkpoint
 from edgevlm.runtime.image import PAD_COLOUR
 from edgevlm.manifest import write_manifest
@@ -83,7 +83,8 @@ def export_vision(model: MobileVLM, cfg: ModelConfig, path: Path) -> None:
     _torch_export(model.vision, (torch.zeros(2, 3, s, s),), path, VISION_IO, ({0: batch},))
 
 
-def export_decoder(model: MobileVLM, cfg: ModelConfig, path: Path, static: bool = False) -> None:
+def export_decoder(model: MobileVLM, cfg: ModelConfig, path: Path, static: bool = False,
+                   half: bool = False) -> None:
     """decoder.onnx (a growing `past`) or, static=True, decoder.static.onnx (a `cache` of
     fixed capacity written at position_ids[:, 0])."""
     t = cfg.text
@@ -97,16 +98,20 @@ def export_decoder(model: MobileVLM, cfg: ModelConfig, path: Path, static: bool 
     kv = [torch.zeros(b, t.num_kv_heads, kv_len, t.head_dim) for _ in range(2 * t.num_layers)]
     args = (torch.zeros(b, s, t.hidden_size), torch.arange(p, p + s).repeat(b, 1), *kv)
     shapes = ({0: batch, 1: seq}, {0: batch, 1: seq}, tuple({0: batch, 2: kv_dim} for _ in kv))
-    _torch_export(_DecoderGraph(model.decoder, static), args, path, decoder_io(t.num_layers), shapes,
-                  static_cache.translation_table() if static else None)
+    table = {**(static_cache.translation_table() if static else {}),
+             **(half_weights.translation_table() if half else {})}
+    _torch_export(_DecoderGraph(model.decoder, static), args, path, decoder_io(t.num_layers), shapes, table or None)
 
 
 def finish_static(raw: Path, dst: Path, cfg: ModelConfig) -> None:
-    """Clean the static export, swap in TensorScatter, share weights with decoder.onnx."""
+    """Clean the static export, swap in TensorScatter (and Casts for half-stored weights),
+    share weights with decoder.onnx."""
     names = decoder_io(cfg.text.num_layers)
-    cleanup.clean(raw, dst, *names, allow_domains=(static_cache.PLACEHOLDER_DOMAIN,))
-    model = static_cache.to_tensor_scatter(onnx.load(str(dst), load_external_data=False),
-                                           cfg.text.num_layers)
+    cleanup.clean(raw, dst, *names, allow_domains=(static_cache.PLACEHOLDER_DOMAIN,),
+                  unfoldable=half_weights.PLACEHOLDER_OP)
+    model = onnx.load(str(dst), load_external_data=False)
+    half_weights.to_casts(model)
+    model = static_cache.to_tensor_scatter(model, cfg.text.num_layers)
     onnx.save_model(model, str(dst))
     static_cache.share_file_weights(dst, dst.with_name("decoder.onnx"))
 
@@ -122,8 +127,11 @@ def memory_gb() -> tuple[float, float]:
 
 
 def export_onnx(checkpoint_dir: str | Path, out_dir: str | Path, clip_dir: str | Path | None = None,
-                log=print) -> Path:
-    """Export a checkpoint into out_dir (replaced whole, or left untouched on failure)."""
+                log=print, weights: str = "auto") -> Path:
+    """Export a checkpoint into out_dir (replaced whole, or left untouched on failure).
+
+    weights: fp32, half (the decoder's projections stored 16-bit, half_weights.py) or auto
+    (half when FP32 would crowd this machine's memory)."""
     t0 = time.monotonic()
     _log = log
 
@@ -134,21 +142,29 @@ def export_onnx(checkpoint_dir: str | Path, out_dir: str | Path, clip_dir: str |
     ckpt = read_checkpoint(checkpoint_dir, clip_dir)
     cfg = ckpt.config
     out_dir = Path(out_dir)
-    log(f"onnx: {ckpt.path} -> {out_dir} ({cfg.name}, {cfg.version}, {cfg.projector_type})")
+    storage = half_weights.choose(cfg, weights)
+    half = storage == "half"
+    log(f"onnx: {ckpt.path} -> {out_dir} ({cfg.name}, {cfg.version}, {cfg.projector_type}, "
+        f"{'decoder projections stored 16-bit' if half else 'FP32 weights'})")
     with staged_dir(out_dir) as tmp:
         raw = tmp / "raw"
         raw.mkdir()
         weights = ckpt.weights(clip_dir)
-        model = MobileVLM.from_weights(cfg, weights)
+        dtype = half_weights.half_dtype(weights) if half else None
+        model = MobileVLM.from_weights(cfg, weights, dtype=None if half else torch.float32)
+        if half:
+            half_weights.halve(model, dtype)
+            ckpt.tensors.clear()  # the model holds its own copies now: unmap the checkpoint
         vision_source = weights.vision_source
         del weights
+        gc.collect()
         log(f"onnx: [1/4] vision encoder ({cfg.vision.layers_used} CLIP layers + projector)")
         export_vision(model, cfg, raw / "vision_encoder.onnx")
         log(f"onnx: [2/4] decoder ({cfg.text.num_layers} layers, KV cache as IO)")
-        export_decoder(model, cfg, raw / "decoder.onnx")
+        export_decoder(model, cfg, raw / "decoder.onnx", half=half)
         (raw / "static").mkdir()  # its own folder: each export writes its own weights file
         log("onnx: [2/4] decoder, static KV cache (in-place updates)")
-        export_decoder(model, cfg, raw / "static" / "decoder.static.onnx", static=True)
+        export_decoder(model, cfg, raw / "static" / "decoder.static.onnx", static=True, half=half)
         np.save(tmp / "embed_tokens.npy", model.decoder.model.embed_tokens.weight.detach().numpy())
         if cfg.image_aspect == ANYRES:  # the runtime packs tiles (runtime/anyres.py)
             np.save(tmp / "image_newline.npy", model.image_newline.detach().float().numpy())
@@ -162,7 +178,9 @@ def export_onnx(checkpoint_dir: str | Path, out_dir: str | Path, clip_dir: str |
         log("onnx: [3/4] graph cleanup (fold constants, prune, opset 17): vision encoder")
         cleanup.clean(raw / "vision_encoder.onnx", tmp / "vision_encoder.onnx", *VISION_IO)
         log("onnx: [3/4] graph cleanup: decoder")
-        cleanup.clean(raw / "decoder.onnx", tmp / "decoder.onnx", *decoder_io(cfg.text.num_layers))
+        cleanup.clean(raw / "decoder.onnx", tmp / "decoder.onnx", *decoder_io(cfg.text.num_layers),
+                      allow_domains=(half_weights.PLACEHOLDER_DOMAIN,), finish=half_weights.to_casts,
+                      unfoldable=half_weights.PLACEHOLDER_OP)
         log("onnx: [3/4] graph cleanup: static decoder (opset 24, weights shared with decoder.onnx)")
         finish_static(raw / "static" / "decoder.static.onnx", tmp / "decoder.static.onnx", cfg)
         shutil.rmtree(raw)
@@ -170,7 +188,10 @@ def export_onnx(checkpoint_dir: str | Path, out_dir: str | Path, clip_dir: str |
         for name in TOKENIZER_FILES:
             if (ckpt.path / name).is_file():
                 shutil.copy2(ckpt.path / name, tmp / name)
-        write_manifest(tmp, _manifest(ckpt, cfg, tmp, vision_source))
+        manifest = _manifest(ckpt, cfg, tmp, vision_source)
+        manifest["weights"] = ({"storage": "half", "dtype": str(dtype).removeprefix("torch."),
+                                "which": "decoder layer projections"} if half else {"storage": "fp32"})
+        write_manifest(tmp, manifest)
     sizes = {p.name: p.stat().st_size for p in out_dir.iterdir()}
     total = sum(sizes.values()) / 1e6
     log(f"onnx: done in {time.monotonic() - t0:.1f} s, {total:.1f} MB in {out_dir}")

@@ -10,6 +10,7 @@ sequence object serving uses).
 
 from __future__ import annotations
 
+import gc
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from edgevlm.export import half_weights
 from edgevlm.model.checkpoint import read_checkpoint
 from edgevlm.runtime.embedding import EmbeddingTable
 from edgevlm.runtime.onnxruntime import OrtDecoder, OrtVisionEncoder
@@ -25,7 +27,6 @@ from edgevlm.runtime import anyres
 from edgevlm.runtime.image import preprocess_tiles
 from edgevlm.manifest import OnnxArtifacts
 from edgevlm.runtime.prompt import build_prompt, tokenize_prompt
-from edgevlm.model.mobilevlm import MobileVLM
 from edgevlm.samples import sample_images
 from edgevlm.runtime.tokenizer import Tokenizer
 
@@ -119,6 +120,9 @@ def _logits_err(ref_tokens, ref_rows, onnx_tokens, onnx_rows) -> float:
 
 def run_parity(checkpoint: str | Path, onnx_dir: str | Path, *, clip_dir=None, images=None,
                new_tokens: int = 32, log=print) -> Report:
+    """One side at a time: the reference over every case, then the vision encoder, then each
+    decoder graph, each released before the next is loaded, so a model needs memory for one
+    copy of its weights, not three (a 7B stored 16-bit: 13.5 GB, not 40)."""
     t0 = time.monotonic()
     art = OnnxArtifacts.open(onnx_dir)
     ckpt = read_checkpoint(checkpoint, clip_dir)
@@ -126,46 +130,68 @@ def run_parity(checkpoint: str | Path, onnx_dir: str | Path, *, clip_dir=None, i
     if not cfg.same_shape(art.config):
         raise ValueError(f"{onnx_dir} was exported from a {art.config.name} model, "
                          f"but {checkpoint} is {cfg.name}")
-    model = MobileVLM.from_weights(cfg, ckpt.weights(clip_dir))
-    vision = OrtVisionEncoder(art.path("vision_encoder"))
-    decoder = OrtDecoder(art.path("decoder"), cfg.text)
-    static = (OrtDecoder(art.path("decoder_static"), cfg.text, static=True)
-              if "decoder_static" in art.manifest["files"] else None)
-    table = EmbeddingTable(art.path("embed_tokens"))
     tok = Tokenizer(art.path("tokenizer"))
+    table = EmbeddingTable(art.path("embed_tokens"))
     newline = np.load(art.path("image_newline")) if cfg.image_aspect == ANYRES else None
 
-    report = Report()
-    cases = [(name, data) for name, data in sample_images(images).items()] + [("text-only", None)]
-    for name, data in cases:
+    cases = []
+    for name, data in [*sample_images(images).items(), ("text-only", None)]:
         ids = tokenize_prompt(tok, build_prompt(QUESTION if data else TEXT_ONLY, image=data is not None,
                                                 template=cfg.template))
         px, size = (preprocess_tiles(data, cfg.vision.image_size, cfg.image_aspect, cfg.grid_pinpoints)
                     if data else (None, None))
-        img_err = img_scale = ref_embeds = onnx_embeds = None
-        with torch.no_grad():
-            if px is not None:
-                ref_embeds = model.image_features(torch.from_numpy(px), size).numpy()[None]
-                onnx_embeds = vision(px)
-                if newline is not None:  # the runtime's packing, with the export's newline vector
-                    onnx_embeds = anyres.pack(onnx_embeds, size, cfg.grid_pinpoints, cfg.vision.image_size,
-                                              newline)[None]
-                img_err = float(np.abs(ref_embeds - onnx_embeds).max())
-                img_scale = float(np.abs(ref_embeds).max())
-            ref_tokens, ref_rows = model.generate(
-                ids, torch.from_numpy(px) if px is not None else None, max_new_tokens=new_tokens,
-                stop_ids=[], return_logits=True, image_size=size, vocab=tok.vocab_size)
-        onnx_tokens, onnx_rows = onnx_greedy(decoder, table, ids, onnx_embeds, new_tokens, tok.vocab_size)
-        err = _logits_err(ref_tokens, ref_rows.numpy(), onnx_tokens, onnx_rows)
+        cases.append({"name": name, "ids": ids, "px": px, "size": size})
+
+    model = half_weights.reference(cfg, ckpt.weights(clip_dir), half_weights.storage_of(art.manifest))
+    ckpt.tensors.clear()  # the model holds what it needs: unmap the checkpoint
+    gc.collect()
+    with torch.no_grad():
+        for c in cases:
+            px = torch.from_numpy(c["px"]) if c["px"] is not None else None
+            c["ref_embeds"] = model.image_features(px, c["size"]).numpy()[None] if px is not None else None
+            c["ref_tokens"], rows = model.generate(c["ids"], px, max_new_tokens=new_tokens, stop_ids=[],
+                                                   return_logits=True, image_size=c["size"], vocab=tok.vocab_size)
+            c["ref_rows"] = rows.numpy()
+    del model
+    gc.collect()
+
+    vision = OrtVisionEncoder(art.path("vision_encoder"))
+    for c in cases:
+        c["embeds"] = None
+        if c["px"] is not None:
+            c["embeds"] = vision(c["px"])
+            if newline is not None:  # the runtime's packing, with the export's newline vector
+                c["embeds"] = anyres.pack(c["embeds"], c["size"], cfg.grid_pinpoints, cfg.vision.image_size,
+                                          newline)[None]
+    del vision
+
+    graphs = [("onnx", "decoder", False, onnx_greedy)]
+    if "decoder_static" in art.manifest["files"]:
+        graphs.append(("static", "decoder_static", True, sequence_greedy))
+    for key, file_key, static, greedy in graphs:
+        decoder = OrtDecoder(art.path(file_key), cfg.text, static=static)
+        for c in cases:
+            c[key] = greedy(decoder, table, c["ids"], c["embeds"], new_tokens, tok.vocab_size)
+        del decoder
+        gc.collect()
+
+    report = Report()
+    for c in cases:
+        onnx_tokens, onnx_rows = c["onnx"]
+        err = _logits_err(c["ref_tokens"], c["ref_rows"], onnx_tokens, onnx_rows)
         static_tokens = None
-        if static is not None:
-            static_tokens, static_rows = sequence_greedy(static, table, ids, onnx_embeds, new_tokens, tok.vocab_size)
-            err = max(err, _logits_err(ref_tokens, ref_rows.numpy(), static_tokens, static_rows))
-        case = Case(name, len(ids), ref_tokens, onnx_tokens, err,
-                    float(np.abs(ref_rows.numpy()).max()), img_err, img_scale, static_tokens)
+        if "static" in c:
+            static_tokens, static_rows = c["static"]
+            err = max(err, _logits_err(c["ref_tokens"], c["ref_rows"], static_tokens, static_rows))
+        img_err = img_scale = None
+        if c["embeds"] is not None:
+            img_err = float(np.abs(c["ref_embeds"] - c["embeds"]).max())
+            img_scale = float(np.abs(c["ref_embeds"]).max())
+        case = Case(c["name"], len(c["ids"]), c["ref_tokens"], onnx_tokens, err,
+                    float(np.abs(c["ref_rows"]).max()), img_err, img_scale, static_tokens)
         report.cases.append(case)
         image = f"image max|d| {img_err:.2e}, " if img_err is not None else ""
-        log(f"  {name:10s} {case.prompt_tokens:4d} prompt tokens, {image}"
+        log(f"  {case.name:10s} {case.prompt_tokens:4d} prompt tokens, {image}"
             f"logits max|d| {case.logits_err:.2e}, tokens {'identical' if case.tokens_match else 'DIFFER'}"
             f"{' (concat + static KV)' if static_tokens is not None else ''}"
             f"  {tok.decode(onnx_tokens)[:40]!r}")

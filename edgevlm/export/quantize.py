@@ -18,9 +18,9 @@ data files (the same bytes), so TensorRT 10.15+ builds the quantized decoder in 
 TensorRT: both forms are explicit Q/DQ with zero points 0. The INT8 decoder stays at opset 17
 (per-axis DequantizeLinear) and the W8A8 vision encoder too; weight-only DQ feeding a MatMul
 needs TensorRT 10. The INT4 decoder needs opset 21 (INT4 type, `block_size`), TensorRT 10+.
-Tools: ONNX Runtime's quantize_static (vision) and its weight-only MatMul quantizer in QDQ form
-(INT4); INT8 weight-only is a short pass here, as that quantizer writes 8-bit weights only as
-its own MatMulNBits operator.
+Tools: ONNX Runtime's quantize_static (vision); the decoder's weight-only passes are ours
+(weight_only.py: INT4 with the same integers and scales as ONNX Runtime's quantizer, weights
+converted one at a time, 16-bit-stored weights read as they are).
 """
 
 from __future__ import annotations
@@ -38,13 +38,13 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from edgevlm.export import cleanup, matmul_nbits, static_cache
+from edgevlm.export import cleanup, matmul_nbits, static_cache, weight_only
 from edgevlm.runtime.image import preprocess
 from edgevlm.manifest import OnnxArtifacts, write_manifest
 from edgevlm.staging import staged_dir
 
 PRECISIONS = ("int8", "int4")
-INT4_BLOCK = 128
+INT4_BLOCK = weight_only.INT4_BLOCK
 
 
 def calibration_images(directory: str | Path | None = None, limit: int = 32) -> dict[str, bytes]:
@@ -107,74 +107,19 @@ def quantize_vision_cpu(src: Path, dst: Path) -> None:
                          extra_options={"MatMulConstBOnly": True})  # attention stays FP32
 
 
-def _int8_weight_only(model: onnx.ModelProto) -> int:
-    """INT8 weight-only, per output channel, symmetric: W[K, N] -> int8 W + scale[N] and a
-    per-axis DequantizeLinear (axis 1) feeding the MatMul. ONNX Runtime's weight-only
-    quantizer writes 8-bit weights only as its own MatMulNBits op, not as Q/DQ, hence this
-    small pass; the math is the standard per-channel symmetric one. Returns the count."""
-    inits = {t.name: t for t in model.graph.initializer}
-    count = 0
-    for node in list(model.graph.node):
-        if node.op_type != "MatMul" or node.input[1] not in inits:
-            continue
-        t = inits[node.input[1]]
-        w = numpy_helper.to_array(t).astype(np.float32)
-        if w.ndim != 2:
-            continue
-        scale = np.maximum(np.abs(w).max(axis=0), 1e-12) / 127.0
-        q = np.clip(np.rint(w / scale), -127, 127).astype(np.int8)
-        qt = numpy_helper.from_array(q, t.name + "_int8")
-        st = numpy_helper.from_array(scale.astype(np.float32), t.name + "_scale")
-        model.graph.initializer.remove(t)
-        del inits[t.name]
-        model.graph.initializer.extend([qt, st])
-        dq_out = t.name + "_dequantized"
-        dq = helper.make_node("DequantizeLinear", [qt.name, st.name], [dq_out], name=t.name + "_DequantizeLinear",
-                              axis=1)
-        model.graph.node.insert(list(model.graph.node).index(node), dq)
-        node.input[1] = dq_out
-        count += 1
-    return count
-
-
-def _int4_zero_points(model: onnx.ModelProto) -> None:
-    """Explicit INT4 zero points (all 0): TensorRT's ONNX importer takes the INT4 type from
-    the zero point, as ModelOpt's exports carry it."""
-    inits = {t.name: t for t in model.graph.initializer}
-    for node in model.graph.node:
-        if node.op_type == "DequantizeLinear" and len(node.input) == 2:
-            w, scale = inits[node.input[0]], inits[node.input[1]]
-            if w.data_type != onnx.TensorProto.INT4:
-                continue
-            n = int(np.prod(scale.dims))
-            zp = helper.make_tensor(w.name + "_zero_point", onnx.TensorProto.INT4, list(scale.dims),
-                                    np.zeros((n + 1) // 2, np.uint8).tobytes(), raw=True)
-            model.graph.initializer.append(zp)
-            node.input.append(zp.name)
-
-
 def quantize_decoder_weights(src: Path, dst: Path, bits: int) -> None:
-    if bits == 8:
-        out = onnx.load(str(src))
-        _int8_weight_only(out)  # opset 17 stays: per-axis DequantizeLinear exists since 13
-    else:
-        from onnxruntime.quantization import QuantFormat
-        from onnxruntime.quantization.matmul_nbits_quantizer import (DefaultWeightOnlyQuantConfig,
-                                                                     MatMulNBitsQuantizer)
-        model = onnx.load(str(src), load_external_data=False)
+    """The decoder's weight MatMuls quantized, weight-only (weight_only.py)."""
+    from edgevlm.export.quant_check import QuantizationError
+    model = onnx.load(str(src), load_external_data=False)
+    if bits == 4 and cleanup.opset_of(model) < 21:
         # INT4 needs opset 21; ReduceMean and Split change form on the way (weights not loaded
-        # yet). The static decoder is at 24 already.
-        if cleanup.opset_of(model) < 21:
-            model = onnx.version_converter.convert_version(model, 21)
-        onnx.load_external_data_for_model(model, str(src.parent))
-        config = DefaultWeightOnlyQuantConfig(block_size=INT4_BLOCK, is_symmetric=True, quant_format=QuantFormat.QDQ,
-                                              op_types_to_quantize=("MatMul",), bits=4)
-        quantizer = MatMulNBitsQuantizer(model, algo_config=config)
-        logging.getLogger("onnxruntime.quantization").setLevel(logging.ERROR)  # opset 21 is already set
-        quantizer.process()
-        out = quantizer.model.model
-        _int4_zero_points(out)
-    onnx.save(out, str(dst), save_as_external_data=True, all_tensors_to_one_file=True,
+        # yet). The static decoder is at 24 already. Opset 17 stays for INT8: per-axis
+        # DequantizeLinear exists since 13.
+        model = onnx.version_converter.convert_version(model, 21)
+    onnx.load_external_data_for_model(model, str(src.parent))
+    if not (weight_only.int8(model) if bits == 8 else weight_only.int4(model)):
+        raise QuantizationError(f"{src.name}: no weight MatMuls to quantize")
+    onnx.save(model, str(dst), save_as_external_data=True, all_tensors_to_one_file=True,
               location=dst.name + ".data", size_threshold=1024)
 
 
@@ -314,7 +259,7 @@ def quantize_export(onnx_dir: str | Path, out_dir: str | Path, precision: str, *
         if static:
             io["decoder_static"] = cleanup.io_specs(tmp / "decoder.static.onnx")
         manifest.update(
-            files=files, io=io,
+            files=files, io=io, weights={"storage": "quantized"},
             opset={"vision_encoder": cleanup.TARGET_OPSET, "decoder": cleanup.TARGET_OPSET if bits == 8 else 21},
             quantization={
                 "precision": precision, "tool": "onnxruntime.quantization",

@@ -49,7 +49,7 @@ class MobileVLM(nn.Module):
         model.decoder.load_state_dict(weights.llm, strict=True, assign=True)
         if cfg.image_aspect == ANYRES:
             model.image_newline = nn.Parameter(weights.image_newline.clone(), requires_grad=False)
-        return model.to(dtype).eval()
+        return (model.to(dtype) if dtype is not None else model).eval()  # None: as stored
 
     def image_features(self, pixel_values: torch.Tensor, size_hw=None) -> torch.Tensor:
         """One image's tiles [tiles, 3, S, S] -> its tokens [T, D]; anyres needs the picture's

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -15,7 +16,20 @@ def session(path: str | Path, threads: int | None = None) -> ort.InferenceSessio
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads or os.cpu_count() or 1
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    # An export with 16-bit weights (export/half_weights.py) widens them per call: folding those
+    # Casts at load would rebuild the FP32 weights the export was made to avoid.
+    disabled = ["ConstantFolding"] if half_stored(path) else None
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"],
+                                disabled_optimizers=disabled)
+
+
+def half_stored(path: str | Path) -> bool:
+    """Does the export this graph belongs to store its weights 16-bit (its manifest says)?"""
+    manifest = Path(path).parent / "manifest.json"
+    try:
+        return json.loads(manifest.read_text()).get("weights", {}).get("storage") == "half"
+    except (OSError, ValueError):
+        return False
 
 
 class OrtVisionEncoder:
