@@ -19,6 +19,8 @@ from edgevlm_client.images import image_bytes
 def timing_line(stats: dict) -> str:
     """Per-stage timings in the spirit of llama.cpp's summary."""
     image = "image cached" if stats.get("image_cached") else f"image encode {stats.get('image_encode_ms', 0):.1f} ms"
+    if stats.get("image_tokens"):
+        image += f" ({stats['image_tokens']} tokens)"
     cached = f" ({stats['cached_tokens']} cached)" if stats.get("cached_tokens") else ""
     return (f"{image} | "
             f"prompt {stats.get('prefill_tokens', 0)} tokens{cached} in {stats.get('prefill_ms', 0):.1f} ms "

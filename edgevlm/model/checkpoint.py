@@ -105,13 +105,12 @@ def llm_layout(t: TextConfig) -> dict[str, tuple[int, ...]]:
     return keys
 
 
-def layout(cfg: ModelConfig, tower: bool = True) -> dict[str, tuple[int, ...]]:
-    """The whole checkpoint state dict: key -> shape, in upstream key names. tower=False: as
-    LLaVA-1.5 is released, without the CLIP tower."""
+def layout(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """The whole checkpoint state dict: key -> shape, in upstream key names (a LLaVA-1.5
+    release holds all but the tower's)."""
     keys = llm_layout(cfg.text)
     keys.update({PROJECTOR_PREFIX + k: s for k, s in projector_layout(cfg).items()})
-    if tower:
-        keys.update({VISION_PREFIX + k: s for k, s in vision_layout(cfg.vision).items()})
+    keys.update({VISION_PREFIX + k: s for k, s in vision_layout(cfg.vision).items()})
     if cfg.image_aspect == ANYRES:
         keys[NEWLINE_KEY] = (cfg.text.hidden_size,)
     return keys
@@ -166,9 +165,11 @@ class Checkpoint:
         return Weights(vision, projector, llm, source, t.get(NEWLINE_KEY))
 
     def sha256(self) -> str:
-        """Digest of config.json and the weight files, for manifests."""
+        """Digest of config.json and the weight files (and the CLIP directory's, when the
+        tower came from one), for manifests."""
         h = hashlib.sha256()
-        for f in [self.path / "config.json", *self.weight_files]:
+        clip = weight_files(self.clip_dir) if self.clip_dir is not None else []
+        for f in [self.path / "config.json", *self.weight_files, *clip]:
             h.update(f.name.encode())
             with open(f, "rb") as fh:
                 while chunk := fh.read(1 << 24):

@@ -76,7 +76,7 @@ class Prepared:
     pixel_values: np.ndarray | None  # [tiles, 3, S, S]: 0 without an image, > 1 for anyres; None if cached
     input_ids: np.ndarray  # int64, IMAGE_TOKEN_INDEX where the image goes
     image_size: tuple[int, int] | None = None  # the picture's (H, W), when decoded
-    image_tokens: int = 0  # positions the image takes (0: none, or cached and not decoded)
+    image_tokens: int = 0  # positions the image takes (0: none, or an anyres picture not decoded)
 
 
 class Preprocessor:
@@ -139,6 +139,8 @@ class Preprocessor:
             if len(image) > MAX_IMAGE_BYTES:
                 raise BadRequest(f"image is {len(image)} bytes, over the {MAX_IMAGE_BYTES} limit")
             pixel_values = None
+            if self.cfg.image_aspect != ANYRES:
+                tokens = self.cfg.image_tokens  # known without decoding
             try:
                 if decode_image:
                     pixel_values, size_hw = preprocess_tiles(load_image(image, self.max_image_pixels), s,
