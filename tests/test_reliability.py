@@ -173,12 +173,14 @@ scalars = st.one_of(st.none(), st.integers(-2**40, 2**40), st.floats(allow_nan=T
        system=st.one_of(st.none(), text_or_bytes))
 def test_fuzzed_preprocess_gives_a_result_or_a_clean_refusal(preprocessor, image, prompt, raw, history, system):
     try:
-        pixel_values, ids = preprocessor(image, np.array([prompt], dtype=object), raw, history, system)
+        prepared = preprocessor(image, np.array([prompt], dtype=object), raw, history, system)
     except BadRequest as e:
         assert str(e) and "\n" not in str(e)
         return
+    pixel_values, ids = prepared.pixel_values, prepared.input_ids
     assert pixel_values.dtype == np.float32 and np.isfinite(pixel_values).all()
     assert ids.dtype == np.int64 and 0 < len(ids) < preprocessor.cfg.text.max_position
+    assert prepared.image_tokens == (preprocessor.cfg.image_tokens if pixel_values.shape[0] else 0)
 
 
 @pytest.mark.filterwarnings("ignore:overflow encountered in cast")
