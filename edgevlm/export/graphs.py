@@ -151,9 +151,8 @@ def export_onnx(checkpoint_dir: str | Path, out_dir: str | Path, clip_dir: str |
         raw.mkdir()
         weights = ckpt.weights(clip_dir)
         dtype = half_weights.half_dtype(weights) if half else None
-        model = MobileVLM.from_weights(cfg, weights, dtype=None if half else torch.float32)
+        model = half_weights.reference(cfg, weights, storage)
         if half:
-            half_weights.halve(model, dtype)
             ckpt.tensors.clear()  # the model holds its own copies now: unmap the checkpoint
         vision_source = weights.vision_source
         del weights

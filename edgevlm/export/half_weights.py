@@ -17,8 +17,6 @@ the graph cleanup can fold, and becomes a plain Cast once the graph is clean.
 
 from __future__ import annotations
 
-import os
-
 import onnx
 import onnxscript
 import torch
@@ -64,20 +62,15 @@ def decoder_params(cfg: ModelConfig) -> int:
     return t.num_layers * t.hidden_size * (2 * t.hidden_size + 2 * kv + 3 * t.intermediate_size)
 
 
-def memory_bytes() -> int:
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError):
-        return 1 << 40
-
-
 def choose(cfg: ModelConfig, requested: str = "auto") -> str:
     """fp32 or half for this model on this machine."""
     if requested not in MODES:
         raise ValueError(f"unknown weight storage {requested!r}; use one of {', '.join(MODES)}")
     if requested != "auto":
         return requested
-    return "half" if 4 * decoder_params(cfg) > AUTO_SHARE * memory_bytes() else "fp32"
+    from edgevlm.jetson.device import total_memory_gib
+    ram = (total_memory_gib() or 1024) * (1 << 30)
+    return "half" if 4 * decoder_params(cfg) > AUTO_SHARE * ram else "fp32"
 
 
 def half_dtype(weights) -> torch.dtype:
