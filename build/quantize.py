@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from edgevlm.export.matmul_nbits import LM_HEAD
 from edgevlm.export.quant_check import QuantizationError, QuantReport
 from edgevlm.export.fp16 import fp16_export
 from edgevlm.export.quantize import PRECISIONS, quantize_export
@@ -36,7 +37,8 @@ def main(argv=None) -> int:
     cpu_form = report.pop("cpu_form", None)
     print("quantize: Q/DQ graphs (TensorRT) " + QuantReport(**report).summary(args.precision))
     if cpu_form is not None:
-        print("quantize: cpu target (MatMulNBits decoder, 8-bit lm_head; int8 vision) "
+        head_bits, _ = LM_HEAD[4 if args.precision == "int4" else 8]
+        print(f"quantize: cpu target (MatMulNBits decoder, {head_bits}-bit lm_head; int8 vision) "
               + QuantReport(**cpu_form).summary(args.precision))
     return 0
 

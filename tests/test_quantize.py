@@ -13,7 +13,7 @@ import pytest
 from onnx import numpy_helper
 
 from edgevlm.manifest import OnnxArtifacts
-from edgevlm.export.quant_check import THRESHOLDS, QuantizationError, QuantReport, check_quantized
+from edgevlm.export.quant_check import THRESHOLDS, QuantizationError, QuantReport, check_forms, check_quantized
 from edgevlm.export.quantize import calibration_images
 from edgevlm.runtime.sampling import SamplingParams
 
@@ -98,6 +98,20 @@ def test_a_broken_graph_fails_the_check(quantized, tiny_onnx, tmp_path):
         report.raise_if_failed(precision)
 
 
+def test_one_reference_checks_both_forms_as_separate_checks_would(quantized, tiny_onnx):
+    # make quantize runs the FP32 export once for the Q/DQ and the cpu forms; each report must
+    # be what checking that form alone gives, and the manifest must hold those figures
+    precision, out, _ = quantized
+    forms = [("decoder", "vision_encoder"), ("decoder_cpu", "vision_encoder_cpu")]
+    together = check_forms(tiny_onnx, out, calibration_images(), forms)
+    alone = [check_quantized(tiny_onnx, out, calibration_images(), d, v) for d, v in forms]
+    assert [r.to_dict() for r in together] == [r.to_dict() for r in alone]
+    q = OnnxArtifacts.open(out).manifest["quantization"]
+    assert q["accuracy"] == together[0].to_dict()
+    assert q["decoder"]["cpu_form"]["accuracy"] == together[1].to_dict()
+    assert together[0].to_dict() != together[1].to_dict()  # two forms, two measurements
+
+
 def test_quantized_export_serves_on_the_cpu_target(quantized, tmp_path):
     from edgevlm.runtime.runners import load_generator
     from edgevlm.runtime.sampling import SamplingParams
@@ -118,7 +132,7 @@ def unpack(b: np.ndarray, bits: int, k: int) -> np.ndarray:
     return (b.reshape(b.shape[0], -1)[:, :k].astype(np.int16) - (1 << (bits - 1))).T
 
 
-def test_cpu_form_holds_the_same_weights_and_an_8_bit_lm_head(quantized, tiny_onnx):
+def test_cpu_form_holds_the_same_weights_and_a_quantized_lm_head(quantized, tiny_onnx):
     precision, out, _ = quantized
     qdq = onnx.load(str(out / "decoder.onnx"))
     cpu = onnx.load(str(out / "decoder.cpu.onnx"))
@@ -141,8 +155,8 @@ def test_cpu_form_holds_the_same_weights_and_an_8_bit_lm_head(quantized, tiny_on
         q = unpack(c_inits[n.input[1]], a["bits"], a["K"]).astype(np.float32)
         scales = c_inits[n.input[2]].reshape(a["N"], -1).T  # [blocks, N]
         w = q * np.repeat(scales, a["block_size"], axis=0)[:a["K"]]
-        if n.output[0] == "logits":  # the lm_head: 8-bit blocks, within half a step of FP32
-            assert a["bits"] == 8
+        if n.output[0] == "logits":  # the lm_head: blocks of the tier's bits, within half a step of FP32
+            assert (a["bits"], a["block_size"]) == ((8, 128) if precision == "int8" else (4, 32))
             ref = numpy_helper.to_array(next(t for t in onnx.load(str(tiny_onnx / "decoder.onnx")).graph.initializer
                                              if t.name == "decoder.lm_head.weight")).T
             assert np.all(np.abs(w - ref) <= np.repeat(scales, a["block_size"], axis=0)[:a["K"]] / 2 + 1e-7)

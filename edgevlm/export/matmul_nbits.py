@@ -2,9 +2,9 @@
 
 The Q/DQ decoders `make quantize` writes are what TensorRT builds from, and their lm_head stays
 FP32. `com.microsoft.MatMulNBits`, ONNX Runtime's weight-only kernel, keeps the weights packed
-and multiplies them directly (MLAS; with accuracy_level 4 the activations are quantized to int8 per
-block and the products run on VNNI / dot-product instructions). Decode on a CPU is bound by
-memory bandwidth, so bytes per token is what sets tokens per second.
+and multiplies them directly (MLAS; with accuracy_level 4 the activations are quantized to int8
+per block and the products run on integer dot-product instructions: VNNI, or AVX2 where there is
+none). Decode on a CPU reads every weight once per token, so bytes per token set its pace.
 
 This pass rewrites each weight-only DQ -> MatMul pair into one MatMulNBits node holding the
 *same* integers and scales:
@@ -12,9 +12,11 @@ This pass rewrites each weight-only DQ -> MatMul pair into one MatMulNBits node 
     INT8 per output channel (axis 1)       -> bits 8, block_size 256, uint8 = q + 128, every
                                               block of a column given that column's scale
 and quantizes the one matmul the Q/DQ graph keeps FP32, the lm_head (a Gemm on the last
-position; at the 1.7B shape 262 MB of FP32, a third of the INT4 decoder), to 8 bits in blocks of
-LM_HEAD_BLOCK along K, symmetric round-to-nearest. Its cost shows in the parity gate (the cpu
-form is checked against FP32 like the Q/DQ one).
+position; at the 1.7B shape 262 MB of FP32, a third of the INT4 decoder), symmetric
+round-to-nearest in blocks along K (LM_HEAD: 8 bits for an INT8 decoder; 4 bits for an INT4
+one, where the 8-bit head was 10 % of the bytes a token reads and measured 5 % of its step
+time, in blocks of 32, finer than the body's 128, since its errors land on the logits directly). Its cost shows in the parity gate (the cpu form is checked against FP32 like
+the Q/DQ one).
 
 MatMulNBits layout (onnxruntime/core/graph/contrib_ops/contrib_defs.cc): B is uint8
 [N, n_blocks, block_size * bits / 8], each column's K values in order, two 4-bit values per
@@ -30,8 +32,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 INT8_BLOCK = 256      # divides the 1.7B shape's K (2048, 5632); per-channel scales repeat per block
-LM_HEAD_BLOCK = 128
-LM_HEAD_BITS = 8
+LM_HEAD = {8: (8, 128), 4: (4, 32)}  # the decoder's bits -> the lm_head's (bits, block)
 ACCURACY_LEVEL = 4    # int8 activations: the compute path MLAS has fast kernels for (see make bench)
 MS_DOMAIN = "com.microsoft"
 
@@ -76,8 +77,9 @@ def _signed(t: onnx.TensorProto) -> np.ndarray:
     return numpy_helper.to_array(t).astype(np.int8)  # INT4 arrives as ml_dtypes.int4
 
 
-def rewrite(model: onnx.ModelProto) -> dict[str, int]:
-    """In place: DQ -> MatMul pairs and the lm_head Gemm become MatMulNBits. Returns counts."""
+def rewrite(model: onnx.ModelProto, lm_head: tuple[int, int] = LM_HEAD[8]) -> dict[str, int]:
+    """In place: DQ -> MatMul pairs and the lm_head Gemm (lm_head = its bits, block) become
+    MatMulNBits. Returns counts."""
     g = model.graph
     inits = {t.name: t for t in g.initializer}
     graph_nodes = list(g.node)  # one set of Python objects: `dropped` holds their ids
@@ -119,9 +121,8 @@ def rewrite(model: onnx.ModelProto) -> dict[str, int]:
             attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
             if attrs.get("transB") == 1 and not attrs.get("transA") and attrs.get("alpha", 1.0) == 1.0:
                 w = numpy_helper.to_array(inits[node.input[1]]).astype(np.float32).T  # [K, N]
-                q, scales = quantize_blocks(w, LM_HEAD_BITS, LM_HEAD_BLOCK)
-                nodes.append(_node(node.input[0], node.output[0], "lm_head", q, scales, LM_HEAD_BITS,
-                                   LM_HEAD_BLOCK, new_inits))
+                q, scales = quantize_blocks(w, *lm_head)
+                nodes.append(_node(node.input[0], node.output[0], "lm_head", q, scales, *lm_head, new_inits))
                 dead.add(node.input[1])
                 counts["lm_head"] += 1
                 continue
@@ -138,10 +139,11 @@ def rewrite(model: onnx.ModelProto) -> dict[str, int]:
     return counts
 
 
-def write_cpu_decoder(src: Path, dst: Path) -> dict[str, int]:
-    """src: a Q/DQ decoder from quantize.py; dst: its MatMulNBits twin (own data file)."""
+def write_cpu_decoder(src: Path, dst: Path, bits: int) -> dict[str, int]:
+    """src: a Q/DQ decoder from quantize.py with `bits`-bit weights; dst: its MatMulNBits twin
+    (own data file)."""
     model = onnx.load(str(src))
-    counts = rewrite(model)
+    counts = rewrite(model, LM_HEAD[bits])
     if not counts["int4"] + counts["int8"]:
         raise ValueError(f"{src.name}: no weight-only DequantizeLinear -> MatMul pairs to rewrite")
     onnx.save(model, str(dst), save_as_external_data=True, all_tensors_to_one_file=True,

@@ -122,44 +122,84 @@ def check_quantized(fp32_dir: str | Path, quant_dir: str | Path, images: dict[st
                     decoder: str = "decoder", vision: str = "vision_encoder") -> QuantReport:
     """decoder, vision: the manifest keys of the quantized export's graphs to check
     (decoder_cpu, vision_encoder_cpu: the forms the cpu target serves)."""
-    fp32_dir, quant_dir = Path(fp32_dir), Path(quant_dir)
-    ref, q = _Pipeline(fp32_dir), _Pipeline(quant_dir, decoder, vision)
+    return check_forms(fp32_dir, quant_dir, images, [(decoder, vision)])[0]
+
+
+@dataclass
+class _Expected:
+    """What the FP32 export does on one case: all a quantized form is measured against."""
+    ids: list[int]
+    image_embeds: np.ndarray | None
+    logits: np.ndarray          # after the prefill
+    tokens: list[int]           # STEPS greedy tokens
+
+
+def _reference(fp32_dir: Path, images: dict[str, bytes]) -> list[_Expected]:
+    ref = _Pipeline(fp32_dir)
     tok = Tokenizer(OnnxArtifacts.open(fp32_dir).path("tokenizer"))
-    files = OnnxArtifacts.open(quant_dir).manifest["files"]
-    r = QuantReport(size_mb={"decoder_fp32": _size_mb(fp32_dir, "decoder"),
-                             "decoder": _size_mb(quant_dir, files[decoder].removesuffix(".onnx")),
-                             "vision_fp32": _size_mb(fp32_dir, "vision_encoder"),
-                             "vision": _size_mb(quant_dir, files[vision].removesuffix(".onnx"))})
-    cosines, agree, top5, total = [], 0, 0, 0
-    cases = [(name, img) for name, img in list(images.items())[:4]] + [("text-only", None)]
-    for _name, img in cases:
-        emb_ref = emb_q = None
-        if img is not None:
-            emb_ref, emb_q = ref.image(img), q.image(img)
-            cosines.extend(_cosine(emb_ref, emb_q).tolist())
+    out = []
+    for img in list(images.values())[:4] + [None]:
+        emb = None if img is None else ref.image(img)
         ids = tokenize_prompt(tok, build_prompt(QUESTION if img is not None else TEXT_ONLY, image=img is not None,
                                                 template=ref.cfg.template))
-        n = len(ids) + (0 if img is None else emb_ref.shape[1] - 1)
-        seq_r, lr = ref.prefill(ids, emb_ref, n + STEPS + 1)
-        seq_t, lt = q.prefill(ids, emb_q, n + STEPS + 1)  # teacher-forced: fed the FP32 tokens
-        seq_f, lf = q.prefill(ids, emb_q, n + STEPS + 1)  # free-running
-        r.logits_cosine_min = min(r.logits_cosine_min, float(_cosine(lr, lt).min()))
-        r.logits_max_abs_err = max(r.logits_max_abs_err, float(np.abs(lr - lt).max()))
-        r.logits_max_abs = max(r.logits_max_abs, float(np.abs(lr).max()))
-        ref_tokens, free_tokens = [], []
+        seq, logits = ref.prefill(ids, emb, _capacity(ids, emb))
+        first, tokens = logits.copy(), []
         for i in range(STEPS):
-            t_ref, t_q, t_free = int(np.argmax(lr)), int(np.argmax(lt)), int(np.argmax(lf))
-            agree += t_ref == t_q
-            top5 += t_ref in np.argpartition(lt.reshape(-1), -5)[-5:]
-            total += 1
-            ref_tokens.append(t_ref)
-            free_tokens.append(t_free)
+            tokens.append(int(np.argmax(logits)))
             if i + 1 < STEPS:
-                lr, lt, lf = ref.step(seq_r, t_ref), q.step(seq_t, t_ref), q.step(seq_f, t_free)
-        r.cases += 1
-        r.greedy_identical += ref_tokens == free_tokens
-        r.first_divergence.append(next((i for i, (a, b) in enumerate(zip(ref_tokens, free_tokens)) if a != b), STEPS))
-    if cosines:
-        r.image_cosine_min, r.image_cosine_mean = float(np.min(cosines)), float(np.mean(cosines))
-    r.teacher_forced_agreement, r.teacher_forced_top5 = agree / total, top5 / total
-    return r
+                logits = ref.step(seq, tokens[-1])
+        out.append(_Expected(ids, emb, first, tokens))
+    return out
+
+
+def _capacity(ids: list[int], image_embeds: np.ndarray | None) -> int:
+    return len(ids) + (0 if image_embeds is None else image_embeds.shape[1] - 1) + STEPS + 1
+
+
+def check_forms(fp32_dir: str | Path, quant_dir: str | Path, images: dict[str, bytes],
+                forms: list[tuple[str, str]]) -> list[QuantReport]:
+    """One report per (decoder, vision) pair of manifest keys. The FP32 export runs once for
+    all of them, and is released before any quantized form loads (at 7B the two together
+    would not fit beside each other on a 24 GiB machine, and the reference is half the time)."""
+    fp32_dir, quant_dir = Path(fp32_dir), Path(quant_dir)
+    images = dict(list(images.items())[:4])
+    expected = _reference(fp32_dir, images)
+    files = OnnxArtifacts.open(quant_dir).manifest["files"]
+    reports = []
+    for decoder, vision in forms:
+        q = _Pipeline(quant_dir, decoder, vision)
+        r = QuantReport(size_mb={"decoder_fp32": _size_mb(fp32_dir, "decoder"),
+                                 "decoder": _size_mb(quant_dir, files[decoder].removesuffix(".onnx")),
+                                 "vision_fp32": _size_mb(fp32_dir, "vision_encoder"),
+                                 "vision": _size_mb(quant_dir, files[vision].removesuffix(".onnx"))})
+        cosines, agree, top5, total = [], 0, 0, 0
+        for img, e in zip(list(images.values()) + [None], expected):
+            emb_q = None
+            if img is not None:
+                emb_q = q.image(img)
+                cosines.extend(_cosine(e.image_embeds, emb_q).tolist())
+            capacity = _capacity(e.ids, e.image_embeds)
+            seq_t, lt = q.prefill(e.ids, emb_q, capacity)  # teacher-forced: fed the FP32 tokens
+            seq_f, lf = q.prefill(e.ids, emb_q, capacity)  # free-running
+            r.logits_cosine_min = min(r.logits_cosine_min, float(_cosine(e.logits, lt).min()))
+            r.logits_max_abs_err = max(r.logits_max_abs_err, float(np.abs(e.logits - lt).max()))
+            r.logits_max_abs = max(r.logits_max_abs, float(np.abs(e.logits).max()))
+            free_tokens = []
+            for i, t_ref in enumerate(e.tokens):
+                t_q, t_free = int(np.argmax(lt)), int(np.argmax(lf))
+                agree += t_ref == t_q
+                top5 += t_ref in np.argpartition(lt.reshape(-1), -5)[-5:]
+                total += 1
+                free_tokens.append(t_free)
+                if i + 1 < STEPS:
+                    lt, lf = q.step(seq_t, t_ref), q.step(seq_f, t_free)
+            r.cases += 1
+            r.greedy_identical += e.tokens == free_tokens
+            r.first_divergence.append(next((i for i, (a, b) in enumerate(zip(e.tokens, free_tokens)) if a != b),
+                                           STEPS))
+        if cosines:
+            r.image_cosine_min, r.image_cosine_mean = float(np.min(cosines)), float(np.mean(cosines))
+        r.teacher_forced_agreement, r.teacher_forced_top5 = agree / total, top5 / total
+        reports.append(r)
+        del q
+    return reports

@@ -96,8 +96,8 @@ def quantize_vision_w8a8(src: Path, dst: Path, images: Iterable[bytes], image_si
 
 def quantize_vision_cpu(src: Path, dst: Path) -> None:
     """The cpu target's vision encoder: int8 weights per channel (symmetric, as in the W8A8
-    graph) and activations quantized per call to uint8 (ONNX Runtime's DynamicQuantizeMatMul on
-    VNNI). The W8A8 Q/DQ graph is TensorRT's form: on a CPU, ONNX Runtime leaves a third of its
+    graph) and activations quantized per call to uint8 (ONNX Runtime's DynamicQuantizeMatMul:
+    integer dot products, VNNI or AVX2). The W8A8 Q/DQ graph is TensorRT's form: on a CPU, ONNX Runtime leaves a third of its
     MatMuls in FP32 between Q/DQ pairs (attention and one projection per layer) and gains little
     over FP32; this form runs the weight MatMuls in int8 and attention in FP32 (`make bench`)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -190,7 +190,7 @@ def quantize_export(onnx_dir: str | Path, out_dir: str | Path, precision: str, *
                     calib_dir: str | Path | None = None, log: Callable[[str], None] = print) -> dict:
     """Quantize an export; returns the accuracy report written into the manifest (the Q/DQ
     decoder's, with the cpu form's under "cpu_form")."""
-    from edgevlm.export.quant_check import QuantizationError, check_quantized
+    from edgevlm.export.quant_check import QuantizationError, check_forms
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     src = OnnxArtifacts.open(onnx_dir)
@@ -223,11 +223,11 @@ def quantize_export(onnx_dir: str | Path, out_dir: str | Path, precision: str, *
             cast_decoder_fp16(tmp / "decoder.static.onnx", tmp / "decoder.static.fp16.onnx", fp16_cache=True,
                               min_opset=FP16_DQ_OPSET)
             static_cache.share_file_weights(tmp / "decoder.static.fp16.onnx", tmp / "decoder.fp16.onnx")
-        log("quantize: the cpu target's decoder: the same weights as MatMulNBits, lm_head "
-            f"{matmul_nbits.LM_HEAD_BITS}-bit")
-        cpu_counts = matmul_nbits.write_cpu_decoder(tmp / "decoder.onnx", tmp / "decoder.cpu.onnx")
+        head_bits, head_block = matmul_nbits.LM_HEAD[bits]
+        log(f"quantize: the cpu target's decoder: the same weights as MatMulNBits, lm_head {head_bits}-bit")
+        cpu_counts = matmul_nbits.write_cpu_decoder(tmp / "decoder.onnx", tmp / "decoder.cpu.onnx", bits)
         if static:
-            matmul_nbits.write_cpu_decoder(tmp / "decoder.static.onnx", tmp / "decoder.static.cpu.onnx")
+            matmul_nbits.write_cpu_decoder(tmp / "decoder.static.onnx", tmp / "decoder.static.cpu.onnx", bits)
             static_cache.share_file_weights(tmp / "decoder.static.cpu.onnx", tmp / "decoder.cpu.onnx")
         carried = [k for k in ("embed_tokens", "tokenizer", "image_newline") if k in src.manifest["files"]]
         for key in carried:
@@ -279,7 +279,7 @@ def quantize_export(onnx_dir: str | Path, out_dir: str | Path, precision: str, *
                 "fp16_copy": {"file": "decoder.fp16.onnx", "keeps_fp32": FP16_KEEP_FP32},
                 "cpu_form": {"file": "decoder.cpu.onnx", "op": "com.microsoft.MatMulNBits",
                              "weights": "the same integers and scales", "rewritten": cpu_counts,
-                             "lm_head": f"{matmul_nbits.LM_HEAD_BITS}-bit, blocks of {matmul_nbits.LM_HEAD_BLOCK} "
+                             "lm_head": f"{head_bits}-bit, blocks of {head_block} "
                                         "along K, symmetric, round-to-nearest",
                              "accuracy_level": matmul_nbits.ACCURACY_LEVEL},
                 # min logits cosine vs decoder.onnx over a prefill and 4 decode steps
@@ -287,11 +287,10 @@ def quantize_export(onnx_dir: str | Path, out_dir: str | Path, precision: str, *
                 "source_onnx": str(src.root.resolve()), "source_digest": src.digest},
             created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
         write_manifest(tmp, manifest, hashes=False)  # final one below
-        log("quantize: checking against FP32 with ONNX Runtime")
-        report = check_quantized(src.root, tmp, images)
+        log("quantize: checking the Q/DQ graphs and the cpu target's forms against FP32 with ONNX Runtime")
+        report, cpu_report = check_forms(src.root, tmp, images, [("decoder", "vision_encoder"),
+                                                                 ("decoder_cpu", "vision_encoder_cpu")])
         report.raise_if_failed(precision)  # nothing is left behind: the staged directory goes
-        log("quantize: checking the cpu target's decoder against FP32")
-        cpu_report = check_quantized(src.root, tmp, images, decoder="decoder_cpu", vision="vision_encoder_cpu")
         cpu_report.raise_if_failed(precision)
         manifest["quantization"]["decoder"]["cpu_form"]["accuracy"] = cpu_report.to_dict()
         manifest["quantization"].update(accuracy=report.to_dict(), seconds=round(time.perf_counter() - t0, 1))
