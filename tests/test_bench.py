@@ -40,6 +40,8 @@ def test_quick_bench_writes_every_section(tiny_onnx, tiny_ckpt, tmp_path):
     p = report["peers"]  # ours served beside llama.cpp; the quick run skips the peer and says so
     assert p["ours"]["fp32"]["decode_tok_s"] > 0 and p["ours"]["fp32"]["peak_rss_mb"] > 0
     assert p["llamacpp"] == {"skipped": "quick run"} and p["copy_bandwidth_gb_s"] > 0
+    assert p["gemm_gflops"] > 0 and p["tower_gflop"] > 0  # the machine's ceilings beside the rows
+    assert all(v > 0 for v in p["read_bandwidth_gb_s"].values())
     kv = report["kv_mb_per_sequence"]
     assert kv["static"] * 2 == kv["concat"] > 0  # one in-place buffer per tensor instead of two
     doc = (tmp_path / "docs" / "BENCHMARKS.md").read_text()

@@ -435,8 +435,8 @@ def markdown(reports: list[dict]) -> str:
     q = [r for r in reports if len(r.get("quantized", {})) > 1]
     if q:
         out += ["", "## Weight-only quantized decoders vs FP32 (ONNX Runtime CPU, context 200)", "",
-                "The `make quantize` exports in the form the cpu target serves them (the MatMulNBits decoder, "
-                "8-bit lm_head), in process: decode reads every weight once per token, so fewer bytes per token "
+                "The `make quantize` exports in the form the cpu target serves them (the MatMulNBits decoder; "
+                "lm_head 8-bit for INT8, 4-bit for INT4), in process: decode reads every weight once per token, so fewer bytes per token "
                 "is most of the gain. Accuracy figures are in each export's manifest.", "",
                 "| model | precision | decode ms/token | tok/s | decoder MB |", "|---|---|---|---|---|"]
         for r in q:

@@ -6,13 +6,15 @@ encoder and the MatMulNBits decoder the cpu target serves), each in its own trit
 the caches off. llama.cpp: f16, q8_0 and q4_k_s GGUFs with an f16 mmproj (tools/llamacpp.py).
 Per tier: image encode ms, prefill tok/s (image + text positions), decode tok/s over TOKENS
 greedy tokens, peak resident memory, and decode's effective GB/s (weight bytes read per token
-times tok/s) beside this machine's measured copy bandwidth. Ratios are ours / llama.cpp for
-rates and llama.cpp / ours for times, so > 1 means we are faster.
+times tok/s) beside what this machine can read (tools/read_bandwidth.c), and the image encode's
+matmul rate beside the machine's FP32 GEMM rate. Ratios are ours / llama.cpp for rates and
+llama.cpp / ours for times, so > 1 means we are faster.
 """
 
 from __future__ import annotations
 
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -53,6 +55,66 @@ def copy_bandwidth_gb_s(mib: int = 1024, runs: int = 5) -> float:
         np.copyto(b, a)
         best = min(best, time.perf_counter() - t0)
     return round(2 * a.nbytes / best / 1e9, 1)
+
+
+ISA_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_bf16")
+
+
+def cpu_isa() -> list[str]:
+    """The vector extensions CPU kernels (MLAS, ggml) choose between that this CPU reports."""
+    try:
+        line = next(x for x in Path("/proc/cpuinfo").read_text().splitlines() if x.startswith("flags"))
+    except (OSError, StopIteration):
+        return []
+    flags = set(line.split(":", 1)[1].split())
+    return [f for f in ISA_FLAGS if f in flags]
+
+
+def read_bandwidth_gb_s(threads: int) -> dict[str, float]:
+    """GB/s read by 1..threads threads (tools/read_bandwidth.c, built once under artifacts/);
+    empty if there is no C compiler with OpenMP."""
+    src = Path(__file__).with_name("read_bandwidth.c")
+    exe = ROOT / "artifacts" / "bench" / "read_bandwidth"
+    if not exe.is_file() or exe.stat().st_mtime < src.stat().st_mtime:
+        exe.parent.mkdir(parents=True, exist_ok=True)
+        built = subprocess.run(["cc", "-O3", "-march=native", "-fopenmp", str(src), "-o", str(exe)],
+                               capture_output=True, text=True)
+        if built.returncode:
+            log(f"  read bandwidth not measured: cc failed: {(built.stderr.strip().splitlines() or ['?'])[-1]}")
+            return {}
+    lines = subprocess.run([str(exe), str(threads)], capture_output=True, text=True, check=True).stdout.split("\n")
+    return {t: float(g) for t, g in (x.split() for x in lines if x.strip())}
+
+
+def gemm_gflops(m: int, k: int, n: int, threads: int, runs: int = 10) -> float:
+    """ONNX Runtime's FP32 MatMul [m, k] x [k, n] (MLAS), best of `runs`: what FP32 compute
+    reaches here on a matmul of the vision tower's shape."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+    rng = np.random.default_rng(0)
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "gemm",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [m, k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [m, n])],
+                              [numpy_helper.from_array(rng.standard_normal((k, n)).astype(np.float32), "w")])
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    sess = ort.InferenceSession(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+                                .SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    sess.run(None, {"x": x})
+    best = float("inf")
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        sess.run(None, {"x": x})
+        best = min(best, time.perf_counter() - t0)
+    return round(2 * m * k * n / best / 1e9, 1)
+
+
+def tower_gflop(v) -> float:
+    """Multiply-adds x 2 of the CLIP layers an image runs (projections, MLP, attention scores
+    and mix); the projector is left out, so rates from it are a floor."""
+    t, d, f = v.num_patches + 1, v.hidden_size, v.intermediate_size
+    return float(f"{v.layers_used * 2 * (t * (4 * d * d + 2 * d * f) + 2 * t * t * d) / 1e9:.4g}")
 
 
 def half_matmul(k: int = 2048, n: int = 5632, runs: int = 50) -> dict:
@@ -132,8 +194,13 @@ def theirs(checkpoint: Path, image: bytes, runs: int, tokens: int, threads: int)
 def peers(onnx_dir: Path, checkpoint: Path | None, quick: bool, threads: int) -> dict:
     runs, tokens = (1, 8) if quick else (3, TOKENS)
     image = sample_image(PHOTO)
+    vision = OnnxArtifacts.open(onnx_dir).config.vision
     report = {"runs": runs, "tokens": tokens, "threads": threads, "photo": PHOTO, "question": QUESTION,
-              "copy_bandwidth_gb_s": copy_bandwidth_gb_s(), "half_matmul": half_matmul(), "ours": {}}
+              "cpu_isa": cpu_isa(), "read_bandwidth_gb_s": read_bandwidth_gb_s(threads),
+              "copy_bandwidth_gb_s": copy_bandwidth_gb_s(), "half_matmul": half_matmul(),
+              "tower_gflop": tower_gflop(vision),
+              "gemm_gflops": gemm_gflops(vision.num_patches + 1, vision.hidden_size, vision.intermediate_size, threads),
+              "ours": {}}
     for precision in OURS:
         root = onnx_dir if precision == "fp32" else onnx_dir.parent / f"onnx-{precision}"
         if not (root / "manifest.json").is_file():
@@ -175,6 +242,42 @@ def ratios(r: dict) -> dict:
     return out
 
 
+def _machine(r: dict) -> str:
+    bw = r.get("read_bandwidth_gb_s") or {}
+    if not bw:
+        return f"one thread copies **{r['copy_bandwidth_gb_s']} GB/s** (read + write) on this machine."
+    most = max(bw, key=int)
+    return (f"this machine reads **{bw[most]} GB/s** with {most} threads ({bw.get('1', '?')} with one; "
+            "`tools/read_bandwidth.c`, measured in the same run), the most a decode step can use.")
+
+
+def _encode_ceiling(r: dict) -> list[str]:
+    """Why FP32 image encode cannot be much faster here: its matmul rate against the GEMM rate."""
+    o, t = r["ours"], r["llamacpp"]
+    if "fp32" not in o or not r.get("gemm_gflops") or not r.get("tower_gflop"):
+        return []
+    rate = r["tower_gflop"] / (o["fp32"]["image_encode_ms"] / 1e3)
+    need = r["tower_gflop"] / (t["f16"]["image_encode_ms"] / 1.5 / 1e3)
+    line = (f"FP32 image encode runs the tower's {r['tower_gflop']} GFLOP at {rate:.0f} GFLOP/s, "
+            f"{100 * rate / r['gemm_gflops']:.0f} % of what ONNX Runtime's FP32 MatMul reaches here on the tower's "
+            f"MLP shape ({r['gemm_gflops']:.0f} GFLOP/s). A 1.5× lead on llama.cpp's f16 encoder takes {need:.0f} GFLOP/s")
+    if need > r["gemm_gflops"]:
+        line += (", more than FP32 matmul does on this CPU: the FP32 tier cannot reach it, and the int8 "
+                 "vision encoder of the quantized exports is the cpu target's fast encoder")
+    return [line + ".", ""]
+
+
+def _decode_ceiling(r: dict) -> list[str]:
+    bw = r.get("read_bandwidth_gb_s") or {}
+    if not bw:
+        return []
+    top = bw[max(bw, key=int)]
+    o, t = r["ours"], r["llamacpp"]
+    parts = [f"{row} {_gb_s(t[peer])} / {_gb_s(o[mine])} GB/s ({100 * _gb_s(t[peer]) / top:.0f} % / "
+             f"{100 * _gb_s(o[mine]) / top:.0f} %)" for row, mine, peer in TIERS if mine in o]
+    return [f"Share of the {top} GB/s this machine reads, llama.cpp / ours: " + "; ".join(parts) + ".", ""]
+
+
 def markdown(name: str, r: dict) -> list[str]:
     out = [f"### {name}", ""]
     o, t = r["ours"], r["llamacpp"]
@@ -184,7 +287,7 @@ def markdown(name: str, r: dict) -> list[str]:
             f"{r['threads']} threads on both sides, medians of {r['runs']} runs. llama.cpp from the `{t['sdist']}` "
             f"sdist's vendored tree, `llama-mtmd-cli` with an f16 mmproj ({t['mmproj_mb']} MB); ours through "
             "tritonserver and gRPC, caches off. Effective GB/s: the decoder's weight bytes (no embedding table) × "
-            f"decode tok/s; one thread copies **{r['copy_bandwidth_gb_s']} GB/s** (read + write) on this machine.", "",
+            f"decode tok/s; {_machine(r)}", "",
             "| tier | llama.cpp | ours | image encode ms | prefill tok/s (tokens) | decode tok/s | decode GB/s "
             "| weights read MB | peak RSS MB | ours / llama.cpp: encode, prefill, decode |",
             "|---|---|---|---|---|---|---|---|---|---|"]
@@ -205,7 +308,8 @@ def markdown(name: str, r: dict) -> list[str]:
             f"encode, llama.cpp's f16 mmproj / ours: FP32 **{q['image_encode_fp32']:.2f}×**"
             + (f", the quantized exports' int8 vision encoder **{q['image_encode_int8']:.2f}×**"
                if "image_encode_int8" in q else "") + ".", "",
-            "No 16-bit tier on this CPU: ONNX Runtime's FP16 MatMul here takes "
+            *_encode_ceiling(r), *_decode_ceiling(r),
+            f"No 16-bit tier on this CPU ({' '.join(r.get('cpu_isa', [])) or 'flags unknown'}): ONNX Runtime's FP16 MatMul here takes "
             f"{h['fp16']['ms']:.2f} ms for one row by a 2048×5632 weight ({h['fp16']['weight_gb_s']} GB/s of weights) "
             f"against FP32's {h['fp32']['ms']:.2f} ms ({h['fp32']['weight_gb_s']} GB/s): on x86 its FP16 MatMul is a "
             "generic fallback, not an MLAS kernel, and no BF16 MatMul is registered for the CPU, so half the bytes "

@@ -122,14 +122,18 @@ def _clip_dir(checkpoint: Path, out: Path) -> None:
 
 
 def convert(checkpoint: Path, gguf: Path, bins: Path, tree: Path, log, python: Path | None = None) -> dict[str, Path]:
-    """{"mmproj": ..., "f16": ..., "q8_0": ..., "q4_k_s": ...} for this checkpoint, made once."""
+    """{"mmproj": ..., "f16": ..., "q8_0": ..., "q4_k_s": ...} for this checkpoint, made once per
+    checkpoint content (gguf/source.sha256 holds the digest they were converted from)."""
+    from edgevlm.model.checkpoint import read_checkpoint
     files = {"mmproj": gguf / "mmproj-model-f16.gguf", **{q: gguf / f"model-{q}.gguf" for q in QUANTS}}
-    if all(f.is_file() for f in files.values()):
-        return files
     config = json.loads((checkpoint / "config.json").read_text())
     projector = PROJECTOR.get(config.get("mm_projector_type", ""))
     if projector is None:
         raise PeerUnavailable(f"llama.cpp's MobileVLM recipe has no projector for {config.get('mm_projector_type')!r}")
+    stamp, digest = gguf / "source.sha256", read_checkpoint(checkpoint).sha256()
+    if all(f.is_file() for f in files.values()) and stamp.is_file() and stamp.read_text() == digest:
+        return files
+    stamp.unlink(missing_ok=True)
     python = python or converter_python(tree.parents[2], log)
     work = gguf / "work"
     shutil.rmtree(work, ignore_errors=True)
@@ -153,6 +157,7 @@ def convert(checkpoint: Path, gguf: Path, bins: Path, tree: Path, log, python: P
     for key, f in files.items():
         (work / f.name).replace(f)  # only complete files land beside the cache's other files
     shutil.rmtree(work)
+    stamp.write_text(digest)
     return files
 
 
