@@ -172,6 +172,11 @@ def test_cpu_form_holds_the_same_weights_and_a_quantized_lm_head(quantized, tiny
     assert not [n for n in vision.graph.node if n.op_type == "MatMul" and n.input[1] in v_inits]
     assert [n for n in vision.graph.node if n.op_type == "MatMul"]  # attention
     cpu_form = OnnxArtifacts.open(out).manifest["quantization"]["decoder"]["cpu_form"]
+    # the static twin the cpu target serves runs each layer's attention as one fused kernel
+    static = onnx.load(str(out / "decoder.static.cpu.onnx"), load_external_data=False)
+    layers = OnnxArtifacts.open(out).config.text.num_layers
+    assert [n.op_type for n in static.graph.node].count("GroupQueryAttention") == layers
+    assert cpu_form["static_attention"] == "com.microsoft.GroupQueryAttention per layer"
     for key, floor in THRESHOLDS[precision].items():  # its own parity gate against FP32
         assert cpu_form["accuracy"][key] >= floor, (key, cpu_form["accuracy"][key])
     sizes = cpu_form["accuracy"]["size_mb"]

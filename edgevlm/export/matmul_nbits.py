@@ -31,6 +31,9 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from edgevlm.export import fused_attention
+from edgevlm.presets import TextConfig
+
 INT8_BLOCK = 256      # divides the 1.7B shape's K (2048, 5632); per-channel scales repeat per block
 LM_HEAD = {8: (8, 128), 4: (4, 32)}  # the decoder's bits -> the lm_head's (bits, block)
 ACCURACY_LEVEL = 4    # int8 activations: the compute path MLAS has fast kernels for (see make bench)
@@ -139,13 +142,16 @@ def rewrite(model: onnx.ModelProto, lm_head: tuple[int, int] = LM_HEAD[8]) -> di
     return counts
 
 
-def write_cpu_decoder(src: Path, dst: Path, bits: int) -> dict[str, int]:
+def write_cpu_decoder(src: Path, dst: Path, bits: int, static_text: TextConfig | None = None) -> dict[str, int]:
     """src: a Q/DQ decoder from quantize.py with `bits`-bit weights; dst: its MatMulNBits twin
-    (own data file)."""
+    (own data file). static_text: src is the static-KV decoder of that text model, whose
+    attention becomes one GroupQueryAttention node per layer (fused_attention.py)."""
     model = onnx.load(str(src))
     counts = rewrite(model, LM_HEAD[bits])
     if not counts["int4"] + counts["int8"]:
         raise ValueError(f"{src.name}: no weight-only DequantizeLinear -> MatMul pairs to rewrite")
+    if static_text is not None:
+        counts["attention_fused"] = fused_attention.fuse(model, static_text)
     onnx.save(model, str(dst), save_as_external_data=True, all_tensors_to_one_file=True,
               location=dst.name + ".data", size_threshold=1024)
     return counts

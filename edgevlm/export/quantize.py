@@ -227,7 +227,8 @@ def quantize_export(onnx_dir: str | Path, out_dir: str | Path, precision: str, *
         log(f"quantize: the cpu target's decoder: the same weights as MatMulNBits, lm_head {head_bits}-bit")
         cpu_counts = matmul_nbits.write_cpu_decoder(tmp / "decoder.onnx", tmp / "decoder.cpu.onnx", bits)
         if static:
-            matmul_nbits.write_cpu_decoder(tmp / "decoder.static.onnx", tmp / "decoder.static.cpu.onnx", bits)
+            static_counts = matmul_nbits.write_cpu_decoder(tmp / "decoder.static.onnx", tmp / "decoder.static.cpu.onnx",
+                                                           bits, static_text=cfg.text)
             static_cache.share_file_weights(tmp / "decoder.static.cpu.onnx", tmp / "decoder.cpu.onnx")
         carried = [k for k in ("embed_tokens", "tokenizer", "image_newline") if k in src.manifest["files"]]
         for key in carried:
@@ -281,7 +282,9 @@ def quantize_export(onnx_dir: str | Path, out_dir: str | Path, precision: str, *
                              "weights": "the same integers and scales", "rewritten": cpu_counts,
                              "lm_head": f"{head_bits}-bit, blocks of {head_block} "
                                         "along K, symmetric, round-to-nearest",
-                             "accuracy_level": matmul_nbits.ACCURACY_LEVEL},
+                             "accuracy_level": matmul_nbits.ACCURACY_LEVEL,
+                             "static_attention": "com.microsoft.GroupQueryAttention per layer"
+                             if static and static_counts.get("attention_fused") else "as exported"},
                 # min logits cosine vs decoder.onnx over a prefill and 4 decode steps
                 "derived_graphs_logits_cosine": {k: round(v, 6) for k, v in cosines.items()}},
                 "source_onnx": str(src.root.resolve()), "source_digest": src.digest},

@@ -1,0 +1,85 @@
+"""The cpu twin's attention as GroupQueryAttention computes what the exported attention does:
+same logits and the same cache contents, through prefill, decode, a prompt continued on a
+filled cache, and a packed batch of rows at different lengths."""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import replace
+
+import numpy as np
+import onnx
+import pytest
+
+from edgevlm.export import fused_attention
+from edgevlm.manifest import OnnxArtifacts
+from edgevlm.runtime.onnxruntime import OrtDecoder
+from edgevlm.runtime.slots import PackedPool
+
+
+@pytest.fixture(scope="module")
+def decoders(tiny_onnx, tmp_path_factory):
+    art = OnnxArtifacts.open(tiny_onnx)
+    text = art.config.text
+    src = art.path("decoder_static")
+    model = onnx.load(str(src), load_external_data=False)
+    before = len(model.graph.node)
+    assert fused_attention.fuse(model, text) == text.num_layers
+    ops = [n.op_type for n in model.graph.node]
+    assert ops.count("GroupQueryAttention") == text.num_layers
+    assert "TensorScatter" not in ops and "Softmax" not in ops and len(ops) < before
+    out = tmp_path_factory.mktemp("fused")
+    for f in tiny_onnx.iterdir():  # the graph's weights stay in the export's data file
+        if f.name.endswith(".data"):
+            shutil.copy(f, out / f.name)
+    onnx.save(model, str(out / "decoder.static.onnx"))
+    return (OrtDecoder(src, text, static=True), OrtDecoder(out / "decoder.static.onnx", text, static=True))
+
+
+def _embeds(rng, s, d):
+    return (rng.standard_normal((1, s, d)) * 0.5).astype(np.float32)
+
+
+def test_one_sequence_gives_the_same_logits_and_cache(decoders):
+    exported, fused = decoders
+    rng = np.random.default_rng(0)
+    a, b = exported.new_sequence(48), fused.new_sequence(48)
+    for s in (13, 1, 1, 6, 1):  # a prompt, two tokens, a follow-up prompt on the filled cache, a token
+        x = _embeds(rng, s, exported.cfg.hidden_size)
+        np.testing.assert_allclose(b.forward(x), a.forward(x), atol=1e-4, rtol=0)
+    for ka, kb in zip(a.cache, b.cache):
+        np.testing.assert_allclose(kb[0, :, :a.length], ka[0, :, :a.length], atol=1e-5, rtol=0)
+
+
+def test_a_packed_batch_of_rows_at_different_lengths(decoders):
+    # the batching scheduler's pool: rows prefilled one by one, then decoded together, one of
+    # them restored from a saved prefix first (as the prefix cache does)
+    rng = np.random.default_rng(1)
+    d = decoders[0].cfg.hidden_size
+    prompts = [_embeds(rng, n, d) for n in (9, 4, 15)]
+    steps = [(rng.standard_normal((3, 1, d)) * 0.5).astype(np.float32) for _ in range(4)]
+    results = []
+    for dec in decoders:
+        pool = PackedPool(dec, max_rows=4, budget_bytes=4 << 20)
+        rows = [pool.acquire(40) for _ in prompts]
+        first = [pool.prefill(r, p) for r, p in zip(rows, prompts)]
+        saved = pool.save(rows[1], 4)
+        pool.release(rows[1])
+        again = pool.acquire(40)
+        pool.load(again, saved)
+        rows[1] = again
+        first.append(pool.prefill(again, _embeds(np.random.default_rng(2), 3, d)))
+        later = [pool.decode(rows, x).copy() for x in steps]
+        results.append((np.stack(first), np.stack(later)))
+    (fa, la), (fb, lb) = results
+    np.testing.assert_allclose(fb, fa, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(lb, la, atol=1e-4, rtol=0)
+
+
+def test_a_head_size_the_kernel_cannot_take_keeps_the_exported_attention(tiny_onnx):
+    art = OnnxArtifacts.open(tiny_onnx)
+    model = onnx.load(str(art.path("decoder_static")), load_external_data=False)
+    text = replace(art.config.text, hidden_size=art.config.text.num_heads * 40)  # head size 40
+    nodes = [n.SerializeToString() for n in model.graph.node]
+    assert fused_attention.fuse(model, text) == 0
+    assert [n.SerializeToString() for n in model.graph.node] == nodes
