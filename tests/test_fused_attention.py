@@ -17,9 +17,9 @@ from edgevlm.runtime.onnxruntime import OrtDecoder
 from edgevlm.runtime.slots import PackedPool
 
 
-@pytest.fixture(scope="module")
-def decoders(tiny_onnx, tmp_path_factory):
-    art = OnnxArtifacts.open(tiny_onnx)
+def _pair(export_dir, out):
+    """(the export's static decoder, the same graph with fused attention saved in `out`)."""
+    art = OnnxArtifacts.open(export_dir)
     text = art.config.text
     src = art.path("decoder_static")
     model = onnx.load(str(src), load_external_data=False)
@@ -28,20 +28,38 @@ def decoders(tiny_onnx, tmp_path_factory):
     ops = [n.op_type for n in model.graph.node]
     assert ops.count("GroupQueryAttention") == text.num_layers
     assert "TensorScatter" not in ops and "Softmax" not in ops and len(ops) < before
-    out = tmp_path_factory.mktemp("fused")
-    for f in tiny_onnx.iterdir():  # the graph's weights stay in the export's data file
+    for f in export_dir.iterdir():  # the graph's weights stay in the export's data file
         if f.name.endswith(".data"):
             shutil.copy(f, out / f.name)
     onnx.save(model, str(out / "decoder.static.onnx"))
     return (OrtDecoder(src, text, static=True), OrtDecoder(out / "decoder.static.onnx", text, static=True))
 
 
+@pytest.fixture(scope="module")
+def decoders(tiny_onnx, tmp_path_factory):
+    return _pair(tiny_onnx, tmp_path_factory.mktemp("fused"))
+
+
+@pytest.fixture(scope="module")
+def grouped(tmp_path_factory):
+    """tiny-llava-1.6: 2 KV heads for 4 query heads, rope theta 1e6 (the Mistral 7B's shape)."""
+    from edgevlm.export.graphs import export_onnx
+    from edgevlm.model.random_weights import write_random_checkpoint
+    from edgevlm.presets import PRESETS
+    root = tmp_path_factory.mktemp("grouped")
+    ckpt = write_random_checkpoint(root / "checkpoint", PRESETS["tiny-llava-1.6"], layout_format="llava-hf",
+                                   fmt="safetensors", seed=3)
+    (root / "fused").mkdir()
+    return _pair(export_onnx(ckpt, root / "onnx", log=lambda m: None), root / "fused")
+
+
 def _embeds(rng, s, d):
     return (rng.standard_normal((1, s, d)) * 0.5).astype(np.float32)
 
 
-def test_one_sequence_gives_the_same_logits_and_cache(decoders):
-    exported, fused = decoders
+@pytest.mark.parametrize("which", ["decoders", "grouped"])
+def test_one_sequence_gives_the_same_logits_and_cache(which, request):
+    exported, fused = request.getfixturevalue(which)
     rng = np.random.default_rng(0)
     a, b = exported.new_sequence(48), fused.new_sequence(48)
     for s in (13, 1, 1, 6, 1):  # a prompt, two tokens, a follow-up prompt on the filled cache, a token

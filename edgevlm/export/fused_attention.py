@@ -27,6 +27,7 @@ from edgevlm.presets import TextConfig
 MS_DOMAIN = "com.microsoft"
 HEAD_MULTIPLE = 16
 _PROJECTIONS = ("MatMulNBits", "MatMul")
+_SHAPE_OPS = ("Unsqueeze", "Expand", "Reshape", "Transpose", "Squeeze")
 
 
 def rope_tables(text: TextConfig) -> tuple[np.ndarray, np.ndarray]:
@@ -51,6 +52,21 @@ class _Graph:
         found = [n for n in self.consumers[name] if n.op_type == op]
         if len(found) != 1:
             raise ValueError(f"{name}: expected one {op} reading it, found {len(found)}")
+        return found[0]
+
+    def reader(self, cache: str):
+        """The one matmul a cache output feeds as its right operand, through the reshapes,
+        transposes and GQA head repeats (Unsqueeze -> Expand -> Reshape) between them."""
+        todo, found = [cache], []
+        while todo:
+            t = todo.pop()
+            for c in self.consumers[t]:
+                if c.op_type in ("MatMul", "FusedMatMul") and c.input[1] == t:
+                    found.append(c)
+                elif c.op_type in _SHAPE_OPS and c.input[0] == t:
+                    todo.append(c.output[0])
+        if len(found) != 1:
+            raise ValueError(f"{cache}: expected one matmul reading it, found {len(found)}")
         return found[0]
 
     def projection(self, name: str) -> str:
@@ -99,13 +115,9 @@ def fuse(model: onnx.ModelProto, text: TextConfig) -> int:
     for i in range(text.num_layers):
         write_k = G.only(f"past_key_{i}", "TensorScatter")
         write_v = G.only(f"past_value_{i}", "TensorScatter")
-        mix = G.only(write_v.output[0], "MatMul")                      # probs @ V
+        mix = G.reader(write_v.output[0])                               # probs @ V
         merged = G.only(G.only(mix.output[0], "Transpose").output[0], "Reshape")  # [B, S, D]
-        scores = [n for n in G.consumers[write_k.output[0]] if n.op_type in ("MatMul", "FusedMatMul", "Transpose")]
-        if len(scores) != 1:
-            raise ValueError(f"layer {i}: expected one reader of the key cache, found {len(scores)}")
-        q_rot = scores[0].input[0] if scores[0].op_type != "Transpose" else \
-            next(n for n in G.consumers[scores[0].output[0]] if n.op_type == "MatMul").input[0]
+        q_rot = G.reader(write_k.output[0]).input[0]                   # q @ K^T
         node = helper.make_node(
             "GroupQueryAttention",
             [G.projection(q_rot), G.projection(write_k.input[1]), G.projection(write_v.input[1]),
