@@ -177,6 +177,8 @@ def test_cpu_form_holds_the_same_weights_and_a_quantized_lm_head(quantized, tiny
     layers = OnnxArtifacts.open(out).config.text.num_layers
     assert [n.op_type for n in static.graph.node].count("GroupQueryAttention") == layers
     assert cpu_form["static_attention"] == "com.microsoft.GroupQueryAttention per layer"
+    derived = OnnxArtifacts.open(out).manifest["quantization"]["decoder"]["derived_graphs_logits_cosine"]
+    assert derived["decoder.static.cpu.onnx"] >= 0.99  # the served twin agrees with the gated one
     for key, floor in THRESHOLDS[precision].items():  # its own parity gate against FP32
         assert cpu_form["accuracy"][key] >= floor, (key, cpu_form["accuracy"][key])
     sizes = cpu_form["accuracy"]["size_mb"]
