@@ -15,8 +15,9 @@ and quantizes the one matmul the Q/DQ graph keeps FP32, the lm_head (a Gemm on t
 position; at the 1.7B shape 262 MB of FP32, a third of the INT4 decoder), symmetric
 round-to-nearest in blocks along K (LM_HEAD: 8 bits for an INT8 decoder; 4 bits for an INT4
 one, where the 8-bit head was 10 % of the bytes a token reads and measured 5 % of its step
-time, in blocks of 32, finer than the body's 128, since its errors land on the logits directly). Its cost shows in the parity gate (the cpu form is checked against FP32 like
-the Q/DQ one).
+time, in blocks of 32, finer than the body's 128, since its errors land on the logits
+directly). Its cost shows in the parity gate (the cpu form is checked against FP32 like the
+Q/DQ one).
 
 MatMulNBits layout (onnxruntime/core/graph/contrib_ops/contrib_defs.cc): B is uint8
 [N, n_blocks, block_size * bits / 8], each column's K values in order, two 4-bit values per

@@ -97,9 +97,10 @@ def quantize_vision_w8a8(src: Path, dst: Path, images: Iterable[bytes], image_si
 def quantize_vision_cpu(src: Path, dst: Path) -> None:
     """The cpu target's vision encoder: int8 weights per channel (symmetric, as in the W8A8
     graph) and activations quantized per call to uint8 (ONNX Runtime's DynamicQuantizeMatMul:
-    integer dot products, VNNI or AVX2). The W8A8 Q/DQ graph is TensorRT's form: on a CPU, ONNX Runtime leaves a third of its
-    MatMuls in FP32 between Q/DQ pairs (attention and one projection per layer) and gains little
-    over FP32; this form runs the weight MatMuls in int8 and attention in FP32 (`make bench`)."""
+    integer dot products, VNNI or AVX2). The W8A8 Q/DQ graph is TensorRT's form: on a CPU, ONNX
+    Runtime leaves a third of its MatMuls in FP32 between Q/DQ pairs (attention and one
+    projection per layer) and gains little over FP32; this form runs the weight MatMuls in int8
+    and attention in FP32 (`make bench`)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
     with _quiet_root_logger():
         quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True,
