@@ -31,12 +31,13 @@ _SHAPE_OPS = ("Unsqueeze", "Expand", "Reshape", "Transpose", "Squeeze")
 
 
 def rope_tables(text: TextConfig) -> tuple[np.ndarray, np.ndarray]:
-    """cos, sin [max_position, head_dim / 2], computed in FP32 the way the reference does."""
-    hd = text.head_dim
-    inv = (np.float32(1.0) / np.float32(text.rope_theta) ** (np.arange(0, hd, 2, dtype=np.float32)
-                                                             / np.float32(hd))).astype(np.float32)
-    freqs = np.arange(text.max_position, dtype=np.float32)[:, None] * inv[None, :]
-    return np.cos(freqs).astype(np.float32), np.sin(freqs).astype(np.float32)
+    """cos, sin [max_position, head_dim / 2]: the reference's own RoPE (model/llama.rope), whose
+    two halves are the same table."""
+    import torch
+    from edgevlm.model.llama import rope
+    cos, sin = rope(torch.arange(text.max_position)[None], text.head_dim, text.rope_theta)
+    half = text.head_dim // 2
+    return cos[0, 0, :, :half].numpy().copy(), sin[0, 0, :, :half].numpy().copy()
 
 
 class _Graph:
