@@ -26,7 +26,7 @@ CALIB ?=#                  photo directory for INT8 calibration (default: scikit
 ENGINES ?=#                TensorRT engine directory for TARGET=jetson (default: this device's)
 KV ?= auto#                KV cache layout: auto | static | concat
 MAX_SEQUENCES ?= 8#        streams decoded together in one batched step
-BATCHING ?= continuous#    continuous (the scheduler) | off (a decode loop per request)
+BATCHING ?= continuous#    continuous (MAX_SEQUENCES decoded together) | off (one at a time, for comparison)
 KV_BUDGET_MIB ?= 0#        KV pool of the cpu target (0: MAX_SEQUENCES full contexts, <= RAM/4)
 PREFIX_CACHE_MIB ?= 512#   earlier sequences' KV, reused by prompts that begin the same way (0: off)
 IMAGE_CACHE_MIB ?= 64#     image embeddings by the image bytes' hash (0: off)
@@ -42,6 +42,7 @@ PYTEST_ARGS ?=
 BENCH_PRESETS ?= tiny mobilevlm-v2-1.7b
 SOAK_REQUESTS ?= 1000#     make soak: requests per run (concurrency 8, tiny model)
 SOAK_RUNS ?= 3#            make soak: runs in a row, all must be clean
+CANCELS ?= inband#         make soak: how its clients cancel: inband (our cancel message) | grpc (raw tritonclient)
 QUICK ?=#                  1: make bench as a smoke run
 POWER_MODE ?=#             jetson-bench: switch to this nvpmodel mode by name first (root)
 # On a Jetson the setup installs only what runs there (no torch, no exporters) into a venv
@@ -49,14 +50,16 @@ POWER_MODE ?=#             jetson-bench: switch to this nvpmodel mode by name fi
 DEVICE ?= $(if $(wildcard /etc/nv_tegra_release),1,)
 SETUP := $(VENV)/.installed$(if $(DEVICE),-device,)
 
-# What an export is made from: a changed checkpoint or exporter rebuilds it, nothing else does.
-EXPORT_SRC := $(shell find edgevlm/model edgevlm/export -name '*.py') edgevlm/presets.py \
-	edgevlm/manifest.py edgevlm/staging.py edgevlm/runtime/image.py edgevlm/runtime/prompt.py \
-	edgevlm/runtime/anyres.py build/export_onnx.py
+# What each stage is made from: its script and the package files it reads (tools/imports.py
+# follows the imports), so editing a quantizer re-quantizes and re-exports nothing.
+reads = $(1) $(shell $(PYTHON) tools/imports.py $(1))
 CKPT_SRC := $(if $(MODEL),$(wildcard $(MODEL)/*),$(ART)/checkpoint/config.json)
-QUANT_SRC := edgevlm/export/quantize.py edgevlm/export/quant_check.py edgevlm/export/static_cache.py \
-	edgevlm/export/cleanup.py edgevlm/export/matmul_nbits.py edgevlm/export/weight_only.py \
-	edgevlm/export/half_weights.py build/quantize.py
+EXPORT_SRC := $(call reads,build/export_onnx.py)
+QUANT_SRC := $(call reads,build/quantize.py)
+# The export an engine set is built from (build/build_engines.py export_for): int8 / int4 from
+# their Q/DQ export, fp16 from onnx-fp16 (TensorRT 10 and 11; 8.x builds onnx/ with flags).
+ENGINE_PRECISION := $(or $(PRECISION),fp16)
+ENGINE_SRC := $(ART)/onnx/manifest.json $(ART)/onnx-$(ENGINE_PRECISION)/manifest.json
 # The export a cpu repository serves: the FP32 one, or a quantized one (PRECISION=int8|int4)
 SERVED := $(ART)/onnx$(if $(filter cpu,$(TARGET)),$(if $(filter int8 int4,$(PRECISION)),-$(PRECISION)),)
 
@@ -99,7 +102,7 @@ $(VENV)/.installed-device: pyproject.toml client/pyproject.toml
 
 checkpoint: $(CKPT_SRC) ## write a random-weight checkpoint for PRESET (upstream layout)
 
-$(ART)/checkpoint/config.json: edgevlm/model/random_weights.py edgevlm/presets.py build/make_checkpoint.py | $(SETUP)
+$(ART)/checkpoint/config.json: $(call reads,build/make_checkpoint.py) | $(SETUP)
 	$(PY) build/make_checkpoint.py --preset $(PRESET) --layout $(FORMAT) --out $(ART)/checkpoint
 
 onnx: $(ART)/onnx/manifest.json ## export vision_encoder.onnx + decoder.onnx + manifest (when the checkpoint or exporter changed)
@@ -117,11 +120,17 @@ verify: $(ART)/onnx/manifest.json ## PyTorch vs ONNX Runtime parity on real phot
 
 quantize: $(ART)/onnx-$(or $(PRECISION),int8)/manifest.json ## FP16 or Q/DQ export checked against FP32 (PRECISION=fp16|int8|int4, CALIB=photo dir)
 
+ifeq ($(DEVICE),1)
+$(ART)/onnx-%/manifest.json:  # like the export: made off the device and copied here
+	@test -f $@ || { echo "engines: no export at $(ART)/onnx-$*: run \`make quantize PRECISION=$*\` on an x86 machine and copy artifacts/$(NAME)/onnx-$* here" >&2; exit 1; }
+else
 $(ART)/onnx-%/manifest.json: $(ART)/onnx/manifest.json $(QUANT_SRC) | $(SETUP)
 	$(PY) build/quantize.py --onnx $(ART)/onnx --precision $* --out $(ART)/onnx-$* $(if $(CALIB),--calib-dir $(CALIB))
+endif
 
-engines: $(ART)/onnx/manifest.json | $(SETUP) ## on the Orin: TensorRT engines (PRECISION=fp16|int8|int4, MAX_CONTEXT=, KV=auto|static|concat)
-	$(PY) build/build_engines.py --onnx $(ART)/onnx --precision $(or $(PRECISION),fp16) \
+# Off the device the script refuses at once, before anything is quantized for it.
+engines: $(if $(DEVICE),$(ENGINE_SRC)) | $(SETUP) ## on the Orin: TensorRT engines (PRECISION=fp16|int8|int4, MAX_CONTEXT=, KV=auto|static|concat)
+	$(PY) build/build_engines.py --onnx $(ART)/onnx --precision $(ENGINE_PRECISION) \
 		$(if $(MAX_CONTEXT),--max-context $(MAX_CONTEXT)) --kv $(KV) --max-sequences $(MAX_SEQUENCES)
 
 trt-api: | $(SETUP) ## our TensorRT code against the real Python API of 8.6, 10.3, 10.16, 11.4 (also in make test)
@@ -160,7 +169,8 @@ bench: | $(SETUP) ## benchmarks, not in make test (BENCH_PRESETS="tiny mobilevlm
 
 soak: | $(SETUP) ## long soak, not in make test: SOAK_RUNS x SOAK_REQUESTS requests at concurrency 8 on tiny, rude clients included
 	@$(MAKE) --no-print-directory artifacts/tiny/onnx/manifest.json PRESET=tiny NAME=tiny MODEL=
-	$(PY) tools/soak.py --onnx artifacts/tiny/onnx --requests $(SOAK_REQUESTS) --runs $(SOAK_RUNS)
+	$(PY) tools/soak.py --onnx artifacts/tiny/onnx --requests $(SOAK_REQUESTS) --runs $(SOAK_RUNS) \
+		--cancels $(CANCELS) --report docs/bench/soak.json
 
 demo: repo ## the whole path: checkpoint, ONNX, repository, tritonserver, a streamed answer
 	$(PY) tools/demo.py --repository $(ART)/repository $(if $(MODEL),,--random-weights)

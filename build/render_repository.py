@@ -23,7 +23,7 @@ def main(argv=None) -> int:
     ap.add_argument("--max-queue", type=int, default=None,
                     help="requests waiting for a slot before UNAVAILABLE (default: 2 x max-sequences)")
     ap.add_argument("--batching", default="continuous", choices=BATCHING,
-                    help="continuous: the scheduler; off: a batch-1 decode loop per request")
+                    help="continuous: max-sequences decoded together; off: one sequence at a time")
     ap.add_argument("--prefill-chunk", type=int, default=64,
                     help="prompt positions per prefill call while other streams decode")
     ap.add_argument("--kv-budget-mib", type=int, default=0,

@@ -80,6 +80,10 @@ class TextConfig:
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
 
+    def kv_bytes_per_position(self, itemsize: int) -> int:
+        """KV cache bytes one position takes: a key and a value per layer."""
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * itemsize
+
 
 @dataclass(frozen=True)
 class ModelConfig:

@@ -1,10 +1,14 @@
 """Shared fixtures: tiny random-weight checkpoints in the upstream layout, their ONNX export,
-and one real tritonserver serving it, each made once per test session.
+and real tritonservers serving them (`start_server`, the one way a test starts one), each
+made once per test session where it can be.
 
 Tiers (pytest -m): `integration` tests run a real tritonserver (or a gateway in front of
 one), `orin` tests need TensorRT on the device, `unit` is everything else (make test-fast).
-A test that uses a server fixture is integration without saying so; one that starts its own
-server carries the mark.
+A test that uses a server fixture is integration without saying so.
+
+Servers run under the supervisor, as `make serve` runs them: a tritonserver crash (2.51 has
+known races) becomes a restart the tests ride out with the client's typed, retried errors,
+and the session's summary lists every restart with the dead server's log.
 """
 
 from __future__ import annotations
@@ -13,12 +17,13 @@ import pytest
 from edgevlm_client import Client
 
 from edgevlm.presets import PRESETS
-from edgevlm.serve.repository import render_repository
 from edgevlm.model.random_weights import write_random_checkpoint
+from edgevlm.serve.repository import render_repository
+from edgevlm.serve.supervisor import Supervisor
 from edgevlm.serve.tritonserver import TritonServer
 
 
-SERVER_FIXTURES = {"server", "client", "own_server", "gateway", "sdk", "start_gateway"}
+SERVER_FIXTURES = {"server", "client", "own_server", "gateway", "sdk", "start_gateway", "start_server"}
 
 
 def pytest_collection_modifyitems(items):
@@ -73,14 +78,81 @@ def tiny_family(tiny_onnx, tmp_path_factory):
     return root
 
 
+class Served:
+    """A tritonserver a test asked for, under its supervisor unless the test's subject is the
+    server dying; everything else is the TritonServer's (grpc_url, metrics(), rss_mb() ...)."""
+
+    def __init__(self, server: TritonServer, supervised: bool):
+        self.server = server
+        self.messages: list[str] = []  # what the supervisor said
+        self.expected_restarts = 0  # a test that kills the server on purpose says how often
+        self.supervisor = Supervisor(server, interval_s=0.5, log=self.messages.append) if supervised else None
+
+    def start(self) -> Served:
+        self.server.start()
+        if self.supervisor is not None:
+            self.supervisor.start()
+        return self
+
+    def stop(self) -> None:
+        if self.supervisor is not None:
+            self.supervisor.stop()
+        self.server.stop()
+
+    def __getattr__(self, name):
+        return getattr(self.server, name)
+
+    def __enter__(self) -> Served:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+STARTED: list[Served] = []  # every server of the session, for the summary
+
+
 @pytest.fixture(scope="session")
-def server(tiny_onnx, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("serve")
-    repo = render_repository(tiny_onnx, tmp / "repository", max_sequences=4, default_max_tokens=32)
-    srv = TritonServer(repo, log_path=tmp / "tritonserver.log")
-    srv.start()
-    yield srv
-    srv.stop()
+def start_server(tmp_path_factory):
+    """Factory: start_server(onnx_dir, supervised=True, tls=None, ports=None, **repository
+    options) renders a repository and starts a tritonserver on free loopback ports (or the
+    given ones); stopped when the test's `with` ends, or at the end of the session."""
+    mine: list[Served] = []
+
+    def start(onnx_dir, *, supervised: bool = True, tls=None, ports: dict | None = None, **options) -> Served:
+        tmp = tmp_path_factory.mktemp("serve")
+        repo = render_repository(onnx_dir, tmp / "repository", **options)
+        served = Served(TritonServer(repo, log_path=tmp / "tritonserver.log", tls=tls, **(ports or {})), supervised)
+        mine.append(served)
+        STARTED.append(served)
+        return served.start()
+
+    yield start
+    for served in mine:
+        served.stop()
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Every restart a supervisor made during the session, with the dead server's log: a crash
+    is reported even when the tests rode it out."""
+    restarted = [s for s in STARTED if s.supervisor is not None and len(s.supervisor.restarts) > s.expected_restarts]
+    if not restarted:
+        return
+    terminalreporter.section("tritonserver restarts (supervised)")
+    for s in restarted:
+        terminalreporter.write_line(f"{s.server.repository}: {len(s.supervisor.restarts)} restart(s)")
+        for message in s.messages:
+            terminalreporter.write_line(f"  {message}")
+        for kept in s.supervisor.kept_logs:
+            lines = kept.read_text(errors="replace").splitlines()
+            terminalreporter.write_line(f"  last lines of {kept}:")
+            for line in lines[-15:]:
+                terminalreporter.write_line(f"    {line}")
+
+
+@pytest.fixture(scope="session")
+def server(start_server, tiny_onnx):
+    return start_server(tiny_onnx, max_sequences=4, default_max_tokens=32)
 
 
 @pytest.fixture(scope="session")

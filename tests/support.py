@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from edgevlm_client import Retry
 
-OUTCOMES = ("complete", "cancelled", "invalid", "refused", "error")
+from edgevlm.runtime.observer import OUTCOMES
 PATIENCE_S = 120.0  # a limit for hangs only: every wait ends as soon as its event happens
 # A generation as long as the tiny model's 512-position context allows after a short prompt.
 LONG = 440
@@ -20,6 +20,7 @@ def outcomes(server) -> dict[str, float]:
     m = server.metrics()
     out = {o: m.get(f'edgevlm_requests_total{{model="mobilevlm",outcome="{o}"}}', 0.0) for o in OUTCOMES}
     out["tokens"] = m.get('edgevlm_generated_tokens_total{model="mobilevlm"}', 0.0)
+    out["cancel_messages"] = m.get('edgevlm_cancel_messages_total{model="mobilevlm"}', 0.0)
     return out
 
 

@@ -11,8 +11,6 @@ import pytest
 from edgevlm_client import AsyncClient, Client
 
 from edgevlm.samples import camera_frame as frame  # a photo no other test sends: its first request misses
-from edgevlm.serve.repository import render_repository
-from edgevlm.serve.tritonserver import TritonServer
 from support import settle
 
 CACHE_METRICS = ("edgevlm_prefix_cache_hits_total", "edgevlm_prefix_cache_misses_total",
@@ -26,11 +24,9 @@ def cache_metrics(server) -> dict[str, float]:
 
 
 @pytest.fixture(scope="module")
-def uncached(tiny_onnx, tmp_path_factory):
+def uncached(start_server, tiny_onnx):
     """The same model with both caches off: what every cached answer must equal."""
-    tmp = tmp_path_factory.mktemp("uncached")
-    repo = render_repository(tiny_onnx, tmp / "repository", prefix_cache_mib=0, image_cache_mib=0)
-    with TritonServer(repo, log_path=tmp / "tritonserver.log") as srv:
+    with start_server(tiny_onnx, prefix_cache_mib=0, image_cache_mib=0) as srv:
         yield Client(srv.grpc_url, timeout_s=120)
 
 
@@ -95,11 +91,9 @@ def test_concurrent_questions_about_one_frame_each_get_their_own_answer(server, 
     assert sum(r.stats["cached_tokens"] > 0 for r in results) >= 1
 
 
-@pytest.mark.integration
-def test_per_request_loops_say_when_the_image_came_from_the_cache(tiny_onnx, tmp_path):
-    """BATCHING=off (a decode loop per request) shares the image cache and reports it too."""
-    repo = render_repository(tiny_onnx, tmp_path / "repository", batching="off")
-    with TritonServer(repo, log_path=tmp_path / "tritonserver.log") as srv:
+def test_one_at_a_time_says_when_the_image_came_from_the_cache(start_server, tiny_onnx):
+    """BATCHING=off (one sequence at a time) shares the image cache and reports it too."""
+    with start_server(tiny_onnx, batching="off") as srv:
         client = Client(srv.grpc_url, timeout_s=120)
         first, again = (client.generate("What is in the image?", image=frame(4), max_tokens=4) for _ in range(2))
     assert not first.stats["image_cached"] and first.stats["image_encode_ms"] > 0

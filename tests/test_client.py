@@ -21,7 +21,7 @@ from edgevlm_client import (TLS, AsyncClient, Client, InvalidRequest, Retry, Ser
 from PIL import Image
 
 from edgevlm.samples import sample_image
-from edgevlm.serve.tritonserver import GrpcTLS, TritonServer, free_port
+from edgevlm.serve.tritonserver import GrpcTLS, free_port
 from support import LONG, RecordingRetry, abandoned_until_cancelled
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,6 +55,8 @@ def test_async_stream_and_generate_match_the_sync_client(server, client):
 
 
 def test_async_early_close_cancels_on_the_server(server):
+    endings = []
+
     async def run(max_tokens):
         async with AsyncClient(server.grpc_url, timeout_s=60) as ac:
             async with ac.stream("Tell me a long story.", max_tokens=max_tokens) as stream:
@@ -63,9 +65,12 @@ def test_async_early_close_cancels_on_the_server(server):
                     n += 1
                     if n == 2:
                         break
+            endings.append(stream.stats.get("finish_reason"))
 
     delta = abandoned_until_cancelled(server, lambda n: asyncio.run(run(n)), LONG)
     assert 2 <= delta["tokens"] < LONG
+    # stopped by a cancel message on the stream: its final response (with stats) arrived
+    assert endings[-1] == "cancelled" and delta["cancel_messages"] == 1
 
 
 def test_async_chat_answers_a_follow_up_like_the_sync_chat(server, client):
@@ -149,11 +154,8 @@ def test_timeout_is_typed_and_cancels_the_request(server, client):
     assert client.generate("Hi", max_tokens=4).tokens == 4
 
 
-@pytest.mark.integration
-def test_server_dying_mid_stream_raises_without_retrying(tiny_onnx, tmp_path):
-    from edgevlm.serve.repository import render_repository
-    repo = render_repository(tiny_onnx, tmp_path / "repository", max_sequences=1, default_max_tokens=32)
-    with TritonServer(repo, log_path=tmp_path / "tritonserver.log") as srv:
+def test_server_dying_mid_stream_raises_without_retrying(start_server, tiny_onnx):
+    with start_server(tiny_onnx, supervised=False, max_sequences=1, default_max_tokens=32) as srv:
         retry = RecordingRetry(attempts=3, backoff_s=0.01)
         stream = Client(srv.grpc_url, timeout_s=60, retry=retry).stream("Tell me a long story.", max_tokens=LONG)
         it = iter(stream)
@@ -167,12 +169,9 @@ def test_server_dying_mid_stream_raises_without_retrying(tiny_onnx, tmp_path):
         assert stream.text
 
 
-@pytest.mark.integration
-def test_grpc_over_mutual_tls(tiny_onnx, tmp_path, certs):
-    from edgevlm.serve.repository import render_repository
-    repo = render_repository(tiny_onnx, tmp_path / "repository", max_sequences=2, default_max_tokens=8)
+def test_grpc_over_mutual_tls(start_server, tiny_onnx, certs):
     tls = GrpcTLS(certs["server.pem"], certs["server.key"], client_ca=certs["ca.pem"])
-    with TritonServer(repo, log_path=tmp_path / "tritonserver.log", tls=tls) as srv:
+    with start_server(tiny_onnx, tls=tls, max_sequences=2, default_max_tokens=8) as srv:
         ok = Client(srv.grpc_url, timeout_s=30,
                     tls=TLS(certs["ca.pem"], certs["client.pem"], certs["client.key"]))
         assert ok.health() and ok.generate("Hi", max_tokens=4).tokens == 4

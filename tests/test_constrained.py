@@ -17,12 +17,11 @@ import pytest
 from edgevlm_client import IncompleteAnswer, InvalidRequest
 
 from edgevlm.runtime.errors import BadRequest
-from edgevlm.runtime.runners import load_generator
 from edgevlm.runtime.sampling import SamplingParams
 from edgevlm.runtime.scheduler import Scheduler
-from edgevlm.runtime.slots import open_pool
+from edgevlm.runtime.text_model import open_text_model
 from edgevlm.samples import sample_image
-from tests.test_scheduler import Stream
+from tests.test_scheduler import Stream, alone
 
 DETECTION = {  # booleans, a bounded count, an enum
     "type": "object", "additionalProperties": False, "required": ["person", "count", "light"],
@@ -80,11 +79,11 @@ def check_answer(fmt: dict, text: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def gen(tiny_onnx):
-    return load_generator(tiny_onnx, kv_cache="static")
+def one_row(tiny_onnx):
+    return open_text_model(tiny_onnx, kv_cache="static", max_rows=1)
 
 
-def test_every_constrained_answer_validates_in_a_batch_beside_free_rows(gen):
+def test_every_constrained_answer_validates_in_a_batch_beside_free_rows(tiny_onnx, one_row):
     rng_ids = [[1, 319, 5, 77, 900, 12][: 3 + i % 4] + [29871 % 1000] for i in range(40)]
     jobs = []
     for i, (name, fmt) in enumerate(formats().items()):
@@ -92,8 +91,7 @@ def test_every_constrained_answer_validates_in_a_batch_beside_free_rows(gen):
             params = SamplingParams(max_tokens=256, response_format=json.dumps(fmt), **sampling)
             jobs.append((name, how, fmt, rng_ids[3 * i + j], params))
     free = [SamplingParams(max_tokens=20), SamplingParams(max_tokens=30, temperature=0.9, seed=1)]
-    pool = open_pool(gen.decoder, 4, 0, gen.max_context)
-    sched = Scheduler(gen, pool, max_queue=64, prefill_chunk=16)
+    sched = Scheduler(open_text_model(tiny_onnx, kv_cache="static", max_rows=4), max_queue=64, prefill_chunk=16)
     try:
         streams = [Stream() for _ in jobs]
         free_streams = [Stream() for _ in free]
@@ -108,30 +106,31 @@ def test_every_constrained_answer_validates_in_a_batch_beside_free_rows(gen):
             check_answer(fmt, text)
             assert s.stats.finish_reason == "stop", (name, how, text)
             # the same request alone gives the same answer (the mask is per row)
-            alone = "".join(e.text for e in gen.generate(ids, None, params))
-            assert alone == text, (name, how)
+            assert alone(one_row, ids, params)[0] == text, (name, how)
         for s in free_streams:
             assert s.wait().error is None and s.stats.finish_reason == "length"
     finally:
         sched.close()
 
 
-def test_a_format_is_compiled_once_and_a_bad_one_is_refused_with_the_reason(gen):
+def test_a_format_is_compiled_once_and_a_bad_one_is_refused_with_the_reason(one_row):
+    sched = Scheduler(one_row, max_queue=1)
+    sched.close()
     fmt = json.dumps({"type": "regex", "pattern": "[0-9]{4}"})
-    before = gen.grammars.compiles
+    before = one_row.grammars.compiles
     for _ in range(3):
-        gen.check([1, 2], 0, SamplingParams(response_format=fmt))
-    assert gen.grammars.compiles == before + 1
+        sched.check([1, 2], 0, SamplingParams(response_format=fmt))
+    assert one_row.grammars.compiles == before + 1
     bad = {"regex": ({"type": "regex", "pattern": "[a-"}, "unclosed character class"),
            "schema": ({"type": "json_schema", "schema": {"type": "objectx"}}, "objectx"),
            "kind": ({"type": "grammar", "text": "x"}, "type is one of json_schema, json_object, regex, choice"),
            "choices": ({"type": "choice", "choices": []}, "a list of non-empty strings")}
     for fmt, reason in bad.values():
         with pytest.raises(BadRequest, match=re.escape(reason)) as e:
-            gen.check([1, 2], 0, SamplingParams(response_format=json.dumps(fmt)))
+            sched.check([1, 2], 0, SamplingParams(response_format=json.dumps(fmt)))
         assert "\n" not in str(e.value)
     with pytest.raises(BadRequest, match="response_format is not JSON"):
-        gen.check([1, 2], 0, SamplingParams(response_format="{"))
+        sched.check([1, 2], 0, SamplingParams(response_format="{"))
 
 
 def test_served_answers_parse_and_validate(client):

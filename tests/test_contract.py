@@ -155,3 +155,10 @@ def test_a_streamed_refusal_is_typed_by_the_status_its_stats_announced(status, c
 def test_an_error_without_a_status_is_the_servers_fault_not_the_requests():
     assert type(from_triton(InferenceServerException("failed to connect to all addresses"))) is ServerError
     assert set(BY_STATUS) == {"INVALID_ARGUMENT", "UNAVAILABLE", "DEADLINE_EXCEEDED", "CANCELLED"}
+
+
+def test_the_contract_document_is_written_from_the_contract():
+    """docs/CONTRACT.md is what tools/contract_doc.py writes from contract.py and the metrics
+    list: a change to either without `python3 tools/contract_doc.py` fails here."""
+    from tools.contract_doc import DOC, render
+    assert DOC.read_text() == render(), "docs/CONTRACT.md is out of date: run python3 tools/contract_doc.py"

@@ -71,12 +71,65 @@ def test_agx_orin_jetpack_7_2_with_a_too_new_cuda_python():
     assert c["power mode"].ok and not r.ok
 
 
+ORIN_NODES = ("/dev/nvmap", "/dev/nvgpu/igpu0/ctrl")  # what the NVIDIA runtime maps on an Orin
+
+
 def test_in_a_container_without_the_release_file_it_says_to_mount_it():
-    p = Probe(in_container=True, tensorrt="10.3.0.30", cuda_check="ok", meminfo=meminfo(16_000_000, 12_000_000),
-              euid=0)
+    p = Probe(in_container=True, tensorrt="10.3.0.30", cuda_check="ok", cuda_devices=1, device_nodes=ORIN_NODES,
+              meminfo=meminfo(16_000_000, 12_000_000), euid=0)
     c = lines(diagnose(p))
     assert not c["JetPack"].ok and "/etc/nv_tegra_release:/etc/nv_tegra_release:ro" in c["JetPack"].fix
     assert c["container runtime"].ok and c["power mode"].warn
+    # the evidence is named
+    assert "/dev/nvgpu/igpu0/ctrl" in c["container runtime"].detail and "1 device" in c["container runtime"].detail
+
+
+READY = dict(nv_tegra_release=R36_4_3, docker_info=DOCKER_NVIDIA, compose_version="Docker Compose version v2.27.1\n",
+             tensorrt="10.3.0.30", cuda_check="ok", cuda_devices=1, meminfo=meminfo(64_302_080, 60_000_000),
+             nvpmodel_q="NV Power Mode: MAXN\n0\n", nvpmodel_conf=conf("p3701-0005"), euid=0)
+
+
+def test_a_ready_board_says_ok_to_every_check_with_its_evidence():
+    c = lines(diagnose(Probe(**READY)))
+    assert all(x.ok for x in c.values()), [x.line() for x in c.values() if not x.ok]
+    evidence = {"JetPack": "/etc/nv_tegra_release", "container runtime": "docker info", "import tensorrt": "imported",
+                "cuda-python": "cudaGetDeviceCount", "memory": "/proc/meminfo", "power mode": "nvpmodel",
+                "root for jetson_clocks": "uid 0"}
+    for name, what in evidence.items():
+        assert what in c[name].detail, (name, c[name].detail)
+
+
+BROKEN = {  # check -> the evidence absent or wrong (over READY), and what it must say
+    "JetPack": [(dict(nv_tegra_release=None), "flash JetPack"),
+                (dict(nv_tegra_release="# R35 (release), REVISION: 4.1, GCID: 1, BOARD: t186ref, EABI: aarch64, "
+                                       "DATE: x\n"), "JetPack 5")],
+    "container runtime": [(dict(in_container=True, device_nodes=()), "--runtime nvidia"),
+                          (dict(in_container=True, device_nodes=("/dev/nvmap",)), "/dev/nvgpu/igpu0/ctrl"),
+                          (dict(in_container=True, device_nodes=ORIN_NODES, cuda_devices=0), "CUDA sees no device"),
+                          (dict(docker_info=None), "install Docker"),
+                          (dict(docker_info=DOCKER_PLAIN), "nvidia-ctk runtime configure"),
+                          (dict(compose_version=None), "docker-compose-plugin")],
+    "import tensorrt": [(dict(tensorrt="error: ModuleNotFoundError: No module named 'tensorrt'"), "make setup"),
+                        (dict(tensorrt="10.16.2.10"), "TRITON_IMAGE"),
+                        (dict(engines={"device_tag": "10.3.0.20-sm87"}), "rebuild them here")],
+    "cuda-python": [(dict(cuda_check="error 35: cudaErrorInsufficientDriver"), "cuda-python==12.6"),
+                    (dict(cuda_check="error: no cuda-python"), "cuda-python==12.6"),
+                    (dict(cuda_devices=0), "GPU is visible")],
+    "memory": [(dict(meminfo=meminfo(7_790_000, 5_600_000)), "smallest module"),
+               (dict(meminfo=""), "run on the device")],
+    "power mode": [(dict(nvpmodel_q=None), "on the host"),
+                   (dict(nvpmodel_q="NV Power Mode: MODE_30W\n2\n"), "nvpmodel -m 0"),
+                   (dict(nvpmodel_conf=None), "nvpmodel -p --verbose")],
+    "root for jetson_clocks": [(dict(euid=1000), "with sudo")],
+}
+
+
+def test_each_check_says_not_ok_when_its_evidence_is_absent_or_wrong():
+    for name, cases in BROKEN.items():
+        for change, says in cases:
+            check = lines(diagnose(Probe(**{**READY, **change})))[name]
+            assert not check.ok, (name, change, check.line())
+            assert says in check.line(), (name, change, check.line())
 
 
 def test_jetpack_5_is_refused_with_the_reason():
@@ -85,3 +138,20 @@ def test_jetpack_5_is_refused_with_the_reason():
               meminfo=meminfo(16_000_000, 12_000_000))
     c = lines(diagnose(p))
     assert not c["JetPack"].ok and "LayerNormalization" in c["JetPack"].detail
+
+
+def test_here_a_container_without_a_gpu_fails_the_runtime_check_with_its_reason():
+    """The doctor run for real where these tests run: a container with no GPU must not say ok."""
+    import subprocess
+    import sys
+
+    import pytest
+
+    from edgevlm.jetson.doctor import gpu_nodes_mapped
+    p = Probe.read()
+    if not p.in_container or gpu_nodes_mapped(set(p.device_nodes)):
+        pytest.skip("not a container without a GPU")
+    r = subprocess.run([sys.executable, "-m", "edgevlm.jetson.doctor"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1
+    assert "FAIL container runtime: no GPU in this container: /dev/nvmap" in r.stdout
+    assert "--runtime nvidia" in r.stdout

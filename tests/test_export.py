@@ -125,17 +125,19 @@ def test_static_decoder_writes_into_the_callers_cache_buffer(exported):
     static = OrtDecoder(art.path("decoder_static"), t, static=True)
     x = np.random.default_rng(1).standard_normal((1, 6, t.hidden_size)).astype(np.float32)
     want_logits, want_kv = concat(x, np.arange(6)[None], concat.empty_cache())
-    seq = static.new_sequence(10)
-    buffers = [b.ctypes.data for b in seq.cache]
-    seq.forward(x[:, :5])
-    got = seq.forward(x[:, 5:])
+    pool = static.open_pool(1, max_context=10)
+    row = pool.acquire(10)
+    buffers = [b.ctypes.data for b in pool.buffers]
+    pool.prefill(row, x[:, :5])
+    got = pool.prefill(row, x[:, 5:])
     np.testing.assert_allclose(got, want_logits[0], atol=1e-4)
-    assert [b.ctypes.data for b in seq.cache] == buffers  # same buffers, no swap
-    for buf, want in zip(seq.cache, want_kv):
-        np.testing.assert_allclose(buf[:, :, :6], want, atol=1e-5)
-        assert not buf[:, :, 6:].any()
+    assert [b.ctypes.data for b in pool.buffers] == buffers  # same buffers, no swap
+    for buf, want in zip(pool.buffers, want_kv):
+        cache = pool._view(buf, row.index, 1)
+        np.testing.assert_allclose(cache[:, :, :6], want, atol=1e-5)
+        assert not cache[:, :, 6:].any()
     with pytest.raises(ValueError, match="capacity 10 exceeded"):
-        seq.forward(np.zeros((1, 5, t.hidden_size), np.float32))
+        pool.prefill(row, np.zeros((1, 5, t.hidden_size), np.float32))
 
 
 def test_pinned_static_decoder_has_fixed_cache_shapes(exported, tmp_path):

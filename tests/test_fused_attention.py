@@ -14,7 +14,7 @@ import pytest
 from edgevlm.export import fused_attention
 from edgevlm.manifest import OnnxArtifacts
 from edgevlm.runtime.onnxruntime import OrtDecoder
-from edgevlm.runtime.slots import PackedPool
+from edgevlm.runtime.ort_packed_pool import OrtPackedPool
 
 
 def _pair(export_dir, out):
@@ -61,12 +61,13 @@ def _embeds(rng, s, d):
 def test_one_sequence_gives_the_same_logits_and_cache(which, request):
     exported, fused = request.getfixturevalue(which)
     rng = np.random.default_rng(0)
-    a, b = exported.new_sequence(48), fused.new_sequence(48)
+    (pa, a), (pb, b) = [(p, p.acquire(48)) for p in (exported.open_pool(1, max_context=48),
+                                                       fused.open_pool(1, max_context=48))]
     for s in (13, 1, 1, 6, 1):  # a prompt, two tokens, a follow-up prompt on the filled cache, a token
         x = _embeds(rng, s, exported.cfg.hidden_size)
-        np.testing.assert_allclose(b.forward(x), a.forward(x), atol=1e-4, rtol=0)
-    for ka, kb in zip(a.cache, b.cache):
-        np.testing.assert_allclose(kb[0, :, :a.length], ka[0, :, :a.length], atol=1e-5, rtol=0)
+        np.testing.assert_allclose(pb.prefill(b, x), pa.prefill(a, x), atol=1e-4, rtol=0)
+    for ka, kb in zip(pa.save(a, a.length), pb.save(b, b.length)):
+        np.testing.assert_allclose(kb, ka, atol=1e-5, rtol=0)
 
 
 def test_a_packed_batch_of_rows_at_different_lengths(decoders):
@@ -78,7 +79,7 @@ def test_a_packed_batch_of_rows_at_different_lengths(decoders):
     steps = [(rng.standard_normal((3, 1, d)) * 0.5).astype(np.float32) for _ in range(4)]
     results = []
     for dec in decoders:
-        pool = PackedPool(dec, max_rows=4, budget_bytes=4 << 20)
+        pool = OrtPackedPool(dec, max_rows=4, budget_bytes=4 << 20)
         rows = [pool.acquire(40) for _ in prompts]
         first = [pool.prefill(r, p) for r, p in zip(rows, prompts)]
         saved = pool.save(rows[1], 4)

@@ -8,7 +8,8 @@ import pytest
 from edgevlm.runtime.detokenize import IncrementalDecoder
 from edgevlm.runtime.embedding import EmbeddingTable
 from edgevlm.runtime.onnxruntime import OrtDecoder
-from edgevlm.runtime.generation import Generator
+from edgevlm.runtime.scheduler import Scheduler
+from edgevlm.runtime.text_model import TextModel
 from edgevlm.manifest import OnnxArtifacts
 from edgevlm.export.parity import onnx_greedy
 from edgevlm.runtime.errors import BadRequest
@@ -68,16 +69,24 @@ def test_seeded_sampling_repeats_and_top_k_limits():
     assert a == [Sampler(p, [])(logits) for _ in range(30)] and set(a) <= {0, 1}
 
 
-def test_generator_matches_plain_onnx_greedy_and_counts_stats(tiny_onnx):
+@pytest.mark.parametrize("kv", ["concat", "static"])
+def test_the_scheduler_alone_matches_plain_onnx_greedy_and_counts_stats(tiny_onnx, kv):
     art = OnnxArtifacts.open(tiny_onnx)
     cfg = art.config
-    dec, table, tok = OrtDecoder(art.path("decoder"), cfg.text), EmbeddingTable(art.path("embed_tokens")), Tokenizer(art.path("tokenizer"))
+    plain, table, tok = OrtDecoder(art.path("decoder"), cfg.text), EmbeddingTable(art.path("embed_tokens")), Tokenizer(art.path("tokenizer"))
     ids = tok.encode("USER: Name three colours. ASSISTANT:")
-    want, _ = onnx_greedy(dec, table, ids, None, 16)
-    events = list(Generator(dec, table, tok, cfg.text.max_position).generate(ids, None, SamplingParams(max_tokens=16)))
-    stats = events[-1].stats
-    want_text = tok.decode(want[:want.index(tok.eos_id)] if tok.eos_id in want else want)
-    assert "".join(e.text for e in events) == want_text
-    assert stats.prefill_tokens == len(ids) and stats.decode_tokens == min(16, len(want))
-    with pytest.raises(BadRequest, match="the context holds"):
-        list(Generator(dec, table, tok, 20).generate(ids, None, SamplingParams()))
+    want, _ = onnx_greedy(plain, table, ids, None, 16)
+    served = OrtDecoder(art.path("decoder_static" if kv == "static" else "decoder"), cfg.text, static=kv == "static")
+    sched = Scheduler(TextModel(tok, table, served.open_pool(1), cfg.text.max_position), max_queue=1)
+    short = Scheduler(TextModel(tok, table, served.open_pool(1), 20), max_queue=1)
+    try:
+        events = list(sched.generate(ids, None, SamplingParams(max_tokens=16)))
+        stats = events[-1].stats
+        want_text = tok.decode(want[:want.index(tok.eos_id)] if tok.eos_id in want else want)
+        assert "".join(e.text for e in events) == want_text
+        assert stats.prefill_tokens == len(ids) and stats.decode_tokens == min(16, len(want))
+        with pytest.raises(BadRequest, match="the context holds"):
+            list(short.generate(ids, None, SamplingParams()))
+    finally:
+        sched.close()
+        short.close()

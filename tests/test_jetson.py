@@ -248,7 +248,8 @@ def test_make_engines_refuses_off_device_and_writes_nothing(tiny_onnx, tmp_path,
 @pytest.mark.parametrize("kv", ["concat", "static"])
 def test_tensorrt_engines_match_onnx_runtime(tiny_onnx, tmp_path, kv):
     """On the Orin: FP16 engines of the tiny export give ONNX Runtime's greedy tokens, with the
-    concat KV cache and (TensorRT 10.15+) the in-place one whose decode step is a CUDA graph."""
+    concat KV cache and (TensorRT 10.15+) the in-place one whose decode step is a CUDA graph,
+    through the pools the scheduler drives."""
     trt = pytest.importorskip("tensorrt", reason="TensorRT is not installable on this machine (no GPU; the "
                                                  "PyPI packages are download stubs); this test runs on the Orin")
     from edgevlm.engines.features import Features
@@ -260,30 +261,35 @@ def test_tensorrt_engines_match_onnx_runtime(tiny_onnx, tmp_path, kv):
 
     import numpy as np
 
-    from edgevlm.runtime.tensorrt import TrtDecoder
     from edgevlm.jetson.device import detect
     from edgevlm.manifest import OnnxArtifacts
-    from edgevlm.runtime.runners import load_generator
+    from edgevlm.runtime.runners import open_decoder
+    from edgevlm.runtime.tensorrt.decoder import TrtDecoder
+    from edgevlm.runtime.text_model import open_text_model
     art = OnnxArtifacts.open(tiny_onnx)
     script = Path(__file__).resolve().parents[1] / "build" / "build_engines.py"
     r = subprocess.run([sys.executable, str(script), "--onnx", str(tiny_onnx), "--max-context", "256", "--kv", kv],
                        capture_output=True, text=True, timeout=3600)
     assert r.returncode == 0, r.stderr
-    trt_dec = TrtDecoder(tiny_onnx.parent / "engines" / detect().tag, art.config.text)
-    ort = load_generator(tiny_onnx)
-    ids = ort.tok.encode("Name three colours.")
-    a, b = ort.decoder.new_sequence(64), trt_dec.new_sequence(64)
-    la, lb = a.forward(ort.table.embed(ids)), b.forward(ort.table.embed(ids))
+    trt_pool = TrtDecoder(tiny_onnx.parent / "engines" / detect().tag, art.config.text).open_pool(2)
+    model = open_text_model(tiny_onnx)
+    ort_pool = open_decoder(tiny_onnx).open_pool(1, max_context=64)
+    ids = model.tok.encode("Name three colours.")
+    a, b = ort_pool.acquire(64), trt_pool.acquire(64)
+    la, lb = ort_pool.prefill(a, model.table.embed(ids)), trt_pool.prefill(b, model.table.embed(ids))
     for _ in range(16):
         assert int(np.argmax(la)) == int(np.argmax(lb))
         t = int(np.argmax(la))
-        la, lb = a.forward(ort.table.embed([t])), b.forward(ort.table.embed([t]))
+        la, lb = ort_pool.decode([a], model.table.embed([t]))[0], trt_pool.decode([b], model.table.embed([t]))[0]
     if kv == "static":
-        assert b.graph is not None  # decode steps after the first replay one captured graph
-        b.release()
-        again = trt_dec.new_sequence(64)  # the pooled slot comes back, stale cache and all
-        assert again is b and int(np.argmax(again.forward(ort.table.embed(ids)))) == int(np.argmax(
-            ort.decoder.new_sequence(64).forward(ort.table.embed(ids))))
+        assert trt_pool.steps[1].graph is not None  # decode steps after the first replay one captured graph
+    trt_pool.release(b)
+    again = trt_pool.acquire(64)  # the row's memory comes back, stale cache and all
+    ort_pool.release(a)
+    fresh = ort_pool.acquire(64)
+    assert int(np.argmax(trt_pool.prefill(again, model.table.embed(ids)))) == int(np.argmax(
+        ort_pool.prefill(fresh, model.table.embed(ids))))
+    trt_pool.close()
 
 
 def test_compose_and_systemd_run_what_we_ship():

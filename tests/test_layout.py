@@ -41,3 +41,19 @@ def test_triton_models_import_only_the_runtime():
         for line in path.read_text().splitlines():
             if "import" in line and "edgevlm." in line:
                 assert "edgevlm.runtime" in line, f"{path.relative_to(ROOT)}: {line.strip()}"
+
+
+
+def test_no_import_cycles_inside_edgevlm():
+    """The graph of imports inside the package, read from the source, has no cycle (a package
+    and its own submodules aside): the tree reads in one direction, leaves first."""
+    from tools.imports import cycles
+    found = cycles()
+    assert not found, "import cycles: " + "; ".join(" -> ".join(c) for c in found)
+
+
+def test_the_readme_is_a_front_door_and_no_doc_line_is_over_120_characters():
+    assert len((ROOT / "README.md").read_text().splitlines()) <= 250, "README.md: depth goes to docs/"
+    for doc in [ROOT / "README.md", ROOT / "client" / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        long = [i for i, line in enumerate(doc.read_text().splitlines(), 1) if len(line) > 120]
+        assert not long, f"{doc.relative_to(ROOT)}: lines {long} are over 120 characters"

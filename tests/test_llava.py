@@ -296,16 +296,10 @@ def test_export_matches_the_reference(ckpts, exports, model, fmt):
 
 
 @pytest.fixture(scope="module")
-def servers(exports, tmp_path_factory):
-    from edgevlm.serve.repository import render_repository
-    from edgevlm.serve.tritonserver import TritonServer
+def servers(exports, start_server):
     from edgevlm_client import Client
-    started = {}
+    started = {model: start_server(onnx, max_sequences=2, default_max_tokens=16) for model, onnx in exports.items()}
     try:
-        for model, onnx in exports.items():
-            tmp = tmp_path_factory.mktemp(f"serve-{model}")
-            repo = render_repository(onnx, tmp / "repository", max_sequences=2, default_max_tokens=16)
-            started[model] = TritonServer(repo, log_path=tmp / "tritonserver.log").start()
         yield {m: Client(s.grpc_url, timeout_s=60) for m, s in started.items()}
     finally:
         for s in started.values():

@@ -8,12 +8,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from edgevlm.runtime.observer import Observer
 from edgevlm.runtime.prefix_cache import PrefixCache, common_prefix, position_keys
-from edgevlm.runtime.runners import load_generator
 from edgevlm.runtime.sampling import SamplingParams
-from edgevlm.runtime.scheduler import Observer, Scheduler
-from edgevlm.runtime.slots import open_pool
-from tests.test_scheduler import Stream, _alone, pool_bytes_per_position
+from edgevlm.runtime.scheduler import Scheduler
+from edgevlm.runtime.text_model import open_text_model
+from tests.test_scheduler import Stream, alone
 
 IMG = -200
 
@@ -32,22 +32,34 @@ class Recording(Observer):
 
 
 @pytest.fixture(scope="module", params=["static", "concat"])
-def gen(request, tiny_onnx):
-    return load_generator(tiny_onnx, kv_cache=request.param)
+def kv(request):
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def model(kv, tiny_onnx):
+    """A one-row pool (what a request alone runs on)."""
+    return open_text_model(tiny_onnx, kv_cache=kv, max_rows=1)
+
+
+@pytest.fixture(scope="module")
+def batched(kv, tiny_onnx):
+    """The same layout with room for four rows at once."""
+    return open_text_model(tiny_onnx, kv_cache=kv, max_rows=4)
 
 
 def _ids(rng, n):
     return list(map(int, rng.integers(3, 1000, size=n)))
 
 
-def _image(gen, seed):
-    return np.random.default_rng(seed).standard_normal((1, 16, gen.table.table.shape[1])).astype(np.float32)
+def _image(model, seed):
+    return np.random.default_rng(seed).standard_normal((1, 16, model.table.table.shape[1])).astype(np.float32)
 
 
-def _run(gen, work, cache, *, together=False, rows=4, obs=None):
+def _run(model, work, cache, *, together=False, obs=None):
     """work: [(ids, params, embeds)]; one after another, or all submitted at once."""
-    pool = open_pool(gen.decoder, rows, 0, gen.max_context)
-    sched = Scheduler(gen, pool, max_queue=len(work), prefill_chunk=16, prefix_cache=cache, observer=obs)
+    pool = model.pool
+    sched = Scheduler(model, max_queue=len(work), prefill_chunk=16, prefix_cache=cache, observer=obs)
     try:
         streams = [Stream() for _ in work]
         for s, w in zip(streams, work):
@@ -62,28 +74,28 @@ def _run(gen, work, cache, *, together=False, rows=4, obs=None):
         sched.close()
 
 
-def _conversation(gen):
+def _conversation(model):
     """A frame asked about, asked again, followed up (earlier answer in the prompt), sampled."""
     rng = np.random.default_rng(7)
     system, q1, q2 = _ids(rng, 30), _ids(rng, 12), _ids(rng, 9)
     first = system + [IMG] + q1
-    answer = gen.tok.encode("".join(e.text for e in gen.generate(first, _image(gen, 1), SamplingParams(max_tokens=20))))
-    image = _image(gen, 1)
+    answer = model.tok.encode(alone(model, first, SamplingParams(max_tokens=20), _image(model, 1))[0])
+    image = _image(model, 1)
     greedy, seeded = SamplingParams(max_tokens=24), SamplingParams(max_tokens=24, temperature=0.9, seed=11)
     return [(first, greedy, image),
             (first, greedy, image),                            # the same question again
             (first + answer + q2, greedy, image),              # a follow-up with the answer as history
             (first + q2, seeded, image),                       # another question, sampled
-            (system + [IMG] + q2, seeded, _image(gen, 2)),     # another frame: only the system line
+            (system + [IMG] + q2, seeded, _image(model, 2)),     # another frame: only the system line
             (_ids(rng, 40), greedy, None)]                     # unrelated text
 
 
-def test_a_cache_hit_gives_exactly_the_tokens_of_a_miss(gen):
-    work = _conversation(gen)
-    expected = [_alone(gen, *w)[0] for w in work]
+def test_a_cache_hit_gives_exactly_the_tokens_of_a_miss(model, batched):
+    work = _conversation(model)
+    expected = [alone(model, *w)[0] for w in work]
     obs = Recording()
     cache = PrefixCache(64 << 20)
-    texts, stats = _run(gen, work, cache, obs=obs)
+    texts, stats = _run(batched, work, cache, obs=obs)
     assert texts == expected
     reused = [s.cached_tokens for s in stats]
     n_first = 30 + 16 + 12
@@ -98,31 +110,31 @@ def test_a_cache_hit_gives_exactly_the_tokens_of_a_miss(gen):
     assert obs.bytes == cache.bytes > 0
 
 
-def test_the_cache_stays_within_its_budget_and_evicts_the_oldest(gen):
+def test_the_cache_stays_within_its_budget_and_evicts_the_oldest(model, batched):
     rng = np.random.default_rng(3)
     prompts = [_ids(rng, 100) for _ in range(3)]
     params = SamplingParams(max_tokens=12)
     # room for one 112-position sequence, not two
-    budget = 150 * pool_bytes_per_position(gen)
+    budget = 150 * model.pool.bytes_per_position
     cache = PrefixCache(budget)
     work = [(p, params, None) for p in (prompts[0], prompts[1], prompts[0], prompts[2], prompts[2])]
-    expected = [_alone(gen, *w)[0] for w in work]
+    expected = [alone(model, *w)[0] for w in work]
     obs = Recording()
-    texts, stats = _run(gen, work, cache, obs=obs)
+    texts, stats = _run(batched, work, cache, obs=obs)
     assert texts == expected
     assert [s.cached_tokens for s in stats] == [0, 0, 0, 0, 99]  # prompts[0] was evicted by prompts[1]
     assert cache.evictions == obs.evicted >= 3
     assert len(cache.entries) == 1 and cache.bytes <= budget
 
 
-def test_requests_sharing_a_prefix_at_once_each_get_their_own_text(gen):
+def test_requests_sharing_a_prefix_at_once_each_get_their_own_text(model, batched):
     rng = np.random.default_rng(5)
-    shared, image = _ids(rng, 50) + [IMG], _image(gen, 4)
+    shared, image = _ids(rng, 50) + [IMG], _image(model, 4)
     work = [(shared + _ids(rng, 5 + i), SamplingParams(max_tokens=16 + 4 * i, temperature=0.8 * (i % 2), seed=i),
              image) for i in range(6)]
-    expected = [_alone(gen, *w)[0] for w in work]
+    expected = [alone(model, *w)[0] for w in work]
     cache = PrefixCache(64 << 20)
-    texts, stats = _run(gen, work, cache, together=True, rows=4)
+    texts, stats = _run(batched, work, cache, together=True)
     assert texts == expected
     # one prompt is prefilled at a time, and each is stored once prefilled: all but the
     # first find the shared part

@@ -113,16 +113,16 @@ def test_one_reference_checks_both_forms_as_separate_checks_would(quantized, tin
 
 
 def test_quantized_export_serves_on_the_cpu_target(quantized, tmp_path):
-    from edgevlm.runtime.runners import load_generator
+    from edgevlm.runtime.runners import VisionEncoder, open_decoder
     from edgevlm.runtime.sampling import SamplingParams
+    from edgevlm.runtime.text_model import open_text_model
+    from tests.test_scheduler import alone
     _, out, _ = quantized
-    from edgevlm.runtime.runners import VisionEncoder
-    gen = load_generator(out)
-    assert gen.decoder.path.name == "decoder.static.cpu.onnx"  # the MatMulNBits twin, in-place KV
+    assert open_decoder(out).path.name == "decoder.static.cpu.onnx"  # the MatMulNBits twin, in-place KV
     assert VisionEncoder(out).run.path.name == "vision_encoder.cpu.onnx"
-    assert load_generator(out, kv_cache="concat").decoder.path.name == "decoder.cpu.onnx"
-    events = list(gen.generate(gen.tok.encode("Hello there"), None, SamplingParams(max_tokens=5)))
-    assert events[-1].stats.decode_tokens >= 1
+    assert open_decoder(out, kv_cache="concat").path.name == "decoder.cpu.onnx"
+    model = open_text_model(out)
+    assert alone(model, model.tok.encode("Hello there"), SamplingParams(max_tokens=5))[1].decode_tokens >= 1
 
 
 def unpack(b: np.ndarray, bits: int, k: int) -> np.ndarray:
@@ -294,34 +294,37 @@ def test_fp16_export_is_what_strongly_typed_builds_need(fp16, tiny_onnx):
     vis = onnx.load(str(art.path("vision_encoder")))
     assert _fp32_inputs(vis, "LayerNormalization")
     # the cpu runner opens it like any export, FP16 cache and all
-    from edgevlm.runtime.runners import load_generator
-    gen = load_generator(out, kv_cache="concat")
-    assert gen.decoder.kv_dtype == np.float16
-    events = list(gen.generate(gen.tok.encode("Hi"), None, SamplingParams(max_tokens=4)))
-    assert events[-1].stats.decode_tokens == 4
+    from edgevlm.runtime.runners import open_decoder
+    from edgevlm.runtime.text_model import open_text_model
+    from tests.test_scheduler import alone
+    assert open_decoder(out, kv_cache="concat").kv_dtype == np.float16
+    model = open_text_model(out, kv_cache="concat")
+    assert alone(model, model.tok.encode("Hi"), SamplingParams(max_tokens=4))[1].decode_tokens == 4
 
 
-@pytest.mark.integration
-def test_int4_answers_through_tritonserver_as_it_does_in_process(tiny_family, tmp_path):
+def test_int4_answers_through_tritonserver_as_it_does_in_process(tiny_family, start_server):
     """`make repo PRECISION=int4` on the cpu target: tritonserver runs the MatMulNBits decoder
     and the W8A8 vision encoder, and streams what the same export gives in process."""
     from edgevlm_client import Client
 
     from edgevlm.runtime.image import preprocess
     from edgevlm.runtime.prompt import build_prompt, tokenize_prompt
-    from edgevlm.runtime.runners import VisionEncoder, load_generator
+    from edgevlm.runtime.runners import VisionEncoder
+    from edgevlm.runtime.scheduler import Scheduler
+    from edgevlm.runtime.text_model import open_text_model
     from edgevlm.samples import sample_image
-    from edgevlm.serve.repository import render_repository
-    from edgevlm.serve.tritonserver import TritonServer
     out = tiny_family / "onnx-int4"
     image = sample_image("chelsea")
-    gen = load_generator(out)
+    model = open_text_model(out)
     vision = VisionEncoder(out)
     embeds, _ = vision(preprocess(image, vision.cfg.vision.image_size)[None])
-    ids = tokenize_prompt(gen.tok, build_prompt("What is in the image?", image=True))
-    local = [e for e in gen.generate(ids, embeds, SamplingParams(max_tokens=12))]
-    repo = render_repository(out, tmp_path / "repository", max_sequences=2)
-    with TritonServer(repo, log_path=tmp_path / "tritonserver.log") as srv:
+    ids = tokenize_prompt(model.tok, build_prompt("What is in the image?", image=True))
+    sched = Scheduler(model, max_queue=1)
+    try:
+        local = list(sched.generate(ids, embeds, SamplingParams(max_tokens=12)))
+    finally:
+        sched.close()
+    with start_server(out, max_sequences=2) as srv:
         r = Client(srv.grpc_url, timeout_s=120).generate("What is in the image?", image=image, max_tokens=12)
     assert r.text == "".join(e.text for e in local) and r.text
     assert r.stats["decode_tokens"] == local[-1].stats.decode_tokens

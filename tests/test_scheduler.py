@@ -1,5 +1,6 @@
-"""The scheduler and its KV pools, in process: batched text equals text alone, slots come
-back, a full queue refuses at once, a faulty step fails its rows and the next request works."""
+"""The scheduler and its KV pools, in process: batched text equals text alone, rows come
+back, a full queue refuses at once, a reservation comes back on every path, a faulty step
+fails its rows and the next request works."""
 
 from __future__ import annotations
 
@@ -8,11 +9,14 @@ import threading
 import numpy as np
 import pytest
 
+from edgevlm.runtime.concat_pool import ConcatPool
 from edgevlm.runtime.errors import BadRequest, Busy
-from edgevlm.runtime.runners import load_generator
+from edgevlm.runtime.kv_pool import KVPool
+from edgevlm.runtime.observer import Observer
+from edgevlm.runtime.ort_packed_pool import OrtPackedPool
 from edgevlm.runtime.sampling import SamplingParams
-from edgevlm.runtime.scheduler import Observer, Request, Scheduler
-from edgevlm.runtime.slots import PackedPool, SequencePool, open_pool
+from edgevlm.runtime.scheduler import Request, Scheduler
+from edgevlm.runtime.text_model import TextModel, open_text_model
 
 PATIENCE_S = 120.0  # hangs only
 
@@ -49,25 +53,49 @@ class Stream:
         self.error = exc
         self.done.set()
 
+    def cancelled(self):
+        return self.cancel
+
     def request(self, ids, params, embeds=None):
-        return Request(ids, embeds, params, self.emit, self.fail, lambda: self.cancel)
+        return Request(ids, embeds, params, self.emit, self.fail, self.cancelled)
 
     def wait(self):
         assert self.done.wait(PATIENCE_S), "the stream never ended"
         return self
 
 
+def with_pool(model: TextModel, pool: KVPool) -> TextModel:
+    """The model's tokenizer and table over another pool."""
+    return TextModel(model.tok, model.table, pool, model.max_context)
+
+
 @pytest.fixture(scope="module", params=["static", "concat"])
-def gen(request, tiny_onnx):
-    return load_generator(tiny_onnx, kv_cache=request.param)
+def kv(request):
+    return request.param
 
 
-def _workload(gen):
+@pytest.fixture(scope="module")
+def model(kv, tiny_onnx):
+    """A one-row pool: what a request alone runs on."""
+    return open_text_model(tiny_onnx, kv_cache=kv, max_rows=1)
+
+
+def alone(model: TextModel, ids, params, embeds=None):
+    """(text, final stats) of one request on a scheduler of its own, one row."""
+    sched = Scheduler(model, max_queue=1)
+    try:
+        events = list(sched.generate(ids, embeds, params))
+    finally:
+        sched.close()
+    return "".join(e.text for e in events), events[-1].stats
+
+
+def _workload(model):
     """Prompts of mixed lengths (one with an image) and parameters: greedy, seeded sampling,
     a repetition penalty, a stop string; different max_tokens so rows leave mid-batch."""
     rng = np.random.default_rng(0)
     cfg_tokens = 16  # tiny's image tokens
-    image = rng.standard_normal((1, cfg_tokens, gen.table.table.shape[1])).astype(np.float32)
+    image = rng.standard_normal((1, cfg_tokens, model.table.table.shape[1])).astype(np.float32)
     prompts = [list(map(int, rng.integers(3, 1000, size=n))) for n in (5, 40, 100, 7, 70, 3, 150, 20)]
     prompts[1][3] = -200  # the image placeholder
     params = [SamplingParams(max_tokens=30), SamplingParams(max_tokens=90),
@@ -81,19 +109,15 @@ def _workload(gen):
     return prompts, params, embeds
 
 
-def _alone(gen, ids, params, embeds):
-    events = list(gen.generate(ids, embeds, params))
-    return "".join(e.text for e in events), events[-1].stats
-
-
 @pytest.mark.parametrize("chunk", [16, 1000])
-def test_each_stream_under_batching_equals_its_text_alone(gen, chunk):
-    prompts, params, embeds = _workload(gen)
-    expected = [_alone(gen, *w) for w in zip(prompts, params, embeds)]
-    pool = open_pool(gen.decoder, 4, 0, gen.max_context)
-    assert isinstance(pool, PackedPool if gen.decoder.static else SequencePool)
+def test_each_stream_under_batching_equals_its_text_alone(model, tiny_onnx, kv, chunk):
+    prompts, params, embeds = _workload(model)
+    expected = [alone(model, *w) for w in zip(prompts, params, embeds)]
+    batched = open_text_model(tiny_onnx, kv_cache=kv, max_rows=4)
+    assert isinstance(batched.pool, KVPool) and isinstance(batched.pool, OrtPackedPool if kv == "static" else ConcatPool)
+    pool = batched.pool
     obs = Counting()
-    sched = Scheduler(gen, pool, max_queue=8, prefill_chunk=chunk, observer=obs)
+    sched = Scheduler(batched, max_queue=8, prefill_chunk=chunk, observer=obs)
     try:
         streams = [Stream() for _ in prompts]
         for s, w in zip(streams, zip(prompts, params, embeds)):
@@ -113,13 +137,13 @@ def test_each_stream_under_batching_equals_its_text_alone(gen, chunk):
 def test_packed_rows_stay_correct_when_the_width_grows_and_rows_move(tiny_onnx):
     """Long generations cross several width granules while shorter rows leave and the last
     row is moved into their place."""
-    gen = load_generator(tiny_onnx, kv_cache="static")
+    model = open_text_model(tiny_onnx, kv_cache="static", max_rows=1)
     rng = np.random.default_rng(1)
     prompts = [list(map(int, rng.integers(3, 1000, size=n))) for n in (3, 120, 9, 60)]
     params = [SamplingParams(max_tokens=m) for m in (5, 250, 40, 300)]
-    expected = [_alone(gen, p, sp, None)[0] for p, sp in zip(prompts, params)]
-    pool = PackedPool(gen.decoder, 4, 4 * 512 * pool_bytes_per_position(gen))
-    sched = Scheduler(gen, pool, max_queue=4, prefill_chunk=32)
+    expected = [alone(model, p, sp)[0] for p, sp in zip(prompts, params)]
+    pool = OrtPackedPool(model.pool.d, 4, 4 * 512 * model.pool.bytes_per_position)
+    sched = Scheduler(with_pool(model, pool), max_queue=4, prefill_chunk=32)
     try:
         streams = [Stream() for _ in prompts]
         for s, p, sp in zip(streams, prompts, params):
@@ -129,16 +153,11 @@ def test_packed_rows_stay_correct_when_the_width_grows_and_rows_move(tiny_onnx):
         sched.close()
 
 
-def pool_bytes_per_position(gen) -> int:
-    c = gen.decoder.cfg
-    return 2 * c.num_layers * c.num_kv_heads * c.head_dim * gen.decoder.kv_dtype.itemsize
-
-
 def test_a_full_queue_refuses_at_once_and_a_cancel_frees_the_slot(tiny_onnx):
-    gen = load_generator(tiny_onnx)
-    pool = open_pool(gen.decoder, 1, 0, gen.max_context)
+    model = open_text_model(tiny_onnx, max_rows=1)
+    pool = model.pool
     obs = Counting()
-    sched = Scheduler(gen, pool, max_queue=1, observer=obs)
+    sched = Scheduler(model, max_queue=1, observer=obs)
     try:
         long, queued = Stream(), Stream()
         sched.submit(long.request([5, 6, 7], SamplingParams(max_tokens=440)))
@@ -156,8 +175,7 @@ def test_a_full_queue_refuses_at_once_and_a_cancel_frees_the_slot(tiny_onnx):
 
 
 def test_bad_requests_are_refused_before_they_queue(tiny_onnx):
-    gen = load_generator(tiny_onnx)
-    sched = Scheduler(gen, open_pool(gen.decoder, 2, 0, gen.max_context), max_queue=2)
+    sched = Scheduler(open_text_model(tiny_onnx, max_rows=2), max_queue=2)
     try:
         with pytest.raises(BadRequest, match="context holds"):
             sched.submit(Stream().request(list(range(3, 600)), SamplingParams()))
@@ -165,6 +183,76 @@ def test_bad_requests_are_refused_before_they_queue(tiny_onnx):
             sched.submit(Stream().request([5], SamplingParams(temperature=-1.0)))
         assert sched.counts() == (0, 0)
     finally:
+        sched.close()
+
+
+@pytest.mark.parametrize("broken", ["pack", "cache put"])
+def test_a_queue_place_comes_back_when_a_step_after_the_encode_fails(tiny_onnx, monkeypatch, broken):
+    """An image request holds a queue place while it is encoded; whatever fails after the
+    encode (LLaVA-1.6's tile packing, the image cache), the place comes back: with no queue
+    beyond the one row, a lost place would refuse the next request."""
+    from edgevlm.runtime.image_cache import ImageCache
+    from edgevlm.runtime.intake import Intake
+    from edgevlm.runtime.observer import Quiet
+    from edgevlm.runtime.requests import Preprocessor
+    from edgevlm.runtime.runners import VisionEncoder
+    from edgevlm.samples import sample_image
+    model = open_text_model(tiny_onnx, max_rows=1)
+    sched = Scheduler(model, max_queue=0)
+    pre, cache = Preprocessor(tiny_onnx, tokenizer=model.tok), ImageCache(1 << 20)
+    intake = Intake(pre, sched, VisionEncoder(tiny_onnx), image_cache=cache, observer=Quiet(), max_batch=2,
+                    default_max_tokens=4)
+    inputs = {"prompt": np.array([b"What is in the image?"], object),
+              "image": np.array([sample_image("chelsea")], object)}
+
+    def fault(*args):
+        raise RuntimeError(f"injected {broken} fault")
+    try:
+        with monkeypatch.context() as m:
+            m.setattr(*((pre, "pack") if broken == "pack" else (cache, "put")), fault)
+            failed = Stream()
+            intake.accept(inputs, failed)
+            assert "injected" in str(failed.wait().error)
+        assert sched.reserved == 0
+        ok = Stream()
+        intake.accept(inputs, ok)
+        assert ok.wait().error is None and ok.stats.finish_reason == "length"
+    finally:
+        intake.close()
+        sched.close()
+
+
+def test_a_cancel_message_stops_the_generation_it_names(tiny_onnx):
+    """In-band cancellation, in process: a cancel message naming a running generation's
+    request id ends it at its next step with its final event (finish_reason cancelled); an id
+    in use is refused; once ended, the id is forgotten."""
+    from edgevlm.runtime.errors import BadRequest as Refused
+    from edgevlm.runtime.image_cache import ImageCache
+    from edgevlm.runtime.intake import Intake
+    from edgevlm.runtime.observer import Quiet
+    from edgevlm.runtime.requests import Preprocessor
+    model = open_text_model(tiny_onnx, max_rows=1)
+    sched = Scheduler(model, max_queue=2)
+    intake = Intake(Preprocessor(tiny_onnx, tokenizer=model.tok), sched, lambda px: (px, 0.0),
+                    image_cache=ImageCache(0), observer=Quiet(), max_batch=1, default_max_tokens=440)
+    story = {"prompt": np.array([b"Tell me a long story."], object)}
+    cancel = {"cancel": np.array([b"story-1"], object)}
+    try:
+        for _ in range(3):  # a generation may end before its cancel lands; one in three must not
+            running = Stream()
+            intake.accept(story, running, "story-1")
+            assert running.first.wait(PATIENCE_S)
+            with pytest.raises(Refused, match="already in use"):
+                intake.accept(story, Stream(), "story-1")
+            found = intake.cancel(cancel)
+            if running.wait().stats.finish_reason == "cancelled":
+                assert found and running.stats.decode_tokens < 440
+                break
+        else:
+            raise AssertionError("no generation was stopped by its cancel message")
+        assert not intake.cancel(cancel)  # forgotten at its final event
+    finally:
+        intake.close()
         sched.close()
 
 
@@ -185,11 +273,10 @@ class FaultyOnce:
 
 
 def test_a_faulty_step_fails_its_rows_and_the_next_request_succeeds(tiny_onnx):
-    gen = load_generator(tiny_onnx)
-    pool = open_pool(gen.decoder, 2, 0, gen.max_context)
-    faulty = FaultyOnce(pool)
+    model = open_text_model(tiny_onnx, max_rows=2)
+    pool = model.pool
     obs = Counting()
-    sched = Scheduler(gen, faulty, max_queue=2, observer=obs)
+    sched = Scheduler(with_pool(model, FaultyOnce(pool)), max_queue=2, observer=obs)
     try:
         hit = Stream()
         sched.submit(hit.request([5, 6], SamplingParams(max_tokens=8)))
@@ -203,10 +290,10 @@ def test_a_faulty_step_fails_its_rows_and_the_next_request_succeeds(tiny_onnx):
 
 
 def test_a_stream_that_cannot_be_sent_to_leaves_the_batch(tiny_onnx):
-    gen = load_generator(tiny_onnx)
-    pool = open_pool(gen.decoder, 2, 0, gen.max_context)
+    model = open_text_model(tiny_onnx, max_rows=2)
+    pool = model.pool
     obs = Counting()
-    sched = Scheduler(gen, pool, max_queue=2, observer=obs)
+    sched = Scheduler(model, max_queue=2, observer=obs)
     gone = threading.Event()
 
     def broken(event):

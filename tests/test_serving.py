@@ -16,7 +16,6 @@ from edgevlm.model.mobilevlm import MobileVLM
 from edgevlm.serve.repository import render_repository
 from edgevlm.samples import sample_image
 from edgevlm.runtime.tokenizer import Tokenizer
-from edgevlm.serve.tritonserver import TritonServer
 from edgevlm_client import Client, InvalidRequest, ServerError
 from edgevlm_client.client import Stream
 
@@ -129,14 +128,46 @@ def test_malformed_tensors_are_refused(server, client, case):
 
 
 def test_cancelled_stream_stops_generating(server, client):
+    """Leaving the loop stops the generation with a cancel message on the same stream: its
+    final response still arrives (stats, finish_reason cancelled), no gRPC-level cancel."""
+    endings = []
+
     def abandon(max_tokens):
         stream = client.stream("Tell me a long story.", max_tokens=max_tokens)
         for n, _ in enumerate(stream, 1):
             if n == 3:
                 break  # leaving the loop closes the stream, cancelling the request
+        endings.append(stream.stats.get("finish_reason"))
 
     delta = abandoned_until_cancelled(server, abandon, LONG)
     assert 3 <= delta["tokens"] < LONG
+    assert endings[-1] == "cancelled" and delta["cancel_messages"] == 1
+    _good_request_still_works(client)
+
+
+def test_a_raw_grpc_cancel_still_stops_generating(server, client):
+    """A client that cancels at the gRPC level (raw tritonclient), or goes away, is still
+    stopped by Triton's own cancellation; no cancel message is involved."""
+    import queue
+
+    import tritonclient.grpc as grpcclient
+    from edgevlm_client.contract import MODEL
+    from edgevlm_client.request import build_inputs
+
+    def abandon(max_tokens):
+        got = queue.Queue()
+        raw = grpcclient.InferenceServerClient(server.grpc_url)
+        raw.start_stream(callback=lambda result, error: got.put((result, error)))
+        try:
+            raw.async_stream_infer(MODEL, build_inputs("Tell me a long story.", max_tokens=max_tokens))
+            for _ in range(3):
+                assert got.get(timeout=60)[1] is None
+        finally:
+            raw.stop_stream(cancel_requests=True)
+            raw.close()
+
+    delta = abandoned_until_cancelled(server, abandon, LONG)
+    assert delta["tokens"] < LONG and delta["cancel_messages"] == 0
     _good_request_still_works(client)
 
 
@@ -209,7 +240,7 @@ def test_jetson_target_selects_this_devices_engines_by_manifest(tiny_onnx, tmp_p
         check_engines(art_root / "engines" / "10.3.0-sm87", OnnxArtifacts.open(onnx_dir), "8.5.2-sm87")
 
 
-def test_both_kv_cache_layouts_serve_the_same_text(server, tiny_onnx, tmp_path, client):
+def test_both_kv_cache_layouts_serve_the_same_text(server, start_server, tiny_onnx, tmp_path, client):
     """The default repository serves the in-place static cache; `make repo KV=concat` serves
     decoder.onnx behind the same tritonserver path, with the same answers."""
     assert 'string_value: "static"' in (server.repository / "mobilevlm" / "config.pbtxt").read_text()
@@ -217,7 +248,7 @@ def test_both_kv_cache_layouts_serve_the_same_text(server, tiny_onnx, tmp_path, 
     assert 'string_value: "concat"' in (repo / "mobilevlm" / "config.pbtxt").read_text()
     with pytest.raises(ValueError, match="unknown kv_cache 'paged'"):
         render_repository(tiny_onnx, tmp_path / "bad", kv_cache="paged")
-    with TritonServer(repo, log_path=tmp_path / "tritonserver.log") as srv:
+    with start_server(tiny_onnx, kv_cache="concat", default_max_tokens=32) as srv:
         concat = Client(srv.grpc_url, timeout_s=60)
         for photo, question in (("coffee", "What is on the table?"), (None, "Name three colours.")):
             image = sample_image(photo) if photo else None

@@ -1,5 +1,6 @@
-"""The README's walkthrough, read the way a new Orin owner pastes it: every command in its
-code blocks must exist on a stock JetPack (Ubuntu 22.04 / 24.04) and do what it says."""
+"""The Orin walkthrough (docs/ORIN.md, and the README's short version), read the way a new
+Orin owner pastes it: every command in their code blocks must exist on a stock JetPack
+(Ubuntu 22.04 / 24.04) and do what it says."""
 
 from __future__ import annotations
 
@@ -10,9 +11,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def commands() -> list[str]:
-    """Each command line of the README's shell code blocks (```bash / ```sh)."""
+    """Each command of the shell code blocks (```bash / ```sh), continuation lines joined."""
     out, lang = [], None
-    for line in (ROOT / "README.md").read_text().splitlines():
+    text = "\n".join((ROOT / name).read_text() for name in ("docs/ORIN.md", "README.md"))
+    for line in text.replace("\\\n", " ").splitlines():
         if line.startswith("```"):
             lang = None if lang is not None else (line[3:].strip() or "text")
             continue

@@ -93,3 +93,27 @@ def test_a_source_that_cannot_be_opened_is_one_line(server, tmp_path):
     lines, err, code = watch(server, str(tmp_path / "missing.mp4"), "Hi?")
     assert (lines, code) == ([], 2)
     assert err.strip().count("\n") == 0 and "cannot open video source" in err
+
+
+def test_interrupting_watch_stops_its_generation_with_a_cancel_message(server, tmp_path):
+    """Ctrl-C while an answer streams: the generation on the server is stopped by a cancel
+    message on its stream (not a gRPC-level cancel), and counted cancelled."""
+    import signal
+
+    from support import LONG, active, abandoned_until_cancelled, wait_until
+    video = write_video(tmp_path / "one.mp4", fps=5, frames=1)
+
+    def abandon(max_tokens):
+        proc = subprocess.Popen([sys.executable, "-m", "edgevlm_client.cli", "--url", server.grpc_url, "watch",
+                                 video, "Tell me a long story.", "--max-frames", "1", "--max-tokens", str(max_tokens)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            wait_until(lambda: active(server) == 1 or proc.poll() is not None, "the answer to start")
+            proc.send_signal(signal.SIGINT)
+            assert proc.wait(timeout=120) in (0, 130, -signal.SIGINT)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+
+    delta = abandoned_until_cancelled(server, abandon, LONG)
+    assert delta["cancel_messages"] == 1

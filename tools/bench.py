@@ -11,7 +11,7 @@ Per model, medians of repeated runs:
   ttft        time to first token with an image: image encode, prefill, first decode, and
               the client-seen TTFT; peak resident memory of the server (stubs included)
   hf          our ONNX Runtime path vs transformers' generate on the same checkpoint weights
-  batching    per-request decode loops vs continuous batching at concurrency 1, 2, 4, 8,
+  batching    one sequence at a time vs continuous batching at concurrency 1, 2, 4, 8,
               FP32 and INT4, served (tools/bench_batching.py)
   caches      time to first text of a cold turn, a chat follow-up and a repeated question
               about one camera frame, prefix and image caches on vs off (tools/bench_caches.py)
@@ -41,7 +41,10 @@ from edgevlm.manifest import OnnxArtifacts
 from edgevlm.runtime.prompt import build_prompt, tokenize_prompt
 from edgevlm.serve.repository import render_repository
 from edgevlm.samples import sample_image
-from edgevlm.runtime.runners import load_generator
+from edgevlm.runtime.embedding import EmbeddingTable
+from edgevlm.runtime.runners import open_decoder
+from edgevlm.runtime.scheduler import Scheduler
+from edgevlm.runtime.text_model import open_text_model
 from edgevlm.serve.tritonserver import TritonServer
 from edgevlm_client import Client
 
@@ -85,44 +88,55 @@ def random_ids(vocab: int, n: int, seed: int = 0) -> list[int]:
     return [1] + np.random.default_rng(seed).integers(3, vocab, n - 1).tolist()
 
 
-def kv_bytes(seq) -> int:
-    """KV cache bytes a sequence allocated: two buffers per tensor (concat) or one (static)."""
-    return sum(b.nbytes for b in getattr(seq, "buffers", None) or seq.cache)
+def one_row(decoder, capacity: int):
+    """(a one-row KV pool of the decoder, its row of `capacity` positions)."""
+    pool = decoder.open_pool(1, max_context=capacity)
+    return pool, pool.acquire(capacity)
 
 
 def decode_scaling(onnx_dir: Path, contexts, steps: int, runs: int, kv_cache: str = "concat") -> dict:
-    """ms per decode step with `ctx` positions already in the KV cache."""
-    gen = load_generator(onnx_dir, kv_cache=kv_cache)
+    """ms per decode step (the pool's, as the scheduler calls it) with `ctx` positions already in the KV cache."""
+    art = OnnxArtifacts.open(onnx_dir)
+    decoder = open_decoder(onnx_dir, kv_cache=kv_cache)
+    table = EmbeddingTable(art.path("embed_tokens"))
+    max_context = decoder.max_context
     out = {}
-    fits = [c for c in contexts if c + steps + 1 < gen.max_context]
+    fits = [c for c in contexts if c + steps + 1 < max_context]
     if len(fits) < len(contexts):  # a short-context model: its longest context stands in
-        log(f"  contexts over this model's {gen.max_context} skipped; measuring {gen.max_context - steps - 2}")
-        fits.append(gen.max_context - steps - 2)
+        log(f"  contexts over this model's {max_context} skipped; measuring {max_context - steps - 2}")
+        fits.append(max_context - steps - 2)
     for ctx in fits:
         per_run = []
         for r in range(runs):
-            seq = gen.decoder.new_sequence(ctx + steps + 1)
-            logits = seq.forward(gen.table.embed(random_ids(gen.tok.vocab_size, ctx, r)))
+            pool, row = one_row(decoder, ctx + steps + 1)
+            logits = pool.prefill(row, table.embed(random_ids(art.config.text.vocab_size, ctx, r)))
             times = []
             for _ in range(steps):
                 t0 = time.perf_counter()
-                logits = seq.forward(gen.table.embed([int(np.argmax(logits))]))
+                logits = pool.decode([row], table.embed([int(np.argmax(logits))]))[0]
                 times.append((time.perf_counter() - t0) * 1e3)
             per_run.append(statistics.median(times))
+            pool.close()
         out[str(ctx)] = med(per_run)
         log(f"  decode at context {ctx}: {out[str(ctx)]} ms/token")
     return out
 
 
 def in_process_gaps(onnx_dir: Path, tokens: int, runs: int) -> list[float]:
+    """Gaps between streamed texts of one request on the scheduler, in process (no Triton)."""
     from edgevlm.runtime.sampling import SamplingParams
-    gen = load_generator(onnx_dir)
-    ids = tokenize_prompt(gen.tok, build_prompt(QUESTION, image=False))
-    list(gen.generate(ids, None, SamplingParams(max_tokens=4)))
-    gaps = []
-    for _ in range(runs):
-        times = [time.perf_counter() for e in gen.generate(ids, None, SamplingParams(max_tokens=tokens)) if e.text]
-        gaps += [(b - a) * 1e3 for a, b in zip(times, times[1:])]
+    model = open_text_model(onnx_dir)
+    sched = Scheduler(model, max_queue=1)
+    try:
+        ids = tokenize_prompt(model.tok, build_prompt(QUESTION, image=False))
+        list(sched.generate(ids, None, SamplingParams(max_tokens=4)))
+        gaps = []
+        for _ in range(runs):
+            times = [time.perf_counter() for e in sched.generate(ids, None, SamplingParams(max_tokens=tokens))
+                     if e.text]
+            gaps += [(b - a) * 1e3 for a, b in zip(times, times[1:])]
+    finally:
+        sched.close()
     return gaps
 
 
@@ -211,17 +225,18 @@ def transformers_vs_ours(checkpoint: Path, onnx_dir: Path, prompt_len: int, toke
     hf_tok_s = (tokens - 1) / ((med([ms for ms, _ in hf_total]) - hf_ttft) / 1e3)
     del hf
 
-    gen = load_generator(onnx_dir)
+    decoder, table = open_decoder(onnx_dir), EmbeddingTable(OnnxArtifacts.open(onnx_dir).path("embed_tokens"))
 
-    def ours_run(n):
+    def ours_run(n):  # greedy through the pool, never stopping at EOS (as min_new_tokens does there)
         t0 = time.perf_counter()
-        seq = gen.decoder.new_sequence(prompt_len + n + 1)
-        logits = seq.forward(gen.table.embed(ids))
+        pool, row = one_row(decoder, prompt_len + n + 1)
+        logits = pool.prefill(row, table.embed(ids))
         got = [int(np.argmax(logits))]
         ttft = (time.perf_counter() - t0) * 1e3
         for _ in range(n - 1):
-            logits = seq.forward(gen.table.embed([got[-1]]))
+            logits = pool.decode([row], table.embed([got[-1]]))[0]
             got.append(int(np.argmax(logits)))
+        pool.close()
         return ttft, (time.perf_counter() - t0) * 1e3, got
 
     ours_run(2)
@@ -277,7 +292,7 @@ def _decode(report, name, onnx_dir, art, steps, runs):
         report["decode_static_ms_per_token"] = decode_scaling(onnx_dir, CONTEXTS, steps, runs, "static")
         capacity = int(longest) + steps + 1
         report["kv_mb_per_sequence"] = {"capacity": capacity, **{
-            kv: round(kv_bytes(load_generator(onnx_dir, kv_cache=kv).decoder.new_sequence(capacity)) / 2**20, 1)
+            kv: round(one_row(open_decoder(onnx_dir, kv_cache=kv), capacity)[0].budget_bytes / 2**20, 1)
             for kv in ("concat", "static")}}
     else:
         log(f"{name}: no decoder.static.onnx in this export (older `make onnx`); static KV skipped")
@@ -323,7 +338,7 @@ def bench_model(name: str, onnx_dir: Path, checkpoint: Path | None, quick: bool,
     if wanted("triton"):
         run("triton", lambda: _triton(report, name, onnx_dir, art, runs, quick))
     if wanted("batching") and (_big(art) or quick):  # the tiny model is all per-call overhead
-        log(f"{name}: per-request loops vs continuous batching, served")
+        log(f"{name}: one at a time vs continuous batching, served")
         run("batching", lambda: report.update(batching=batching(onnx_dir, quick)))
     if wanted("caches"):
         log(f"{name}: prefix and image caches, served")
@@ -345,7 +360,26 @@ def bench_model(name: str, onnx_dir: Path, checkpoint: Path | None, quick: bool,
     return report
 
 
-def markdown(reports: list[dict]) -> str:
+def soak_markdown(soak: dict) -> list[str]:
+    """`make soak` (tools/soak.py --report): tritonserver 2.51's crashes by how clients cancel."""
+    out = ["", "## Cancellation and tritonserver 2.51's crash (`make soak`)", "",
+           "The tiny model under `make soak`: requests at concurrency 8 with random prompts, images and "
+           "sampling, about 10 % of them cancelled after two responses, with dropped connections and killed "
+           "client processes throughout; tritonserver 2.51 (the nvidia-pytriton wheel) under the supervisor. "
+           "`inband`: our clients' cancel message on the stream (`make soak`); `grpc`: a gRPC-level cancel as "
+           "raw tritonclient sends it (`make soak CANCELS=grpc`). A crash is the server dying (SIGSEGV in its "
+           "gRPC frontend) and being restarted.", "",
+           "| cancels | runs x requests | streams cancelled | crashes | crashes per 10k cancels | measured |",
+           "|---|---|---|---|---|---|"]
+    for mode in ("inband", "grpc"):
+        if mode in soak:
+            s = soak[mode]
+            out.append(f"| {mode} | {s['runs']} x {s['requests_per_run']} | {s['cancels']} | {s['crashes']} | "
+                       f"{s['crashes_per_10k_cancels']:.1f} | {s['date']} |")
+    return out
+
+
+def markdown(reports: list[dict], soak: dict | None = None) -> str:
     m = reports[0]["machine"]
     out = ["# Benchmarks", "",
            f"Measured by `make bench` on {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, no GPU; "
@@ -380,8 +414,8 @@ def markdown(reports: list[dict]) -> str:
         if "decode_static_ms_per_token" not in r:
             continue
         d, st, kv = r["decode_ms_per_token"], r["decode_static_ms_per_token"], r["kv_mb_per_sequence"]
-        out.append(f"| {r['model']} | " + ", ".join(f"{c}: {v:.2f}" for c, v in d.items()) + " | "
-                   + ", ".join(f"{c}: {v:.2f}" for c, v in st.items())
+        out.append(f"| {r['model']} | " + ", ".join(f"{c}: {_ms(v)}" for c, v in d.items()) + " | "
+                   + ", ".join(f"{c}: {_ms(v)}" for c, v in st.items())
                    + f" | {kv['concat']} / {kv['static']} ({kv['capacity']}) |")
     out += ["",
             "## Triton + gRPC streaming vs the in-process decode loop", "",
@@ -394,8 +428,8 @@ def markdown(reports: list[dict]) -> str:
             "The first token comes from the prefill's logits; the client's wait is image encode + prefill + "
             "the rest (image decode and resize, the BLS call to the vision encoder, gRPC). The first decode step is the "
             "cost of each token after it.", "",
-            "| model | prompt tokens | image encode ms | prefill ms | preprocess + transport ms | client TTFT ms | "
-            "first decode step ms | server RSS idle / peak MiB |", "|---|---|---|---|---|---|---|---|"]
+            "| model | prompt tokens | encode ms | prefill ms | the rest ms | client TTFT ms | "
+            "first step ms | RSS MiB idle / peak |", "|---|---|---|---|---|---|---|---|"]
     for r in reports:
         t = r["ttft_with_image"]
         out.append(f"| {r['model']} | {t['prompt_tokens']} | {t['image_encode_ms']:.1f} | {t['prefill_ms']:.1f} | "
@@ -403,8 +437,8 @@ def markdown(reports: list[dict]) -> str:
                    f"{r['server_rss_mb']['idle']} / {r['server_rss_mb']['peak']} |")
     # the served sections: a heading, what is compared, then each model's own tables
     for key, heading, intro, render in (
-            ("batching", "Many streams: per-request loops vs continuous batching (served)",
-             "The same tritonserver setup, `BATCHING=off` (a batch-1 decode loop per request, on threads) "
+            ("batching", "Many streams: one at a time vs continuous batching (served)",
+             "The same tritonserver setup, `BATCHING=off` (one sequence at a time: a one-row KV pool) "
              "against `BATCHING=continuous` (one decoder call per step for every stream), measured in the "
              "same run through the real gRPC client.", batching_markdown),
             ("caches", "Conversations about a frame: prefix and image caches (served)",
@@ -424,12 +458,13 @@ def markdown(reports: list[dict]) -> str:
     hf = [r for r in reports if "vs_transformers" in r]
     if hf:
         out += ["", "## Our ONNX Runtime path vs transformers `generate` (same weights, FP32, greedy)", "",
-                "| model | prompt | tokens | transformers TTFT ms | ours TTFT ms | transformers tok/s | ours tok/s "
-                "| TTFT speed-up | decode speed-up | same greedy tokens |", "|---|---|---|---|---|---|---|---|---|---|"]
+                "Each cell is transformers / ours.", "",
+                "| model | prompt | tokens | TTFT ms | decode tok/s | TTFT speed-up | decode speed-up | same greedy tokens |",
+                "|---|---|---|---|---|---|---|---|"]
         for r in hf:
             v = r["vs_transformers"]
-            out.append(f"| {r['model']} | {v['prompt_tokens']} | {v['tokens']} | {v['transformers']['ttft_ms']:.1f} | "
-                       f"{v['ours']['ttft_ms']:.1f} | {v['transformers']['decode_tok_s']:.1f} | "
+            out.append(f"| {r['model']} | {v['prompt_tokens']} | {v['tokens']} | {v['transformers']['ttft_ms']:.1f} / "
+                       f"{v['ours']['ttft_ms']:.1f} | {v['transformers']['decode_tok_s']:.1f} / "
                        f"{v['ours']['decode_tok_s']:.1f} | {v['ttft_speedup']:.2f}× | {v['decode_speedup']:.2f}× | "
                        f"{v['greedy_tokens_identical']} |")
     q = [r for r in reports if len(r.get("quantized", {})) > 1]
@@ -443,8 +478,27 @@ def markdown(reports: list[dict]) -> str:
             for precision, v in r["quantized"].items():
                 out.append(f"| {r['model']} | {precision} | {v['decode_ms_per_token_ctx200']:.2f} | "
                            f"{v['decode_tok_s']:.1f} | {v['decoder_mb']:.0f} |")
+    if soak:
+        out += soak_markdown(soak)
     out.append("")
-    return "\n".join(out)
+    return "\n".join(fit(out))
+
+
+def _ms(v: float) -> str:
+    return f"{v:.1f}" if v >= 10 else f"{v:.2f}"
+
+
+def fit(lines: list[str], width: int = 100) -> list[str]:
+    """Prose wrapped to `width` (the docs keep every line under 120 characters); tables,
+    headings, images and list items as they are."""
+    import textwrap
+    out = []
+    for line in lines:
+        if len(line) <= width or line.startswith(("|", "#", "!", "-", "*")):
+            out.append(line)
+        else:
+            out += textwrap.wrap(line, width, break_on_hyphens=False, break_long_words=False)
+    return out
 
 
 def plot(reports: list[dict], path: Path) -> None:
@@ -514,10 +568,12 @@ def main(argv=None) -> int:
         reports.append(report)
     doc = Path(args.doc)
     doc.parent.mkdir(parents=True, exist_ok=True)
-    doc.write_text(markdown(reports))
+    soak_path = out / "soak.json"
+    soak = json.loads(soak_path.read_text()) if soak_path.is_file() else None
+    doc.write_text(markdown(reports, soak))
     plot(reports, doc.parent / "bench_decode_vs_context.png")
     log(f"wrote {doc} and {doc.parent / 'bench_decode_vs_context.png'}")
-    print(markdown(reports))
+    print(markdown(reports, soak))
     return 0
 
 

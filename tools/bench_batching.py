@@ -1,4 +1,4 @@
-"""`make bench`, batching: the per-request decode loop vs continuous batching, served.
+"""`make bench`, batching: one sequence at a time vs continuous batching, served.
 
 For each precision the cpu target serves and each mode (`batching: off` | `continuous`), one
 tritonserver, then text-only greedy requests at concurrency 1, 2, 4, 8 through the real
@@ -144,8 +144,10 @@ def markdown(name: str, b: dict) -> list[str]:
            "flight. Aggregate = all tokens / wall time (prefills included); aggregate decode = tokens after each "
            "stream's first / the time from the earliest first text to the last end (later prefills interleave); "
            "decode steps = rows per second of the scheduler's decode steps alone (its metrics).", "",
-           "| precision | mode | c | aggregate tok/s | aggregate decode tok/s | decode steps rows/s | "
-           "p50 inter-token ms | p50 time to first text ms |", "|---|---|---|---|---|---|---|---|"]
+           "Columns: aggregate tok/s, aggregate decode tok/s, decode steps rows/s, p50 inter-token (ITL) ms, "
+           "p50 time to first text (TTFT) ms.", "",
+           "| precision | mode | c | aggregate | aggregate decode | decode steps | p50 ITL ms | p50 TTFT ms |",
+           "|---|---|---|---|---|---|---|---|"]
     for precision, modes in b["precisions"].items():
         for mode in MODES:
             for c, v in modes[mode]["levels"].items():

@@ -84,7 +84,7 @@ def markdown(name: str, c: dict) -> list[str]:
            f"\"{c['questions'][0]}\" about a new frame. Follow-up: \"{c['questions'][1]}\" with the first turn "
            "as history (what `Chat.ask` sends). Repeated: the first question again. Time to first text as the "
            "gRPC client sees it.", "",
-           "| caches | turn | time to first text ms | image encode ms | prefill ms | prompt tokens | from the prefix cache |",
+           "| caches | turn | TTFT ms | image encode ms | prefill ms | prompt tokens | from the prefix cache |",
            "|---|---|---|---|---|---|---|"]
     for mode in ("on", "off"):
         for kind in KINDS:

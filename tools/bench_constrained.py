@@ -115,7 +115,7 @@ def markdown(name: str, r: dict) -> list[str]:
            f"string field (`{json.dumps(r['schema'])}`). Per-stream decode tok/s is the server's (tokens after the "
            f"first / decode time); aggregate = all tokens / wall time of a round. {r['runs']} rounds each, "
            "free and constrained interleaved, medians.", "",
-           "| streams | per-stream decode tok/s free | constrained | mask overhead | aggregate tok/s free / constrained |",
+           "| streams | per-stream decode tok/s: free | constrained | mask overhead | aggregate tok/s: free / constrained |",
            "|---|---|---|---|---|"]
     for c, v in r["served"].items():
         out.append(f"| {c} | {v['free_stream_decode_tok_s']:.2f} | {v['constrained_stream_decode_tok_s']:.2f} | "

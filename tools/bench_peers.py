@@ -60,13 +60,18 @@ def copy_bandwidth_gb_s(mib: int = 1024, runs: int = 5) -> float:
 ISA_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_bf16")
 
 
-def cpu_isa() -> list[str]:
-    """The vector extensions CPU kernels (MLAS, ggml) choose between that this CPU reports."""
+def cpu_flags() -> set[str]:
+    """Every flag /proc/cpuinfo reports for this CPU."""
     try:
         line = next(x for x in Path("/proc/cpuinfo").read_text().splitlines() if x.startswith("flags"))
     except (OSError, StopIteration):
-        return []
-    flags = set(line.split(":", 1)[1].split())
+        return set()
+    return set(line.split(":", 1)[1].split())
+
+
+def cpu_isa() -> list[str]:
+    """The vector extensions CPU kernels (MLAS, ggml) choose between that this CPU reports."""
+    flags = cpu_flags()
     return [f for f in ISA_FLAGS if f in flags]
 
 
@@ -171,20 +176,60 @@ def ours(root: Path, image: bytes, runs: int, tokens: int) -> dict:
             "peak_rss_mb": round(peak), "decode_weight_mb": round(decoder_weight_bytes(root) / 2**20)}
 
 
+def tier(bins: Path, files: dict, q: str, photo: Path, runs: int, tokens: int, threads: int) -> dict:
+    """One tier's medians on one build, or {"failed": ...} with the crash's exit status and
+    last lines: a crash or a timeout fails that tier, never the others."""
+    log(f"  llama.cpp {q} ({bins.parent.name}): {runs} run(s), {tokens} tokens, {threads} threads")
+    try:
+        rs = [llamacpp.run(bins, files[q], files["mmproj"], photo, QUESTION, threads, tokens) for _ in range(runs)]
+    except llamacpp.RunFailed as e:
+        log(f"  llama.cpp {q}: failed: {e}")
+        return {"failed": {"exit": e.exit_code, "why": str(e), "tail": e.tail}}
+    out = {k: statistics.median(getattr(r, k) for r in rs) for k in
+           ("image_encode_ms", "prefill_tok_s", "decode_tok_s", "peak_rss_mb")}
+    out.update(prompt_tokens=rs[0].prompt_tokens, decode_tokens=rs[0].decode_tokens)
+    return out
+
+
+def tiers(builds, files: dict, photo: Path, runs: int, tokens: int, threads: int) -> dict:
+    """Every tier on the native build; if one fails there, every tier again on the portable
+    build (`builds(flavour)` makes it on first use), so a row may carry both. Per tier: the
+    run of each build, and the faster successful one as the tier's figures (its `build`)."""
+    runs_by = {q: {} for q in llamacpp.QUANTS}
+    for flavour in llamacpp.FLAVOURS:
+        if flavour != "native" and not any("failed" in r.get("native", {}) for r in runs_by.values()):
+            break
+        try:
+            bins, flags = builds(flavour)
+        except llamacpp.PeerUnavailable as e:
+            log(f"  llama.cpp {flavour} build: {e}")
+            for q in runs_by:
+                runs_by[q][flavour] = {"failed": {"exit": None, "why": f"build: {e}", "tail": []}}
+            continue
+        for q in llamacpp.QUANTS:
+            runs_by[q][flavour] = {**tier(bins, files, q, photo, runs, tokens, threads), "flags": flags}
+    out = {}
+    for q, by in runs_by.items():
+        ok = {f: r for f, r in by.items() if "failed" not in r}
+        best = max(ok, key=lambda f: ok[f]["decode_tok_s"]) if ok else None
+        out[q] = {**(ok[best] if best else {"failed": by["native"]["failed"]}), "build": best, "builds": by}
+    return out
+
+
 def theirs(checkpoint: Path, image: bytes, runs: int, tokens: int, threads: int) -> dict:
     cache = ROOT / "artifacts" / "llama.cpp"
-    bins, tree = llamacpp.build(cache, log)
+    flags = cpu_flags()
+
+    def builds(flavour):
+        bins, _ = llamacpp.build(cache, log, flavour, flags)
+        return bins, " ".join(llamacpp.build_options(flavour, flags))
+    bins, tree = llamacpp.build(cache, log, "native", flags)
     files = llamacpp.convert(checkpoint, checkpoint.parent / "gguf", bins, tree, log)
     photo = checkpoint.parent / "gguf" / f"{PHOTO}.png"
     photo.write_bytes(image)
-    out = {}
+    out = tiers(builds, files, photo, runs, tokens, threads)
     for q in llamacpp.QUANTS:
-        log(f"  llama.cpp {q}: {runs} run(s), {tokens} tokens, {threads} threads")
-        rs = [llamacpp.run(bins, files[q], files["mmproj"], photo, QUESTION, threads, tokens) for _ in range(runs)]
-        out[q] = {k: statistics.median(getattr(r, k) for r in rs) for k in
-                  ("image_encode_ms", "prefill_tok_s", "decode_tok_s", "peak_rss_mb")}
-        out[q].update(prompt_tokens=rs[0].prompt_tokens, decode_tokens=rs[0].decode_tokens,
-                      decode_weight_mb=round(llamacpp.decode_weight_bytes(files[q], tree) / 2**20),
+        out[q].update(decode_weight_mb=round(llamacpp.decode_weight_bytes(files[q], tree) / 2**20),
                       file_mb=round(files[q].stat().st_size / 2**20))
     out["mmproj_mb"] = round(files["mmproj"].stat().st_size / 2**20)
     out["sdist"] = llamacpp.SDIST
@@ -230,13 +275,14 @@ def ratios(r: dict) -> dict:
     """> 1: ours is faster. Image encode: ours FP32 and W8A8 against the f16 mmproj."""
     o, t = r["ours"], r["llamacpp"]
     out = {}
-    if "fp32" in o:
+    f16 = "failed" not in t["f16"]
+    if "fp32" in o and f16:
         out["image_encode_fp32"] = round(t["f16"]["image_encode_ms"] / o["fp32"]["image_encode_ms"], 2)
     int8_vision = [o[p]["image_encode_ms"] for p in ("int8", "int4") if p in o]  # one graph, both exports
-    if int8_vision:
+    if int8_vision and f16:
         out["image_encode_int8"] = round(t["f16"]["image_encode_ms"] / statistics.median(int8_vision), 2)
     for row, mine, peer in TIERS:
-        if mine in o:
+        if mine in o and "failed" not in t[peer]:
             out[f"prefill_{row}"] = round(o[mine]["prefill_tok_s"] / t[peer]["prefill_tok_s"], 2)
             out[f"decode_{row}"] = round(o[mine]["decode_tok_s"] / t[peer]["decode_tok_s"], 2)
     return out
@@ -254,7 +300,7 @@ def _machine(r: dict) -> str:
 def _encode_ceiling(r: dict) -> list[str]:
     """Why FP32 image encode cannot be much faster here: its matmul rate against the GEMM rate."""
     o, t = r["ours"], r["llamacpp"]
-    if "fp32" not in o or not r.get("gemm_gflops") or not r.get("tower_gflop"):
+    if "fp32" not in o or "failed" in t["f16"] or not r.get("gemm_gflops") or not r.get("tower_gflop"):
         return []
     rate = r["tower_gflop"] / (o["fp32"]["image_encode_ms"] / 1e3)
     need = r["tower_gflop"] / (t["f16"]["image_encode_ms"] / 1.5 / 1e3)
@@ -274,7 +320,7 @@ def _decode_ceiling(r: dict) -> list[str]:
     top = bw[max(bw, key=int)]
     o, t = r["ours"], r["llamacpp"]
     parts = [f"{row} {_gb_s(t[peer])} / {_gb_s(o[mine])} GB/s ({100 * _gb_s(t[peer]) / top:.0f} % / "
-             f"{100 * _gb_s(o[mine]) / top:.0f} %)" for row, mine, peer in TIERS if mine in o]
+             f"{100 * _gb_s(o[mine]) / top:.0f} %)" for row, mine, peer in TIERS if mine in o and "failed" not in t[peer]]
     return [f"Share of the {top} GB/s this machine reads, llama.cpp / ours: " + "; ".join(parts) + ".", ""]
 
 
@@ -288,24 +334,41 @@ def markdown(name: str, r: dict) -> list[str]:
             f"sdist's vendored tree, `llama-mtmd-cli` with an f16 mmproj ({t['mmproj_mb']} MB); ours through "
             "tritonserver and gRPC, caches off. Effective GB/s: the decoder's weight bytes (no embedding table) × "
             f"decode tok/s; {_machine(r)}", "",
-            "| tier | llama.cpp | ours | image encode ms | prefill tok/s (tokens) | decode tok/s | decode GB/s "
-            "| weights read MB | peak RSS MB | ours / llama.cpp: encode, prefill, decode |",
-            "|---|---|---|---|---|---|---|---|---|---|"]
-    for row, mine, peer in TIERS:
-        if mine not in o:
+            "| tier | llama.cpp (build) | ours | image encode ms | prefill tok/s (tokens) | decode tok/s | decode GB/s |",
+            "|---|---|---|---|---|---|---|"]
+    tiers = [(row, mine, peer, t[peer], o[mine]) for row, mine, peer in TIERS if mine in o]
+    flags = {}
+    for row, mine, peer, chosen, b in tiers:
+        # the build the tier's figures come from first, then any other build that ran it
+        builds = chosen.get("builds") or {"native": chosen}
+        for flavour in sorted(builds, key=lambda f: f != chosen.get("build", "native")):
+            a = {**chosen, **builds[flavour]} if "builds" in chosen else chosen
+            flags[flavour] = builds[flavour].get("flags", "GGML_NATIVE=ON")
+            name = f"{peer} ({flavour})"
+            if "failed" in a:
+                out.append(f"| {row} | {name} | {mine.upper()} | failed: {a['failed']['why'][:60]} | | | |")
+                continue
+            out.append(
+                f"| {row} | {name} | {mine.upper()} | {a['image_encode_ms']:.0f} / {b['image_encode_ms']:.0f} | "
+                f"{a['prefill_tok_s']:.0f} ({a['prompt_tokens']}) / {b['prefill_tok_s']:.0f} ({b['prompt_tokens']}) | "
+                f"{a['decode_tok_s']:.1f} / {b['decode_tok_s']:.1f} | {_gb_s(a)} / {_gb_s(b)} |")
+    out += [""] + [f"- llama.cpp's `{f}` build: `{v}`" for f, v in flags.items()]
+    failed = [(row, peer, t[peer]["failed"]) for row, _, peer, _, _ in tiers if "failed" in t[peer]]
+    for row, peer, f in failed:
+        out += [f"- {row} ({peer}) failed on every build: {f['why']}"]
+    out += ["", "| tier | weights read MB | peak RSS MB | ours / llama.cpp: encode, prefill, decode |",
+            "|---|---|---|---|"]
+    q = r["ratios"]
+    for row, _, _, a, b in tiers:
+        if "failed" in a:
             continue
-        a, b = t[peer], o[mine]
-        q = r["ratios"]
-        enc = b["image_encode_ms"]
-        out.append(
-            f"| {row} | {peer} | {mine.upper()} | {a['image_encode_ms']:.0f} / {enc:.0f} | "
-            f"{a['prefill_tok_s']:.0f} ({a['prompt_tokens']}) / {b['prefill_tok_s']:.0f} ({b['prompt_tokens']}) | "
-            f"{a['decode_tok_s']:.1f} / {b['decode_tok_s']:.1f} | {_gb_s(a)} / {_gb_s(b)} | "
-            f"{a['decode_weight_mb']} / {b['decode_weight_mb']} | {a['peak_rss_mb']:.0f} / {b['peak_rss_mb']:.0f} | "
-            f"{a['image_encode_ms'] / enc:.2f}×, **{q[f'prefill_{row}']:.2f}×**, **{q[f'decode_{row}']:.2f}×** |")
+        out.append(f"| {row} | {a['decode_weight_mb']} / {b['decode_weight_mb']} | {a['peak_rss_mb']:.0f} / "
+                   f"{b['peak_rss_mb']:.0f} | {a['image_encode_ms'] / b['image_encode_ms']:.2f}×, "
+                   f"**{q[f'prefill_{row}']:.2f}×**, **{q[f'decode_{row}']:.2f}×** |")
     q, h = r["ratios"], r["half_matmul"]
-    out += ["", "Each cell is llama.cpp / ours. Goal: every ratio ≥ 1.0, image encode and prefill ≥ 1.5. Image "
-            f"encode, llama.cpp's f16 mmproj / ours: FP32 **{q['image_encode_fp32']:.2f}×**"
+    out += ["", "Each cell is llama.cpp / ours. Goal: every ratio ≥ 1.0, image encode and prefill ≥ 1.5."
+            + (f" Image encode, llama.cpp's f16 mmproj / ours: FP32 **{q['image_encode_fp32']:.2f}×**"
+               if "image_encode_fp32" in q else "")
             + (f", the quantized exports' int8 vision encoder **{q['image_encode_int8']:.2f}×**"
                if "image_encode_int8" in q else "") + ".", "",
             *_encode_ceiling(r), *_decode_ceiling(r),

@@ -27,20 +27,21 @@ QUESTION = "What is in the image? Describe it in detail."
 BATCHES = (1, 2, 4, 8)
 
 
-def batched_rates(gen, ids, tokens: int, batches=BATCHES) -> dict:
+def batched_rates(decoder, model, ids, tokens: int, batches=BATCHES) -> dict:
     """Aggregate decode tok/s of the scheduler with B identical text streams in flight, for
     each B (one pool per B, so each runs the engine's decode bucket of that size)."""
     import threading
 
     from edgevlm.runtime.sampling import SamplingParams
     from edgevlm.runtime.scheduler import Request, Scheduler
-    from edgevlm.runtime.slots import open_pool
+    from edgevlm.runtime.text_model import TextModel
     out = {}
     for b in batches:
-        pool = open_pool(gen.decoder, b, 0, gen.max_context)
-        if getattr(pool, "max_rows", b) < b:
+        pool = decoder.open_pool(b)
+        if pool.max_rows < b:
+            pool.close()
             break  # the engine's decode profile stops below b (make engines MAX_SEQUENCES=)
-        sched = Scheduler(gen, pool, max_queue=b)
+        sched = Scheduler(TextModel(model.tok, model.table, pool, model.max_context), max_queue=b)
         done, stats = threading.Semaphore(0), []
 
         def emit(event):
@@ -56,8 +57,7 @@ def batched_rates(gen, ids, tokens: int, batches=BATCHES) -> dict:
             wall = time.perf_counter() - t0
         finally:
             sched.close()
-            if hasattr(pool, "close"):  # free this batch size's device KV before the next
-                pool.close()
+            pool.close()  # free this batch size's device KV before the next
         out[str(b)] = {"aggregate_tok_s": round(sum(s.decode_tokens for s in stats) / wall, 2),
                        "decode_tok_s_per_stream": round(statistics.median(s.decode_tokens_per_s for s in stats), 2)}
         print(f"jetson-bench: batch {b}: {out[str(b)]}", file=sys.stderr)
@@ -96,33 +96,42 @@ def main(argv=None) -> int:
     from edgevlm.runtime.prompt import build_prompt, tokenize_prompt
     from edgevlm.samples import sample_image
     from edgevlm.runtime.sampling import SamplingParams
-    from edgevlm.runtime.runners import VisionEncoder, load_generator
+    from edgevlm.runtime.runners import VisionEncoder, open_decoder
+    from edgevlm.runtime.scheduler import Scheduler
+    from edgevlm.runtime.text_model import TextModel
+    from edgevlm.runtime.embedding import EmbeddingTable
+    from edgevlm.runtime.tokenizer import Tokenizer
     art = OnnxArtifacts.open(args.onnx)
     engines = Path(args.onnx).parent / "engines" / dev.tag
     vision = VisionEncoder(args.onnx, "tensorrt", engines)
-    gen = load_generator(args.onnx, "tensorrt", engines)
+    decoder = open_decoder(args.onnx, "tensorrt", engines)
+    one = decoder.open_pool(1)
+    model = TextModel(Tokenizer(art.path("tokenizer")), EmbeddingTable(art.path("embed_tokens")), one,
+                      min(art.config.text.max_position, decoder.max_context))
     px = preprocess(sample_image("chelsea"), art.config.vision.image_size)[None]
-    ids = tokenize_prompt(gen.tok, build_prompt(QUESTION))
+    ids = tokenize_prompt(model.tok, build_prompt(QUESTION))
     vision(px)
-    list(gen.generate(ids, vision(px)[0], SamplingParams(max_tokens=4)))  # warm-up
+    sched = Scheduler(model, max_queue=1)
+    list(sched.generate(ids, vision(px)[0], SamplingParams(max_tokens=4)))  # warm-up
     encode, prefill, decode, tokens = [], [], [], 0
     with telemetry.Tegrastats(interval_ms=100) as rec:
         for _ in range(args.runs):
             embeds, ms = vision(px)
-            stats = [e for e in gen.generate(ids, embeds, SamplingParams(max_tokens=args.tokens))][-1].stats
+            stats = list(sched.generate(ids, embeds, SamplingParams(max_tokens=args.tokens)))[-1].stats
             encode.append(ms)
             prefill.append(stats.prefill_ms)
             decode.append(stats.decode_tokens_per_s)
             tokens += stats.decode_tokens
     tele = rec.summary()
-    batches = batched_rates(gen, ids, args.tokens)
-    module = args.module or next((m for m in roofline.MODULES if dev.module and m.replace("-", " ") in
-                                  dev.module.lower().replace("jetson ", "")), None)
+    sched.close()
     built = json.loads((engines / "manifest.json").read_text())
     precision, kv = built["precision"], built.get("kv_cache", "concat")
-    # a pooled static-cache slot holds the decode step's CUDA graph once it has run one
-    pool = getattr(gen.decoder, "pool", [])
-    cuda_graph = bool(pool) and all(s.graph is not None for s in pool)
+    # the static pool's one-row decode step is a CUDA graph once it has run (concat: never)
+    cuda_graph = kv == "static" and one.steps[1].graph is not None
+    one.close()
+    batches = batched_rates(decoder, model, ids, args.tokens)
+    module = args.module or next((m for m in roofline.MODULES if dev.module and m.replace("-", " ") in
+                                  dev.module.lower().replace("jetson ", "")), None)
     report = {
         "device": dev.to_dict(), "power_mode": mode.name, "clocks_locked": clocks_locked,
         "engines": str(engines), "precision": precision, "kv_cache": kv, "decode_cuda_graph": cuda_graph,

@@ -2,7 +2,11 @@
 dependency of edgevlm and never copied into it.
 
     build     the llama.cpp tree vendored in the llama-cpp-python sdist (PyPI), CMake, CPU
-              only, native ISA: llama-mtmd-cli and llama-quantize
+              only: llama-mtmd-cli and llama-quantize. Two flavours, each cached: `native`
+              (GGML_NATIVE=ON: everything the CPU offers, AMX included) and `portable`
+              (GGML_NATIVE=OFF with this CPU's own AVX2 / AVX-512 options on and AMX off), the
+              fallback for a tier the native build crashes on (seen on Xeons with AMX: every
+              quantized GGUF, SIGSEGV during the warm-up)
     convert   our checkpoint by llama.cpp's MobileVLM recipe (docs/multimodal/MobileVLM.md in
               that tree): llava_surgery.py splits out the projector, a CLIP vision directory
               is written from the checkpoint's own tower (transformers' CLIPVisionModel
@@ -42,6 +46,15 @@ class PeerUnavailable(RuntimeError):
     """llama.cpp could not be built, converted or run here; the bench says why and goes on."""
 
 
+class RunFailed(PeerUnavailable):
+    """One llama-mtmd-cli run crashed, failed or timed out: its exit status and last lines."""
+
+    def __init__(self, exit_code: int | None, tail: list[str], why: str = ""):
+        self.exit_code, self.tail = exit_code, tail
+        status = why or f"exit {exit_code}"
+        super().__init__(f"llama-mtmd-cli {status}: " + " | ".join(tail))
+
+
 def _run(argv, log, cwd=None, env=None, what="") -> str:
     log(f"llama.cpp: {what or ' '.join(map(str, argv[:3]))}")
     r = subprocess.run([str(a) for a in argv], cwd=cwd, env=env, capture_output=True, text=True)
@@ -68,20 +81,42 @@ def source_tree(cache: Path, log) -> Path:
     return tree
 
 
-def build(cache: Path, log) -> tuple[Path, Path]:
-    """(bin directory with llama-mtmd-cli and llama-quantize, source tree), built once."""
+# GGML's x86 options and the /proc/cpuinfo flag each needs (the portable build turns on those
+# this CPU has); AMX stays off there.
+X86_OPTIONS = (("GGML_AVX", "avx"), ("GGML_AVX2", "avx2"), ("GGML_FMA", "fma"), ("GGML_F16C", "f16c"),
+               ("GGML_BMI2", "bmi2"), ("GGML_AVX_VNNI", "avx_vnni"), ("GGML_AVX512", "avx512f"),
+               ("GGML_AVX512_VBMI", "avx512_vbmi"), ("GGML_AVX512_VNNI", "avx512_vnni"),
+               ("GGML_AVX512_BF16", "avx512_bf16"))
+AMX_OPTIONS = ("GGML_AMX_TILE", "GGML_AMX_INT8", "GGML_AMX_BF16")
+FLAVOURS = ("native", "portable")
+
+
+def build_options(flavour: str, cpu_flags: set[str]) -> list[str]:
+    """The GGML options of a build flavour: `native` as the CPU is, or `portable`: native off,
+    this CPU's own AVX2 / AVX-512 options on, AMX off."""
+    if flavour == "native":
+        return ["GGML_NATIVE=ON"]
+    if flavour != "portable":
+        raise ValueError(f"unknown llama.cpp build flavour {flavour!r}")
+    on = [f"{opt}=ON" for opt, flag in X86_OPTIONS if flag in cpu_flags]
+    return ["GGML_NATIVE=OFF", *on, *(f"{opt}=OFF" for opt in AMX_OPTIONS)]
+
+
+def build(cache: Path, log, flavour: str = "native", cpu_flags: set[str] = frozenset()) -> tuple[Path, Path]:
+    """(bin directory with llama-mtmd-cli and llama-quantize, source tree), built once per flavour."""
     tree = source_tree(cache, log)
-    out = tree / "build"
+    out = tree / ("build" if flavour == "native" else f"build-{flavour}")
     bins = out / "bin"
     if all((bins / b).is_file() for b in ("llama-mtmd-cli", "llama-quantize")):
         return bins, tree
     if shutil.which("cmake") is None:
         raise PeerUnavailable("no cmake on this machine")
-    _run(["cmake", "-S", tree, "-B", out, "-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON", "-DLLAMA_CURL=OFF",
-          "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_SERVER=OFF", "-DBUILD_SHARED_LIBS=OFF"],
-         log, what="cmake configure (Release, native CPU)")
+    options = build_options(flavour, cpu_flags)
+    _run(["cmake", "-S", tree, "-B", out, "-DCMAKE_BUILD_TYPE=Release", *(f"-D{o}" for o in options),
+          "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_SERVER=OFF",
+          "-DBUILD_SHARED_LIBS=OFF"], log, what=f"cmake configure (Release, {flavour}: {' '.join(options)})")
     _run(["cmake", "--build", out, "-j", str(os.cpu_count() or 2), "--target", "llama-mtmd-cli", "llama-quantize"],
-         log, what="build llama-mtmd-cli and llama-quantize (several minutes, once)")
+         log, what=f"build llama-mtmd-cli and llama-quantize, {flavour} (several minutes, once)")
     return bins, tree
 
 
@@ -188,22 +223,35 @@ def parse(log_text: str) -> dict:
             "decode_tok_s": float(e.group(3))}
 
 
-def run(bins: Path, model: Path, mmproj: Path, image: Path, question: str, threads: int, tokens: int) -> PeerRun:
+def run(bins: Path, model: Path, mmproj: Path, image: Path, question: str, threads: int, tokens: int,
+        timeout_s: float = 1800.0) -> PeerRun:
+    """One llama-mtmd-cli run; RunFailed when it crashes (a negative exit: the signal), fails or
+    runs past timeout_s."""
     argv = [bins / "llama-mtmd-cli", "-m", model, "--mmproj", mmproj, "--image", image, "-p", question,
             "-t", str(threads), "--temp", "0", "--ignore-eos", "-n", str(tokens), "--perf", "-v",
             "--chat-template", "deepseek", "-c", "2048"]
+    deadline = time.monotonic() + timeout_s
+    timed_out = False
     with tempfile.TemporaryFile("w+") as log:
         p = subprocess.Popen([str(a) for a in argv], stdout=log, stderr=subprocess.STDOUT, text=True)
         peak_kib = 0
         # its own high-water mark, read while it runs: wait4's ru_maxrss would also count the
         # bench process it was forked from (Linux carries the pre-exec peak over)
         while p.poll() is None:
+            if time.monotonic() > deadline:
+                p.kill()
+                p.wait()
+                timed_out = True
+                break
             peak_kib = max(peak_kib, proc_status_kib(p.pid, "VmHWM:"))
             time.sleep(0.05)
         log.seek(0)
         out = log.read()
+    tail = out.strip().splitlines()[-3:]
+    if timed_out:
+        raise RunFailed(None, tail, f"ran past {timeout_s:.0f} s")
     if p.returncode != 0:
-        raise PeerUnavailable(f"llama-mtmd-cli failed (exit {p.returncode}): " + " | ".join(out.strip().splitlines()[-3:]))
+        raise RunFailed(p.returncode, tail)
     return PeerRun(**parse(out), peak_rss_mb=round(peak_kib / 1024))
 
 

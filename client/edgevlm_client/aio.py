@@ -20,14 +20,59 @@ from edgevlm_client.client import DEFAULT_URL
 from edgevlm_client.connection import TLS, Retry
 from edgevlm_client.contract import MODEL, STATS_ERROR
 from edgevlm_client.errors import EdgeVLMError, ServerError, ServerUnavailable, Timeout, from_triton
-from edgevlm_client.request import ModelInfo, Result, build_inputs, read_response, split_options
+from edgevlm_client.request import (ModelInfo, Result, build_inputs, cancel_inputs, cancel_wait_s,
+                                    new_request_id, read_response, split_options)
 
 T = TypeVar("T")
 
 
+_END = (None, None)  # the server closed the stream
+
+
+class _Call:
+    """One gRPC stream. Requests go in through a queue (the generation, later perhaps its
+    cancel message; None half-closes the stream); responses come out through another, read by
+    a task of its own: a cancelled wait for a response (a timeout, a task being cancelled)
+    then never cancels the RPC itself, so the stream can still be ended in band."""
+
+    def __init__(self, grpc_client: grpcaio.InferenceServerClient, request: dict):
+        self.requests: asyncio.Queue = asyncio.Queue()
+        self.responses: asyncio.Queue = asyncio.Queue()
+        self.requests.put_nowait(request)
+        self.call = grpc_client.stream_infer(self._feed())
+        self.reader = asyncio.ensure_future(self._read())
+
+    async def _feed(self):
+        while (request := await self.requests.get()) is not None:
+            yield request
+
+    async def _read(self) -> None:
+        try:
+            async for item in self.call:
+                self.responses.put_nowait(item)
+        except (InferenceServerException, grpc.RpcError) as e:
+            self.responses.put_nowait((None, e))
+        finally:
+            self.responses.put_nowait(_END)
+
+    async def next(self):
+        """(result, error) of the next response; StopAsyncIteration once the server closed the stream."""
+        item = await self.responses.get()
+        if item is _END:
+            self.responses.put_nowait(_END)  # for any later reader
+            raise StopAsyncIteration
+        return item
+
+    def cancel(self) -> None:
+        """The gRPC-level cancel: only for a server that did not end the stream when asked."""
+        self.call.cancel()
+        self.reader.cancel()
+
+
 class AsyncStream:
-    """`async for delta in stream`; afterwards `.text` and `.stats`. Leaving the loop early,
-    or `await stream.aclose()`, cancels the request on the server."""
+    """`async for delta in stream`; afterwards `.text` and `.stats`. Leaving the loop early, or
+    `await stream.aclose()`, stops the generation with a cancel message on the same stream and
+    waits for its final response, as the sync Stream does."""
     response_format: dict | None = None  # the constraint asked for, if any
 
     def __init__(self, client: AsyncClient, inputs, timeout_s: float, retry: Retry):
@@ -51,24 +96,26 @@ class AsyncStream:
     async def __aexit__(self, *exc) -> None:
         await self.aclose()
 
-    async def _request(self):
-        yield {"model_name": self._client.model, "inputs": self._inputs}
-
     async def _run(self) -> AsyncIterator[str]:
         delays = self._retry.delays()
         received = False
         while True:
-            call, status = None, None
+            call, status, live = None, None, False
+            request_id = new_request_id()
             try:
-                call = (await self._client.grpc_client()).stream_infer(self._request())
+                call = _Call(await self._client.grpc_client(),
+                             {"model_name": self._client.model, "inputs": self._inputs, "request_id": request_id})
+                live = True
                 while True:
                     try:
-                        result, error = await asyncio.wait_for(call.__anext__(), self._timeout_s)
+                        result, error = await asyncio.wait_for(call.next(), self._timeout_s)
                     except asyncio.TimeoutError:
                         raise Timeout(f"no response within {self._timeout_s:g} s") from None
                     except StopAsyncIteration:
+                        live = False
                         raise ServerError("the stream ended without an answer") from None
                     if error is not None:
+                        live = False  # an error ends the request
                         raise error
                     delta, stats = read_response(result)
                     if STATS_ERROR in stats:  # the refusal itself follows as the error
@@ -79,8 +126,7 @@ class AsyncStream:
                         self.text += delta
                         yield delta
                     if stats:  # the last response of every finished generation
-                        self.stats = stats
-                        call = None  # complete: nothing to cancel
+                        self.stats, live = stats, False
                         return
             except (InferenceServerException, grpc.RpcError) as e:
                 exc: EdgeVLMError = from_triton(e, status)
@@ -89,8 +135,46 @@ class AsyncStream:
                     raise exc from e
             finally:
                 if call is not None:
-                    call.cancel()
+                    # shielded: when this task is being cancelled (a gateway's HTTP client went
+                    # away, Ctrl-C) the cancel message still goes out and the stream still closes
+                    # gracefully, in a task of its own if this one cannot wait
+                    await asyncio.shield(self._end(call, request_id, live))
             await asyncio.sleep(delay)
+
+    async def _end(self, call: _Call, request_id: str, live: bool) -> None:
+        """Close the stream; a generation still running is stopped first by a cancel message,
+        and only a server that does not answer it in time gets a gRPC-level cancel."""
+        wait = cancel_wait_s(self._timeout_s)
+        if live:
+            cancel_id = f"{request_id}-cancel"
+            call.requests.put_nowait({"model_name": self._client.model, "inputs": cancel_inputs(request_id),
+                                      "request_id": cancel_id})
+            pending = {request_id, cancel_id}
+            try:
+                await asyncio.wait_for(self._finals(call, pending, request_id), wait)
+            except (asyncio.TimeoutError, StopAsyncIteration):
+                pass
+            live = bool(pending)
+        call.requests.put_nowait(None)
+        if live:
+            call.cancel()
+            return
+        try:  # half-closed: the server ends the stream once every request on it has finished
+            await asyncio.wait_for(call.reader, wait)
+        except asyncio.TimeoutError:
+            call.cancel()
+
+    async def _finals(self, call: _Call, pending: set[str], request_id: str) -> None:
+        """Read until each request in `pending` has had its final response (the one with stats)."""
+        while pending:
+            result, error = await call.next()
+            if error is not None:
+                return
+            stats = read_response(result)[1]
+            if stats and STATS_ERROR not in stats:
+                pending.discard(result.get_response().id)
+                if result.get_response().id == request_id:
+                    self.stats = stats
 
 
 class AsyncClient:

@@ -15,7 +15,8 @@ from edgevlm_client.chat import Chat
 from edgevlm_client.connection import TLS, Retry
 from edgevlm_client.contract import MODEL, STATS_ERROR
 from edgevlm_client.errors import EdgeVLMError, ServerError, ServerUnavailable, Timeout, from_triton
-from edgevlm_client.request import ModelInfo, Result, build_inputs, read_response, split_options
+from edgevlm_client.request import (ModelInfo, Result, build_inputs, cancel_inputs, cancel_wait_s, is_final,
+                                    new_request_id, read_response, split_options)
 
 DEFAULT_URL = "127.0.0.1:8001"
 T = TypeVar("T")
@@ -24,7 +25,10 @@ T = TypeVar("T")
 class Stream:
     """Iterate for text deltas; afterwards `.text` is the answer and `.stats` the server's stats.
 
-    Closing it early (break, exception, `close()`) cancels the request on the server.
+    Closing it early (break, exception, `close()`) stops the generation on the server with a
+    cancel message on the same stream (contract.CANCEL), waits for its final response and
+    then closes the stream; only a server that does not answer the cancel in time gets a
+    gRPC-level cancel (tritonserver 2.51 can crash when one races a response).
     """
     response_format: dict | None = None  # the constraint asked for, if any
 
@@ -39,10 +43,13 @@ class Stream:
 
     def _open(self) -> None:
         q = self._q = queue.Queue()  # one per attempt: a late callback of a failed one lands nowhere
+        self._id = new_request_id()
+        self._live = True  # the server holds the request until its final response or an error
         self._grpc = self._client.grpc_client()
         try:
             self._grpc.start_stream(callback=lambda result, error: q.put((result, error)))
-            self._grpc.async_stream_infer(self._client.model, self._inputs, enable_empty_final_response=True)
+            self._grpc.async_stream_infer(self._client.model, self._inputs, request_id=self._id,
+                                          enable_empty_final_response=True)
         except InferenceServerException as e:
             q.put((None, e))
 
@@ -55,11 +62,12 @@ class Stream:
                 except queue.Empty:
                     raise Timeout(f"no response within {self._timeout_s:g} s") from None
                 if error is not None:
+                    self._live = False  # an error ends the request
                     exc = from_triton(error, self._status)
                     delay = next(delays, None) if self._client.retry.retries(exc) and not self._received else None
                     if delay is None:
                         raise exc from error
-                    self._close(cancel=False)
+                    self._close()
                     time.sleep(delay)
                     self._open()
                     continue
@@ -72,15 +80,15 @@ class Stream:
                 if delta:
                     self.text += delta
                     yield delta
-                if result.get_response().parameters["triton_final_response"].bool_param:
-                    self._done = True
+                if is_final(result):
+                    self._done, self._live = True, False
                     if not self.stats:  # every finished generation ends with its stats
                         raise ServerError("the stream ended without an answer")
         finally:
-            self._close(cancel=not self._done)
+            self._close()
 
     def close(self) -> None:
-        self._close(cancel=not self._done)
+        self._close()
 
     def __enter__(self) -> Stream:
         return self
@@ -88,13 +96,40 @@ class Stream:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def _close(self, cancel: bool) -> None:
-        if self._grpc is not None:
+    def _close(self) -> None:
+        if self._grpc is None:
+            return
+        try:
+            if self._live:
+                self._cancel()
+            self._grpc.stop_stream(cancel_requests=self._live)  # still live: the cancel went unanswered
+        finally:
+            self._grpc.close()
+            self._grpc = None
+
+    def _cancel(self) -> None:
+        """Send a cancel message for the running generation and wait for both final responses
+        (the generation's, with its stats, and the message's)."""
+        cancel_id = f"{self._id}-cancel"
+        try:
+            self._grpc.async_stream_infer(self._client.model, cancel_inputs(self._id), request_id=cancel_id,
+                                          enable_empty_final_response=True)
+        except InferenceServerException:
+            return
+        deadline = time.monotonic() + cancel_wait_s(self._timeout_s)
+        pending = {self._id, cancel_id}
+        while pending:
             try:
-                self._grpc.stop_stream(cancel_requests=cancel)
-            finally:
-                self._grpc.close()
-                self._grpc = None
+                result, error = self._q.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                return
+            if error is not None:  # a server that refuses the message, or a broken stream
+                return
+            if is_final(result):
+                pending.discard(result.get_response().id)
+                if result.get_response().id == self._id:
+                    self._live = False
+                    self.stats = read_response(result)[1] or self.stats
 
 
 class Client:

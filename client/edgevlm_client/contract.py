@@ -73,6 +73,8 @@ INPUTS = (
     Tensor("stop", "BYTES", (-1,), "stop strings (never streamed)"),
     Tensor("response_format", "BYTES", (1,), "JSON: the answer must match a JSON schema, any JSON object, a "
            "regex or one of some choices (see RESPONSE_FORMATS)"),
+    Tensor("cancel", "BYTES", (1,), "a cancel message (see CANCEL): the request id of a generation to stop; "
+           "sent alone, on the stream that carries the generation"),
 )
 
 # response_format, by its "type": the other key it needs (None: none)
@@ -80,6 +82,18 @@ RESPONSE_FORMATS = {"json_schema": "schema", "json_object": None, "regex": "patt
 
 # The inputs that make the prompt (image, template, tokens); the rest steer decoding.
 PROMPT_INPUTS = ("image", "prompt", "raw_prompt", "history", "system")
+
+# In-band cancellation. A client stops a generation by sending, on the same gRPC stream, a
+# request holding only `cancel` = the generation's request id (a random id the client gave
+# it). The model ends that generation at its next step: its last response carries `stats`
+# with finish_reason "cancelled", and the cancel message gets one final response whose `stats`
+# are {"cancel": true} (false: no generation by that id was running; it may have ended). The
+# client then half-closes the stream. Why not gRPC's own cancel: tritonserver 2.51's gRPC
+# frontend can crash (SIGSEGV) when a response is written while the client cancels the
+# stream (triton-inference-server/server#7368, #7472, #8034; fixed in 2.67); an in-band
+# cancel never races a response. A client that goes away is still cancelled by Triton.
+CANCEL = "cancel"
+MAX_REQUEST_ID_CHARS = 128
 
 OUTPUTS = (
     Tensor("text", "BYTES", (1,), "the new text since the previous response", optional=False),

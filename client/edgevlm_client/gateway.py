@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import anyio
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -161,7 +162,7 @@ class Gateway:
                 async for _ in stream:
                     pass
             finally:
-                await stream.aclose()
+                await _closed(stream)
             return JSONResponse(api.completion(cid, mid, stream.text, stream.stats))
         # Wait for the first text before answering, so a refused request still gets its status.
         deltas = stream.__aiter__()
@@ -170,7 +171,7 @@ class Gateway:
         except StopAsyncIteration:
             first = ""
         except BaseException:
-            await stream.aclose()
+            await _closed(stream)
             raise
         return StreamingResponse(self._events(stream, deltas, first, cid, mid, req.include_usage),
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
@@ -192,8 +193,15 @@ class Gateway:
             yield _sse("[DONE]")
         except EdgeVLMError as e:  # after the status line: the error goes in the stream
             yield _sse(api.from_client_error(e).body())
-        finally:  # also on client disconnect: cancels the generation on the server
-            await stream.aclose()
+        finally:  # also on client disconnect: stops the generation with a cancel message
+            await _closed(stream)
+
+
+async def _closed(stream) -> None:
+    """Close a stream even while this task is being cancelled (the HTTP client went away): the
+    close sends a cancel message and waits, boundedly, for the generation's final response."""
+    with anyio.CancelScope(shield=True):
+        await stream.aclose()
 
 
 def create_app(config: GatewayConfig) -> Starlette:

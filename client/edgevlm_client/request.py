@@ -6,13 +6,14 @@ Shared by the sync and asyncio clients, so both send exactly the same requests.
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import tritonclient.grpc as grpcclient
 
-from edgevlm_client.contract import BY_NAME, PARAMETERS, RESPONSE_FORMATS
+from edgevlm_client.contract import BY_NAME, CANCEL, PARAMETERS, RESPONSE_FORMATS
 from edgevlm_client.errors import IncompleteAnswer, InvalidRequest
 from edgevlm_client.images import image_bytes
 
@@ -152,3 +153,25 @@ def read_response(result) -> tuple[str, dict]:
     delta = result.as_numpy("text")[0].decode("utf-8")
     stats = result.as_numpy("stats")[0]
     return delta, (json.loads(stats) if stats else {})
+
+
+def new_request_id() -> str:
+    """A request id a cancel message can name: random, so no other stream's id collides."""
+    return uuid.uuid4().hex
+
+
+def cancel_inputs(request_id: str) -> list[grpcclient.InferInput]:
+    """A cancel message for the generation sent with `request_id` (contract.CANCEL)."""
+    return [_tensor(CANCEL, request_id.encode("utf-8"))]
+
+
+def cancel_wait_s(timeout_s: float) -> float:
+    """How long a client waits for a cancelled generation's final response before it cancels
+    at the gRPC level: the server ends it at its next step (a prompt's prefill, at worst), so
+    the wait for any response (timeout_s), but never less than 10 s."""
+    return max(timeout_s, 10.0)
+
+
+def is_final(result) -> bool:
+    """The last response of its request."""
+    return result.get_response().parameters["triton_final_response"].bool_param

@@ -4,8 +4,8 @@ For every photo (and one text-only prompt) both sides preprocess, encode the ima
 prefill and decode greedily for a fixed number of tokens without stopping at EOS. Reported:
 the largest image-embedding error, the largest logit error over the steps where the two
 token streams still agree, and whether the streams are identical. Both decoder graphs are
-checked: decoder.onnx (concat KV) and decoder.static.onnx (in-place KV, through the same
-sequence object serving uses).
+checked: decoder.onnx (concat KV) and decoder.static.onnx (in-place KV, through the KV pool
+serving uses).
 """
 
 from __future__ import annotations
@@ -95,15 +95,17 @@ def onnx_greedy(decoder: OrtDecoder, table: EmbeddingTable, ids: list[int],
 
 def sequence_greedy(decoder: OrtDecoder, table: EmbeddingTable, ids: list[int],
                     image_embeds: np.ndarray | None, n: int, vocab: int | None = None) -> tuple[list[int], np.ndarray]:
-    """Greedy through decoder.new_sequence (the path Generator takes)."""
+    """Greedy through the decoder's KV pool (the calls the serving scheduler makes)."""
     x = table.embed(ids, image_embeds)
-    seq = decoder.new_sequence(x.shape[1] + n)
+    pool = decoder.open_pool(1, max_context=x.shape[1] + n)
+    row = pool.acquire(x.shape[1] + n)
+    logits = pool.prefill(row, x)
     out, rows = [], []
-    for _ in range(n):
-        logits = seq.forward(x).copy()
+    for i in range(n):
         out.append(int(logits[:vocab].argmax()))
-        rows.append(logits)
-        x = table.embed([out[-1]])
+        rows.append(logits.copy())
+        if i + 1 < n:
+            logits = pool.decode([row], table.embed([out[-1]]))[0]
     return out, np.stack(rows)
 
 

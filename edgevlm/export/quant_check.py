@@ -111,11 +111,14 @@ class _Pipeline:
         return anyres.pack(feats, size, c.grid_pinpoints, c.vision.image_size, self.newline)[None]
 
     def prefill(self, ids, image_embeds, capacity):
-        seq = self.decoder.new_sequence(capacity)
-        return seq, seq.forward(self.table.embed(ids, image_embeds))
+        """(a one-row KV pool and its row, the prompt's last logits)."""
+        pool = self.decoder.open_pool(1, max_context=capacity)
+        row = pool.acquire(capacity)
+        return (pool, row), pool.prefill(row, self.table.embed(ids, image_embeds))
 
     def step(self, seq, token):
-        return seq.forward(self.table.embed([token]))
+        pool, row = seq
+        return pool.decode([row], self.table.embed([token]))[0]
 
 
 def check_quantized(fp32_dir: str | Path, quant_dir: str | Path, images: dict[str, bytes],

@@ -36,7 +36,6 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
 
 from edgevlm.export import cleanup, matmul_nbits, static_cache, weight_only
 from edgevlm.runtime.image import preprocess
@@ -177,11 +176,13 @@ def _agreement(quant: Path, other: Path, cfg, table_path: Path, tok_path: Path, 
     from edgevlm.runtime.tokenizer import Tokenizer
     ids = tokenize_prompt(Tokenizer(tok_path), build_prompt("Name three colours.", image=False))
     table = EmbeddingTable(table_path)
-    ref = OrtDecoder(quant, cfg.text).new_sequence(len(ids) + 4)
-    seq = OrtDecoder(other, cfg.text, static=static).new_sequence(len(ids) + 4)
+    sides = []
+    for decoder in (OrtDecoder(quant, cfg.text), OrtDecoder(other, cfg.text, static=static)):
+        pool = decoder.open_pool(1, max_context=len(ids) + 4)
+        sides.append((pool, pool.acquire(len(ids) + 4)))
     x, worst = table.embed(ids), 1.0
     for _ in range(5):
-        a, b = ref.forward(x).astype(np.float64), seq.forward(x).astype(np.float64)
+        a, b = (pool.prefill(row, x).astype(np.float64) for pool, row in sides)
         worst = min(worst, float(np.dot(a, b) / (np.linalg.norm(a) * np.linalg.norm(b))))
         x = table.embed([int(np.argmax(a))])
     return worst

@@ -4,7 +4,8 @@ the order a new owner hits them, each failure with its fix.
     python -m edgevlm.jetson.doctor [--preset mobilevlm-v2-1.7b] [--precision int4] [--engines DIR]
 
 The checks read a `Probe`: on the device (or inside the container) `Probe.read()` collects the
-real files and commands; the tests hand it recorded outputs.
+real files and commands; the tests hand it recorded outputs. Every "ok" names the evidence it
+read, and a check whose evidence is missing does not say ok.
 """
 
 from __future__ import annotations
@@ -22,6 +23,20 @@ from edgevlm.jetson import device, memory, power, stack
 
 FASTEST = ("MAXN_SUPER", "MAXN")  # the uncapped modes, by name (ids differ per module)
 
+# The GPU's device nodes, which the NVIDIA container runtime maps into a container (--runtime
+# nvidia; on Jetson its CSV mode, from the l4t lists under /etc/nvidia-container-runtime/
+# host-files-for-container.d/). Orin's nvgpu driver (JetPack 6.x, and 7.2 on Orin): /dev/nvmap
+# for memory and the GPU's control node, /dev/nvgpu/igpu0/ctrl (older releases' name:
+# /dev/nvhost-ctrl-gpu). The OpenRM driver of newer modules: /dev/nvidiactl and /dev/nvidia0.
+GPU_NODES = ("/dev/nvmap", "/dev/nvgpu/igpu0/ctrl", "/dev/nvhost-ctrl-gpu", "/dev/nvidiactl", "/dev/nvidia0")
+
+
+def gpu_nodes_mapped(present: set[str]) -> bool:
+    """The nodes CUDA opens on this GPU are all there (either driver's set)."""
+    nvgpu = "/dev/nvmap" in present and bool({"/dev/nvgpu/igpu0/ctrl", "/dev/nvhost-ctrl-gpu"} & present)
+    openrm = {"/dev/nvidiactl", "/dev/nvidia0"} <= present
+    return nvgpu or openrm
+
 
 @dataclass
 class Probe:
@@ -34,6 +49,8 @@ class Probe:
     compose_version: str | None = None       # `docker compose version` (None: no v2 plugin)
     tensorrt: str | None = None              # tensorrt.__version__, or "error: ..." if the import failed
     cuda_check: str | None = None            # "ok", or "error <n>: <name>" from cudaFree(0)
+    cuda_devices: int | None = None          # cudaGetDeviceCount() (None: not asked, no cuda-python)
+    device_nodes: tuple[str, ...] = ()       # which of GPU_NODES exist
     meminfo: str = ""
     nvpmodel_q: str | None = None            # `nvpmodel -q`
     nvpmodel_conf: str | None = None         # /etc/nvpmodel.conf
@@ -57,6 +74,7 @@ class Probe:
                 return None
         p = cls(nv_tegra_release=read("/etc/nv_tegra_release"), compatible=read("/proc/device-tree/compatible", True),
                 in_container=Path("/.dockerenv").exists(), meminfo=read("/proc/meminfo") or "",
+                device_nodes=tuple(n for n in GPU_NODES if Path(n).exists()),
                 euid=os.geteuid(), nvpmodel_conf=read("/etc/nvpmodel.conf"),
                 jetpack_override=os.environ.get("EDGEVLM_JETPACK"))
         if shutil.which("docker"):
@@ -74,6 +92,8 @@ class Probe:
         else:
             err = rt.cudaFree(0)[0]
             p.cuda_check = "ok" if int(err) == 0 else f"error {int(err)}: {rt.cudaGetErrorName(err)[1].decode()}"
+            err, count = rt.cudaGetDeviceCount()
+            p.cuda_devices = int(count) if int(err) == 0 else 0
         if engines_dir and (engines_dir / "manifest.json").is_file():
             p.engines = json.loads((engines_dir / "manifest.json").read_text())
         return p
@@ -106,9 +126,10 @@ def diagnose(p: Probe, preset: str = "mobilevlm-v2-1.7b", precision: str = "fp16
     add = r.checks.append
     l4t = device.parse_nv_tegra_release(p.nv_tegra_release or "")
     jetpack = p.jetpack_override or device.jetpack_for(l4t)
+    source = "EDGEVLM_JETPACK" if p.jetpack_override else f"/etc/nv_tegra_release: L4T {l4t}"
     try:
         s = stack.stack_for(jetpack)
-        add(Check("JetPack", True, f"{s.jetpack} (L4T {l4t or 'unread'}): TensorRT {s.tensorrt}, CUDA {s.cuda}; image "
+        add(Check("JetPack", True, f"{s.jetpack} ({source}): TensorRT {s.tensorrt}, CUDA {s.cuda}; image "
                                    f"{s.triton_image or 'none verified'}, {s.cuda_python}"))
     except stack.StackError as e:
         s = None
@@ -116,7 +137,7 @@ def diagnose(p: Probe, preset: str = "mobilevlm-v2-1.7b", precision: str = "fp16
                if p.in_container and not l4t else "flash JetPack 6.1 or newer (SDK Manager or the SD-card image)")
         add(Check("JetPack", False, str(e), fix))
     if p.in_container:
-        add(Check("container runtime", True, "inside a container (the NVIDIA runtime mapped the GPU in)"))
+        add(_container_gpu(p))
     elif p.docker_info is None:
         add(Check("container runtime", False, "no docker CLI answering (`docker info` failed)",
                   "install Docker (JetPack's `nvidia-container` package) and add yourself to the docker group", warn=True))
@@ -127,7 +148,8 @@ def diagnose(p: Probe, preset: str = "mobilevlm-v2-1.7b", precision: str = "fp16
         add(Check("container runtime", False, "Docker has the nvidia runtime but no `docker compose` (v2 plugin)",
                   "sudo apt-get install docker-compose-plugin (Docker's apt repository), then `docker compose version`"))
     else:
-        add(Check("container runtime", True, f"nvidia runtime; {p.compose_version.strip().splitlines()[0]}"))
+        add(Check("container runtime", True, "`docker info` lists the nvidia runtime; "
+                                             f"{p.compose_version.strip().splitlines()[0]}"))
     version = p.tensorrt or "error: not imported"
     if version.startswith("error"):
         add(Check("import tensorrt", False, version, "in the device venv: `make setup` (it sees JetPack's system "
@@ -142,10 +164,15 @@ def diagnose(p: Probe, preset: str = "mobilevlm-v2-1.7b", precision: str = "fp16
             add(Check("import tensorrt", False, f"{version}, but the engines were built with {built}",
                       "rebuild them here: `make engines` (or `docker compose run --rm engines`)"))
         else:
-            add(Check("import tensorrt", True, version + (" (engines built with it)" if built else " (no engines yet)")))
+            add(Check("import tensorrt", True, f"imported {version}" + (" (engines built with it)" if built
+                                                                       else " (no engines yet)")))
     cuda = p.cuda_check or "error: not checked"
-    if cuda == "ok":
-        add(Check("cuda-python", True, "cudaFree(0) round trip ok"))
+    if cuda == "ok" and p.cuda_devices == 0:
+        add(Check("cuda-python", False, "cudaFree(0) answered, but cudaGetDeviceCount() found no GPU",
+                  "run where the GPU is visible: on the host, or in a container started with the NVIDIA runtime"))
+    elif cuda == "ok":
+        devices = "" if p.cuda_devices is None else f", cudaGetDeviceCount() {p.cuda_devices}"
+        add(Check("cuda-python", True, f"cudaFree(0) round trip ok{devices}"))
     else:
         fix = f"pip install '{s.cuda_python}' (the cuda-python of JetPack {s.jetpack}'s CUDA)" if s else \
             "install the cuda-python of this JetPack's CUDA"
@@ -157,7 +184,7 @@ def diagnose(p: Probe, preset: str = "mobilevlm-v2-1.7b", precision: str = "fp16
                   f"to build, {n.serve_gib:.1f} to serve (estimate)")
         short = max(n.build_gib, n.serve_gib) > (free or total)
         smallest = memory.smallest_module(preset, precision)
-        add(Check("memory", not short, detail,
+        add(Check("memory", not short, f"/proc/meminfo: {detail}",
                   f"stop other services, or a lighter precision (int4), MAX_CONTEXT=1024, fewer sequences; "
                   f"smallest module for this: {smallest or 'none'}"))
     else:
@@ -169,15 +196,35 @@ def diagnose(p: Probe, preset: str = "mobilevlm-v2-1.7b", precision: str = "fp16
         mode = power.parse_nvpmodel_query(p.nvpmodel_q)
         modes = power.parse_nvpmodel_conf(p.nvpmodel_conf) if p.nvpmodel_conf else {}
         fastest = next((n for n in FASTEST if n in modes.values()), None)
-        if fastest and mode.name != fastest:
+        if fastest is None:
+            add(Check("power mode", False, f"{mode.name} (`nvpmodel -q`), but /etc/nvpmodel.conf names no "
+                                           f"{' or '.join(FASTEST)} mode to compare it with",
+                      "read the module's modes with `nvpmodel -p --verbose` and pick its fastest", warn=True))
+        elif mode.name != fastest:
             add(Check("power mode", False, f"{mode.name} (id {mode.id}); this module's fastest is {fastest}",
                       f"sudo nvpmodel -m {power.mode_id(fastest, modes)}   # {fastest}, by this module's own "
                       "mode list; some modes need a reboot", warn=True))
         else:
-            add(Check("power mode", True, mode.name))
-    add(Check("root for jetson_clocks", p.euid == 0, "root" if p.euid == 0 else f"uid {p.euid}",
+            add(Check("power mode", True, f"{mode.name} (`nvpmodel -q`), the fastest in /etc/nvpmodel.conf"))
+    add(Check("root for jetson_clocks", p.euid == 0, "effective uid 0" if p.euid == 0 else f"uid {p.euid}",
               "run `make jetson-bench` with sudo so it can read and pin the clocks", warn=True))
     return r
+
+
+def _container_gpu(p: Probe) -> Check:
+    """Inside a container nothing says the NVIDIA runtime mapped the GPU in but the GPU's device
+    nodes themselves (and CUDA seeing a device)."""
+    present = set(p.device_nodes)
+    fix = "start it with the NVIDIA runtime (compose: `runtime: nvidia`; docker run: `--runtime nvidia`)"
+    if not gpu_nodes_mapped(present):
+        missing = [n for n in ("/dev/nvmap", "/dev/nvgpu/igpu0/ctrl") if n not in present]
+        return Check("container runtime", False, f"no GPU in this container: {', '.join(missing)} missing", fix)
+    if p.cuda_devices == 0:
+        return Check("container runtime", False, f"inside a container with {', '.join(sorted(present))}, but "
+                     "CUDA sees no device", fix)
+    seen = "" if p.cuda_devices is None else f"; CUDA sees {p.cuda_devices} device(s)"
+    return Check("container runtime", True, f"inside a container; the NVIDIA runtime mapped {', '.join(sorted(present))}"
+                 + seen)
 
 
 def _runtimes(docker_info: str) -> str:

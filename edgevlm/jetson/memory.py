@@ -40,7 +40,7 @@ def need(preset: str, precision: str, max_context: int = 2048, sequences: int = 
     vision_bytes = 1.0 if precision in ("int8", "int4") else 2.0  # both quantized exports carry W8A8 vision
     weights = streamed * WEIGHT_BYTES[precision] + vision_params * vision_bytes
     t = cfg.text
-    kv = 2 * t.num_layers * t.num_kv_heads * t.head_dim * 2 * max_context * sequences  # FP16 K and V
+    kv = t.kv_bytes_per_position(2) * max_context * sequences  # FP16 K and V
     table = embed * 4  # the runtime's FP32 embedding table
     # Building: the parsed network's weights, the engine being written, the workspace.
     build = SYSTEM_GIB * GIB + 2 * weights + workspace_gib(total_gib) * GIB

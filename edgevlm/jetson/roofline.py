@@ -82,7 +82,7 @@ def vision_flops(cfg: ModelConfig) -> float:
 def kv_bytes_per_step(cfg: ModelConfig, context: int, kv_cache: str = "ideal", max_context: int | None = None) -> float:
     """FP16 K and V bytes one decode step moves at `context` positions (see the layouts above)."""
     t = cfg.text
-    per_position = 2 * t.num_layers * t.num_kv_heads * t.head_dim * 2
+    per_position = t.kv_bytes_per_position(2)
     if kv_cache == "ideal":
         return per_position * context
     if kv_cache == "concat":

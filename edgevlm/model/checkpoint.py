@@ -21,21 +21,16 @@ import torch
 
 from edgevlm.presets import (ANYRES, LDP, LDPV2, MLP2X_GELU, PAD, ModelConfig, TextConfig,
                              VisionConfig, match_preset)
+from edgevlm.model import llava_hf
+from edgevlm.model.canonical import (NEWLINE_KEY, PROJECTOR_PREFIX, VISION_PREFIX, CheckpointError,
+                                     vision_from_tensors)
 from edgevlm.model.projector import se_width
 
-VISION_PREFIX = "model.vision_tower.vision_tower."
-PROJECTOR_PREFIX = "model.mm_projector."
-NEWLINE_KEY = "model.image_newline"  # LLaVA-1.6: the vector closing each row of the tile grid
 PROJECTORS = (LDP, LDPV2, MLP2X_GELU)
-CLIP_HEAD_DIM = 64  # every OpenAI CLIP ViT; config.json does not record the tower's head count
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
 
 WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 WEIGHT_SINGLES = ("model.safetensors", "pytorch_model.bin")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint directory that does not hold a loadable MobileVLM or LLaVA checkpoint."""
 
 
 # --- the layout: every key of the upstream state dict and its shape ------------------------
@@ -184,7 +179,6 @@ class Checkpoint:
 def read_checkpoint(path: str | Path, clip_dir: str | Path | None = None) -> Checkpoint:
     """Open and validate a checkpoint directory, either format. Raises CheckpointError naming
     the problem. clip_dir: the CLIP tower for a checkpoint released without one (LLaVA-1.5)."""
-    from edgevlm.model import llava_hf
     path = Path(path)
     if not (path / "config.json").is_file():
         raise CheckpointError(f"{path}: no config.json (is this a MobileVLM or LLaVA checkpoint directory?)")
@@ -308,29 +302,6 @@ def template_for(raw: dict, ptype: str, aspect: str) -> str:
     if "istral" in arch:
         return "mistral_instruct"
     return "llava_v1" if ptype == MLP2X_GELU and aspect == ANYRES else "vicuna_v1"
-
-
-def vision_from_tensors(tensors: dict[str, torch.Tensor], select_layer: int) -> VisionConfig:
-    """The CLIP tower's dims from its weights: config.json does not record them."""
-    def shape(key):
-        full = VISION_PREFIX + key
-        if full not in tensors:
-            raise CheckpointError(f"missing key {full}")
-        return tuple(tensors[full].shape)
-
-    c, _, patch, _ = shape("vision_model.embeddings.patch_embedding.weight")
-    positions = shape("vision_model.embeddings.position_embedding.weight")[0]
-    grid = int(round((positions - 1) ** 0.5))
-    if grid * grid != positions - 1 or grid % 2:
-        raise CheckpointError(f"{VISION_PREFIX}vision_model.embeddings.position_embedding.weight: "
-                              f"{positions} positions is not 1 + an even square grid")
-    layers = 0
-    while VISION_PREFIX + f"vision_model.encoder.layers.{layers}.mlp.fc1.weight" in tensors:
-        layers += 1
-    return VisionConfig(
-        image_size=grid * patch, patch_size=patch, hidden_size=c,
-        intermediate_size=shape("vision_model.encoder.layers.0.mlp.fc1.weight")[0],
-        num_layers=layers, num_heads=max(1, c // CLIP_HEAD_DIM), select_layer=select_layer)
 
 
 def check_tensors(tensors: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]],

@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import torch
 
+from edgevlm.model.canonical import (NEWLINE_KEY, PROJECTOR_PREFIX, VISION_PREFIX, CheckpointError,
+                                     vision_from_tensors)
 from edgevlm.presets import ANYRES, CROP, MLP2X_GELU, ModelConfig, TextConfig, match_preset
 
 HF_ARCHITECTURES = ("LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration")
-VISION = "model.vision_tower.vision_tower.vision_model."
-PROJECTOR = "model.mm_projector."
+VISION = VISION_PREFIX + "vision_model."
 
 # (prefix on disk, canonical prefix); the first match wins, so longer spellings come first.
 _READ = (
@@ -25,16 +26,16 @@ _READ = (
     ("language_model.lm_head.", "lm_head."), ("lm_head.", "lm_head."),
     ("model.vision_tower.vision_model.", VISION), ("vision_tower.vision_model.", VISION),
     ("model.vision_tower.", VISION), ("vision_tower.", VISION),
-    ("model.multi_modal_projector.linear_1.", PROJECTOR + "0."),
-    ("model.multi_modal_projector.linear_2.", PROJECTOR + "2."),
-    ("multi_modal_projector.linear_1.", PROJECTOR + "0."),
-    ("multi_modal_projector.linear_2.", PROJECTOR + "2."),
-    ("model.image_newline", "model.image_newline"), ("image_newline", "model.image_newline"),
+    ("model.multi_modal_projector.linear_1.", PROJECTOR_PREFIX + "0."),
+    ("model.multi_modal_projector.linear_2.", PROJECTOR_PREFIX + "2."),
+    ("multi_modal_projector.linear_1.", PROJECTOR_PREFIX + "0."),
+    ("multi_modal_projector.linear_2.", PROJECTOR_PREFIX + "2."),
+    ("model.image_newline", NEWLINE_KEY), ("image_newline", NEWLINE_KEY),
 )
 # canonical -> the hub's on-disk spelling (what the random writer produces)
 _WRITE = (
-    (VISION, "vision_tower.vision_model."), (PROJECTOR + "0.", "multi_modal_projector.linear_1."),
-    (PROJECTOR + "2.", "multi_modal_projector.linear_2."), ("model.image_newline", "image_newline"),
+    (VISION, "vision_tower.vision_model."), (PROJECTOR_PREFIX + "0.", "multi_modal_projector.linear_1."),
+    (PROJECTOR_PREFIX + "2.", "multi_modal_projector.linear_2."), (NEWLINE_KEY, "image_newline"),
     ("model.", "language_model.model."), ("lm_head.", "language_model.lm_head."),
 )
 
@@ -76,8 +77,6 @@ def padded_vocab(vocab: int) -> int:
 def config_from_hf(raw: dict, tensors: dict[str, torch.Tensor], name: str) -> ModelConfig:
     """A llava-hf config.json; the dims come from the weights where config.json leaves them to
     class defaults (the 7b-hf text_config lists almost nothing)."""
-    from edgevlm.model.checkpoint import CheckpointError, vision_from_tensors
-
     if raw.get("vision_feature_select_strategy", "default") != "default":
         raise CheckpointError("config.json: only vision_feature_select_strategy 'default' (drop CLS) is supported")
     if raw.get("projector_hidden_act", "gelu") != "gelu":

@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 
 from edgevlm.model import llava_hf
-from edgevlm.model.checkpoint import VISION_PREFIX, layout
+from edgevlm.model.canonical import VISION_PREFIX
+from edgevlm.model.checkpoint import layout
 from edgevlm.presets import ANYRES, CLIP_MEAN, CLIP_STD, ModelConfig
 from edgevlm.runtime.prompt import SYSTEM_V1
 from edgevlm.staging import staged_dir

@@ -10,6 +10,13 @@ import numpy as np
 from edgevlm.presets import IMAGE_TOKEN_INDEX
 
 
+def prompt_positions(ids: Sequence[int], image_tokens: int) -> int:
+    """Positions a prompt takes once `embed` splices its images in: each placeholder id
+    becomes its image's rows (`image_tokens` in all)."""
+    placeholders = sum(1 for i in ids if i == IMAGE_TOKEN_INDEX)
+    return len(ids) - placeholders + image_tokens if image_tokens else len(ids)
+
+
 class EmbeddingTable:
     def __init__(self, path: str | Path):
         self.table = np.load(path, mmap_mode="r")  # [vocab, D]; pages in only the rows used

@@ -1,4 +1,6 @@
-"""ONNX Runtime runners for vision_encoder.onnx and decoder.onnx (the cpu target)."""
+"""ONNX Runtime runners for vision_encoder.onnx and decoder.onnx (the cpu target); the
+decoder opens its own KV pool (ort_packed_pool.py for the static layout, concat_pool.py for
+concat)."""
 
 from __future__ import annotations
 
@@ -10,6 +12,10 @@ import numpy as np
 import onnxruntime as ort
 
 from edgevlm.presets import TextConfig
+from edgevlm.runtime.concat_pool import ConcatPool
+from edgevlm.runtime.kv_pool import KVPool, default_budget
+from edgevlm.runtime.ort_packed_pool import OrtPackedPool
+from edgevlm.runtime.packed_rows import round_up
 
 
 def session(path: str | Path, threads: int | None = None) -> ort.InferenceSession:
@@ -47,7 +53,7 @@ class OrtDecoder:
     """One decoder step: (inputs_embeds, position_ids, past KV) -> (last logits, present KV).
 
     static=True for decoder.static.onnx, whose past/present are fixed-capacity caches updated
-    at position_ids[:, 0]; its sequences update one buffer per tensor in place.
+    at position_ids[:, 0] (served by OrtPackedPool); concat otherwise (served by ConcatPool).
     """
 
     def __init__(self, path: str | Path, cfg: TextConfig, threads: int | None = None, static: bool = False):
@@ -57,46 +63,41 @@ class OrtDecoder:
         self.sess = session(path, threads)
         n = cfg.num_layers
         self.past_names = [f"past_{kv}_{i}" for i in range(n) for kv in ("key", "value")]
-        self.output_names = ["logits"] + [f"present_{kv}_{i}" for i in range(n) for kv in ("key", "value")]
+        self.present_names = [f"present_{kv}_{i}" for i in range(n) for kv in ("key", "value")]
         # FP16 KV in the FP16 export and the static FP16 copies of quantized ones, FP32 elsewhere
         kv_type = next(i.type for i in self.sess.get_inputs() if i.name == self.past_names[0])
         self.kv_dtype = np.dtype(np.float16 if kv_type == "tensor(float16)" else np.float32)
+        self.max_context = cfg.max_position
+
+    def open_pool(self, max_rows: int, budget_bytes: int = 0, max_context: int | None = None) -> KVPool:
+        """This decoder's KV pool, for rows of up to `max_context` positions (default: the
+        model's). budget_bytes 0: `max_rows` such rows, at most a quarter of this machine's
+        memory (the static pool takes it at once; concat rows allocate their own at admission)."""
+        context = min(max_context or self.max_context, self.max_context)
+        per_position = self.cfg.kv_bytes_per_position(self.kv_dtype.itemsize)
+        if not self.static:
+            return ConcatPool(lambda: OrtConcatSequence(self), max_rows, max_context=context,
+                              bytes_per_position=per_position, chunked_prefill=True, reuses_prefix=True)
+        budget = budget_bytes or default_budget(max_rows, round_up(context), per_position)
+        return OrtPackedPool(self, max_rows, budget)
 
     def empty_cache(self, batch: int = 1) -> list[np.ndarray]:
         c = self.cfg
         z = np.zeros((batch, c.num_kv_heads, 0, c.head_dim), self.kv_dtype)
         return [z] * (2 * c.num_layers)
 
-    def new_sequence(self, capacity: int) -> OrtSequence | OrtStaticSequence:
-        """State for one batch-1 sequence of up to `capacity` positions."""
-        return OrtStaticSequence(self, capacity) if self.static else OrtSequence(self, capacity)
-
     def __call__(self, inputs_embeds: np.ndarray, position_ids: np.ndarray,
                  past: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+        """The graph as exported, nothing bound (the parity checks' plain path)."""
         feeds = {"inputs_embeds": inputs_embeds, "position_ids": position_ids}
         feeds.update(zip(self.past_names, past))
-        logits, *present = self.sess.run(self.output_names, feeds)
+        logits, *present = self.sess.run(["logits", *self.present_names], feeds)
         return logits, present
 
 
-class _Sequence:
-    """What both sequence kinds share: a capacity, the positions held, an IO binding."""
-    capacity: int
-    length: int
-    binding: ort.IOBinding
-
-    def _bind_step(self, inputs_embeds: np.ndarray) -> tuple[int, int]:
-        """Bind this step's embeddings and positions; returns (positions held, new positions)."""
-        s, p = inputs_embeds.shape[1], self.length
-        if p + s > self.capacity:
-            raise ValueError(f"sequence capacity {self.capacity} exceeded")
-        self.binding.bind_cpu_input("inputs_embeds", np.ascontiguousarray(inputs_embeds, np.float32))
-        self.binding.bind_cpu_input("position_ids", np.arange(p, p + s, dtype=np.int64)[None])
-        return p, s
-
-
-class OrtSequence(_Sequence):
-    """A batch-1 sequence whose KV cache lives in two preallocated buffers per tensor.
+class OrtConcatSequence:
+    """A batch-1 sequence on decoder.onnx whose KV cache lives in two preallocated buffers per
+    tensor (ConcatPool's rows).
 
     decoder.onnx concatenates past and new KV into `present`. With IO binding, ONNX Runtime
     reads `past` from one buffer and writes `present` straight into the other, both bound as
@@ -106,89 +107,51 @@ class OrtSequence(_Sequence):
     same with concat-KV; in-place KV update needs TensorRT >= 10.15).
     """
 
-    def __init__(self, decoder: OrtDecoder, capacity: int):
+    def __init__(self, decoder: OrtDecoder):
         c = decoder.cfg
         self.d = decoder
-        self.capacity = capacity
         self.row = c.num_kv_heads * c.head_dim  # floats per position per tensor
-        n = 2 * c.num_layers
-        self.buffers = [np.empty((n, capacity * self.row), decoder.kv_dtype) for _ in range(2)]
+        self.buffers: list[np.ndarray] = []
         self.logits = np.empty((1, c.vocab_size), np.float32)
-        self.length = 0  # positions held in the cache
-        self.current = 0  # which buffer holds the cache
         self.binding = decoder.sess.io_binding()
+        self.capacity = self.length = self.current = 0
+
+    def reset(self, capacity: int) -> None:
+        if capacity > self.capacity:  # the buffers grow to the longest row served and stay
+            n = 2 * self.d.cfg.num_layers
+            self.buffers = [np.empty((n, capacity * self.row), self.d.kv_dtype) for _ in range(2)]
+            self.capacity = capacity
+        self.length = self.current = 0  # positions held; which buffer holds them
+
+    def close(self) -> None:
+        self.buffers = []
 
     def _view(self, buf: np.ndarray, i: int, length: int) -> np.ndarray:
         c = self.d.cfg
         return buf[i, : length * self.row].reshape(1, c.num_kv_heads, length, c.head_dim)
 
     def forward(self, inputs_embeds: np.ndarray) -> np.ndarray:
-        """Append inputs_embeds [1, S, D]; returns the last position's logits [vocab]."""
-        p, s = self._bind_step(inputs_embeds)
+        s, p = inputs_embeds.shape[1], self.length
         b = self.binding
+        b.bind_cpu_input("inputs_embeds", np.ascontiguousarray(inputs_embeds, np.float32))
+        b.bind_cpu_input("position_ids", np.arange(p, p + s, dtype=np.int64)[None])
         src, dst = self.buffers[self.current], self.buffers[1 - self.current]
-        for i, (past, present) in enumerate(zip(self.d.past_names, self.d.output_names[1:])):
+        for i, (past, present) in enumerate(zip(self.d.past_names, self.d.present_names)):
+            out = self._view(dst, i, p + s)
             b.bind_cpu_input(past, self._view(src, i, p))
-            b.bind_output(present, "cpu", 0, self.d.kv_dtype, [1, *self._view(dst, i, p + s).shape[1:]],
-                          self._view(dst, i, p + s).ctypes.data)
+            b.bind_output(present, "cpu", 0, self.d.kv_dtype, list(out.shape), out.ctypes.data)
         b.bind_output("logits", "cpu", 0, np.float32, list(self.logits.shape), self.logits.ctypes.data)
         self.d.sess.run_with_iobinding(b)
         self.length, self.current = p + s, 1 - self.current
         return self.logits[0]
 
     def save(self, n: int) -> list[np.ndarray]:
-        """The first n positions of the cache, [kv_heads, n, head_dim] per tensor (PrefixCache)."""
         buf = self.buffers[self.current]
         return [self._view(buf, i, self.length)[0, :, :n].copy() for i in range(len(buf))]
 
     def load(self, kv: list[np.ndarray]) -> None:
-        """Start this (new) sequence from saved KV."""
         n = kv[0].shape[1]
-        if n > self.capacity:
-            raise ValueError(f"sequence capacity {self.capacity} exceeded")
         buf = self.buffers[self.current]
         for i, a in enumerate(kv):
             self._view(buf, i, n)[0] = a
-        self.length = n
-
-
-class OrtStaticSequence(_Sequence):
-    """A batch-1 sequence on decoder.static.onnx: one [1, kv_heads, capacity, head_dim] buffer
-    per cache tensor, bound as both the past input and the present output. TensorScatter
-    sees the same buffer on both sides and writes only the new positions, so a step moves no
-    cache bytes at all; attention reads all `capacity` slots (the unfilled ones masked), which
-    is why the capacity is the sequence's own need, not the model's maximum context.
-    """
-
-    def __init__(self, decoder: OrtDecoder, capacity: int):
-        c = decoder.cfg
-        self.d = decoder
-        self.capacity = capacity
-        shape = (1, c.num_kv_heads, capacity, c.head_dim)
-        self.cache = [np.zeros(shape, decoder.kv_dtype) for _ in range(2 * c.num_layers)]
-        self.logits = np.empty((1, c.vocab_size), np.float32)
-        self.length = 0
-        b = self.binding = decoder.sess.io_binding()
-        for past, present, buf in zip(decoder.past_names, decoder.output_names[1:], self.cache):
-            b.bind_cpu_input(past, buf)
-            b.bind_output(present, "cpu", 0, decoder.kv_dtype, list(shape), buf.ctypes.data)
-        b.bind_output("logits", "cpu", 0, np.float32, list(self.logits.shape), self.logits.ctypes.data)
-
-    def forward(self, inputs_embeds: np.ndarray) -> np.ndarray:
-        """Append inputs_embeds [1, S, D]; returns the last position's logits [vocab]."""
-        p, s = self._bind_step(inputs_embeds)
-        b = self.binding
-        self.d.sess.run_with_iobinding(b)
-        self.length = p + s
-        return self.logits[0]
-
-    def save(self, n: int) -> list[np.ndarray]:
-        return [buf[0, :, :n].copy() for buf in self.cache]
-
-    def load(self, kv: list[np.ndarray]) -> None:
-        n = kv[0].shape[1]
-        if n > self.capacity:
-            raise ValueError(f"sequence capacity {self.capacity} exceeded")
-        for buf, a in zip(self.cache, kv):
-            buf[0, :, :n] = a
         self.length = n

@@ -159,11 +159,8 @@ class Preprocessor:
         else:
             prompt = build_prompt(prompt, image=n_images > 0, history=turns, system=system,
                                   template=self.cfg.template)
-        ids = np.asarray(tokenize_prompt(self.tok, prompt), np.int64)
-        n = len(ids) + max(tokens - 1, 0)
-        if n >= self.cfg.text.max_position:
-            raise BadRequest(f"prompt is {n} tokens, the context holds {self.cfg.text.max_position}")
-        return Prepared(pixel_values, ids, size_hw, tokens)
+        # its length against the context is the scheduler's check (Scheduler.check)
+        return Prepared(pixel_values, np.asarray(tokenize_prompt(self.tok, prompt), np.int64), size_hw, tokens)
 
 
 def image_bytes(inputs: dict) -> bytes | None:
@@ -188,6 +185,3 @@ def parse_history(value) -> list[tuple[str, str]]:
         raise BadRequest(f"history must be a JSON list of at most {MAX_TURNS} [question, answer] string pairs")
     return [(q, a) for q, a in turns]
 
-
-def image_embeds_or_none(embeds: np.ndarray | None) -> np.ndarray | None:
-    return None if embeds is None or embeds.shape[0] == 0 else embeds

@@ -1,5 +1,5 @@
-"""Open the runners a target serves: the vision encoder and the decode loop over ONNX Runtime
-(cpu) or TensorRT engines (jetson), with the KV cache layout chosen for the export."""
+"""Open the runners a target serves: the vision encoder and the decoder, on ONNX Runtime (cpu)
+or TensorRT engines (jetson), with the KV cache layout chosen for the export."""
 
 from __future__ import annotations
 
@@ -9,8 +9,6 @@ from pathlib import Path
 import numpy as np
 
 from edgevlm.manifest import OnnxArtifacts
-from edgevlm.runtime.embedding import EmbeddingTable
-from edgevlm.runtime.tokenizer import Tokenizer
 
 
 class VisionEncoder:
@@ -23,7 +21,7 @@ class VisionEncoder:
             from edgevlm.runtime.onnxruntime import OrtVisionEncoder
             self.run = OrtVisionEncoder(art.path(cpu_form(art, "vision_encoder")))
         elif runner == "tensorrt":
-            from edgevlm.runtime.tensorrt import TrtVisionEncoder
+            from edgevlm.runtime.tensorrt.vision import TrtVisionEncoder
             self.run = TrtVisionEncoder(engine_dir)
         else:
             raise ValueError(f"unknown runner {runner!r} (onnxruntime or tensorrt)")
@@ -57,24 +55,17 @@ def cpu_form(art: OnnxArtifacts, key: str) -> str:
     return f"{key}_cpu" if f"{key}_cpu" in art.manifest["files"] else key
 
 
-def load_generator(onnx_dir: str | Path, runner: str = "onnxruntime", engine_dir: str | Path = "",
-                   kv_cache: str = "auto"):
-    """kv_cache picks the ONNX Runtime decoder graph (the TensorRT engine folder records its own)."""
-    from edgevlm.runtime.generation import Generator
+def open_decoder(onnx_dir: str | Path, runner: str = "onnxruntime", engine_dir: str | Path = "",
+                 kv_cache: str = "auto"):
+    """The decoder a target runs: OrtDecoder (kv_cache picks its graph) or TrtDecoder (the engine
+    folder records its own layout). Either opens its own KV pool (`open_pool`)."""
     art = OnnxArtifacts.open(onnx_dir)
-    cfg = art.config
-    kv_cache = kv_layout(art, kv_cache)
     if runner == "onnxruntime":
         from edgevlm.runtime.onnxruntime import OrtDecoder
-        static = kv_cache == "static"
-        decoder = OrtDecoder(art.path(cpu_form(art, "decoder_static" if static else "decoder")), cfg.text,
-                             static=static)
-    elif runner == "tensorrt":
-        from edgevlm.runtime.tensorrt import TrtDecoder
-        decoder = TrtDecoder(engine_dir, cfg.text)
-    else:
-        raise ValueError(f"unknown runner {runner!r} (onnxruntime or tensorrt)")
-    # a TensorRT engine may hold less than the model (make engines MAX_CONTEXT=)
-    max_context = min(cfg.text.max_position, getattr(decoder, "max_context", cfg.text.max_position))
-    return Generator(decoder, EmbeddingTable(art.path("embed_tokens")), Tokenizer(art.path("tokenizer")),
-                     max_context=max_context)
+        static = kv_layout(art, kv_cache) == "static"
+        return OrtDecoder(art.path(cpu_form(art, "decoder_static" if static else "decoder")), art.config.text,
+                          static=static)
+    if runner == "tensorrt":
+        from edgevlm.runtime.tensorrt.decoder import TrtDecoder
+        return TrtDecoder(engine_dir, art.config.text)
+    raise ValueError(f"unknown runner {runner!r} (onnxruntime or tensorrt)")

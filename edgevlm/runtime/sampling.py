@@ -5,8 +5,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import time
-
 import numpy as np
 from edgevlm_client.contract import BY_NAME, PARAMETERS, stop_reason
 
@@ -56,7 +54,6 @@ class Sampler:
         # Penalised ids: the prompt's (as transformers does) plus everything generated.
         self.seen = {int(i) for i in prompt_ids if i >= 0}
         self.constraint = constraint  # grammar.Constraint or None
-        self.mask_s = 0.0  # time spent computing masks (make bench reads it)
 
     @property
     def complete(self) -> bool:
@@ -68,9 +65,7 @@ class Sampler:
             logits = logits[:self.vocab]
         if self.constraint is None:
             return self._pick(logits)
-        t0 = time.perf_counter()
         logits = self.constraint.mask(logits)
-        self.mask_s += time.perf_counter() - t0
         tok = self._pick(logits)
         self.constraint.consume(tok)
         return tok

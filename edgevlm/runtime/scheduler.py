@@ -1,14 +1,19 @@
-"""Continuous batching: every live sequence advances by one token per decoder call.
+"""The decode loop: every live sequence advances by one token per decoder call.
 
-One Scheduler per model instance, one thread. Requests are `submit`ted (checked at once:
-a bad one raises BadRequest, a full queue raises Busy) and wait in a FIFO queue that holds
-at most `max_queue` requests beyond the free slots (0: refuse whenever all slots are busy).
-Between steps the thread admits the head of the queue when the KV pool has room, and
-each loop iteration then does:
+The only code that turns logits into streamed text (sampling, stop rules, grammars,
+max_tokens, cancellation, stats). One Scheduler per model instance, one thread; a request
+alone is a batch of one, not another loop. The scheduler decides; the model's KV pool
+(kv_pool.py) executes.
 
-  1. drop the rows whose client cancelled (they free their slot now, not at their end),
-  2. one decode step: a single decoder call over all decoding rows, each at its own
-     position; each row samples with its own parameters, seed, penalty and stop strings,
+Requests are `submit`ted (checked at once: a bad one raises BadRequest, a full queue raises
+Busy) and wait in a FIFO queue that holds at most `max_queue` requests beyond the free rows
+(0: refuse whenever all rows are busy). A request still being prepared (its image encoded)
+holds a `Reservation` of a queue place. Between steps the thread admits the head of the
+queue when the pool has room, and each iteration then does:
+
+  1. drop the rows whose client cancelled (they free their row now, not at their end),
+  2. one decode step: a single pool call over all decoding rows, each at its own position;
+     each row samples with its own parameters, seed, penalty, grammar and stop strings,
   3. one prefill chunk of the oldest admitted prompt, at most `prefill_chunk` positions, so
      a new request stalls the running streams by one chunk per token (`make bench` measures
      it); with no stream decoding the whole prompt goes in one call.
@@ -19,25 +24,32 @@ stored once prefilled, and its prompt and answer when it ends.
 
 Events go out through each request's `emit` (text deltas, then a final event with stats)
 or its `fail` (an exception); both are called on the scheduler thread. No Triton here: the
-`mobilevlm` model is an adapter that submits requests and forwards these events.
+`mobilevlm` model is an adapter that submits requests and forwards these events; tests,
+benchmarks and `make verify` drive it in process through `generate`.
 """
 
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from edgevlm.runtime.detokenize import IncrementalDecoder
+from edgevlm.runtime.embedding import prompt_positions
 from edgevlm.runtime.errors import BadRequest, Busy
-from edgevlm.runtime.generation import Event, Generator, Stats
+from edgevlm.runtime.events import CANCELLED, LENGTH, STOP, Event, Stats
+from edgevlm.runtime.kv_pool import Row
+from edgevlm.runtime.observer import CANCELLED as CANCELLED_OUTCOME
+from edgevlm.runtime.observer import COMPLETE, ERROR, Observer, Quiet, outcome_of
 from edgevlm.runtime.prefix_cache import PrefixCache, position_keys
 from edgevlm.runtime.sampling import Sampler, SamplingParams
+from edgevlm.runtime.text_model import TextModel
 
 log = logging.getLogger(__name__)
 
@@ -56,114 +68,153 @@ class Request:
     image_cached: bool = False  # the embeddings came from the image cache
     submitted: float = field(default_factory=time.perf_counter)
 
+    @property
+    def image_tokens(self) -> int:
+        images = self.image_embeds
+        return 0 if images is None or images.shape[0] == 0 else images.shape[0] * images.shape[1]
 
-class Observer:
-    """What the scheduler reports; the Triton adapter turns it into Prometheus metrics."""
 
-    def step(self, rows: int, seconds: float) -> None: ...
-    def depth(self, active: int, queued: int) -> None: ...
-    def finished(self, outcome: str, tokens: int) -> None: ...
-    def prefix(self, reused: int, cache_bytes: int, evicted: int) -> None:
-        """A prefix-cache lookup (reused 0: a miss) or store (reused -1)."""
+class Reservation:
+    """A queue place held for a request still being prepared (its image encoding), so a full
+    queue refuses it before that work. `submit(..., reservation=)` uses the place; `release()`
+    gives it back otherwise. Both may happen in any order, any number of times: the place is
+    returned exactly once, so a `finally: reservation.release()` on every path is safe."""
+
+    def __init__(self, scheduler: Scheduler):
+        self._scheduler = scheduler
+        self.held = True  # guarded by the scheduler's lock
+
+    def release(self) -> None:
+        with self._scheduler.cond:
+            self._give_back()
+
+    def _give_back(self) -> None:  # with the scheduler's lock held
+        if self.held:
+            self.held = False
+            self._scheduler.reserved -= 1
+            self._scheduler._report_depth()
 
 
 class _Live:
     """One admitted request: its row, sampler, detokenizer, stats and progress."""
 
-    def __init__(self, req: Request, row, n_prompt: int, max_new: int, embeds: np.ndarray, tok, sampler: Sampler):
+    def __init__(self, req: Request, row: Row, embeds: np.ndarray, max_new: int, sampler: Sampler, detok):
         self.req, self.row, self.max_new = req, row, max_new
-        self.embeds = embeds  # the prompt's, consumed chunk by chunk
-        self.fed = 0  # prompt positions prefilled so far
-        self.sampler = sampler
-        self.detok = IncrementalDecoder(tok, req.params.stop)
-        images = req.image_embeds
-        self.stats = Stats(image_encode_ms=req.image_encode_ms, prefill_tokens=n_prompt,
-                           image_cached=req.image_cached,
-                           image_tokens=0 if images is None or images.shape[0] == 0 else images.shape[1])
+        self.embeds: np.ndarray | None = embeds  # the prompt's, consumed chunk by chunk
+        self.total = embeds.shape[1]  # prompt positions
+        self.fed = 0  # prefilled so far
+        self.sampler, self.detok = sampler, detok
+        self.stats = Stats(image_encode_ms=req.image_encode_ms, prefill_tokens=self.total,
+                           image_cached=req.image_cached, image_tokens=req.image_tokens,
+                           queue_ms=(time.perf_counter() - req.submitted) * 1e3)
         self.keys: np.ndarray | None = None  # the prompt's position keys (with a prefix cache)
         self.fed_tokens: list[int] = []  # generated tokens whose KV is in the row
-        self.stats.queue_ms = (time.perf_counter() - req.submitted) * 1e3
         self.t_prefill = time.perf_counter()
         self.t_decode = 0.0
         self.next_token = -1  # fed at the next decode step
 
     @property
     def prefilling(self) -> bool:
-        return self.fed < self.embeds.shape[1]
+        return self.fed < self.total
 
 
 class Scheduler:
-    def __init__(self, gen: Generator, pool, *, max_queue: int, prefill_chunk: int = PREFILL_CHUNK,
+    def __init__(self, model: TextModel, *, max_queue: int, prefill_chunk: int = PREFILL_CHUNK,
                  observer: Observer | None = None, prefix_cache: PrefixCache | None = None):
-        self.gen, self.pool = gen, pool
+        self.model, self.pool = model, model.pool
         self.max_queue = max_queue
-        self.chunk = prefill_chunk if getattr(pool, "chunked_prefill", True) else None
-        # reuse needs a pool that copies KV in and out and prefills at any offset
-        reusable = getattr(pool, "reuses_prefix", False) and self.chunk is not None
+        self.chunk = prefill_chunk if self.pool.chunked_prefill else None
+        reusable = self.pool.reuses_prefix and self.pool.chunked_prefill  # copies KV in, prefills at an offset
         self.cache = prefix_cache if reusable and prefix_cache is not None and prefix_cache.budget > 0 else None
-        self.obs = observer or Observer()
-        self.queue: deque[tuple[Request, int, int]] = deque()  # (request, prompt positions, new tokens)
-        self.live: list[_Live] = []
-        self.reserved = 0  # queue places held by requests whose images are being encoded
+        self.obs = observer or Quiet()
+        # The lock guards what request threads and the scheduler thread share: the queue, the
+        # reserved places, `admitted` (rows taken, which admission and refusal count) and
+        # `closing`. The live rows, the pool and the prefix cache are the scheduler thread's
+        # alone, and the work of admission (embedding, prefix copies) runs outside the lock.
         self.cond = threading.Condition()
+        self.queue: deque[tuple[Request, int, int]] = deque()  # (request, prompt positions, new tokens)
+        self.reserved = 0
+        self.admitted = 0
         self.closing = False
+        self.live: list[_Live] = []
         self.thread = threading.Thread(target=self._loop, name="scheduler", daemon=True)
         self.thread.start()
 
     # -- called from request threads ------------------------------------------------------------
     def check(self, input_ids: Sequence[int], image_tokens: int, params: SamplingParams) -> tuple[int, int]:
         """(prompt positions, tokens to generate) of a request, or BadRequest."""
-        n_prompt = self.gen.check(input_ids, image_tokens, params)
-        max_new = min(params.max_tokens, self.gen.max_context - n_prompt)
+        params.validate()
+        if len(input_ids) == 0:
+            raise BadRequest("prompt is empty")
+        n_prompt = prompt_positions(input_ids, image_tokens)
+        context = self.model.max_context
+        if n_prompt >= context:
+            raise BadRequest(f"prompt is {n_prompt} tokens, the context holds {context}")
+        if params.response_format is not None:
+            self.model.grammars.check(params.response_format)  # compiled once; a bad one is refused here
+        max_new = min(params.max_tokens, context - n_prompt)
         if self.pool.never_fits(n_prompt + max_new):
             raise BadRequest(f"prompt and max_tokens need {n_prompt + max_new} positions; "
                              "the KV cache of this server holds fewer (ask for fewer max_tokens)")
         return n_prompt, max_new
 
-    def reserve(self) -> None:
-        """Hold a queue place for a request still being prepared (its image encoding), so a
-        full queue refuses it before that work; submit(reserved=True) uses the place and
-        release_reservation() gives it back."""
+    def reserve(self) -> Reservation:
+        """A queue place for a request still being prepared, or Busy."""
         with self.cond:
             self._refuse_if_full()
             self.reserved += 1
             self._report_depth()
+            return Reservation(self)
 
-    def release_reservation(self) -> None:
-        with self.cond:
-            self.reserved -= 1
-            self._report_depth()
-
-    def submit(self, req: Request, reserved: bool = False) -> None:
-        """Queue a request (BadRequest if it is invalid, Busy if the queue is full)."""
-        n_image = 0 if req.image_embeds is None else req.image_embeds.shape[1]
+    def submit(self, req: Request, reservation: Reservation | None = None) -> None:
+        """Queue a request (BadRequest if it is invalid, Busy if the queue is full). A
+        reservation is used for it, or given back when the request is refused."""
         try:
-            n_prompt, max_new = self.check(req.input_ids, n_image, req.params)
+            n_prompt, max_new = self.check(req.input_ids, req.image_tokens, req.params)
         except BadRequest:
-            if reserved:
-                self.release_reservation()
+            if reservation is not None:
+                reservation.release()
             raise
         with self.cond:
-            if reserved:
-                self.reserved -= 1
+            if reservation is not None and reservation.held:
+                reservation._give_back()
             else:
                 self._refuse_if_full()
             self.queue.append((req, n_prompt, max_new))
             self._report_depth()
             self.cond.notify()
 
-    def _refuse_if_full(self) -> None:
+    def generate(self, input_ids: Sequence[int], image_embeds: np.ndarray | None = None,
+                 params: SamplingParams | None = None, **request) -> Iterator[Event]:
+        """Submit a request and yield its events as they come (in-process use: tests,
+        benchmarks, `make verify`). Leaving the loop early cancels the request."""
+        events: queue.SimpleQueue = queue.SimpleQueue()
+        left = threading.Event()
+        self.submit(Request(input_ids, image_embeds, params or SamplingParams(), events.put, events.put,
+                            left.is_set, **request))
+        try:
+            while True:
+                event = events.get()
+                if isinstance(event, Exception):
+                    raise event
+                yield event
+                if event.final:
+                    return
+        finally:
+            left.set()
+
+    def _refuse_if_full(self) -> None:  # with the lock held
         if self.closing:
             raise Busy("busy: the model is shutting down")
         waiting = len(self.queue) + self.reserved
-        free = max(0, self.pool.max_rows - len(self.live))  # waiting requests a free slot takes at once
+        free = max(0, self.pool.max_rows - self.admitted)  # waiting requests a free row takes at once
         if waiting - free >= self.max_queue:
-            raise Busy(f"busy: {len(self.live)} sequences active, {waiting} queued")
+            raise Busy(f"busy: {self.admitted} sequences active, {waiting} queued")
 
     def counts(self) -> tuple[int, int]:
         """(sequences admitted, requests queued)."""
         with self.cond:
-            return len(self.live), len(self.queue)
+            return self.admitted, len(self.queue)
 
     def close(self) -> None:
         """Stop the thread; whatever is queued or live ends as cancelled."""
@@ -187,18 +238,19 @@ class Scheduler:
                 for live in list(self.live):
                     self._end(live, error=e)
         for live in list(self.live):
-            self._end(live, "cancelled")
+            self._end(live, CANCELLED)
         with self.cond:
             queued, self.queue = list(self.queue), deque()
+            self._report_depth()
         for req, _, _ in queued:
-            self._send_final(req, Stats(finish_reason="cancelled"), "", "cancelled")
+            self._send_final(req, Stats(), "", CANCELLED)
 
     def _iteration(self) -> None:
         self._drop_cancelled()
         self._admit()
         decoding = [x for x in self.live if not x.prefilling]
         if decoding:
-            embeds = self.gen.table.embed([x.next_token for x in decoding])[0][:, None]  # [B, 1, D]
+            embeds = self.model.table.embed([x.next_token for x in decoding])[0][:, None]  # [B, 1, D]
             t0 = time.perf_counter()
             logits = self.pool.decode([x.row for x in decoding], embeds)
             self.obs.step(len(decoding), time.perf_counter() - t0)
@@ -214,15 +266,15 @@ class Scheduler:
         # Decoding rows are checked right before each send instead (_advance): one check per
         # row per step either way.
         for live in [x for x in self.live if x.prefilling and self._is_cancelled(x.req)]:
-            self._end(live, "cancelled")
+            self._end(live, CANCELLED)
         with self.cond:
             gone = [q for q in self.queue if self._is_cancelled(q[0])]
             for q in gone:
                 self.queue.remove(q)
+            if gone:
+                self._report_depth()
         for req, _, _ in gone:
-            self._send_final(req, Stats(finish_reason="cancelled"), "", "cancelled")
-        if gone:
-            self._report_depth()
+            self._send_final(req, Stats(), "", CANCELLED)
 
     @staticmethod
     def _is_cancelled(req: Request) -> bool:
@@ -233,29 +285,40 @@ class Scheduler:
 
     def _admit(self) -> None:
         """Admit from the queue's head while the pool has room. One prompt is prefilled at a
-        time, so a second waits in the queue (cancellable, costing no slot) until it starts."""
+        time, so a second waits in the queue (cancellable, costing no row) until it starts."""
+        while not any(x.prefilling for x in self.live):
+            with self.cond:
+                if not self.queue or not self.pool.fits(self.queue[0][1] + self.queue[0][2]):
+                    return
+                req, n_prompt, max_new = self.queue.popleft()
+                self.admitted += 1
+                self._report_depth()
+            row = None
+            try:
+                sampler = self._sampler(req)
+                embeds = self.model.table.embed(req.input_ids, req.image_embeds)
+                row = self.pool.acquire(n_prompt + max_new)
+                live = _Live(req, row, embeds, max_new, sampler, IncrementalDecoder(self.model.tok, req.params.stop))
+                if self.cache is not None:
+                    self._reuse_prefix(live)
+            except Exception as e:
+                if row is not None:
+                    self.pool.release(row)
+                self._leave()
+                self._safe(req.fail, e)
+                self.obs.finished(outcome_of(e), 0)
+                continue
+            self.live.append(live)
+
+    def _sampler(self, req: Request) -> Sampler:
+        fmt = req.params.response_format
+        constraint = self.model.grammars.constraint(fmt) if fmt else None
+        return Sampler(req.params, req.input_ids, constraint, vocab=self.model.tok.vocab_size)
+
+    def _leave(self) -> None:
         with self.cond:
-            while self.queue and not any(x.prefilling for x in self.live):
-                req, n_prompt, max_new = self.queue[0]
-                if not self.pool.fits(n_prompt + max_new):
-                    break
-                self.queue.popleft()
-                row = None
-                try:
-                    embeds = self.gen.table.embed(req.input_ids, req.image_embeds)
-                    row = self.pool.acquire(n_prompt + max_new)
-                    live = _Live(req, row, n_prompt, max_new, embeds, self.gen.tok,
-                                 self.gen.sampler(req.params, req.input_ids))
-                    if self.cache is not None:
-                        self._reuse_prefix(live)
-                except Exception as e:
-                    if row is not None:
-                        self.pool.release(row)
-                    self._safe(req.fail, e)
-                    self.obs.finished("error", 0)
-                    continue
-                self.live.append(live)
-        self._report_depth()
+            self.admitted -= 1
+            self._report_depth()
 
     def _reuse_prefix(self, x: _Live) -> None:
         """Start x from the cached KV of its longest known prefix; its last prompt position is
@@ -281,8 +344,7 @@ class Scheduler:
         self.obs.prefix(-1, self.cache.bytes, evicted)
 
     def _prefill_chunk(self, x: _Live, alone: bool) -> None:
-        total = x.embeds.shape[1]
-        step = total - x.fed if (alone or self.chunk is None) else self.chunk
+        step = x.total - x.fed if (alone or self.chunk is None) else self.chunk
         piece = x.embeds[:, x.fed:x.fed + step]
         logits = self.pool.prefill(x.row, piece)
         x.fed += piece.shape[1]
@@ -290,7 +352,7 @@ class Scheduler:
             now = time.perf_counter()
             x.stats.prefill_ms = (now - x.t_prefill) * 1e3
             x.t_decode = now
-            x.embeds = x.embeds[:, :0]  # the prompt's embeddings are no longer needed
+            x.embeds = None  # the prompt's embeddings are no longer needed
             self._remember(x)  # requests about the same frame, arriving now, share it
             self._advance(x, logits)
 
@@ -298,21 +360,21 @@ class Scheduler:
         """Sample one token for x and stream it; end x on EOS, a stop string or max_tokens."""
         tok = x.sampler(logits)
         x.stats.decode_tokens += 1
-        if tok == self.gen.tok.eos_id:
-            return self._end(x, "stop")
+        if tok == self.model.tok.eos_id:
+            return self._end(x, STOP)
         # Checked here, just before the send, not only at the step's start: tritonserver
         # 2.51's gRPC frontend can crash when a response races the client's cancel
         # (triton-inference-server/server#7840, #8034; seen here once in a soak), and the
         # decode step between the two would widen that window to a whole step.
         if self._is_cancelled(x.req):
-            return self._end(x, "cancelled")
+            return self._end(x, CANCELLED)
         delta = x.detok.push(tok)
         if delta and not self._safe(x.req.emit, Event(delta)):
-            return self._end(x, "cancelled")
+            return self._end(x, CANCELLED)
         if x.detok.stopped or x.sampler.complete:  # a stop string, or the grammar is satisfied
-            return self._end(x, "stop")
+            return self._end(x, STOP)
         if x.stats.decode_tokens >= x.max_new:
-            return self._end(x, "length")
+            return self._end(x, LENGTH)
         x.next_token = tok
 
     def _end(self, x: _Live, finish: str = "", error: Exception | None = None) -> None:
@@ -321,20 +383,19 @@ class Scheduler:
             if error is None:
                 self._remember(x)
             self.pool.release(x.row)
+            self._leave()
         if error is not None:
             self._safe(x.req.fail, error)
-            self.obs.finished("invalid" if getattr(error, "status", None) == "INVALID_ARG" else "error",
-                              x.stats.decode_tokens)
-        else:
-            if x.t_decode:
-                x.stats.decode_ms = (time.perf_counter() - x.t_decode) * 1e3
-            self._send_final(x.req, x.stats, x.detok.flush() if finish != "cancelled" else "", finish)
-        self._report_depth()
+            self.obs.finished(outcome_of(error), x.stats.decode_tokens)
+            return
+        if x.t_decode:
+            x.stats.decode_ms = (time.perf_counter() - x.t_decode) * 1e3
+        self._send_final(x.req, x.stats, x.detok.flush() if finish != CANCELLED else "", finish)
 
     def _send_final(self, req: Request, stats: Stats, text: str, finish: str) -> None:
         stats.finish_reason = finish
         sent = self._safe(req.emit, Event(text, stats))
-        outcome = "cancelled" if finish == "cancelled" else ("complete" if sent else "error")
+        outcome = CANCELLED_OUTCOME if finish == CANCELLED else (COMPLETE if sent else ERROR)
         self.obs.finished(outcome, stats.decode_tokens)
 
     @staticmethod
@@ -348,4 +409,5 @@ class Scheduler:
             return False
 
     def _report_depth(self) -> None:
-        self.obs.depth(len(self.live), len(self.queue) + self.reserved)
+        # With the lock held: reports from different threads reach the gauges in order.
+        self.obs.depth(self.admitted, len(self.queue) + self.reserved)

@@ -90,8 +90,8 @@ def render_repository(onnx_dir: str | Path, out_dir: str | Path, target: str = "
                       prefix_cache_mib: int = PREFIX_CACHE_MIB, image_cache_mib: int = IMAGE_CACHE_MIB) -> Path:
     """kv_cache (cpu target): "concat" (decoder.onnx), "static" (decoder.static.onnx, one
     in-place cache buffer per tensor: half the KV memory) or "auto" (static where the export
-    has it). Jetson engines record their own. batching: "continuous" (the scheduler) or "off"
-    (a decode loop per request); max_queue defaults to twice max_sequences. prefix_cache_mib
+    has it). Jetson engines record their own. batching: "continuous" (max_sequences rows
+    decoded together) or "off" (one sequence at a time: what make bench compares with); max_queue defaults to twice max_sequences. prefix_cache_mib
     and image_cache_mib size the caches (0: off)."""
     if target not in TARGETS:
         raise ValueError(f"unknown target {target!r}; use one of {', '.join(TARGETS)}")

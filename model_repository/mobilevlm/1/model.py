@@ -1,47 +1,25 @@
 """Triton model `mobilevlm` (decoupled): the entry point clients stream from.
 
-Its inputs and outputs are the wire contract (edgevlm_client/contract.py; config.pbtxt is
-rendered from it): one response per text delta, `stats` JSON on the last.
+An adapter: its inputs and outputs are the wire contract (edgevlm_client/contract.py;
+config.pbtxt is rendered from it), one response per text delta, `stats` JSON on the last.
+Each request goes to the intake (edgevlm/runtime/intake.py: checks, preprocessing, the image
+cache, the image batcher calling `vision_encoder` through BLS), then to the scheduler
+(edgevlm/runtime/scheduler.py), whose thread decodes every active sequence in one batched
+step per token and calls back here with each text delta. A cancel message (a request holding
+only `cancel`, contract.CANCEL) stops the generation it names at its next step; that
+generation still gets its final response with its stats. Failures carry their Triton status:
+INVALID_ARG for a bad request, UNAVAILABLE when the admission queue is full ("busy: ..."),
+INTERNAL for a bug (adapter.send_error). The metrics are edgevlm/runtime/observer.py's METRICS.
 
-Per request, inside execute(): the request is checked and preprocessed here (image decode,
-prompt template, tokens). A request with an image goes to the image batcher
-(edgevlm/runtime/batcher.py), whose thread calls `vision_encoder` through BLS once for all
-the images that arrived while its previous call ran, so a burst of frames is encoded in one
-call. Then the request goes to the scheduler (edgevlm/runtime/scheduler.py), whose thread
-decodes every active sequence in one batched step per token and calls back here with each
-text delta. (Not an `async def execute` awaiting BLS: with Triton 2.51 that races in the
-stub, triton-inference-server/server#8537.) A cancelled stream leaves the batch
-at the next step and frees its slot. Failures carry their Triton status: INVALID_ARG for a
-bad request, UNAVAILABLE when the admission queue is full ("busy: ..."), INTERNAL for a bug
-(adapter.send_error: the status is in the `stats` of the response before the error, as the
-wire contract says).
-
-`batching: off` keeps the per-request loop (a thread and a batch-1 decode per request) for
-`make bench` to compare against.
-
-Why preprocessing is not a composing model of its own: python-backend BLS resets a composed
-model's error code to INTERNAL (triton-inference-server/server#7804, Triton 2.51), so a bad
-image refused there would reach the client as a server fault. Here its refusal keeps
-INVALID_ARG; it also saves a stub process and a shared-memory copy of the pixels.
-
-Prometheus metrics (Triton's metrics endpoint): edgevlm_active_sequences (gauge; back to 0
-when idle, or a sequence leaked), edgevlm_queued_requests (gauge), edgevlm_batch_size (gauge:
-rows in the last decode step), edgevlm_decode_steps_total, edgevlm_decode_step_seconds_total
-and edgevlm_decode_step_rows_total (counters: their ratios are the mean step time and batch),
-edgevlm_requests_total{outcome=complete|cancelled|invalid|refused|error} (refused: busy),
-edgevlm_generated_tokens_total; the caches: edgevlm_prefix_cache_{hits,misses,reused_tokens,
-evictions}_total, edgevlm_prefix_cache_bytes, edgevlm_image_cache_{hits,misses}_total,
-edgevlm_image_cache_bytes.
-
-A request whose image bytes were seen recently takes their embeddings from the image cache
-(edgevlm/runtime/image_cache.py): no decode, no resize, no vision_encoder call, `stats` says
-image_cached. The scheduler's prefix cache (edgevlm/runtime/prefix_cache.py) then skips the
-prefill of whatever the prompt shares with an earlier sequence (`stats`: cached_tokens).
+Why BLS from a thread, not `async def execute`: with Triton 2.51 that races in the stub
+(triton-inference-server/server#8537). Why preprocessing is not a composing model of its
+own: python-backend BLS resets a composed model's error code to INTERNAL
+(triton-inference-server/server#7804), so a bad image refused there would reach the client
+as a server fault.
 """
 
 import json
 import threading
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from adapter import ComposedModelError, model_params, send_error
@@ -57,96 +35,60 @@ def _response(text, stats=b""):
         pb_utils.Tensor("stats", np.array([stats], dtype=object))])
 
 
-def _outcome(exc):
-    """How a failed request is counted: by its status, like the client sees it."""
-    return {"INVALID_ARG": "invalid", "UNAVAILABLE": "refused"}.get(getattr(exc, "status", None), "error")
-
-
 class Metrics:
-    """Prometheus families, fed by the scheduler (it calls step/depth/finished)."""
-    OUTCOMES = ("complete", "cancelled", "invalid", "refused", "error")
+    """The Observer the scheduler and the intake report to, as Prometheus metrics. Every call
+    holds the lock: the stub sends each one to the server as a message, and they come from
+    the scheduler thread, the image batcher's and execute()'s."""
 
-    def __init__(self):
-        G, C = pb_utils.MetricFamily.GAUGE, pb_utils.MetricFamily.COUNTER
+    def __init__(self, metrics, outcomes):
+        kinds = {"gauge": pb_utils.MetricFamily.GAUGE, "counter": pb_utils.MetricFamily.COUNTER}
         labels = {"model": "mobilevlm"}
-        self.families = {
-            name: pb_utils.MetricFamily(name, doc, kind) for name, doc, kind in (
-                ("edgevlm_active_sequences", "Sequences admitted (prefilling or decoding)", G),
-                ("edgevlm_queued_requests", "Requests waiting for a slot", G),
-                ("edgevlm_batch_size", "Rows in the last decode step", G),
-                ("edgevlm_decode_steps_total", "Decode steps run", C),
-                ("edgevlm_decode_step_seconds_total", "Time spent in decode steps", C),
-                ("edgevlm_decode_step_rows_total", "Rows summed over decode steps", C),
-                ("edgevlm_requests_total", "Finished requests by outcome", C),
-                ("edgevlm_generated_tokens_total", "Tokens generated", C),
-                ("edgevlm_prefix_cache_hits_total", "Prompts that reused a cached prefix's KV", C),
-                ("edgevlm_prefix_cache_misses_total", "Prompts prefilled from scratch", C),
-                ("edgevlm_prefix_cache_reused_tokens_total", "Prompt positions taken from the prefix cache", C),
-                ("edgevlm_prefix_cache_evictions_total", "Prefix cache entries evicted for room", C),
-                ("edgevlm_prefix_cache_bytes", "Bytes held by the prefix cache", G),
-                ("edgevlm_image_cache_hits_total", "Images whose embeddings were cached", C),
-                ("edgevlm_image_cache_misses_total", "Images encoded", C),
-                ("edgevlm_image_cache_bytes", "Bytes held by the image cache", G))}
-        m = {name: f.Metric(labels=labels) for name, f in self.families.items() if name != "edgevlm_requests_total"}
-        self.active, self.queued, self.batch = (m["edgevlm_active_sequences"], m["edgevlm_queued_requests"],
-                                                m["edgevlm_batch_size"])
-        self.steps, self.step_seconds, self.step_rows = (m["edgevlm_decode_steps_total"],
-                                                         m["edgevlm_decode_step_seconds_total"],
-                                                         m["edgevlm_decode_step_rows_total"])
-        self.tokens = m["edgevlm_generated_tokens_total"]
-        self.prefix_hits, self.prefix_misses, self.prefix_reused, self.prefix_evictions, self.prefix_bytes = (
-            m[f"edgevlm_prefix_cache_{k}"] for k in ("hits_total", "misses_total", "reused_tokens_total",
-                                                     "evictions_total", "bytes"))
-        self.image_hits, self.image_misses, self.image_bytes = (
-            m[f"edgevlm_image_cache_{k}"] for k in ("hits_total", "misses_total", "bytes"))
+        self.families = {m.name: pb_utils.MetricFamily(m.name, m.help, kinds[m.kind]) for m in metrics}
+        self.m = {m.name: self.families[m.name].Metric(labels=labels) for m in metrics if not m.labels}
         self.outcomes = {o: self.families["edgevlm_requests_total"].Metric(labels={**labels, "outcome": o})
-                         for o in self.OUTCOMES}
+                         for o in outcomes}
         self.lock = threading.Lock()
 
-    # The scheduler's Observer interface. Every metric call holds the lock: the stub sends
-    # each one to the server as a message, and they come from the scheduler thread, the
-    # execute() loop and (batching off) the decode threads.
+    def _add(self, name, value):
+        self.m[f"edgevlm_{name}"].increment(value)
+
     def step(self, rows, seconds):
         with self.lock:
-            self.batch.set(rows)
-            self.steps.increment(1)
-            self.step_seconds.increment(seconds)
-            self.step_rows.increment(rows)
+            self.m["edgevlm_batch_size"].set(rows)
+            self._add("decode_steps_total", 1)
+            self._add("decode_step_seconds_total", seconds)
+            self._add("decode_step_rows_total", rows)
 
     def depth(self, active, queued):
         with self.lock:
-            self.active.set(active)
-            self.queued.set(queued)
-
-    def add_active(self, n):
-        with self.lock:
-            self.active.increment(n)
+            self.m["edgevlm_active_sequences"].set(active)
+            self.m["edgevlm_queued_requests"].set(queued)
 
     def finished(self, outcome, tokens=0):
         with self.lock:
             self.outcomes[outcome].increment(1)
             if tokens:
-                self.tokens.increment(tokens)
+                self._add("generated_tokens_total", tokens)
 
     def prefix(self, reused, cache_bytes, evicted):
         with self.lock:
             if reused >= 0:
-                (self.prefix_hits if reused else self.prefix_misses).increment(1)
-                self.prefix_reused.increment(reused)
-            self.prefix_evictions.increment(evicted)
-            self.prefix_bytes.set(cache_bytes)
+                self._add("prefix_cache_hits_total" if reused else "prefix_cache_misses_total", 1)
+                self._add("prefix_cache_reused_tokens_total", reused)
+            self._add("prefix_cache_evictions_total", evicted)
+            self.m["edgevlm_prefix_cache_bytes"].set(cache_bytes)
 
     def image(self, hit, cache_bytes):
         with self.lock:
-            (self.image_hits if hit else self.image_misses).increment(1)
-            self.image_bytes.set(cache_bytes)
+            self._add("image_cache_hits_total" if hit else "image_cache_misses_total", 1)
+            self.m["edgevlm_image_cache_bytes"].set(cache_bytes)
+
+    def cancel_message(self):
+        with self.lock:
+            self._add("cancel_messages_total", 1)
 
     def close(self):
-        # a Metric must go before its MetricFamily
-        self.active = self.queued = self.batch = self.steps = self.step_seconds = None
-        self.step_rows = self.tokens = self.outcomes = None
-        self.prefix_hits = self.prefix_misses = self.prefix_reused = self.prefix_evictions = None
-        self.prefix_bytes = self.image_hits = self.image_misses = self.image_bytes = None
+        self.m = self.outcomes = None  # a Metric must go before its MetricFamily
         self.families = None
 
 
@@ -163,9 +105,11 @@ class Stream:
     def emit(self, event):
         if not event.final:
             self.sender.send(_response(event.text))
-        elif event.stats.finish_reason == "cancelled":
-            self.sender.send(flags=FINAL)  # FINAL is owed even to a cancelled request
-        else:
+        elif event.stats.finish_reason == "cancelled" and self.cancelled():
+            # Triton cancelled it (the client went away): nobody reads a response, and writing
+            # one while the frontend tears the stream down is the 2.51 crash; FINAL is owed
+            self.sender.send(flags=FINAL)
+        else:  # finished, or stopped by a cancel message: the client is reading
             self.sender.send(_response(event.text, json.dumps(event.stats.to_dict()).encode()), flags=FINAL)
 
     def fail(self, exc):
@@ -178,101 +122,50 @@ class TritonPythonModel:
         if not pb_utils.using_decoupled_model_transaction_policy(config):
             raise pb_utils.TritonModelException("mobilevlm must be decoupled (it streams)")
         params = model_params(args)
-        from edgevlm_client import contract
+        from edgevlm_client.contract import CANCEL
 
-        from edgevlm.runtime import requests
-        from edgevlm.runtime.image_cache import ImageCache, image_digest
+        from edgevlm.runtime import observer
+        from edgevlm.runtime.image_cache import ImageCache
+        from edgevlm.runtime.intake import Intake
         from edgevlm.runtime.prefix_cache import PrefixCache
-        from edgevlm.runtime.runners import load_generator
+        from edgevlm.runtime.requests import Preprocessor
         from edgevlm.runtime.scheduler import Scheduler
-        from edgevlm.runtime.slots import open_pool
-        self.requests = requests
-        self.prompt_inputs = contract.PROMPT_INPUTS
-        self.decode_inputs = [t.name for t in contract.INPUTS if t.name not in contract.PROMPT_INPUTS]
-        self.gen = load_generator(params["onnx_dir"], params["runner"], params.get("engine_dir", ""),
-                                  params.get("kv_cache", "auto"))
-        self.pre = requests.Preprocessor(params["onnx_dir"], max_image_pixels=int(params["max_image_pixels"]),
-                                         tokenizer=self.gen.tok)
-        self.default_max_tokens = int(params["default_max_tokens"])
+        from edgevlm.runtime.text_model import open_text_model
+        self.outcome_of = observer.outcome_of
+        self.cancel = CANCEL
+        self.metrics = Metrics(observer.METRICS, observer.OUTCOMES)
         max_sequences = int(params["max_sequences"])
-        self.metrics = Metrics()
-        self.image_digest = image_digest
-        self.image_cache = ImageCache(int(params.get("image_cache_mib") or 0) << 20)
+        # batching "off": one sequence at a time (a one-row pool), what make bench compares with
+        rows = 1 if params.get("batching") == "off" else max_sequences
+        model = open_text_model(params["onnx_dir"], params["runner"], params.get("engine_dir", ""),
+                                params.get("kv_cache", "auto"), rows, int(params.get("kv_budget_mib") or 0))
         prefix_cache = PrefixCache(int(params.get("prefix_cache_mib") or 0) << 20)
-        from edgevlm.runtime.batcher import Batcher
-        self.images = Batcher(self._encode, max_batch=max_sequences)
-        self.scheduler = self.pool = None
-        if params.get("batching", "continuous") == "off":
-            self.pool = ThreadPoolExecutor(max_workers=max_sequences, thread_name_prefix="decode")
-            pb_utils.Logger.log_info(f"mobilevlm: per-request decode loops, up to {max_sequences} at once")
-        else:
-            slots = open_pool(self.gen.decoder, max_sequences, int(params.get("kv_budget_mib") or 0),
-                              self.gen.max_context)
-            self.scheduler = Scheduler(self.gen, slots, max_queue=int(params.get("max_queue") or 16),
-                                       prefill_chunk=int(params.get("prefill_chunk") or 64),
-                                       observer=self.metrics, prefix_cache=prefix_cache)
-            reuse = (prefix_cache.describe() if self.scheduler.cache is not None
-                     else "no prefix cache" + (" (this KV layout cannot reuse one)" if prefix_cache.budget else ""))
-            pb_utils.Logger.log_info(f"mobilevlm: continuous batching; {slots.describe()}; "
-                                     f"admission queue {self.scheduler.max_queue}; {reuse}; "
-                                     f"{self.image_cache.describe()}")
+        self.scheduler = Scheduler(model, max_queue=int(params.get("max_queue") or 16),
+                                   prefill_chunk=int(params.get("prefill_chunk") or 64),
+                                   observer=self.metrics, prefix_cache=prefix_cache)
+        image_cache = ImageCache(int(params.get("image_cache_mib") or 0) << 20)
+        pre = Preprocessor(params["onnx_dir"], max_image_pixels=int(params["max_image_pixels"]), tokenizer=model.tok)
+        self.intake = Intake(pre, self.scheduler, self._encode, image_cache=image_cache, observer=self.metrics,
+                             max_batch=max_sequences, default_max_tokens=int(params["default_max_tokens"]))
+        reuse = (prefix_cache.describe() if self.scheduler.cache is not None
+                 else "no prefix cache" + (" (this KV layout cannot reuse one)" if prefix_cache.budget else ""))
+        pb_utils.Logger.log_info(f"mobilevlm: {model.pool.describe()}; admission queue {self.scheduler.max_queue}; "
+                                 f"{reuse}; {image_cache.describe()}")
 
     def execute(self, requests):
         for request in requests:
             stream = Stream(request)
             try:
-                self._accept(request, stream)
+                inputs = {t.name(): t.as_numpy() for t in request.inputs()}
+                if self.cancel in inputs:
+                    found = self.intake.cancel(inputs)
+                    stream.sender.send(_response("", json.dumps({self.cancel: found}).encode()), flags=FINAL)
+                    continue
+                self.intake.accept(inputs, stream, request.request_id())
             except Exception as e:
-                self.metrics.finished(_outcome(e))
-                send_error(stream.sender, e, "mobilevlm")
+                self.metrics.finished(self.outcome_of(e))
+                stream.fail(e)
         return None
-
-    def _accept(self, request, stream):
-        """Check and preprocess; then decode at once (text) or after the image batcher."""
-        get = lambda name: pb_utils.get_input_tensor_by_name(request, name)  # noqa: E731
-        prompt_inputs = {name: get(name).as_numpy() for name in self.prompt_inputs if get(name) is not None}
-        image = self.requests.image_bytes(prompt_inputs)
-        key = cached = None
-        if image is not None and self.image_cache.budget:
-            key = self.image_digest(image)
-            cached = self.image_cache.get(key)
-        prepared = self.pre.from_inputs(prompt_inputs, decode_image=cached is None)
-        if key is not None:
-            self.metrics.image(cached is not None, self.image_cache.bytes)
-        # Copy out of shared memory: decoding outlives execute().
-        inputs = {name: get(name).as_numpy().copy() for name in self.decode_inputs if get(name) is not None}
-        params = self.requests.sampling_params(inputs, self.default_max_tokens)
-        ids = prepared.input_ids.tolist()
-        n_images = int(image is not None)
-        if self.scheduler is not None:
-            self.scheduler.check(ids, cached.shape[1] if cached is not None else prepared.image_tokens, params)
-        if not n_images or cached is not None:
-            return self._start(stream, ids, cached, params, 0.0, reserved=False, image_cached=cached is not None)
-        if self.scheduler is not None:
-            self.scheduler.reserve()  # a full queue refuses before the image is encoded
-
-        def encoded(embeds, encode_ms, error):
-            try:
-                if error is not None:
-                    raise error
-                embeds = self.pre.pack(embeds, prepared)  # LLaVA-1.6: tiles -> one image's tokens
-                if key is not None:
-                    self.image_cache.put(key, embeds)
-                self._start(stream, ids, embeds, params, encode_ms, reserved=True)
-            except Exception as e:
-                if self.scheduler is not None and error is not None:
-                    self.scheduler.release_reservation()
-                self.metrics.finished(_outcome(e))
-                send_error(stream.sender, e, "mobilevlm")
-        self.images.put(prepared.pixel_values, encoded)
-
-    def _start(self, stream, ids, embeds, params, encode_ms, reserved, image_cached=False):
-        if self.scheduler is None:
-            self.pool.submit(self._decode_alone, stream, ids, embeds, params, encode_ms, image_cached)
-        else:
-            from edgevlm.runtime.scheduler import Request
-            self.scheduler.submit(Request(ids, embeds, params, stream.emit, stream.fail, stream.cancelled,
-                                          encode_ms, image_cached), reserved=reserved)
 
     def _encode(self, pixel_values):
         """vision_encoder through BLS, for the image batcher's thread: every image that arrived
@@ -285,31 +178,7 @@ class TritonPythonModel:
         out = lambda name: pb_utils.get_output_tensor_by_name(response, name).as_numpy()  # noqa: E731
         return out("image_embeds").copy(), float(out("encode_ms").reshape(-1)[0])
 
-    def _decode_alone(self, stream, input_ids, embeds, params, encode_ms, image_cached=False):
-        """batching: off: this request's own decode loop, at batch 1, on a pool thread."""
-        self.metrics.add_active(1)
-        outcome, tokens = "error", 0
-        try:
-            for event in self.gen.generate(input_ids, embeds, params, image_encode_ms=encode_ms,
-                                           image_cached=image_cached, cancelled=stream.cancelled):
-                stream.emit(event)
-                if event.final:
-                    tokens = event.stats.decode_tokens
-                    outcome = "cancelled" if event.stats.finish_reason == "cancelled" else "complete"
-        except Exception as e:
-            outcome = _outcome(e)
-            try:
-                stream.fail(e)
-            except Exception as failed:  # the stream may already be closed
-                pb_utils.Logger.log_error(f"mobilevlm: could not report the failure: {failed}")
-        finally:
-            self.metrics.finished(outcome, tokens)
-            self.metrics.add_active(-1)
-
     def finalize(self):
-        self.images.close()
-        if self.scheduler is not None:
-            self.scheduler.close()
-        if self.pool is not None:
-            self.pool.shutdown(wait=True, cancel_futures=True)
+        self.intake.close()
+        self.scheduler.close()
         self.metrics.close()

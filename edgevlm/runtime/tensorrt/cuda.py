@@ -4,6 +4,9 @@ exceptions. Imported only on a machine with a GPU."""
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
+
 import numpy as np
 
 from edgevlm.jetson.device import cudart as _cudart
@@ -92,3 +95,36 @@ class Graph:
             check(cudart.cudaGraphExecDestroy(self.exec))
             check(cudart.cudaGraphDestroy(self.graph))
             self.exec = None
+
+
+class CapturedStep:
+    """A step of fixed shapes and addresses, run ordinarily once (which does the execution
+    context's lazy setup, as trtexec does), then captured as a CUDA graph and replayed. Where
+    capture fails the step keeps running ordinarily (said once in the log)."""
+
+    def __init__(self, stream: Stream, enqueue: Callable[[], bool], what: str):
+        self.stream, self.enqueue, self.what = stream, enqueue, what
+        self.graph: Graph | None = None
+        self.failed = False
+
+    def __call__(self) -> None:
+        if self.graph is not None:
+            self.graph.launch(self.stream)
+            return
+        if not self.enqueue():
+            raise RuntimeError(f"TensorRT: {self.what}: enqueue failed")
+        if self.failed:
+            return
+        self.stream.sync()
+        try:
+            self.graph = Graph(self.stream, self.enqueue)
+        except CudaError as e:
+            cudart.cudaGetLastError()  # capture errors are not sticky; clear the last one
+            self.failed = True
+            logging.getLogger(__name__).warning("%s not captured as a CUDA graph (%s); running it without",
+                                                self.what, e)
+
+    def free(self) -> None:
+        if self.graph is not None:
+            self.graph.free()
+            self.graph = None

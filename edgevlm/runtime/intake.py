@@ -1,0 +1,161 @@
+"""A request's way from its tensors to the scheduler.
+
+Checked and preprocessed at once (requests.py: prompt, template, tokens, parameters; the
+image decoded and resized unless its embeddings are in the image cache), then refused or
+taken: a text-only request or a cached image goes to the scheduler directly; an image to be
+encoded first holds a queue place (so a full server refuses before that work) and goes to
+the image batcher, whose thread encodes every image that arrived meanwhile in one
+vision-encoder call and hands each request its rows; those become the image's tokens
+(LLaVA-1.6: tiles packed into one picture), enter the image cache and the scheduler. The
+place is given back on every path, whatever fails after the encode.
+
+A cancel message (contract.CANCEL: a request holding only the id of a generation to stop)
+marks that generation, which the scheduler ends at its next step with its final response.
+Generations are known by the request id their client gave them, from their admission until
+their final response.
+
+No Triton here: the `mobilevlm` model passes each request's inputs, id and stream.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Protocol
+
+import numpy as np
+from edgevlm_client.contract import CANCEL, MAX_REQUEST_ID_CHARS
+
+from edgevlm.runtime import requests
+from edgevlm.runtime.batcher import Batcher
+from edgevlm.runtime.errors import BadRequest
+from edgevlm.runtime.events import Event
+from edgevlm.runtime.image_cache import ImageCache, image_digest
+from edgevlm.runtime.observer import Observer, outcome_of
+from edgevlm.runtime.scheduler import Request, Scheduler
+
+
+class Stream(Protocol):
+    """Where one request's events go (the Triton model's response sender, in process a queue)."""
+
+    def emit(self, event: Event) -> None: ...
+
+    def fail(self, exc: Exception) -> None: ...
+
+    def cancelled(self) -> bool: ...
+
+
+Encode = Callable[[np.ndarray], tuple[np.ndarray, float]]  # pixel_values -> (features, ms)
+
+
+class _Named:
+    """A generation's stream while it is known by its request id: a cancel message sets
+    `stop`; its final response (or failure) forgets the id."""
+
+    def __init__(self, stream: Stream, forget: Callable[[], None]):
+        self.stream, self.forget = stream, forget
+        self.stop = threading.Event()
+
+    def cancelled(self) -> bool:
+        return self.stop.is_set() or self.stream.cancelled()
+
+    def emit(self, event: Event) -> None:
+        if event.final:
+            self.forget()
+        self.stream.emit(event)
+
+    def fail(self, exc: Exception) -> None:
+        self.forget()
+        self.stream.fail(exc)
+
+
+class Intake:
+    def __init__(self, pre: requests.Preprocessor, scheduler: Scheduler, encode: Encode, *,
+                 image_cache: ImageCache, observer: Observer, max_batch: int, default_max_tokens: int):
+        self.pre, self.scheduler = pre, scheduler
+        self.image_cache, self.obs = image_cache, observer
+        self.default_max_tokens = default_max_tokens
+        self.images = Batcher(encode, max_batch=max_batch)
+        self.named: dict[str, _Named] = {}  # request id -> its generation, while it runs
+        self.lock = threading.Lock()  # guards `named`
+
+    def close(self) -> None:
+        self.images.close()
+
+    def cancel(self, inputs: dict[str, np.ndarray]) -> bool:
+        """A cancel message: stop the generation it names (False: none is running by that id,
+        it may have ended already)."""
+        self.obs.cancel_message()
+        with self.lock:
+            target = self.named.get(requests.text(inputs[CANCEL], CANCEL))
+        if target is not None:
+            target.stop.set()
+        return target is not None
+
+    def _name(self, stream: Stream, request_id: str) -> _Named:
+        if len(request_id) > MAX_REQUEST_ID_CHARS:
+            raise BadRequest(f"request id is {len(request_id)} characters, over the {MAX_REQUEST_ID_CHARS} limit")
+        named = _Named(stream, lambda: self._forget(request_id, named))
+        with self.lock:
+            if request_id in self.named:
+                raise BadRequest(f"request id {request_id!r} is already in use by a running generation")
+            self.named[request_id] = named
+        return named
+
+    def _forget(self, request_id: str, named: _Named) -> None:
+        with self.lock:
+            if self.named.get(request_id) is named:
+                del self.named[request_id]
+
+    def accept(self, inputs: dict[str, np.ndarray], stream: Stream, request_id: str = "") -> None:
+        """Take one request (its inputs by contract name; `request_id`: its client's id, which a
+        cancel message names). Raises what refuses it at once (BadRequest, Busy); a later
+        failure ends the stream through stream.fail."""
+        image = requests.image_bytes(inputs)
+        key = cached = None
+        if image is not None and self.image_cache.budget:
+            key = image_digest(image)
+            cached = self.image_cache.get(key)
+        prepared = self.pre.from_inputs(inputs, decode_image=cached is None)
+        if key is not None:
+            self.obs.image(cached is not None, self.image_cache.bytes)
+        params = requests.sampling_params(inputs, self.default_max_tokens)
+        ids = prepared.input_ids.tolist()
+        self.scheduler.check(ids, cached.shape[1] if cached is not None else prepared.image_tokens, params)
+        if request_id:
+            stream = self._name(stream, request_id)
+        try:
+            self._start(stream, ids, params, prepared, image is not None, key, cached)
+        except BaseException:
+            if isinstance(stream, _Named):
+                stream.forget()
+            raise
+
+    def _start(self, stream: Stream, ids: list[int], params, prepared, has_image: bool, key, cached) -> None:
+        def request(embeds, encode_ms=0.0) -> Request:
+            return Request(ids, embeds, params, stream.emit, stream.fail, stream.cancelled, encode_ms,
+                           image_cached=cached is not None)
+        if not has_image or cached is not None:
+            self.scheduler.submit(request(cached))
+            return
+        place = self.scheduler.reserve()
+
+        def encoded(features, encode_ms, error) -> None:
+            try:
+                if error is not None:
+                    raise error
+                embeds = self.pre.pack(features, prepared)  # LLaVA-1.6: tiles -> one picture's tokens
+                if key is not None:
+                    self.image_cache.put(key, embeds)
+                self.scheduler.submit(request(embeds, encode_ms), reservation=place)
+            except Exception as e:
+                place.release()  # before the client hears of it: it may retry at once
+                self.obs.finished(outcome_of(e))
+                stream.fail(e)
+            finally:
+                place.release()  # a no-op once submit took it or the failure gave it back
+        try:
+            self.images.put(prepared.pixel_values, encoded)
+        except BaseException:
+            place.release()
+            raise
