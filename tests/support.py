@@ -49,13 +49,16 @@ def settle(server, finished: float) -> dict[str, float]:
 
 
 def abandoned_until_cancelled(server, abandon: Callable[[int], None], max_tokens: int,
-                              attempts: int = 3) -> dict[str, float]:
+                              attempts: int = 6) -> dict[str, float]:
     """Run `abandon(max_tokens)` (start a long generation, take a little of it, go away) until
     the server counts one as cancelled; return that attempt's outcome deltas.
 
     A generation may legitimately finish before the server hears the client left; each
-    attempt asks for as many tokens as the context holds so that this is rare, and one
-    attempt in `attempts` must end cancelled. A server that never cancels fails every one."""
+    attempt asks for as many tokens as the context holds so that this is rare (on a busy
+    machine the client's reaction can take a fair share of the tiny model's ~0.5 s of
+    generation), and one attempt in `attempts` must end cancelled. A server that never
+    cancels fails every one."""
+    seen = []
     for _ in range(attempts):
         before = settle(server, 0)
         abandon(max_tokens)
@@ -64,7 +67,8 @@ def abandoned_until_cancelled(server, abandon: Callable[[int], None], max_tokens
         assert delta["error"] == delta["invalid"] == 0, delta
         if delta["cancelled"] == 1:
             return delta
-    raise AssertionError(f"none of {attempts} abandoned {max_tokens}-token generations was cancelled")
+        seen.append({k: v for k, v in delta.items() if v})
+    raise AssertionError(f"none of {attempts} abandoned {max_tokens}-token generations was cancelled: {seen}")
 
 
 @dataclass(frozen=True)

@@ -103,10 +103,15 @@ def test_interrupting_watch_stops_its_generation_with_a_cancel_message(server, t
     from support import LONG, active, abandoned_until_cancelled, wait_until
     video = write_video(tmp_path / "one.mp4", fps=5, frames=1)
 
+    def like_a_terminal():
+        # a test run started in the background (CI) has Ctrl-C ignored, and children inherit
+        # that; the user at a terminal does not, so the child gets the default back
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+
     def abandon(max_tokens):
         proc = subprocess.Popen([sys.executable, "-m", "edgevlm_client.cli", "--url", server.grpc_url, "watch",
                                  video, "Tell me a long story.", "--max-frames", "1", "--max-tokens", str(max_tokens)],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=like_a_terminal)
         try:
             wait_until(lambda: active(server) == 1 or proc.poll() is not None, "the answer to start")
             proc.send_signal(signal.SIGINT)
