@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgevlm.presets import ModelConfig
+from edgevlm.presets import ModelConfig, config_from_dict
 
 MANIFEST = "manifest.json"
 FORMAT = 1
@@ -64,7 +64,7 @@ class OnnxArtifacts:
 
     @property
     def config(self) -> ModelConfig:
-        return ModelConfig.from_dict(self.manifest["model"])
+        return config_from_dict(self.manifest["model"])
 
     @property
     def digest(self) -> str:

@@ -1,4 +1,5 @@
-"""Model dimensions: the released MobileVLM and LLaVA checkpoints plus toy-sized twins for tests.
+"""Model dimensions: the released MobileVLM, LLaVA and Llama-3.2-Vision checkpoints plus
+toy-sized twins for tests.
 
 A `ModelConfig` is everything the reference model, the exporter and the serving code need to
 know about a checkpoint's shapes. Real checkpoints are read into one by `checkpoint.py`; the
@@ -75,14 +76,33 @@ class TextConfig:
     bos_token_id: int = 1
     eos_token_id: int = 2
     pad_token_id: int = 0
+    # Llama-3.2-Vision: the layers that are cross-attention (no self-attention, no KV cache of
+    # their own), and Llama 3.1's rope scaling (factor, low_freq_factor, high_freq_factor,
+    # original_max_position_embeddings); none for the other families.
+    cross_attention_layers: tuple[int, ...] = ()
+    rope_scaling: tuple[float, float, float, int] | None = None
+
+    def __post_init__(self):  # JSON gives lists back: keep the config hashable
+        object.__setattr__(self, "cross_attention_layers", tuple(self.cross_attention_layers))
+        if self.rope_scaling is not None:
+            object.__setattr__(self, "rope_scaling", tuple(self.rope_scaling))
 
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
 
+    @property
+    def self_attention_layers(self) -> tuple[int, ...]:
+        """The layers with a self-attention KV cache, in order (past_key_<i> is the i-th of them)."""
+        return tuple(i for i in range(self.num_layers) if i not in self.cross_attention_layers)
+
+    @property
+    def kv_layers(self) -> int:
+        return len(self.self_attention_layers)
+
     def kv_bytes_per_position(self, itemsize: int) -> int:
-        """KV cache bytes one position takes: a key and a value per layer."""
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * itemsize
+        """KV cache bytes one position takes: a key and a value per self-attention layer."""
+        return 2 * self.kv_layers * self.num_kv_heads * self.head_dim * itemsize
 
 
 @dataclass(frozen=True)
@@ -191,6 +211,122 @@ PRESETS: dict[str, ModelConfig] = {
 }
 
 
+# --- Llama-3.2-Vision (mllama): images enter the text model through cross-attention layers ----
+
+MLLAMA = "mllama"  # config.json's model_type
+MLLAMA_ASPECT_RATIOS = ((1, 1), (1, 2), (1, 3), (1, 4), (2, 1), (2, 2), (3, 1), (4, 1))  # (tiles high, tiles wide)
+
+
+@dataclass(frozen=True)
+class MllamaVisionConfig:
+    """The mllama vision tower: tiles of `image_size` pixels through local then gated global
+    layers (defaults: Llama-3.2-11B-Vision)."""
+
+    image_size: int = 560  # one tile's side
+    patch_size: int = 14
+    hidden_size: int = 1280
+    intermediate_size: int = 5120
+    num_layers: int = 32
+    num_global_layers: int = 8
+    num_heads: int = 16
+    norm_eps: float = 1e-5
+    max_num_tiles: int = 4
+    intermediate_layers: tuple[int, ...] = (3, 7, 15, 23, 30)  # their outputs join the final one
+    supported_aspect_ratios: tuple[tuple[int, int], ...] = MLLAMA_ASPECT_RATIOS
+    image_mean: tuple[float, float, float] = CLIP_MEAN  # the checkpoint's preprocessor_config
+    image_std: tuple[float, float, float] = CLIP_STD
+
+    def __post_init__(self):
+        for name in ("intermediate_layers", "image_mean", "image_std"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        object.__setattr__(self, "supported_aspect_ratios", tuple(tuple(r) for r in self.supported_aspect_ratios))
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def tile_tokens(self) -> int:
+        """Positions one tile becomes: its patches and a class token."""
+        return self.grid * self.grid + 1
+
+    @property
+    def output_dim(self) -> int:
+        """The final layer's features and each intermediate layer's, side by side."""
+        return self.hidden_size * (1 + len(self.intermediate_layers))
+
+
+@dataclass(frozen=True)
+class MllamaConfig:
+    name: str
+    vision: MllamaVisionConfig = field(default_factory=MllamaVisionConfig)
+    text: TextConfig = field(default_factory=lambda: _LLAMA_3_1_8B_CROSS)
+    image_token_id: int = 128256  # <|image|>, one position per image in the text
+    embed_rows: int = 128264  # embed_tokens has a few rows past the vocabulary (lm_head has not)
+    stop_token_ids: tuple[int, ...] = (128001, 128008, 128009)  # end_of_text, eom, eot
+
+    family = MLLAMA
+    projector_type = MLLAMA
+    template = "checkpoint"  # prompts come from the checkpoint's own chat template
+
+    def __post_init__(self):
+        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+
+    @property
+    def version(self) -> str:
+        return "3.2"
+
+    @property
+    def image_tokens(self) -> int:
+        """Cross-attention positions one image takes (every tile slot, padding tiles masked)."""
+        return self.vision.max_num_tiles * self.vision.tile_tokens
+
+    max_image_tokens = image_tokens
+
+    def to_dict(self) -> dict:
+        return {"family": MLLAMA, "name": self.name, "vision": asdict(self.vision), "text": asdict(self.text),
+                "image_token_id": self.image_token_id, "embed_rows": self.embed_rows,
+                "stop_token_ids": list(self.stop_token_ids)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> MllamaConfig:
+        return cls(name=d["name"], vision=MllamaVisionConfig(**d["vision"]), text=TextConfig(**d["text"]),
+                   image_token_id=d["image_token_id"], embed_rows=d["embed_rows"],
+                   stop_token_ids=tuple(d["stop_token_ids"]))
+
+    def same_shape(self, other) -> bool:
+        return isinstance(other, MllamaConfig) and (self.vision, self.text, self.image_token_id) == (
+            other.vision, other.text, other.image_token_id)
+
+
+_LLAMA_3_1_8B_CROSS = TextConfig(
+    vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=40, num_heads=32, num_kv_heads=8,
+    max_position=131072, rms_norm_eps=1e-5, rope_theta=500000.0, bos_token_id=128000, eos_token_id=128001,
+    pad_token_id=128004, cross_attention_layers=(3, 8, 13, 18, 23, 28, 33, 38), rope_scaling=(8.0, 1.0, 4.0, 8192))
+# Toy twin: 56 px tiles of 4x4 patches (17 positions each, 68 per image), two cross-attention
+# layers among six, GQA, Llama 3.1's rope scaling; a vocabulary of 1024 whose top 24 ids are the
+# special tokens (Llama 3 keeps its 256 at the top the same way), <|image|> right after it.
+_TINY_MLLAMA_VISION = MllamaVisionConfig(image_size=56, patch_size=14, hidden_size=64, intermediate_size=128,
+                                         num_layers=4, num_global_layers=2, num_heads=2, intermediate_layers=(0, 2))
+_TINY_MLLAMA_TEXT = replace(_LLAMA_3_1_8B_CROSS, vocab_size=1024, hidden_size=128, intermediate_size=344,
+                            num_layers=6, num_heads=4, num_kv_heads=2, max_position=1024, bos_token_id=1000,
+                            eos_token_id=1001, pad_token_id=1004, cross_attention_layers=(1, 4),
+                            rope_scaling=(8.0, 1.0, 4.0, 512))
+
+# Llama-3.2-Vision's presets stand apart until its export and serving land: the build commands
+# take PRESETS only, so none is offered a model it cannot build yet.
+MLLAMA_PRESETS: dict[str, MllamaConfig] = {
+    "llama-3.2-11b-vision": MllamaConfig("llama-3.2-11b-vision"),
+    "tiny-mllama": MllamaConfig("tiny-mllama", _TINY_MLLAMA_VISION, _TINY_MLLAMA_TEXT, image_token_id=1024,
+                                embed_rows=1032, stop_token_ids=(1001, 1008, 1009)),
+}
+
+
+def config_from_dict(d: dict) -> ModelConfig | MllamaConfig:
+    """A manifest's model config, of whichever family it is."""
+    return MllamaConfig.from_dict(d) if d.get("family") == MLLAMA else ModelConfig.from_dict(d)
+
+
 def get_preset(name: str) -> ModelConfig:
     try:
         return PRESETS[name]
@@ -198,9 +334,9 @@ def get_preset(name: str) -> ModelConfig:
         raise KeyError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}") from None
 
 
-def match_preset(config: ModelConfig) -> ModelConfig:
+def match_preset(config):
     """Return `config` renamed after the preset with the same shapes, if there is one."""
-    for preset in PRESETS.values():
-        if preset.same_shape(config):
+    for preset in [*PRESETS.values(), *MLLAMA_PRESETS.values()]:
+        if type(preset) is type(config) and preset.same_shape(config):
             return replace(config, name=preset.name)
     return config

@@ -66,23 +66,45 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([-b, a], dim=-1)
 
 
-def rope(position_ids: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin [B, 1, S, head_dim] for the half-split ("rotate_half") RoPE convention."""
+def inv_frequencies(head_dim: int, theta: float, scaling=None) -> torch.Tensor:
+    """RoPE's inverse frequencies [hd/2]; with Llama 3.1's scaling (factor, low_freq_factor,
+    high_freq_factor, original context): wavelengths longer than original / low_freq_factor
+    are stretched by `factor`, shorter than original / high_freq_factor kept, and those between
+    blended linearly in original / wavelength."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    if scaling is None:
+        return inv_freq
+    factor, low, high, original = scaling
+    wavelength = 2 * torch.pi / inv_freq
+    blend = (original / wavelength - low) / (high - low)
+    scaled = (1 - blend) * inv_freq / factor + blend * inv_freq
+    out = torch.where(wavelength > original / low, inv_freq / factor, inv_freq)
+    between = (wavelength >= original / high) & (wavelength <= original / low)
+    return torch.where(between, scaled, out)
+
+
+def rope(position_ids: torch.Tensor, head_dim: int, theta: float, scaling=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [B, 1, S, head_dim] for the half-split ("rotate_half") RoPE convention."""
+    inv_freq = inv_frequencies(head_dim, theta, scaling)
     freqs = position_ids.float()[:, :, None] * inv_freq  # [B, S, hd/2]
     emb = torch.cat([freqs, freqs], dim=-1)[:, None]
     return emb.cos(), emb.sin()
 
 
+def add_projections(m: nn.Module, cfg: TextConfig) -> None:
+    """The q/k/v/o projections (and head counts) of a Llama attention block, self- or cross-."""
+    m.h, m.kvh, m.hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    d = cfg.hidden_size
+    m.q_proj = nn.Linear(d, m.h * m.hd, bias=False)
+    m.k_proj = nn.Linear(d, m.kvh * m.hd, bias=False)
+    m.v_proj = nn.Linear(d, m.kvh * m.hd, bias=False)
+    m.o_proj = nn.Linear(m.h * m.hd, d, bias=False)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: TextConfig):
         super().__init__()
-        self.h, self.kvh, self.hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        d = cfg.hidden_size
-        self.q_proj = nn.Linear(d, self.h * self.hd, bias=False)
-        self.k_proj = nn.Linear(d, self.kvh * self.hd, bias=False)
-        self.v_proj = nn.Linear(d, self.kvh * self.hd, bias=False)
-        self.o_proj = nn.Linear(self.h * self.hd, d, bias=False)
+        add_projections(self, cfg)
 
     def forward(self, x, cos, sin, past: KV, mask, write_index=None) -> tuple[torch.Tensor, KV]:
         b, s, _ = x.shape

@@ -61,7 +61,7 @@ class OrtDecoder:
         self.static = static
         self.path = Path(path)
         self.sess = session(path, threads)
-        n = cfg.num_layers
+        n = cfg.kv_layers
         self.past_names = [f"past_{kv}_{i}" for i in range(n) for kv in ("key", "value")]
         self.present_names = [f"present_{kv}_{i}" for i in range(n) for kv in ("key", "value")]
         # FP16 KV in the FP16 export and the static FP16 copies of quantized ones, FP32 elsewhere
@@ -84,7 +84,7 @@ class OrtDecoder:
     def empty_cache(self, batch: int = 1) -> list[np.ndarray]:
         c = self.cfg
         z = np.zeros((batch, c.num_kv_heads, 0, c.head_dim), self.kv_dtype)
-        return [z] * (2 * c.num_layers)
+        return [z] * (2 * c.kv_layers)
 
     def __call__(self, inputs_embeds: np.ndarray, position_ids: np.ndarray,
                  past: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
@@ -118,7 +118,7 @@ class OrtConcatSequence:
 
     def reset(self, capacity: int) -> None:
         if capacity > self.capacity:  # the buffers grow to the longest row served and stay
-            n = 2 * self.d.cfg.num_layers
+            n = 2 * self.d.cfg.kv_layers
             self.buffers = [np.empty((n, capacity * self.row), self.d.kv_dtype) for _ in range(2)]
             self.capacity = capacity
         self.length = self.current = 0  # positions held; which buffer holds them

@@ -36,7 +36,7 @@ class OrtPackedPool(PackedRows):
         # np.zeros: pages are mapped as rows first touch them (RSS follows use, not the budget),
         # and a masked position must hold a finite value (0 x NaN is NaN in attention).
         self.buffers = [np.zeros(self.positions * self.heads * self.dim, decoder.kv_dtype)
-                        for _ in range(2 * c.num_layers)]
+                        for _ in range(2 * c.kv_layers)]
         self.rows: list[Row] = []
         self.width = 0  # C: positions per row in the current layout
         self.logits = np.empty((max_rows, c.vocab_size), np.float32)

@@ -1,6 +1,12 @@
-"""The LLaMA SentencePiece tokenizer, as upstream's slow LlamaTokenizer (legacy mode) uses it.
+"""The tokenizers the runtime runs, without torch or transformers:
 
-Runs without torch or transformers: only the `sentencepiece` runtime.
+  Tokenizer     the LLaMA SentencePiece model, as upstream's slow LlamaTokenizer (legacy mode)
+                uses it (MobileVLM, LLaVA): the `sentencepiece` runtime
+  BPETokenizer  a byte-level BPE tokenizer.json (Llama 3, Llama-3.2-Vision): the `tokenizers`
+                runtime, the one transformers' fast tokenizers run
+
+Both encode text to ids (special-token strings become their ids), decode ids to text, and name
+the ids that end an answer (`stop_ids`).
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ class Tokenizer:
     def __init__(self, model_file: str | Path):
         self.sp = spm.SentencePieceProcessor(model_file=str(model_file))
         self.bos_id, self.eos_id, self.unk_id = self.sp.bos_id(), self.sp.eos_id(), self.sp.unk_id()
+        self.stop_ids = frozenset({self.eos_id})
         self.special = {self.sp.id_to_piece(i): i for i in (self.bos_id, self.eos_id, self.unk_id)}
         self._split = re.compile("(" + "|".join(map(re.escape, self.special)) + ")")
 
@@ -38,3 +45,29 @@ class Tokenizer:
         if skip_special:
             ids = [i for i in ids if i not in (self.bos_id, self.eos_id, self.unk_id)]
         return self.sp.decode(list(map(int, ids)))
+
+
+class BPETokenizer:
+    """tokenizer.json through the `tokenizers` runtime. vocab_size: the ids the model can
+    produce (its lm_head's rows; the file may hold more, such as <|image|>); stop_ids: the ids
+    that end an answer (generation_config.json's eos_token_id)."""
+
+    def __init__(self, path: str | Path, vocab_size: int, stop_ids, bos: str = "<|begin_of_text|>"):
+        from tokenizers import Tokenizer as Runtime
+        self.tk = Runtime.from_file(str(path))
+        self.vocab_size = vocab_size
+        self.bos_id = self.tk.token_to_id(bos)
+        self.stop_ids = frozenset(int(i) for i in stop_ids)
+        self.eos_id = min(self.stop_ids)
+        self.special = {t.content: i for i, t in self.tk.get_added_tokens_decoder().items() if t.special}
+
+    def encode(self, text: str, add_bos: bool = True) -> list[int]:
+        """Special-token strings in the text become their ids (a chat template writes them)."""
+        ids = self.tk.encode(text, add_special_tokens=False).ids
+        return ([self.bos_id] if add_bos else []) + ids
+
+    def decode(self, ids: list[int], skip_special: bool = True) -> str:
+        return self.tk.decode(list(map(int, ids)), skip_special_tokens=skip_special)
+
+    def token_id(self, text: str) -> int | None:
+        return self.tk.token_to_id(text)

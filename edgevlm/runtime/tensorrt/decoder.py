@@ -37,7 +37,7 @@ class TrtDecoder:
         self.trt: ModuleType = module
         self.engine: trt.ICudaEngine = engine
         self.features = Features.of(self.trt)
-        n = cfg.num_layers
+        n = cfg.kv_layers
         self.past_names = [f"past_{kv}_{i}" for i in range(n) for kv in ("key", "value")]
         self.present_names = [f"present_{kv}_{i}" for i in range(n) for kv in ("key", "value")]
         self.kv_dtype = np_dtype(self.trt, self.engine, "past_key_0")
