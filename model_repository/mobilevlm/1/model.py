@@ -66,9 +66,11 @@ class Metrics:
 
     def finished(self, outcome, tokens=0):
         with self.lock:
-            self.outcomes[outcome].increment(1)
+            # tokens first: each increment is its own message to the server, and a reader that
+            # sees the outcome counted must also see its tokens
             if tokens:
                 self._add("generated_tokens_total", tokens)
+            self.outcomes[outcome].increment(1)
 
     def prefix(self, reused, cache_bytes, evicted):
         with self.lock:
