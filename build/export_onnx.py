@@ -1,4 +1,4 @@
-"""Export a MobileVLM or LLaVA checkpoint to vision_encoder.onnx + decoder.onnx + manifest.
+"""Export a MobileVLM, LLaVA or Llama-3.2-Vision checkpoint to ONNX graphs + manifest.
 
     python build/export_onnx.py --checkpoint DIR --out artifacts/NAME/onnx [--clip CLIP_DIR]
 """
@@ -11,11 +11,13 @@ import sys
 from edgevlm.model.checkpoint import CheckpointError
 from edgevlm.export.cleanup import GraphError
 from edgevlm.export.graphs import export_onnx
+from edgevlm.export.mllama_graphs import export_mllama
+from edgevlm.model.mllama_checkpoint import checkpoint_is_mllama
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--checkpoint", required=True, help="MobileVLM or LLaVA checkpoint directory")
+    ap.add_argument("--checkpoint", required=True, help="MobileVLM, LLaVA or Llama-3.2-Vision checkpoint directory")
     ap.add_argument("--out", required=True, help="output directory (replaced when done)")
     ap.add_argument("--clip", default=None,
                     help="local openai/clip-vit-large-patch14-336 directory (MobileVLM V1 and LLaVA-1.5 "
@@ -25,6 +27,11 @@ def main(argv=None) -> int:
                          "do not fit in memory (auto: when they would not)")
     args = ap.parse_args(argv)
     try:
+        if checkpoint_is_mllama(args.checkpoint):
+            if args.clip or args.weights == "half":
+                raise ValueError("--clip and --weights half are for MobileVLM and LLaVA checkpoints")
+            export_mllama(args.checkpoint, args.out, log=lambda m: print(m, flush=True))
+            return 0
         export_onnx(args.checkpoint, args.out, clip_dir=args.clip, log=lambda m: print(m, flush=True),
                     weights=args.weights)
     except (CheckpointError, GraphError, ValueError) as e:

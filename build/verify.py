@@ -12,6 +12,7 @@ import sys
 
 from edgevlm.model.checkpoint import CheckpointError
 from edgevlm.manifest import ManifestError
+from edgevlm.export.mllama_parity import is_cross_attention_export, run_mllama_parity
 from edgevlm.export.parity import run_parity
 from edgevlm.samples import SAMPLES
 
@@ -29,9 +30,13 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     print(f"verify: PyTorch reference vs ONNX Runtime, {args.onnx}", flush=True)
     try:
-        report = run_parity(args.checkpoint, args.onnx, clip_dir=args.clip,
-                            images=[i for i in args.images.split(",") if i],
-                            new_tokens=args.tokens, log=lambda m: print(m, flush=True))
+        images = [i for i in args.images.split(",") if i]
+        log = lambda m: print(m, flush=True)  # noqa: E731
+        if is_cross_attention_export(args.onnx):
+            report = run_mllama_parity(args.checkpoint, args.onnx, images, args.tokens, log)
+        else:
+            report = run_parity(args.checkpoint, args.onnx, clip_dir=args.clip, images=images,
+                                new_tokens=args.tokens, log=log)
     except (CheckpointError, ManifestError, KeyError, ValueError) as e:
         print(f"verify: error: {e}", file=sys.stderr)
         return 1

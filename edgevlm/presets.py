@@ -115,6 +115,8 @@ class ModelConfig:
     grid_pinpoints: tuple[tuple[int, int], ...] = ()  # anyres only, (height, width) pixels
     template: str = "vicuna_v1"  # runtime/prompt.py TEMPLATES
 
+    cross_length = 0  # images are spliced into the sequence, not attended to across
+
     @property
     def family(self) -> str:
         return "llava" if self.projector_type == MLP2X_GELU else "mobilevlm"
@@ -282,6 +284,7 @@ class MllamaConfig:
         return self.vision.max_num_tiles * self.vision.tile_tokens
 
     max_image_tokens = image_tokens
+    cross_length = image_tokens  # the decoder's cross-attention inputs: one image's every position
 
     def to_dict(self) -> dict:
         return {"family": MLLAMA, "name": self.name, "vision": asdict(self.vision), "text": asdict(self.text),
@@ -313,8 +316,8 @@ _TINY_MLLAMA_TEXT = replace(_LLAMA_3_1_8B_CROSS, vocab_size=1024, hidden_size=12
                             eos_token_id=1001, pad_token_id=1004, cross_attention_layers=(1, 4),
                             rope_scaling=(8.0, 1.0, 4.0, 512))
 
-# Llama-3.2-Vision's presets stand apart until its export and serving land: the build commands
-# take PRESETS only, so none is offered a model it cannot build yet.
+# Llama-3.2-Vision's presets stand apart from PRESETS (whose users read LLaVA-family fields:
+# projector, grid pinpoints, CLIP tower); make_checkpoint and match_preset take both.
 MLLAMA_PRESETS: dict[str, MllamaConfig] = {
     "llama-3.2-11b-vision": MllamaConfig("llama-3.2-11b-vision"),
     "tiny-mllama": MllamaConfig("tiny-mllama", _TINY_MLLAMA_VISION, _TINY_MLLAMA_TEXT, image_token_id=1024,

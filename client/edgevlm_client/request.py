@@ -68,6 +68,7 @@ class ModelInfo:
     max_sequences: int        # streams decoded at once; more wait their turn
     inputs: dict[str, str]    # input name -> Triton datatype
     image_tokens_min: int = 0  # at least (LLaVA-1.6's count depends on the picture's size)
+    family: str = ""          # mobilevlm, llava or mllama (Llama-3.2-Vision: images by cross-attention)
 
     @classmethod
     def from_triton(cls, metadata: dict, config: dict) -> ModelInfo:
@@ -78,7 +79,8 @@ class ModelInfo:
                    image_size=number("image_size"), image_tokens=number("image_tokens"),
                    default_max_tokens=number("default_max_tokens"), max_sequences=number("max_sequences"),
                    inputs={t["name"]: t["datatype"] for t in metadata.get("inputs", [])},
-                   image_tokens_min=number("image_tokens_min") or number("image_tokens"))
+                   image_tokens_min=number("image_tokens_min") or number("image_tokens"),
+                   family=params.get("family", ""))
 
 
 def _tensor(name: str, value) -> grpcclient.InferInput:

@@ -239,6 +239,12 @@ def is_mllama(raw: dict) -> bool:
     return raw.get("model_type") == MLLAMA
 
 
+def checkpoint_is_mllama(path: str | Path) -> bool:
+    """Is the directory a Llama-3.2-Vision checkpoint (by its config.json)?"""
+    config = Path(path) / "config.json"
+    return config.is_file() and is_mllama(json.loads(config.read_text()))
+
+
 def read_mllama(path: str | Path) -> MllamaCheckpoint:
     """Open and check a Llama-3.2-Vision directory; CheckpointError names what is wrong, a key as
     the files spell it."""

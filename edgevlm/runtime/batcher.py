@@ -5,6 +5,9 @@ arrived while its previous call ran, concatenated along the first axis, and hand
 request its own rows. Alone, a request is encoded at once (no waiting window); under a
 burst of camera frames, one call per burst instead of one per frame: the vision encoder's
 weights are read once and TensorRT / ONNX Runtime run one larger batch.
+
+A request's input is an array, or a tuple of arrays with the same first axis (an image's
+tiles and their arrangement, for Llama-3.2-Vision): each is concatenated with its peers.
 """
 
 from __future__ import annotations
@@ -46,10 +49,10 @@ class Batcher:
     def _take(self) -> list[tuple[np.ndarray, Done]]:
         """Up to max_batch images' worth of requests, oldest first (at least one request)."""
         taken, rows = [], 0
-        while self.pending and (not taken or rows + self.pending[0][0].shape[0] <= self.max_batch):
+        while self.pending and (not taken or rows + _rows(self.pending[0][0]) <= self.max_batch):
             x, done = self.pending.pop(0)
             taken.append((x, done))
-            rows += x.shape[0]
+            rows += _rows(x)
         return taken
 
     def _loop(self) -> None:
@@ -61,7 +64,7 @@ class Batcher:
                     return
                 batch = self._take()
             try:
-                out, ms = self.fn(np.concatenate([x for x, _ in batch]))
+                out, ms = self.fn(_concat([x for x, _ in batch]))
                 self.calls += 1
             except Exception as e:
                 for _, done in batch:
@@ -69,8 +72,8 @@ class Batcher:
                 continue
             start = 0
             for x, done in batch:
-                n = x.shape[0]
-                self._deliver(done, out[start:start + n], ms, None)
+                n = _rows(x)
+                self._deliver(done, _slice(out, start, start + n), ms, None)
                 start += n
 
     @staticmethod
@@ -79,3 +82,18 @@ class Batcher:
             done(rows, ms, error)
         except Exception:  # one request's callback must not stop the others'
             log.exception("image batcher: a request's callback failed")
+
+
+def _rows(x) -> int:
+    return (x[0] if isinstance(x, tuple) else x).shape[0]
+
+
+def _concat(xs: list):
+    if isinstance(xs[0], tuple):
+        return tuple(np.concatenate(parts) for parts in zip(*xs))
+    return np.concatenate(xs)
+
+
+def _slice(out, start: int, end: int):
+    """A request's rows of fn's output (an array, or a list of arrays)."""
+    return [a[start:end] for a in out] if isinstance(out, list) else out[start:end]

@@ -15,7 +15,7 @@ from typing import Protocol
 
 import numpy as np
 
-from edgevlm.runtime.kv_pool import Row, check_room
+from edgevlm.runtime.kv_pool import Row, check_cross, check_room
 
 
 class ConcatSequence(Protocol):
@@ -64,7 +64,10 @@ class ConcatPool:
     def never_fits(self, capacity: int) -> bool:
         return capacity > self.max_context
 
-    def acquire(self, capacity: int) -> Row:
+    cross_attention = False
+
+    def acquire(self, capacity: int, cross=None) -> Row:
+        check_cross(self, cross)
         seq = self.idle.pop() if self.idle else self.new_sequence()
         seq.reset(capacity)
         row = Row(capacity, state=seq)

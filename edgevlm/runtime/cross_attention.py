@@ -11,6 +11,7 @@ masked. Positions before the first image attend to nothing.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -43,3 +44,41 @@ def cross_mask(ids: Sequence[int], image_token_id: int, tiles: Sequence[int], ma
 def decode_row(mask: np.ndarray) -> np.ndarray:
     """The mask row of a generated token: the last position's."""
     return mask[-1:]
+
+
+@dataclass(eq=False)
+class CrossImage:
+    """What one image contributes to a cross-attention model, computed once (vision encoder,
+    then each cross layer's K/V projection) and shared, read-only, by every request about it
+    (the image cache keeps it): per cross tensor [kv_heads, L, head_dim], L = max_tiles *
+    tile_tokens, of which the first `tiles` tiles are real."""
+    kv: list[np.ndarray]
+    tiles: int
+    tile_tokens: int
+    digest: bytes = b""  # the image bytes' hash: what stands for the image in prefix-cache keys
+
+    def __post_init__(self):
+        for a in self.kv:
+            a.flags.writeable = False
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.kv)
+
+    @property
+    def tokens(self) -> int:
+        """The image positions text attends to (its real tiles')."""
+        return self.tiles * self.tile_tokens
+
+
+@dataclass(eq=False)
+class CrossRow:
+    """A sequence's cross-attention inputs: the image's K/V and which of its positions each
+    prompt position attends to (mask [S, L]); generated tokens attend as the last prompt
+    position does (decode_row)."""
+    image: CrossImage
+    mask: np.ndarray
+
+    @property
+    def decode_mask(self) -> np.ndarray:
+        return decode_row(self.mask)[0]

@@ -13,7 +13,9 @@ STOP, LENGTH, CANCELLED = FINISH_REASONS  # EOS, a stop string or a grammar's en
 class Stats:
     image_encode_ms: float = 0.0
     image_cached: bool = False  # the image's embeddings came from the image cache (encode 0 ms)
-    image_tokens: int = 0  # positions the image took (LLaVA-1.6: depends on its size)
+    image_tokens: int = 0  # positions the image took (LLaVA-1.6: depends on its size; Llama-3.2-Vision:
+    #                        the image positions its text attends to, its real tiles')
+    image_tiles: int = 0  # a cross-attention model's: the tiles the picture was cut into
     queue_ms: float = 0.0  # waiting for a slot (the scheduler's admission queue)
     prefill_tokens: int = 0  # prompt positions, cached ones included
     cached_tokens: int = 0  # of those, taken from the prefix cache instead of prefilled

@@ -65,10 +65,15 @@ class Grammars:
 
     def __init__(self, tokenizer):
         import llguidance
+        from edgevlm.runtime.tokenizer import BPETokenizer
         self.ll = llguidance
-        self.lltok = llguidance.LLTokenizer(llguidance.TokenizerWrapper(_Vocabulary(tokenizer)),
-                                            n_vocab=tokenizer.vocab_size)
-        self.vocab = tokenizer.vocab_size
+        if isinstance(tokenizer, BPETokenizer):  # llguidance reads a tokenizer.json itself
+            n = max(tokenizer.vocab_size, tokenizer.tk.get_vocab_size(with_added_tokens=True))
+            self.lltok = llguidance.LLTokenizer(tokenizer.tk.to_str(), n_vocab=n, eos_token=sorted(tokenizer.stop_ids))
+        else:
+            self.lltok = llguidance.LLTokenizer(llguidance.TokenizerWrapper(_Vocabulary(tokenizer)),
+                                                n_vocab=tokenizer.vocab_size)
+        self.vocab = self.lltok.vocab_size
         self.eos = tokenizer.eos_id
         self.compiled: OrderedDict[str, object] = OrderedDict()  # format text -> a fresh matcher to copy
         self.lock = threading.Lock()

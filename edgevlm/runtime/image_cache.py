@@ -46,8 +46,10 @@ class ImageCache:
     def put(self, key: bytes, embeds: np.ndarray) -> None:
         if embeds.nbytes > self.budget:
             return
-        embeds = embeds.copy()
-        embeds.flags.writeable = False  # shared by every request for this frame
+        if isinstance(embeds, np.ndarray):
+            embeds = embeds.copy()
+            embeds.flags.writeable = False  # shared by every request for this frame
+        # (a cross-attention model's CrossImage is read-only as made)
         with self.lock:
             if key in self.entries:
                 return

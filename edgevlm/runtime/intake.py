@@ -26,6 +26,8 @@ from typing import Protocol
 import numpy as np
 from edgevlm_client.contract import CANCEL, MAX_REQUEST_ID_CHARS
 
+from edgevlm.manifest import OnnxArtifacts
+from edgevlm.presets import MLLAMA
 from edgevlm.runtime import requests
 from edgevlm.runtime.batcher import Batcher
 from edgevlm.runtime.errors import BadRequest
@@ -46,6 +48,16 @@ class Stream(Protocol):
 
 
 Encode = Callable[[np.ndarray], tuple[np.ndarray, float]]  # pixel_values -> (features, ms)
+
+
+def open_preprocessor(onnx_dir, tokenizer, max_image_pixels: int):
+    """The export's request preprocessor, and the image encoder it runs in process (None: the
+    `vision_encoder` model, through Triton). A cross-attention model encodes in process: what
+    its encoder makes is too large to cross Triton (cross_requests.CrossImageEncoder)."""
+    if OnnxArtifacts.open(onnx_dir).config.family == MLLAMA:
+        from edgevlm.runtime.cross_requests import CrossImageEncoder, CrossPreprocessor
+        return CrossPreprocessor(onnx_dir, max_image_pixels, tokenizer), CrossImageEncoder(onnx_dir)
+    return requests.Preprocessor(onnx_dir, max_image_pixels, tokenizer), None
 
 
 class _Named:
@@ -113,15 +125,16 @@ class Intake:
         failure ends the stream through stream.fail."""
         image = requests.image_bytes(inputs)
         key = cached = None
-        if image is not None and self.image_cache.budget:
+        if image is not None:
             key = image_digest(image)
-            cached = self.image_cache.get(key)
+            cached = self.image_cache.get(key) if self.image_cache.budget else None
         prepared = self.pre.from_inputs(inputs, decode_image=cached is None)
-        if key is not None:
+        prepared.digest = key or b""
+        if key is not None and self.image_cache.budget:
             self.obs.image(cached is not None, self.image_cache.bytes)
         params = requests.sampling_params(inputs, self.default_max_tokens)
         ids = prepared.input_ids.tolist()
-        self.scheduler.check(ids, cached.shape[1] if cached is not None else prepared.image_tokens, params)
+        self.scheduler.check(ids, self.pre.image_positions(cached, prepared), params)
         if request_id:
             stream = self._name(stream, request_id)
         try:
@@ -132,9 +145,10 @@ class Intake:
             raise
 
     def _start(self, stream: Stream, ids: list[int], params, prepared, has_image: bool, key, cached) -> None:
-        def request(embeds, encode_ms=0.0) -> Request:
-            return Request(ids, embeds, params, stream.emit, stream.fail, stream.cancelled, encode_ms,
-                           image_cached=cached is not None)
+        def request(image, encode_ms=0.0) -> Request:
+            fields = {"image_embeds": None, **self.pre.attach(ids, image)}
+            return Request(ids, params=params, emit=stream.emit, fail=stream.fail, cancelled=stream.cancelled,
+                           image_encode_ms=encode_ms, image_cached=cached is not None, **fields)
         if not has_image or cached is not None:
             self.scheduler.submit(request(cached))
             return
@@ -144,10 +158,10 @@ class Intake:
             try:
                 if error is not None:
                     raise error
-                embeds = self.pre.pack(features, prepared)  # LLaVA-1.6: tiles -> one picture's tokens
-                if key is not None:
-                    self.image_cache.put(key, embeds)
-                self.scheduler.submit(request(embeds, encode_ms), reservation=place)
+                image = self.pre.pack(features, prepared)  # LLaVA-1.6: tiles -> one picture's tokens
+                if self.image_cache.budget:
+                    self.image_cache.put(key, image)
+                self.scheduler.submit(request(image, encode_ms), reservation=place)
             except Exception as e:
                 place.release()  # before the client hears of it: it may retry at once
                 self.obs.finished(outcome_of(e))

@@ -34,6 +34,7 @@ class Row:
     length: int = 0
     index: int = -1  # packed pools: its row in the packed tensors
     state: object = field(default=None, repr=False)  # per-row pools: the backend's batch-1 sequence
+    cross: object = field(default=None, repr=False)  # cross_attention.CrossRow: its image's K/V and mask
 
 
 @runtime_checkable
@@ -44,11 +45,14 @@ class KVPool(Protocol):
       chunked_prefill  a prompt may go in over several `prefill` calls, at any offset (else:
                        one call, on an empty row)
       reuses_prefix    `save` / `load` copy a row's leading KV out and in (the prefix cache)
+      cross_attention  rows carry per-row model state beyond their KV: an image's cross-attention
+                       K/V and mask (Llama-3.2-Vision), given at `acquire`
     """
 
     max_rows: int
     chunked_prefill: bool
     reuses_prefix: bool
+    cross_attention: bool
     bytes_per_position: int  # KV bytes one position of one row takes (every layer's key and value)
     rows: list[Row]  # the acquired rows
 
@@ -65,8 +69,8 @@ class KVPool(Protocol):
     def never_fits(self, capacity: int) -> bool:
         """A row of `capacity` positions could not be held even by an empty pool."""
 
-    def acquire(self, capacity: int) -> Row:
-        """A new, empty row; only after fits(capacity)."""
+    def acquire(self, capacity: int, cross=None) -> Row:
+        """A new, empty row; only after fits(capacity). cross: its CrossRow (cross_attention pools)."""
 
     def release(self, row: Row) -> None:
         """The row leaves; its memory serves the next one."""
@@ -85,6 +89,12 @@ class KVPool(Protocol):
 
     def close(self) -> None:
         """Free what the pool allocated (device memory; a pool made for a measurement)."""
+
+
+def check_cross(pool: KVPool, cross) -> None:
+    """A row with an image's cross-attention state needs a pool that feeds it to the decoder."""
+    if cross is not None and not pool.cross_attention:
+        raise ValueError("this KV pool has no cross-attention inputs (the decoder is not a cross-attention model)")
 
 
 def check_room(row: Row, positions: int) -> None:

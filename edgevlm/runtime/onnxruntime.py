@@ -56,8 +56,12 @@ class OrtDecoder:
     at position_ids[:, 0] (served by OrtPackedPool); concat otherwise (served by ConcatPool).
     """
 
-    def __init__(self, path: str | Path, cfg: TextConfig, threads: int | None = None, static: bool = False):
+    def __init__(self, path: str | Path, cfg: TextConfig, threads: int | None = None, static: bool = False,
+                 cross_length: int = 0):
+        """cross_length: a cross-attention decoder's image positions per row (its
+        cross_key_<j> / cross_value_<j> inputs, mllama_graphs.py); 0 for the others."""
         self.cfg = cfg
+        self.cross_length = cross_length
         self.static = static
         self.path = Path(path)
         self.sess = session(path, threads)
@@ -68,6 +72,10 @@ class OrtDecoder:
         kv_type = next(i.type for i in self.sess.get_inputs() if i.name == self.past_names[0])
         self.kv_dtype = np.dtype(np.float16 if kv_type == "tensor(float16)" else np.float32)
         self.max_context = cfg.max_position
+        self.cross_names = [i.name for i in self.sess.get_inputs() if i.name.startswith(("cross_key_", "cross_value_"))]
+        if bool(self.cross_names) != bool(cross_length):
+            raise ValueError(f"{self.path.name}: cross-attention inputs {self.cross_names or 'none'} "
+                             f"do not match the model's ({cross_length} image positions per row)")
 
     def open_pool(self, max_rows: int, budget_bytes: int = 0, max_context: int | None = None) -> KVPool:
         """This decoder's KV pool, for rows of up to `max_context` positions (default: the
@@ -76,6 +84,8 @@ class OrtDecoder:
         context = min(max_context or self.max_context, self.max_context)
         per_position = self.cfg.kv_bytes_per_position(self.kv_dtype.itemsize)
         if not self.static:
+            if self.cross_length:
+                raise ValueError("KV=concat is not built for cross-attention models; use KV=static (the default)")
             return ConcatPool(lambda: OrtConcatSequence(self), max_rows, max_context=context,
                               bytes_per_position=per_position, chunked_prefill=True, reuses_prefix=True)
         budget = budget_bytes or default_budget(max_rows, round_up(context), per_position)

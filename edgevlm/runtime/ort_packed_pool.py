@@ -11,6 +11,11 @@ reads 0.13 GB per step at C = 320 instead of 0.8 GB at the full 2048. Changing C
 rows within their buffers (once per GRANULE tokens of growth). Memory is the budget, taken
 once at start; admission keeps rows x C within it, so a row, once admitted, never runs out
 of cache.
+
+A cross-attention decoder (Llama-3.2-Vision) also reads each row's image K/V: one more
+buffer per cross tensor, [max_rows, kv_heads, L, head_dim], packed like the caches, filled
+once when a row is admitted (the image's K/V is computed once, not per step); a text-only
+row's slot is left as it is and switched off by has_image 0.
 """
 
 from __future__ import annotations
@@ -41,6 +46,9 @@ class OrtPackedPool(PackedRows):
         self.width = 0  # C: positions per row in the current layout
         self.logits = np.empty((max_rows, c.vocab_size), np.float32)
         self.binding = decoder.sess.io_binding()
+        self.cross_attention = bool(decoder.cross_length)
+        self.cross = [np.zeros((max_rows, self.heads, decoder.cross_length, self.dim), np.float32)
+                      for _ in decoder.cross_names]
 
     @property
     def budget_bytes(self) -> int:
@@ -63,9 +71,12 @@ class OrtPackedPool(PackedRows):
     def never_fits(self, capacity: int) -> bool:
         return round_up(capacity) > self.positions
 
-    def acquire(self, capacity: int) -> Row:
-        row = super().acquire(capacity)
+    def acquire(self, capacity: int, cross=None) -> Row:
+        row = super().acquire(capacity, cross)
         self.width = self.width or GRANULE
+        if cross is not None:
+            for buf, kv in zip(self.cross, cross.image.kv):
+                buf[row.index] = kv
         return row
 
     def release(self, row: Row) -> None:
@@ -95,6 +106,9 @@ class OrtPackedPool(PackedRows):
         n = src.length
         for buf in self.buffers:
             self._view(buf, dst_index, 1)[:, :, :n] = self._view(buf, src.index, 1)[:, :, :n]
+        if src.cross is not None:
+            for buf in self.cross:
+                buf[dst_index] = buf[src.index]
 
     def _fit_width(self, need: int) -> None:
         """Make C hold `need` positions per row: grow to the next granule (plus one, so growth
@@ -112,10 +126,14 @@ class OrtPackedPool(PackedRows):
         self.width = target
 
     # -- steps ---------------------------------------------------------------------------------
-    def _run(self, start: int, count: int, embeds: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    def _run(self, start: int, count: int, embeds: np.ndarray, positions: np.ndarray,
+             rows: list[Row]) -> np.ndarray:
+        """rows: the packed rows at start .. start + count (whose cross-attention inputs go in)."""
         b, d = self.binding, self.d
         b.bind_cpu_input("inputs_embeds", np.ascontiguousarray(embeds, np.float32))
         b.bind_cpu_input("position_ids", positions)
+        if self.cross_attention:
+            self._bind_cross(start, rows, positions)
         for past, present, buf in zip(d.past_names, d.present_names, self.buffers):
             view = self._view(buf, start, count)
             b.bind_cpu_input(past, view)
@@ -125,12 +143,30 @@ class OrtPackedPool(PackedRows):
         d.sess.run_with_iobinding(b)
         return logits
 
+    def _bind_cross(self, start: int, rows: list[Row], positions: np.ndarray) -> None:
+        """Each row's image K/V (in place) and, per input position, which of its image positions
+        it attends to: a prompt position's own mask row, a generated one the last prompt row's."""
+        s, length = positions.shape[1], self.d.cross_length
+        mask = np.zeros((len(rows), s, length), np.float32)
+        has = np.zeros(len(rows), np.float32)
+        for i, r in enumerate(rows):
+            if r.cross is None:
+                continue
+            has[i] = 1
+            m = r.cross.mask
+            at = positions[i]
+            mask[i] = np.where((at < len(m))[:, None], m[np.minimum(at, len(m) - 1)], r.cross.decode_mask)
+        self.binding.bind_cpu_input("cross_mask", mask)
+        self.binding.bind_cpu_input("has_image", has)
+        for name, buf in zip(self.d.cross_names, self.cross):
+            self.binding.bind_cpu_input(name, buf[start:start + len(rows)])
+
     def prefill(self, row: Row, embeds: np.ndarray) -> np.ndarray:
         s = embeds.shape[1]
         check_room(row, s)
         self._fit_width(max([row.length + s] + [r.length + 1 for r in self.rows]))
         positions = np.arange(row.length, row.length + s, dtype=np.int64)[None]
-        logits = self._run(row.index, 1, embeds, positions)[0].copy()
+        logits = self._run(row.index, 1, embeds, positions, [row])[0].copy()
         row.length += s
         return logits
 
@@ -139,7 +175,7 @@ class OrtPackedPool(PackedRows):
         n = len(self.rows)
         inputs, positions, at = self._step_inputs(rows, embeds, n)
         self._fit_width(max(r.length + 1 for r in self.rows))
-        logits = self._run(0, n, inputs, positions)
+        logits = self._run(0, n, inputs, positions, self.rows)
         for r in rows:
             r.length += 1
         return logits[at]

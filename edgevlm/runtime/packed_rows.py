@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from edgevlm.runtime.kv_pool import Row, check_room
+from edgevlm.runtime.kv_pool import Row, check_cross, check_room
 
 GRANULE = 64  # positions: the ONNX Runtime pool's row width is a multiple of this
 
@@ -25,10 +25,13 @@ class PackedRows:
     chunked_prefill = True  # a prompt may go in pieces at any offset (the cache shape does not change)
     reuses_prefix = True  # save/load copy rows' KV out and in (PrefixCache)
 
-    def acquire(self, capacity: int) -> Row:
+    cross_attention = False  # the ONNX Runtime pool's, for a cross-attention decoder: True
+
+    def acquire(self, capacity: int, cross=None) -> Row:
         if not self.fits(capacity):
             raise RuntimeError("acquire without room: the scheduler checks fits() first")
-        row = Row(capacity, index=len(self.rows))
+        check_cross(self, cross)
+        row = Row(capacity, index=len(self.rows), cross=cross)
         self.rows.append(row)
         return row
 

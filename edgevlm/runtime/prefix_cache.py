@@ -9,7 +9,10 @@ recomputed.
 
 Each position of a prompt has a key: its token id, or, inside an image, a value derived from
 the image's content hash (of its embeddings) and the index within the image; token ids are
->= 0 and image keys < 0, so neither can be taken for the other. An entry holds the keys and
+>= 0 and image keys < 0, so neither can be taken for the other. In a cross-attention model
+(Llama-3.2-Vision) an image changes the KV of every position of its request, even those before
+its token (they attend to it too, unmasked, as transformers' mask makes them): there every
+position's key mixes its token id with the image bytes' hash. An entry holds the keys and
 KV of one sequence; a lookup finds the entry sharing the longest run of leading keys with the
 new prompt. Entries are stored when a prompt is prefilled (so concurrent requests about the
 same frame share it at once) and when a sequence ends (prompt plus answer: the next turn of a
@@ -42,9 +45,14 @@ def image_key(embeds: np.ndarray) -> int:
     return int.from_bytes(digest, "little") & _IMAGE_KEY_MASK
 
 
-def position_keys(input_ids: Sequence[int], image_embeds: np.ndarray | None) -> np.ndarray:
-    """One int64 key per prompt position (the i-th image placeholder expands to image i's rows)."""
+def position_keys(input_ids: Sequence[int], image_embeds: np.ndarray | None, cross=None) -> np.ndarray:
+    """One int64 key per prompt position (the i-th image placeholder expands to image i's rows;
+    cross: a cross-attention row's CrossRow, whose image keys every position)."""
     ids = np.asarray(input_ids, np.int64)
+    if cross is not None:
+        h = np.uint64(int.from_bytes(hashlib.blake2b(cross.image.digest, digest_size=8).digest(), "little"))
+        mixed = (ids.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)) ^ h  # wraps: a hash, not a sum
+        return -1 - (mixed & np.uint64(_IMAGE_KEY_MASK)).astype(np.int64)
     where = np.flatnonzero(ids == IMAGE_TOKEN_INDEX)
     parts, start = [], 0
     for i, pos in enumerate(where):

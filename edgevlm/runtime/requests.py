@@ -73,10 +73,13 @@ def sampling_params(inputs: dict, default_max_tokens: int) -> SamplingParams:
 class Prepared:
     """A checked request's prompt: what the vision encoder and the decoder need."""
 
-    pixel_values: np.ndarray | None  # [tiles, 3, S, S]: 0 without an image, > 1 for anyres; None if cached
+    pixel_values: np.ndarray | tuple | None  # [tiles, 3, S, S]: 0 without an image, > 1 for anyres;
+    #   None if cached (a cross-attention model: its encoder's inputs, cross_requests.py)
     input_ids: np.ndarray  # int64, IMAGE_TOKEN_INDEX where the image goes
     image_size: tuple[int, int] | None = None  # the picture's (H, W), when decoded
     image_tokens: int = 0  # positions the image takes (0: none, or an anyres picture not decoded)
+    tiles: int = 0  # a cross-attention model's: the picture's tiles
+    digest: bytes = b""  # the image bytes' hash (the intake's)
 
 
 class Preprocessor:
@@ -101,6 +104,14 @@ class Preprocessor:
             return self.cfg.image_tokens
         v = self.cfg.vision
         return anyres.token_count(size_hw, self.cfg.grid_pinpoints, v.image_size, v.grid)
+
+    def image_positions(self, image: np.ndarray | None, prepared: Prepared) -> int:
+        """Positions the image takes in the prompt: its cached embeddings' rows, or as prepared."""
+        return image.shape[1] if image is not None else prepared.image_tokens
+
+    def attach(self, ids: list[int], image: np.ndarray | None) -> dict:
+        """The Request fields that carry the image: its embeddings, spliced at the placeholder."""
+        return {"image_embeds": image}
 
     def pack(self, features: np.ndarray, prepared: Prepared) -> np.ndarray:
         """The vision encoder's rows for one request ([tiles, T, D]) -> image_embeds [1, N, D]."""

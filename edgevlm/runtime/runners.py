@@ -64,8 +64,10 @@ def open_decoder(onnx_dir: str | Path, runner: str = "onnxruntime", engine_dir: 
         from edgevlm.runtime.onnxruntime import OrtDecoder
         static = kv_layout(art, kv_cache) == "static"
         return OrtDecoder(art.path(cpu_form(art, "decoder_static" if static else "decoder")), art.config.text,
-                          static=static)
+                          static=static, cross_length=art.config.cross_length)
     if runner == "tensorrt":
+        if art.config.cross_length:
+            raise ValueError("TensorRT engines for cross-attention models are not built yet; use the cpu target")
         from edgevlm.runtime.tensorrt.decoder import TrtDecoder
         return TrtDecoder(engine_dir, art.config.text)
     raise ValueError(f"unknown runner {runner!r} (onnxruntime or tensorrt)")

@@ -66,6 +66,7 @@ class Request:
     cancelled: Callable[[], bool] = lambda: False
     image_encode_ms: float = 0.0
     image_cached: bool = False  # the embeddings came from the image cache
+    cross: object = None  # cross_attention.CrossRow: a cross-attention model's image (its ids hold its token)
     submitted: float = field(default_factory=time.perf_counter)
 
     @property
@@ -105,7 +106,9 @@ class _Live:
         self.fed = 0  # prefilled so far
         self.sampler, self.detok = sampler, detok
         self.stats = Stats(image_encode_ms=req.image_encode_ms, prefill_tokens=self.total,
-                           image_cached=req.image_cached, image_tokens=req.image_tokens,
+                           image_cached=req.image_cached,
+                           image_tokens=req.image_tokens if req.cross is None else req.cross.image.tokens,
+                           image_tiles=0 if req.cross is None else req.cross.image.tiles,
                            queue_ms=(time.perf_counter() - req.submitted) * 1e3)
         self.keys: np.ndarray | None = None  # the prompt's position keys (with a prefix cache)
         self.fed_tokens: list[int] = []  # generated tokens whose KV is in the row
@@ -297,7 +300,7 @@ class Scheduler:
             try:
                 sampler = self._sampler(req)
                 embeds = self.model.table.embed(req.input_ids, req.image_embeds)
-                row = self.pool.acquire(n_prompt + max_new)
+                row = self.pool.acquire(n_prompt + max_new, req.cross)
                 live = _Live(req, row, embeds, max_new, sampler, IncrementalDecoder(self.model.tok, req.params.stop))
                 if self.cache is not None:
                     self._reuse_prefix(live)
@@ -323,7 +326,7 @@ class Scheduler:
     def _reuse_prefix(self, x: _Live) -> None:
         """Start x from the cached KV of its longest known prefix; its last prompt position is
         always prefilled (its logits give the first token)."""
-        x.keys = position_keys(x.req.input_ids, x.req.image_embeds)
+        x.keys = position_keys(x.req.input_ids, x.req.image_embeds, x.req.cross)
         hit = self.cache.lookup(x.keys, limit=len(x.keys) - 1)
         if hit.positions:
             self.pool.load(x.row, hit.kv())
@@ -360,7 +363,7 @@ class Scheduler:
         """Sample one token for x and stream it; end x on EOS, a stop string or max_tokens."""
         tok = x.sampler(logits)
         x.stats.decode_tokens += 1
-        if tok == self.model.tok.eos_id:
+        if tok in self.model.tok.stop_ids:
             return self._end(x, STOP)
         # Checked here, just before the send, not only at the step's start: tritonserver
         # 2.51's gRPC frontend can crash when a response races the client's cancel

@@ -12,7 +12,8 @@ from edgevlm.manifest import OnnxArtifacts
 from edgevlm.runtime.embedding import EmbeddingTable
 from edgevlm.runtime.kv_pool import KVPool
 from edgevlm.runtime.runners import open_decoder
-from edgevlm.runtime.tokenizer import Tokenizer
+from edgevlm.presets import MLLAMA
+from edgevlm.runtime.tokenizer import BPETokenizer, Tokenizer
 
 
 @dataclass
@@ -40,5 +41,14 @@ def open_text_model(onnx_dir: str | Path, runner: str = "onnxruntime", engine_di
     art = OnnxArtifacts.open(onnx_dir)
     decoder = open_decoder(art.root, runner, engine_dir, kv_cache)
     pool = decoder.open_pool(max_rows, kv_budget_mib << 20)
-    return TextModel(Tokenizer(art.path("tokenizer")), EmbeddingTable(art.path("embed_tokens")), pool,
+    return TextModel(open_tokenizer(art), EmbeddingTable(art.path("embed_tokens")), pool,
                      max_context=min(art.config.text.max_position, decoder.max_context))
+
+
+def open_tokenizer(art: OnnxArtifacts) -> Tokenizer | BPETokenizer:
+    """The export's tokenizer: Llama 3's BPE tokenizer.json for Llama-3.2-Vision, the LLaMA
+    SentencePiece model for the others."""
+    cfg = art.config
+    if cfg.family == MLLAMA:
+        return BPETokenizer(art.path("tokenizer"), cfg.text.vocab_size, cfg.stop_token_ids)
+    return Tokenizer(art.path("tokenizer"))

@@ -117,8 +117,10 @@ def render_repository(onnx_dir: str | Path, out_dir: str | Path, target: str = "
         kv_cache = engines.get("kv_cache", "concat")
     values = {
         "image_size": cfg.vision.image_size, "tile_tokens": cfg.image_tokens,
-        # the most positions one image takes, and the fewest (they differ for LLaVA-1.6's anyres)
-        "image_tokens": cfg.max_image_tokens, "image_tokens_min": cfg.image_tokens,
+        # the most context positions one image takes, and the fewest (they differ for LLaVA-1.6's
+        # anyres; a cross-attention model's image takes one, its <|image|> token)
+        "image_tokens": 1 if cfg.cross_length else cfg.max_image_tokens,
+        "image_tokens_min": 1 if cfg.cross_length else cfg.image_tokens,
         "hidden_size": cfg.text.hidden_size, "onnx_dir": str(art.root.resolve()),
         "engine_dir": str(engine_dir or ""), "runner": "tensorrt" if target == "jetson" else "onnxruntime",
         "max_sequences": max_sequences, "default_max_tokens": default_max_tokens,
@@ -128,11 +130,16 @@ def render_repository(onnx_dir: str | Path, out_dir: str | Path, target: str = "
         "max_image_pixels": max_image_pixels,
         "edgevlm_src": str(SOURCE.parent),
         "inputs": contract.pbtxt(contract.INPUTS), "outputs": contract.pbtxt(contract.OUTPUTS),
-        "model_name": cfg.name, "max_context": max_context, "kv_cache": kv_cache,
+        "model_name": cfg.name, "family": cfg.family, "max_context": max_context, "kv_cache": kv_cache,
     }
     out_dir = Path(out_dir)
+    # a cross-attention model encodes its images in process (runtime/cross_requests.py)
+    models = MODELS[:1] if cfg.cross_length else MODELS
+    if cfg.cross_length and target == "jetson":
+        raise ManifestError(f"{cfg.name}: TensorRT engines for cross-attention models are not built yet; "
+                            "serve it with TARGET=cpu")
     with staged_dir(out_dir) as tmp:
-        for model in MODELS:
+        for model in models:
             shutil.copytree(SOURCE / model, tmp / model, ignore=shutil.ignore_patterns("__pycache__"))
             shutil.copy2(SOURCE / "_shared" / "adapter.py", tmp / model / "1")
             config = tmp / model / "config.pbtxt"

@@ -128,9 +128,8 @@ class TritonPythonModel:
 
         from edgevlm.runtime import observer
         from edgevlm.runtime.image_cache import ImageCache
-        from edgevlm.runtime.intake import Intake
+        from edgevlm.runtime.intake import Intake, open_preprocessor
         from edgevlm.runtime.prefix_cache import PrefixCache
-        from edgevlm.runtime.requests import Preprocessor
         from edgevlm.runtime.scheduler import Scheduler
         from edgevlm.runtime.text_model import open_text_model
         self.outcome_of = observer.outcome_of
@@ -146,8 +145,8 @@ class TritonPythonModel:
                                    prefill_chunk=int(params.get("prefill_chunk") or 64),
                                    observer=self.metrics, prefix_cache=prefix_cache)
         image_cache = ImageCache(int(params.get("image_cache_mib") or 0) << 20)
-        pre = Preprocessor(params["onnx_dir"], max_image_pixels=int(params["max_image_pixels"]), tokenizer=model.tok)
-        self.intake = Intake(pre, self.scheduler, self._encode, image_cache=image_cache, observer=self.metrics,
+        pre, encoder = open_preprocessor(params["onnx_dir"], model.tok, int(params["max_image_pixels"]))
+        self.intake = Intake(pre, self.scheduler, encoder or self._encode, image_cache=image_cache, observer=self.metrics,
                              max_batch=max_sequences, default_max_tokens=int(params["default_max_tokens"]))
         reuse = (prefix_cache.describe() if self.scheduler.cache is not None
                  else "no prefix cache" + (" (this KV layout cannot reuse one)" if prefix_cache.budget else ""))
