@@ -5,6 +5,8 @@
 fp16 is what strongly typed TensorRT (10, 11) builds fp16 engines from (export/fp16.py);
 int8 / int4 are Q/DQ exports (export/quantize.py) with the cpu target's MatMulNBits form of
 the same decoder weights beside them (export/matmul_nbits.py); both are checked against FP32.
+A Llama-3.2-Vision export gets its decoder quantized (export/mllama_quantize.py); fp16 is not
+built for it yet.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import sys
 from edgevlm.export.matmul_nbits import LM_HEAD
 from edgevlm.export.quant_check import QuantizationError, QuantReport
 from edgevlm.export.fp16 import fp16_export
+from edgevlm.export.mllama_parity import is_cross_attention_export
+from edgevlm.export.mllama_quantize import quantize_mllama
 from edgevlm.export.quantize import PRECISIONS, quantize_export
 
 
@@ -26,6 +30,14 @@ def main(argv=None) -> int:
     ap.add_argument("--calib-dir", help="calibration photos (default: scikit-image's samples)")
     args = ap.parse_args(argv)
     try:
+        if is_cross_attention_export(args.onnx):
+            if args.precision == "fp16":
+                raise ValueError("fp16 exports of cross-attention models are not built yet (int8, int4 are)")
+            reports = quantize_mllama(args.onnx, args.out, args.precision, calib_dir=args.calib_dir)
+            print(f"quantize: wrote {args.out}")
+            for key, r in reports.items():
+                print(f"quantize: {key} " + QuantReport(**r).summary(args.precision))
+            return 0
         if args.precision == "fp16":
             report = fp16_export(args.onnx, args.out)
         else:

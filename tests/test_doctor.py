@@ -155,3 +155,19 @@ def test_here_a_container_without_a_gpu_fails_the_runtime_check_with_its_reason(
     assert r.returncode == 1
     assert "FAIL container runtime: no GPU in this container: /dev/nvmap" in r.stdout
     assert "--runtime nvidia" in r.stdout
+
+
+def test_the_orin_memory_table_is_what_the_estimate_says():
+    """docs/ORIN.md's smallest-module table, row by row, from edgevlm/jetson/memory.py."""
+    from pathlib import Path
+
+    from edgevlm.jetson import memory
+    names = {"orin-nano-8gb": "Orin Nano 8GB", "orin-nx-16gb": "Orin NX 16GB", "agx-orin-32gb": "AGX Orin 32GB",
+             "agx-orin-64gb": "AGX Orin 64GB"}
+    text = (Path(__file__).resolve().parents[1] / "docs" / "ORIN.md").read_text()
+    rows = [line.strip("|").split("|") for line in text.splitlines()
+            if line.startswith("| ") and line.count("|") == 5 and "preset" not in line and "---" not in line]
+    table = {r[0].strip(): [c.strip() for c in r[1:]] for r in rows}
+    assert "llama-3.2-11b-vision" in table and "mobilevlm-v2-7b" in table
+    for preset, cells in table.items():
+        assert cells == [names[memory.smallest_module(preset, p)] for p in ("fp16", "int8", "int4")], preset

@@ -227,3 +227,22 @@ def test_constrained_answers_parse(in_process):
         text, stats = ask(in_process, "Is there a cat?", sample_image("chelsea"), max_tokens=np.array([40], np.int32),
                           response_format=np.array([json.dumps(fmt).encode()], dtype=object))
         assert check(text) and stats.finish_reason == "stop", (fmt, text)
+
+
+def test_int4_decoder_passes_its_gate_and_serves(onnx_dir, tmp_path, monkeypatch):
+    from edgevlm.export import weight_only
+    from edgevlm.export.mllama_quantize import quantize_mllama
+    from edgevlm.export.quant_check import QuantizationError
+    from edgevlm.runtime.runners import open_decoder
+    reports = quantize_mllama(onnx_dir, tmp_path / "onnx-int4", "int4", log=lambda m: None)
+    assert set(reports) == {"decoder_static_cpu", "decoder_static"}
+    assert open_decoder(tmp_path / "onnx-int4").path.name == "decoder.static.cpu.onnx"  # MatMulNBits served
+    with runtime(tmp_path / "onnx-int4") as intake:
+        text, stats = ask(intake, "What is in the image?", sample_image("chelsea"))
+        assert text and stats.image_tiles == 4
+    # a quantizer that loses the weights' scale fails the gate and leaves nothing behind
+    real = weight_only.quantize_int4
+    monkeypatch.setattr(weight_only, "quantize_int4", lambda w, block: (lambda q, s: (q, s * 0.1))(*real(w, block)))
+    with pytest.raises(QuantizationError, match="int4 graph fails its accuracy check"):
+        quantize_mllama(onnx_dir, tmp_path / "broken", "int4", log=lambda m: None)
+    assert not (tmp_path / "broken").exists()
