@@ -39,15 +39,49 @@ def _edges(param):
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("param", contract.PARAMETERS, ids=lambda p: p.name)
+@pytest.mark.parametrize("param", [p for p in contract.PARAMETERS if p.limit], ids=lambda p: p.name)
 def test_server_enforces_each_parameter_range_of_the_contract(client, param):
     for inside, outside in _edges(param):
         kwargs = {"max_tokens": 2} if param.name != "max_tokens" else {}
-        if param.name == "max_tokens" and inside > 2:
-            inside = 2  # the upper edge is not worth generating; 2 is inside too
+        if param.name in ("max_tokens", "min_tokens") and inside > 2:
+            inside = 2  # the upper edge is not worth generating (nor allowed past max_tokens); 2 is inside too
         assert client.generate("Hi", **kwargs, **{param.name: inside}).tokens >= 1
-        with pytest.raises(InvalidRequest, match=f"^{param.name} must be"):
+        with pytest.raises(InvalidRequest, match=f"^{param.name} must be"):  # refused by the client library
             client.generate("Hi", **kwargs, **{param.name: outside})
+        # and by the server, for a client that sends it anyway
+        raw = grpcclient.InferInput(param.name, [1], param.datatype)
+        raw.set_data_from_numpy(np.array([outside], dtype={"INT32": np.int32, "INT64": np.int64,
+                                                           "FP32": np.float32}[param.datatype]))
+        announced, err = _raw_stream_error(client.url, [_bytes_input("prompt", b"Hi"), raw])
+        assert announced["status"] == "INVALID_ARG" and f"{param.name} must be" in err.message()
+
+
+# Values a program may send by mistake; every one is refused locally, naming the field
+ODD_VALUES = [2 ** 32 + 5, -2 ** 32 + 7, 2 ** 31 + 3, 2 ** 64 + 1, -(2 ** 70), 10 ** 400, float("nan"),
+              float("inf"), -float("inf"), True, "7", [1]]
+
+
+@pytest.mark.parametrize("param", [p for p in contract.PARAMETERS if p.limit], ids=lambda p: p.name)
+def test_every_number_is_checked_as_sent_by_the_client_and_the_gateway(param):
+    from edgevlm_client.openai_api import APIError, parse_chat_request
+    from edgevlm_client.request import build_inputs
+    openai_name = {"max_tokens": "max_tokens", "temperature": "temperature", "top_p": "top_p", "seed": "seed",
+                   "presence_penalty": "presence_penalty", "frequency_penalty": "frequency_penalty",
+                   "min_tokens": "min_tokens"}
+    for value in ODD_VALUES:
+        lim = param.limit
+        fits = (isinstance(value, int) and not isinstance(value, bool) and param.datatype != "FP32"
+                and value >= lim.low and (lim.high is None or value <= lim.high) and value < 2 ** 63
+                and (param.datatype != "INT32" or value < 2 ** 31))
+        if fits:
+            continue
+        with pytest.raises(InvalidRequest, match=f"^{param.name} must be"):
+            build_inputs("Hi", **{param.name: value})
+        if param.name in openai_name:
+            with pytest.raises(APIError) as e:
+                parse_chat_request({"model": "m", "messages": [{"role": "user", "content": "Hi"}],
+                                    openai_name[param.name]: value})
+            assert e.value.status == 400 and e.value.param == openai_name[param.name] and "\n" not in e.value.message
 
 
 @pytest.mark.integration
@@ -162,3 +196,13 @@ def test_the_contract_document_is_written_from_the_contract():
     list: a change to either without `python3 tools/contract_doc.py` fails here."""
     from tools.contract_doc import DOC, render
     assert DOC.read_text() == render(), "docs/CONTRACT.md is out of date: run python3 tools/contract_doc.py"
+
+
+def test_a_flag_takes_only_true_or_false():
+    from edgevlm_client.openai_api import APIError, parse_chat_request
+    from edgevlm_client.request import build_inputs
+    for value in (1, "yes", [True]):
+        with pytest.raises(InvalidRequest, match="^ignore_eos must be true or false"):
+            build_inputs("Hi", ignore_eos=value)
+        with pytest.raises(APIError, match="ignore_eos must be true or false"):
+            parse_chat_request({"model": "m", "messages": [{"role": "user", "content": "Hi"}], "ignore_eos": value})

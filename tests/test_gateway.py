@@ -126,7 +126,18 @@ BAD = {
     "tools": ({"model": "tiny", "tools": [{"type": "function"}], "messages": [{"role": "user", "content": "Hi"}]},
               400, "'tools' is not supported"),
     "max_tokens as string": ({"model": "tiny", "max_tokens": "8", "messages": [{"role": "user", "content": "Hi"}]},
-                             400, "'max_tokens' must be an integer"),
+                             400, "max_tokens must be an integer"),
+    # numbers are checked as sent: none wraps to int32 or overflows into a 500
+    "max_tokens 2**32 + 5": ({"model": "tiny", "max_tokens": 2 ** 32 + 5, "messages": [
+        {"role": "user", "content": "Hi"}]}, 400, "max_tokens must be in [1, 1000000], got 4294967301"),
+    "max_tokens -2**32 + 7": ({"model": "tiny", "max_tokens": -2 ** 32 + 7, "messages": [
+        {"role": "user", "content": "Hi"}]}, 400, "got -4294967289"),
+    "seed 2**64 + 1": ({"model": "tiny", "seed": 2 ** 64 + 1, "messages": [{"role": "user", "content": "Hi"}]},
+                       400, "seed must be in [0, 9223372036854775807]"),
+    "temperature 1e400 as an integer": ({"model": "tiny", "temperature": 10 ** 400, "messages": [
+        {"role": "user", "content": "Hi"}]}, 400, "temperature must be a finite number"),
+    "body nested 100 000 deep": (b'{"model": "tiny", "messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+                                 400, "nests too deeply"),
     "temperature out of range": ({"model": "tiny", "temperature": -1, "messages": [
         {"role": "user", "content": "Hi"}]}, 400, "temperature must be in"),
     "prompt over the context": ({"model": "tiny", "messages": [{"role": "user", "content": "word " * 600}]}, 400,
@@ -226,3 +237,18 @@ def test_api_key_and_remote_images_when_enabled(server, client, start_gateway):
                                                                max_tokens=10).text
     finally:
         httpd.shutdown()
+
+
+def test_penalties_and_fixed_length_options_reach_the_sampler(sdk):
+    """presence/frequency_penalty as OpenAI defines them; vLLM's ignore_eos and min_tokens (what
+    aiperf sends for fixed-length answers) through the SDK's extra_body."""
+    msgs = [{"role": "user", "content": "Say something."}]
+    plain = sdk.chat.completions.create(model="tiny", messages=msgs, max_tokens=24, temperature=0)
+    penalised = sdk.chat.completions.create(model="tiny", messages=msgs, max_tokens=24, temperature=0,
+                                            presence_penalty=2.0, frequency_penalty=2.0)
+    assert penalised.choices[0].message.content != plain.choices[0].message.content
+    fixed = sdk.chat.completions.create(model="tiny", messages=msgs, max_tokens=24, temperature=0,
+                                        extra_body={"ignore_eos": True, "min_tokens": 24})
+    assert fixed.usage.completion_tokens == 24 and fixed.choices[0].finish_reason == "length"
+    with pytest.raises(openai.BadRequestError, match="min_tokens"):
+        sdk.chat.completions.create(model="tiny", messages=msgs, max_tokens=4, extra_body={"min_tokens": 9})

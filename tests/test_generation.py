@@ -50,7 +50,10 @@ def test_stop_string_is_never_streamed_and_cuts_the_text(tok):
 @pytest.mark.parametrize("bad,reason", [(dict(max_tokens=0), "max_tokens"), (dict(temperature=float("nan")), "temperature"),
                                         (dict(top_p=1.5), "top_p"), (dict(top_k=-1), "top_k"),
                                         (dict(repetition_penalty=0.0), "repetition_penalty"),
-                                        (dict(stop=("x",) * 17), "stop")])
+                                        (dict(stop=("x",) * 17), "stop"),
+                                        (dict(presence_penalty=2.5), "presence_penalty"),
+                                        (dict(frequency_penalty=-2.01), "frequency_penalty"),
+                                        (dict(min_tokens=9, max_tokens=8), "min_tokens \\(9\\) is more than")])
 def test_parameters_out_of_range_are_refused(bad, reason):
     with pytest.raises(BadRequest, match=reason):
         SamplingParams(**bad).validate()
@@ -60,6 +63,28 @@ def test_repetition_penalty_demotes_seen_tokens():
     logits = np.array([0.0, 2.0, 1.9], np.float32)
     assert Sampler(SamplingParams(), [1])(logits) == 1
     assert Sampler(SamplingParams(repetition_penalty=1.5), [1])(logits) == 2
+
+
+def test_presence_and_frequency_penalties_follow_openais_definition():
+    """logit[j] - count[j] * frequency - (count[j] > 0) * presence, counting generated tokens only."""
+    logits = np.array([3.0, 2.5, 0.0, 2.9], np.float32)
+
+    def run(**kw):
+        s = Sampler(SamplingParams(**kw), [0, 0, 0])  # prompt tokens are not counted
+        return [s(logits) for _ in range(4)]
+    assert run() == [0, 0, 0, 0]
+    assert run(presence_penalty=0.2) == [0, 3, 0, 0]  # 2.8 < 2.9, then 2.8 > 2.7: paid once, whatever the count
+    assert run(frequency_penalty=0.3) == [0, 3, 0, 3]  # id 0's second use costs 0.6: 2.4 < 2.6
+    assert run(presence_penalty=-1.0) == [0, 0, 0, 0]  # a negative penalty favours repeats
+
+
+def test_min_tokens_and_ignore_eos_hold_back_the_end_of_answer_tokens():
+    logits = np.array([0.0, 5.0, 1.0], np.float32)  # id 1 ends the answer
+    s = Sampler(SamplingParams(min_tokens=2), [], stop_ids=[1])
+    assert [s(logits) for _ in range(3)] == [2, 2, 1]
+    s = Sampler(SamplingParams(ignore_eos=True), [], stop_ids=[1])
+    assert [s(logits) for _ in range(5)] == [2] * 5
+    assert Sampler(SamplingParams(), [], stop_ids=[1])(logits) == 1
 
 
 def test_seeded_sampling_repeats_and_top_k_limits():

@@ -58,6 +58,16 @@ PARAMETERS = (
     Tensor("repetition_penalty", "FP32", (1,), "1 is none", default=1.0,
            limit=Limit(0.0, 10.0, open_low=True)),
     Tensor("seed", "INT64", (1,), "reproducible sampling", default=None, limit=Limit(0)),
+    # OpenAI's definitions: minus penalty x (times generated so far), minus penalty if generated at all
+    Tensor("presence_penalty", "FP32", (1,), "0 is none; > 0 favours new tokens", default=0.0,
+           limit=Limit(-2.0, 2.0)),
+    Tensor("frequency_penalty", "FP32", (1,), "0 is none; > 0 discourages repeats by their count", default=0.0,
+           limit=Limit(-2.0, 2.0)),
+    # vLLM's names, for benchmark clients that need answers of a fixed length
+    Tensor("min_tokens", "INT32", (1,), "the end-of-answer tokens are not chosen before this many",
+           default=0, limit=Limit(0, 1_000_000)),
+    Tensor("ignore_eos", "BOOL", (1,), "the end-of-answer tokens are never chosen: max_tokens are generated "
+           "(unless a stop string or the grammar ends the answer)", default=False),
 )
 
 INPUTS = (
@@ -151,6 +161,31 @@ STATUS = {
 STATS_ERROR = "error"
 
 BY_NAME = {t.name: t for t in INPUTS}
+
+# What each numeric datatype holds: a value is checked as the number the user sent, before any
+# conversion (numpy turns 2**32 + 5 into 5 as an int32 without a word).
+_INT_RANGE = {"INT32": (-2 ** 31, 2 ** 31 - 1), "INT64": (-2 ** 63, 2 ** 63 - 1)}
+
+
+def value_reason(tensor: Tensor, value) -> str | None:
+    """None when `value` is a number this scalar input takes, else the one-line reason."""
+    name, limit = tensor.name, tensor.limit
+    if tensor.datatype == "BOOL":
+        return None if isinstance(value, bool) else f"{name} must be true or false, got {value!r}"
+    if tensor.datatype in _INT_RANGE:
+        if isinstance(value, bool) or not isinstance(value, int):
+            return f"{name} must be an integer, got {value!r}"
+        low, high = _INT_RANGE[tensor.datatype]
+        if not low <= value <= high:
+            if limit is not None:
+                low, high = max(low, int(limit.low)), high if limit.high is None else int(limit.high)
+            return f"{name} must be in [{low}, {high}], got {value}"
+    elif tensor.datatype == "FP32":
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return f"{name} must be a number, got {value!r}"
+        if isinstance(value, int) and abs(value) > 2 ** 128:  # float() of it would overflow
+            return f"{name} must be a finite number, got {value}"
+    return None if limit is None else limit.reason(name, value)
 
 
 def pbtxt(tensors) -> str:

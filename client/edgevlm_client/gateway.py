@@ -102,6 +102,8 @@ class Gateway:
             return json.loads(body)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise api.APIError(400, f"request body is not valid JSON: {e}") from None
+        except RecursionError:  # "[[[[..." 100 000 deep exhausts the parser's stack
+            raise api.APIError(400, "request body nests too deeply") from None
 
     async def _image(self, url: str | None) -> bytes | None:
         if url is None:

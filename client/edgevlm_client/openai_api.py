@@ -15,6 +15,7 @@ import uuid
 from dataclasses import dataclass, field
 
 from edgevlm_client import errors
+from edgevlm_client.contract import BY_NAME, value_reason
 
 ROLES = ("system", "developer", "user", "assistant")
 MAX_STOP = 4
@@ -60,7 +61,7 @@ class ChatRequest:
     image_url: str | None = None          # a data: URL or, where allowed, http(s)
     stream: bool = False
     include_usage: bool = False
-    options: dict = field(default_factory=dict)  # max_tokens, temperature, top_p, stop, seed
+    options: dict = field(default_factory=dict)  # the client's keyword options (max_tokens, seed, stop ...)
 
 
 def _type_error(param: str, want: str) -> APIError:
@@ -113,9 +114,6 @@ def parse_chat_request(body) -> ChatRequest:
     n = _number(body, "n", int, "an integer")
     if n not in (None, 1):
         raise APIError(400, "'n' must be 1: one answer per request", param="n")
-    for name in ("presence_penalty", "frequency_penalty"):
-        if _number(body, name, (int, float), "a number") not in (None, 0):
-            raise APIError(400, f"'{name}' is not supported (only 0)", param=name)
     if body.get("logprobs"):
         raise APIError(400, "'logprobs' is not supported", param="logprobs")
 
@@ -150,18 +148,20 @@ def parse_chat_request(body) -> ChatRequest:
     history = [(turns[k][1], turns[k + 1][1]) for k in range(0, len(turns) - 1, 2)]
 
     options = {}
-    max_tokens = _number(body, "max_completion_tokens", int, "an integer")
-    if max_tokens is None:
-        max_tokens = _number(body, "max_tokens", int, "an integer")
-    if max_tokens is not None:
-        options["max_tokens"] = max_tokens
-    for name in ("temperature", "top_p"):
-        v = _number(body, name, (int, float), "a number")
-        if v is not None:
-            options[name] = float(v)
-    seed = _number(body, "seed", int, "an integer")
-    if seed is not None:
-        options["seed"] = seed
+    # OpenAI's name -> the contract's; each value checked as sent (a huge integer is refused,
+    # never wrapped or overflowed into a 500)
+    for name, param in (("max_completion_tokens", "max_tokens"), ("max_tokens", "max_tokens"),
+                        ("temperature", "temperature"), ("top_p", "top_p"), ("seed", "seed"),
+                        ("presence_penalty", "presence_penalty"), ("frequency_penalty", "frequency_penalty"),
+                        # vLLM's and TensorRT-LLM's names, which benchmark clients (aiperf) send
+                        ("min_tokens", "min_tokens"), ("ignore_eos", "ignore_eos")):
+        v = body.get(name)
+        if v is None or param in options:
+            continue
+        why = value_reason(BY_NAME[param], v)
+        if why:
+            raise APIError(400, why.replace(param, name, 1), param=name)
+        options[param] = float(v) if BY_NAME[param].datatype == "FP32" else v
     stop = body.get("stop")
     if stop is not None:
         stop = [stop] if isinstance(stop, str) else stop

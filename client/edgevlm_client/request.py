@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import tritonclient.grpc as grpcclient
 
-from edgevlm_client.contract import BY_NAME, CANCEL, PARAMETERS, RESPONSE_FORMATS
+from edgevlm_client.contract import BY_NAME, CANCEL, PARAMETERS, RESPONSE_FORMATS, value_reason
 from edgevlm_client.errors import IncompleteAnswer, InvalidRequest
 from edgevlm_client.images import image_bytes
 
@@ -95,6 +95,8 @@ def build_inputs(prompt: str, image=None, *, system: str | None = None, raw_prom
                  history: Sequence[tuple[str, str]] | None = None, max_tokens: int | None = None,
                  temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,
                  repetition_penalty: float | None = None, seed: int | None = None,
+                 presence_penalty: float | None = None, frequency_penalty: float | None = None,
+                 min_tokens: int | None = None, ignore_eos: bool | None = None,
                  stop: Sequence[str] | str | None = None, response_format: dict | None = None
                  ) -> list[grpcclient.InferInput]:
     """Request tensors; options left as None take the server's defaults. response_format:
@@ -109,10 +111,15 @@ def build_inputs(prompt: str, image=None, *, system: str | None = None, raw_prom
     if history:
         inputs.append(_tensor("history", json.dumps([list(t) for t in history]).encode("utf-8")))
     options = dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                   repetition_penalty=repetition_penalty, seed=seed)
+                   repetition_penalty=repetition_penalty, seed=seed, presence_penalty=presence_penalty,
+                   frequency_penalty=frequency_penalty, min_tokens=min_tokens, ignore_eos=ignore_eos)
     for param in PARAMETERS:
-        if options[param.name] is not None:
-            inputs.append(_tensor(param.name, options[param.name]))
+        value = options[param.name]
+        if value is not None:
+            why = value_reason(param, value)  # as sent, before numpy converts (and wraps) it
+            if why:
+                raise InvalidRequest(why)
+            inputs.append(_tensor(param.name, value))
     if stop:
         stop = [stop] if isinstance(stop, str) else list(stop)
         inputs.append(_tensor("stop", [s.encode("utf-8") for s in stop]))

@@ -25,7 +25,7 @@ from edgevlm.runtime.sampling import SamplingParams
 from edgevlm.runtime.tokenizer import Tokenizer
 
 # numpy kinds each contract datatype accepts, and the python type it becomes
-_KINDS = {"INT32": ("iu", int), "INT64": ("iu", int), "FP32": ("f", float)}
+_KINDS = {"INT32": ("iu", int), "INT64": ("iu", int), "FP32": ("f", float), "BOOL": ("b", bool)}
 
 
 def scalar(inputs: dict, name: str, kinds: str, cast):

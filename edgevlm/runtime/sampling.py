@@ -24,6 +24,10 @@ class SamplingParams:
     top_k: int = _default("top_k")  # 0 = no limit
     repetition_penalty: float = _default("repetition_penalty")
     seed: int | None = _default("seed")
+    presence_penalty: float = _default("presence_penalty")
+    frequency_penalty: float = _default("frequency_penalty")
+    min_tokens: int = _default("min_tokens")
+    ignore_eos: bool = _default("ignore_eos")
     stop: tuple[str, ...] = ()
     response_format: str | None = None  # JSON (contract.RESPONSE_FORMATS); checked by grammar.Grammars
 
@@ -31,9 +35,11 @@ class SamplingParams:
         """Each parameter in its contract range, or BadRequest with the reason."""
         for param in PARAMETERS:
             value = getattr(self, param.name)
-            why = None if value is None else param.limit.reason(param.name, value)
+            why = None if value is None or param.limit is None else param.limit.reason(param.name, value)
             if why:
                 raise BadRequest(why)
+        if self.min_tokens > self.max_tokens:
+            raise BadRequest(f"min_tokens ({self.min_tokens}) is more than max_tokens ({self.max_tokens})")
         why = stop_reason(self.stop)
         if why:
             raise BadRequest(why)
@@ -41,11 +47,12 @@ class SamplingParams:
 
 
 class Sampler:
-    """Picks the next token: the grammar's mask (constrained decoding), repetition penalty,
+    """Picks the next token: the grammar's mask (constrained decoding), the end-of-answer
+    tokens held back (min_tokens, ignore_eos), repetition, presence and frequency penalties,
     then greedy or temperature / top-k / top-p."""
 
     def __init__(self, params: SamplingParams, prompt_ids: Sequence[int], constraint=None,
-                 vocab: int | None = None):
+                 vocab: int | None = None, stop_ids: Sequence[int] = ()):
         self.p = params
         # Only ids the tokenizer can spell are candidates: llava-hf pads the logits past the
         # tokenizer (<image>, <pad>, then to a multiple of 64), and those rows are never text.
@@ -53,6 +60,8 @@ class Sampler:
         self.rng = np.random.default_rng(params.seed)
         # Penalised ids: the prompt's (as transformers does) plus everything generated.
         self.seen = {int(i) for i in prompt_ids if i >= 0}
+        self.counts: dict[int, int] = {}  # generated tokens (presence and frequency penalties)
+        self.stop_ids = np.asarray(sorted(stop_ids), np.int64)
         self.constraint = constraint  # grammar.Constraint or None
 
     @property
@@ -72,17 +81,30 @@ class Sampler:
 
     def _pick(self, logits: np.ndarray) -> int:
         p = self.p
+        generated = sum(self.counts.values())
+        if (p.ignore_eos or generated < p.min_tokens) and len(self.stop_ids):
+            held = logits.astype(np.float32, copy=True)
+            held[self.stop_ids[self.stop_ids < held.shape[0]]] = -np.inf
+            if np.isfinite(held).any():  # a grammar that allows only the end still ends
+                logits = held
         if p.repetition_penalty != 1.0 and self.seen:
             logits = logits.astype(np.float32, copy=True)
             idx = np.fromiter(self.seen, np.int64)
             idx = idx[idx < logits.shape[0]]
             v = logits[idx]
             logits[idx] = np.where(v > 0, v / p.repetition_penalty, v * p.repetition_penalty)
+        if (p.presence_penalty or p.frequency_penalty) and self.counts:
+            logits = logits.astype(np.float32, copy=True)
+            idx = np.fromiter(self.counts, np.int64)
+            n = np.fromiter(self.counts.values(), np.float32)
+            keep = idx < logits.shape[0]
+            logits[idx[keep]] -= p.frequency_penalty * n[keep] + p.presence_penalty
         if p.temperature == 0.0:
             tok = int(np.argmax(logits))
         else:
             tok = self._sample(logits.astype(np.float64) / p.temperature)
         self.seen.add(tok)
+        self.counts[tok] = self.counts.get(tok, 0) + 1
         return tok
 
     def _sample(self, z: np.ndarray) -> int:

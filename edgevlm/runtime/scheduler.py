@@ -316,7 +316,8 @@ class Scheduler:
     def _sampler(self, req: Request) -> Sampler:
         fmt = req.params.response_format
         constraint = self.model.grammars.constraint(fmt) if fmt else None
-        return Sampler(req.params, req.input_ids, constraint, vocab=self.model.tok.vocab_size)
+        return Sampler(req.params, req.input_ids, constraint, vocab=self.model.tok.vocab_size,
+                       stop_ids=self.model.tok.stop_ids)
 
     def _leave(self) -> None:
         with self.cond:
