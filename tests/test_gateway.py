@@ -10,6 +10,7 @@ import json
 import threading
 from urllib.parse import urlparse
 
+import numpy as np
 import openai
 import pytest
 
@@ -252,3 +253,25 @@ def test_penalties_and_fixed_length_options_reach_the_sampler(sdk):
     assert fixed.usage.completion_tokens == 24 and fixed.choices[0].finish_reason == "length"
     with pytest.raises(openai.BadRequestError, match="min_tokens"):
         sdk.chat.completions.create(model="tiny", messages=msgs, max_tokens=4, extra_body={"min_tokens": 9})
+
+
+def test_logprobs_through_the_sdk_streamed_and_not(sdk, client):
+    msgs = [{"role": "user", "content": "Say something."}]
+    got = sdk.chat.completions.create(model="tiny", messages=msgs, max_tokens=12, temperature=0,
+                                      logprobs=True, top_logprobs=3)
+    content = got.choices[0].logprobs.content
+    assert len(content) == got.usage.completion_tokens == 12
+    for t in content:  # greedy: the chosen token is the most likely, and probabilities add up to at most 1
+        assert t.logprob <= 0 and len(t.top_logprobs) == 3 and t.top_logprobs[0].token == t.token
+        assert t.top_logprobs[0].logprob == t.logprob and sum(np.exp([a.logprob for a in t.top_logprobs])) <= 1.0001
+    assert bytes(b for t in content for b in t.bytes).decode().strip() == got.choices[0].message.content.strip()
+    chunks = list(sdk.chat.completions.create(model="tiny", messages=msgs, max_tokens=12, temperature=0,
+                                              logprobs=True, top_logprobs=3, stream=True))
+    streamed = [t for c in chunks if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content]
+    assert [(t.token, t.logprob) for t in streamed] == [(t.token, t.logprob) for t in content]
+    assert sdk.chat.completions.create(model="tiny", messages=msgs, max_tokens=2).choices[0].logprobs is None
+    # over gRPC: the same entries (the gateway's template and the client's default are the same prompt)
+    grpc_entries = client.generate("Say something.", max_tokens=12, temperature=0.0, logprobs=3).logprobs
+    assert [(e["token"], e["logprob"]) for e in grpc_entries] == [(t.token, t.logprob) for t in content]
+    with pytest.raises(openai.BadRequestError, match="top_logprobs must be in"):
+        sdk.chat.completions.create(model="tiny", messages=msgs, logprobs=True, top_logprobs=21)

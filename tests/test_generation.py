@@ -115,3 +115,19 @@ def test_the_scheduler_alone_matches_plain_onnx_greedy_and_counts_stats(tiny_onn
     finally:
         sched.close()
         short.close()
+
+
+def test_logprobs_are_those_of_the_distribution_sampled_from():
+    logits = np.array([1.0, 3.0, 2.0, 0.5], np.float32)
+    s = Sampler(SamplingParams(logprobs=2), [])
+    assert s(logits) == 1
+    lp, top = s.last_logprobs
+    want = logits - np.log(np.exp(logits).sum())
+    assert np.isclose(lp, want[1]) and [i for i, _ in top] == [1, 2] and np.allclose([v for _, v in top], want[[1, 2]])
+    hot = Sampler(SamplingParams(logprobs=4, temperature=2.0, seed=1), [])
+    tok = hot(logits)
+    z = logits / 2.0
+    assert np.isclose(hot.last_logprobs[0], (z - np.log(np.exp(z).sum()))[tok])  # the tempered distribution
+    held = Sampler(SamplingParams(logprobs=4, ignore_eos=True), [], stop_ids=[1])
+    assert held(logits) == 2 and 1 not in [i for i, _ in held.last_logprobs[1]]  # a token it cannot pick is absent
+    assert Sampler(SamplingParams(), []).last_logprobs is None

@@ -69,6 +69,11 @@ def render() -> str:
         out += _wrap(f"`{t.name}` {t.datatype} [{', '.join(map(str, t.dims))}]: {t.doc}.", "- ")
     out += [""] + _wrap("Keys of the last response's `stats` JSON: " + ", ".join(f"`{k}`" for k in contract.STATS)
                         + ". `finish_reason` is one of " + ", ".join(f"`{r}`" for r in contract.FINISH_REASONS) + ".")
+    out += [""] + _wrap("Each entry of the `logprobs` JSON list (one per generated token, the end-of-answer token "
+                        "not listed) has " + ", ".join(f"`{k}`" for k in contract.LOGPROBS) + ", as OpenAI names "
+                        "them: the log-probabilities of the distribution the token was drawn from (after the "
+                        "grammar's mask, the held-back end tokens and the penalties; divided by the temperature when "
+                        "sampling); `bytes` are exact where a token is part of a character.")
     out += ["", "## Cancellation", ""] + _wrap(
         f"A client stops a generation by sending, on the same gRPC stream, a request holding only `{contract.CANCEL}`: "
         "the request id it gave the generation (a random one, at most "

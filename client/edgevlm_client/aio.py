@@ -21,7 +21,7 @@ from edgevlm_client.connection import TLS, Retry
 from edgevlm_client.contract import MODEL, STATS_ERROR
 from edgevlm_client.errors import EdgeVLMError, ServerError, ServerUnavailable, Timeout, from_triton
 from edgevlm_client.request import (ModelInfo, Result, build_inputs, cancel_inputs, cancel_wait_s,
-                                    new_request_id, read_response, split_options)
+                                    new_request_id, read_logprobs, read_response, split_options)
 
 T = TypeVar("T")
 
@@ -78,6 +78,7 @@ class AsyncStream:
     def __init__(self, client: AsyncClient, inputs, timeout_s: float, retry: Retry):
         self.stats: dict = {}
         self.text = ""
+        self.logprobs: list[dict] = []  # with logprobs=k: every token's so far (contract.LOGPROBS)
         self._client, self._inputs, self._timeout_s, self._retry = client, inputs, timeout_s, retry
         self._gen: AsyncIterator[str] | None = None
 
@@ -122,6 +123,7 @@ class AsyncStream:
                         status = stats[STATS_ERROR].get("status")
                         continue
                     received = True
+                    self.logprobs += read_logprobs(result)
                     if delta:
                         self.text += delta
                         yield delta
@@ -219,7 +221,7 @@ class AsyncClient:
         s = self.stream(prompt, image=image, timeout_s=timeout_s, **options)
         async for _ in s:
             pass
-        return Result(s.text, s.stats, s.response_format)
+        return Result(s.text, s.stats, s.response_format, s.logprobs if "logprobs" in options else None)
 
     def chat(self, image=None, **options) -> AsyncChat:
         return AsyncChat(self, image, **options)

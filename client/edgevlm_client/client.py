@@ -16,7 +16,7 @@ from edgevlm_client.connection import TLS, Retry
 from edgevlm_client.contract import MODEL, STATS_ERROR
 from edgevlm_client.errors import EdgeVLMError, ServerError, ServerUnavailable, Timeout, from_triton
 from edgevlm_client.request import (ModelInfo, Result, build_inputs, cancel_inputs, cancel_wait_s, is_final,
-                                    new_request_id, read_response, split_options)
+                                    new_request_id, read_logprobs, read_response, split_options)
 
 DEFAULT_URL = "127.0.0.1:8001"
 T = TypeVar("T")
@@ -35,6 +35,7 @@ class Stream:
     def __init__(self, client: Client, inputs, timeout_s: float):
         self.stats: dict = {}
         self.text = ""
+        self.logprobs: list[dict] = []  # with logprobs=k: every token's so far (contract.LOGPROBS)
         self._client, self._inputs, self._timeout_s = client, inputs, timeout_s
         self._done = self._received = False
         self._status = None  # the Triton status a refusal announced in its stats
@@ -76,6 +77,7 @@ class Stream:
                     self._status = stats[STATS_ERROR].get("status")
                     continue
                 self._received = True
+                self.logprobs += read_logprobs(result)
                 self.stats = stats or self.stats
                 if delta:
                     self.text += delta
@@ -150,7 +152,7 @@ class Client:
     def stream(self, prompt: str, *, image=None, timeout_s: float | None = None, **options) -> Stream:
         """Text deltas as they are generated. image: path, bytes, PIL image or uint8 array.
         Options: max_tokens, temperature, top_p, top_k, repetition_penalty, seed, presence_penalty,
-        frequency_penalty, min_tokens, ignore_eos, stop, system,
+        frequency_penalty, min_tokens, ignore_eos, logprobs (k alternatives: Result.logprobs), stop, system,
         history, raw_prompt; and at most one constraint on the answer: json_schema={...},
         json_object=True, regex="...", choices=[...] (or response_format={...} as the wire
         contract has it)."""
@@ -165,7 +167,7 @@ class Client:
         s = self.stream(prompt, image=image, timeout_s=timeout_s, **options)
         for _ in s:
             pass
-        return Result(s.text, s.stats, s.response_format)
+        return Result(s.text, s.stats, s.response_format, s.logprobs if "logprobs" in options else None)
 
     def chat(self, image=None, **options) -> Chat:
         """A multi-turn conversation, about `image` if given (see Chat)."""

@@ -68,6 +68,8 @@ PARAMETERS = (
            default=0, limit=Limit(0, 1_000_000)),
     Tensor("ignore_eos", "BOOL", (1,), "the end-of-answer tokens are never chosen: max_tokens are generated "
            "(unless a stop string or the grammar ends the answer)", default=False),
+    Tensor("logprobs", "INT32", (1,), "send each generated token's log-probability and this many most "
+           "likely alternatives (see LOGPROBS); absent: none", default=None, limit=Limit(0, 20)),
 )
 
 INPUTS = (
@@ -108,7 +110,12 @@ MAX_REQUEST_ID_CHARS = 128
 OUTPUTS = (
     Tensor("text", "BYTES", (1,), "the new text since the previous response", optional=False),
     Tensor("stats", "BYTES", (1,), "JSON, on the last response only (see STATS)", optional=False),
+    Tensor("logprobs", "BYTES", (1,), "JSON, with the logprobs input: the tokens generated since the previous "
+           "response (see LOGPROBS); empty otherwise", optional=False),
 )
+
+# One entry of the `logprobs` output's JSON list, per generated token (docs/CONTRACT.md says the rest).
+LOGPROBS = ("token", "logprob", "bytes", "top_logprobs")  # top_logprobs: [{token, logprob, bytes}]
 
 # Keys of the JSON in the last response's `stats`.
 STATS = ("image_encode_ms", "image_cached", "image_tokens", "queue_ms", "prefill_tokens", "cached_tokens", "prefill_ms",

@@ -165,7 +165,8 @@ class Gateway:
                     pass
             finally:
                 await _closed(stream)
-            return JSONResponse(api.completion(cid, mid, stream.text, stream.stats))
+            logprobs = stream.logprobs if "logprobs" in req.options else None
+            return JSONResponse(api.completion(cid, mid, stream.text, stream.stats, logprobs))
         # Wait for the first text before answering, so a refused request still gets its status.
         deltas = stream.__aiter__()
         try:
@@ -175,19 +176,28 @@ class Gateway:
         except BaseException:
             await _closed(stream)
             raise
-        return StreamingResponse(self._events(stream, deltas, first, cid, mid, req.include_usage),
+        return StreamingResponse(self._events(stream, deltas, first, cid, mid, req.include_usage,
+                                              "logprobs" in req.options),
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     async def _events(self, stream, deltas: AsyncIterator[str], first: str, cid: str, mid: str,
-                      include_usage: bool) -> AsyncIterator[bytes]:
-        created = None
+                      include_usage: bool, logprobs: bool) -> AsyncIterator[bytes]:
+        created, sent = None, 0
+
+        def new_logprobs():  # each chunk carries the tokens received since the previous one
+            nonlocal sent
+            if not logprobs:
+                return None
+            entries, sent = stream.logprobs[sent:], len(stream.logprobs)
+            return entries
         try:
-            first_chunk = api.chunk(cid, mid, {"role": "assistant", "content": first})
+            first_chunk = api.chunk(cid, mid, {"role": "assistant", "content": first}, logprobs=new_logprobs())
             created = first_chunk["created"]
             yield _sse(first_chunk)
             async for delta in deltas:
-                yield _sse(api.chunk(cid, mid, {"content": delta}, created=created))
-            last = api.chunk(cid, mid, {}, stream.stats.get("finish_reason") or "stop", created=created)
+                yield _sse(api.chunk(cid, mid, {"content": delta}, created=created, logprobs=new_logprobs()))
+            last = api.chunk(cid, mid, {}, stream.stats.get("finish_reason") or "stop", created=created,
+                             logprobs=new_logprobs())
             last["edgevlm"] = stream.stats  # not OpenAI's: the timings the web page shows (SDKs ignore it)
             yield _sse(last)
             if include_usage:

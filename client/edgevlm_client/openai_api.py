@@ -114,8 +114,6 @@ def parse_chat_request(body) -> ChatRequest:
     n = _number(body, "n", int, "an integer")
     if n not in (None, 1):
         raise APIError(400, "'n' must be 1: one answer per request", param="n")
-    if body.get("logprobs"):
-        raise APIError(400, "'logprobs' is not supported", param="logprobs")
 
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
@@ -168,6 +166,17 @@ def parse_chat_request(body) -> ChatRequest:
         if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop) or len(stop) > MAX_STOP:
             raise _type_error("stop", f"a non-empty string or a list of up to {MAX_STOP}")
         options["stop"] = stop
+    logprobs, top = body.get("logprobs"), body.get("top_logprobs")
+    if logprobs is not None and not isinstance(logprobs, bool):
+        raise _type_error("logprobs", "true or false")
+    if top is not None:
+        why = value_reason(BY_NAME["logprobs"], top)
+        if why:
+            raise APIError(400, why.replace("logprobs", "top_logprobs", 1), param="top_logprobs")
+        if not logprobs:
+            raise APIError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs")
+    if logprobs:
+        options["logprobs"] = top or 0
     fmt = _response_format(body.get("response_format"))
     if fmt is not None:
         options["response_format"] = fmt
@@ -229,16 +238,23 @@ def usage(stats: dict) -> dict:
             "prompt_tokens_details": {"cached_tokens": int(stats.get("cached_tokens", 0))}}
 
 
-def completion(cid: str, model: str, text: str, stats: dict) -> dict:
+def _logprobs(entries: list[dict] | None) -> dict | None:
+    """The model's logprobs entries (contract.LOGPROBS: OpenAI's fields already) as a choice's."""
+    return None if entries is None else {"content": entries, "refusal": None}
+
+
+def completion(cid: str, model: str, text: str, stats: dict, logprobs: list[dict] | None = None) -> dict:
     return {"id": cid, "object": "chat.completion", "created": int(time.time()), "model": model,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                         "finish_reason": stats.get("finish_reason") or "stop", "logprobs": None}],
+                         "finish_reason": stats.get("finish_reason") or "stop", "logprobs": _logprobs(logprobs)}],
             "usage": usage(stats)}
 
 
-def chunk(cid: str, model: str, delta: dict, finish_reason: str | None = None, created: int | None = None) -> dict:
+def chunk(cid: str, model: str, delta: dict, finish_reason: str | None = None, created: int | None = None,
+          logprobs: list[dict] | None = None) -> dict:
     return {"id": cid, "object": "chat.completion.chunk", "created": created or int(time.time()), "model": model,
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}]}
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason,
+                         "logprobs": _logprobs(logprobs)}]}
 
 
 def usage_chunk(cid: str, model: str, stats: dict, created: int | None = None) -> dict:

@@ -26,6 +26,7 @@ class Result:
     text: str
     stats: dict = field(default_factory=dict)
     response_format: dict | None = None  # what the answer was constrained to, if anything
+    logprobs: list[dict] | None = None  # with logprobs=k: each token's (contract.LOGPROBS)
 
     @property
     def parsed(self):
@@ -96,7 +97,7 @@ def build_inputs(prompt: str, image=None, *, system: str | None = None, raw_prom
                  temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,
                  repetition_penalty: float | None = None, seed: int | None = None,
                  presence_penalty: float | None = None, frequency_penalty: float | None = None,
-                 min_tokens: int | None = None, ignore_eos: bool | None = None,
+                 min_tokens: int | None = None, ignore_eos: bool | None = None, logprobs: int | None = None,
                  stop: Sequence[str] | str | None = None, response_format: dict | None = None
                  ) -> list[grpcclient.InferInput]:
     """Request tensors; options left as None take the server's defaults. response_format:
@@ -112,7 +113,8 @@ def build_inputs(prompt: str, image=None, *, system: str | None = None, raw_prom
         inputs.append(_tensor("history", json.dumps([list(t) for t in history]).encode("utf-8")))
     options = dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                    repetition_penalty=repetition_penalty, seed=seed, presence_penalty=presence_penalty,
-                   frequency_penalty=frequency_penalty, min_tokens=min_tokens, ignore_eos=ignore_eos)
+                   frequency_penalty=frequency_penalty, min_tokens=min_tokens, ignore_eos=ignore_eos,
+                   logprobs=logprobs)
     for param in PARAMETERS:
         value = options[param.name]
         if value is not None:
@@ -152,6 +154,14 @@ def split_options(options: dict) -> tuple[dict, dict | None]:
         raise InvalidRequest("give response_format or json_schema / json_object / regex / choices, not both")
     fmt = fmt if fmt is not None else options.pop("response_format", None)
     return options, fmt
+
+
+def read_logprobs(result) -> list[dict]:
+    """One streamed response's logprobs entries (contract.LOGPROBS); empty without the option."""
+    if result is None or not result.get_response().outputs:
+        return []
+    data = result.as_numpy("logprobs")
+    return json.loads(data[0]) if data is not None and data[0] else []
 
 
 def read_response(result) -> tuple[str, dict]:

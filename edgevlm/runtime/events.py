@@ -44,6 +44,7 @@ class Stats:
 class Event:
     text: str  # new text since the previous event (may be empty)
     stats: Stats | None = None  # set on the last event only
+    logprobs: list[dict] | None = None  # with the logprobs option: the tokens since the previous event
 
     @property
     def final(self) -> bool:

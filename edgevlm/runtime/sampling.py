@@ -28,6 +28,7 @@ class SamplingParams:
     frequency_penalty: float = _default("frequency_penalty")
     min_tokens: int = _default("min_tokens")
     ignore_eos: bool = _default("ignore_eos")
+    logprobs: int | None = _default("logprobs")  # alternatives to report per token (None: no logprobs)
     stop: tuple[str, ...] = ()
     response_format: str | None = None  # JSON (contract.RESPONSE_FORMATS); checked by grammar.Grammars
 
@@ -63,6 +64,9 @@ class Sampler:
         self.counts: dict[int, int] = {}  # generated tokens (presence and frequency penalties)
         self.stop_ids = np.asarray(sorted(stop_ids), np.int64)
         self.constraint = constraint  # grammar.Constraint or None
+        # with params.logprobs: the last pick's (log-probability, [(id, log-probability)] of
+        # the most likely alternatives), from the distribution it was drawn from
+        self.last_logprobs: tuple[float, list[tuple[int, float]]] | None = None
 
     @property
     def complete(self) -> bool:
@@ -99,10 +103,10 @@ class Sampler:
             n = np.fromiter(self.counts.values(), np.float32)
             keep = idx < logits.shape[0]
             logits[idx[keep]] -= p.frequency_penalty * n[keep] + p.presence_penalty
-        if p.temperature == 0.0:
-            tok = int(np.argmax(logits))
-        else:
-            tok = self._sample(logits.astype(np.float64) / p.temperature)
+        z = logits.astype(np.float64) if p.temperature == 0.0 else logits.astype(np.float64) / p.temperature
+        tok = int(np.argmax(logits)) if p.temperature == 0.0 else self._sample(z)
+        if p.logprobs is not None:
+            self.last_logprobs = _logprobs(z, tok, p.logprobs)
         self.seen.add(tok)
         self.counts[tok] = self.counts.get(tok, 0) + 1
         return tok
@@ -123,3 +127,13 @@ class Sampler:
             probs[order[keep]] = sorted_p[keep]
             probs /= probs.sum()
         return int(self.rng.choice(probs.shape[0], p=probs))
+
+
+def _logprobs(z: np.ndarray, tok: int, k: int) -> tuple[float, list[tuple[int, float]]]:
+    """log-softmax of z at `tok`, and the k most likely ids with theirs (masked ids are -inf)."""
+    finite = np.isfinite(z)
+    m = z[finite].max()
+    lse = m + np.log(np.exp(z[finite] - m).sum())
+    top = np.argpartition(-z, k)[:k] if 0 < k < z.shape[0] else np.arange(z.shape[0] if k else 0)
+    top = top[np.argsort(-z[top], kind="stable")]
+    return float(z[tok] - lse), [(int(i), float(z[i] - lse)) for i in top if finite[i]]

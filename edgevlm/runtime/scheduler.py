@@ -115,6 +115,7 @@ class _Live:
         self.t_prefill = time.perf_counter()
         self.t_decode = 0.0
         self.next_token = -1  # fed at the next decode step
+        self.logprobs: list[dict] | None = [] if req.params.logprobs is not None else None  # not yet sent
 
     @property
     def prefilling(self) -> bool:
@@ -372,8 +373,10 @@ class Scheduler:
         # decode step between the two would widen that window to a whole step.
         if self._is_cancelled(x.req):
             return self._end(x, CANCELLED)
+        if x.logprobs is not None:
+            x.logprobs.append(self._logprob_entry(tok, *x.sampler.last_logprobs))
         delta = x.detok.push(tok)
-        if delta and not self._safe(x.req.emit, Event(delta)):
+        if delta and not self._safe(x.req.emit, Event(delta, logprobs=_take(x))):
             return self._end(x, CANCELLED)
         if x.detok.stopped or x.sampler.complete:  # a stop string, or the grammar is satisfied
             return self._end(x, STOP)
@@ -394,11 +397,20 @@ class Scheduler:
             return
         if x.t_decode:
             x.stats.decode_ms = (time.perf_counter() - x.t_decode) * 1e3
-        self._send_final(x.req, x.stats, x.detok.flush() if finish != CANCELLED else "", finish)
+        self._send_final(x.req, x.stats, x.detok.flush() if finish != CANCELLED else "", finish, _take(x))
 
-    def _send_final(self, req: Request, stats: Stats, text: str, finish: str) -> None:
+    def _logprob_entry(self, tok: int, logprob: float, top: list[tuple[int, float]]) -> dict:
+        """One token's entry of the logprobs output (contract.LOGPROBS)."""
+        def spelled(i: int) -> dict:
+            data = self.model.tok.token_bytes(i)
+            return {"token": data.decode("utf-8", errors="replace"), "bytes": list(data)}
+        return {**spelled(tok), "logprob": logprob,
+                "top_logprobs": [{**spelled(i), "logprob": lp} for i, lp in top]}
+
+    def _send_final(self, req: Request, stats: Stats, text: str, finish: str,
+                    logprobs: list[dict] | None = None) -> None:
         stats.finish_reason = finish
-        sent = self._safe(req.emit, Event(text, stats))
+        sent = self._safe(req.emit, Event(text, stats, logprobs))
         outcome = CANCELLED_OUTCOME if finish == CANCELLED else (COMPLETE if sent else ERROR)
         self.obs.finished(outcome, stats.decode_tokens)
 
@@ -415,3 +427,11 @@ class Scheduler:
     def _report_depth(self) -> None:
         # With the lock held: reports from different threads reach the gauges in order.
         self.obs.depth(self.admitted, len(self.queue) + self.reserved)
+
+
+def _take(x: _Live) -> list[dict] | None:
+    """x's logprobs entries not yet sent (None without the option), handed over once."""
+    taken = x.logprobs
+    if taken is not None:
+        x.logprobs = []
+    return taken

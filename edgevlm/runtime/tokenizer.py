@@ -46,6 +46,14 @@ class Tokenizer:
             ids = [i for i in ids if i not in (self.bos_id, self.eos_id, self.unk_id)]
         return self.sp.decode(list(map(int, ids)))
 
+    def token_bytes(self, token: int) -> bytes:
+        """The bytes one token stands for: "▁" is a space, a byte-fallback piece its byte."""
+        if self.sp.is_byte(token):
+            return bytes([int(self.sp.id_to_piece(token)[3:5], 16)])
+        if self.sp.is_control(token) or self.sp.is_unknown(token):
+            return b""
+        return self.sp.id_to_piece(token).replace("\u2581", " ").encode("utf-8")
+
 
 class BPETokenizer:
     """tokenizer.json through the `tokenizers` runtime. vocab_size: the ids the model can
@@ -71,3 +79,22 @@ class BPETokenizer:
 
     def token_id(self, text: str) -> int | None:
         return self.tk.token_to_id(text)
+
+    def token_bytes(self, token: int) -> bytes:
+        """The bytes one token stands for (byte-level BPE spells each byte as a printable
+        character; special tokens stand for nothing)."""
+        if token in self.special.values():
+            return b""
+        piece = self.tk.id_to_token(token) or ""
+        return bytes(_BYTE_OF[c] for c in piece if c in _BYTE_OF)
+
+
+def _byte_alphabet() -> dict[str, int]:
+    """Byte-level BPE's spelling of bytes: the printable Latin-1 bytes stand for themselves, the
+    others (controls, space, the gaps) for the characters from U+0100 on, in byte order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {**{chr(b): b for b in printable}, **{chr(256 + i): b for i, b in enumerate(others)}}
+
+
+_BYTE_OF = _byte_alphabet()

@@ -29,10 +29,11 @@ import triton_python_backend_utils as pb_utils
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
 
-def _response(text, stats=b""):
+def _response(text, stats=b"", logprobs=None):
     return pb_utils.InferenceResponse([
         pb_utils.Tensor("text", np.array([text.encode("utf-8")], dtype=object)),
-        pb_utils.Tensor("stats", np.array([stats], dtype=object))])
+        pb_utils.Tensor("stats", np.array([stats], dtype=object)),
+        pb_utils.Tensor("logprobs", np.array([json.dumps(logprobs).encode() if logprobs else b""], dtype=object))])
 
 
 class Metrics:
@@ -106,13 +107,14 @@ class Stream:
 
     def emit(self, event):
         if not event.final:
-            self.sender.send(_response(event.text))
+            self.sender.send(_response(event.text, logprobs=event.logprobs))
         elif event.stats.finish_reason == "cancelled" and self.cancelled():
             # Triton cancelled it (the client went away): nobody reads a response, and writing
             # one while the frontend tears the stream down is the 2.51 crash; FINAL is owed
             self.sender.send(flags=FINAL)
         else:  # finished, or stopped by a cancel message: the client is reading
-            self.sender.send(_response(event.text, json.dumps(event.stats.to_dict()).encode()), flags=FINAL)
+            self.sender.send(_response(event.text, json.dumps(event.stats.to_dict()).encode(), event.logprobs),
+                             flags=FINAL)
 
     def fail(self, exc):
         send_error(self.sender, exc, "mobilevlm")
