@@ -123,7 +123,7 @@ BAD = {
         "cannot decode image"),
     "oversized image": ({"model": "tiny", "messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": data_url(b"\xff" * 600_000)}}]}]}, 413, "byte limit"),
-    "n = 2": ({"model": "tiny", "n": 2, "messages": [{"role": "user", "content": "Hi"}]}, 400, "'n' must be 1"),
+    "n = 9": ({"model": "tiny", "n": 9, "messages": [{"role": "user", "content": "Hi"}]}, 400, "'n' must be an integer"),
     "tools": ({"model": "tiny", "tools": [{"type": "function"}], "messages": [{"role": "user", "content": "Hi"}]},
               400, "'tools' is not supported"),
     "max_tokens as string": ({"model": "tiny", "max_tokens": "8", "messages": [{"role": "user", "content": "Hi"}]},
@@ -275,3 +275,26 @@ def test_logprobs_through_the_sdk_streamed_and_not(sdk, client):
     assert [(e["token"], e["logprob"]) for e in grpc_entries] == [(t.token, t.logprob) for t in content]
     with pytest.raises(openai.BadRequestError, match="top_logprobs must be in"):
         sdk.chat.completions.create(model="tiny", messages=msgs, logprobs=True, top_logprobs=21)
+
+
+def test_n_answers_in_order_and_streamed_by_index(sdk):
+    msgs = [{"role": "user", "content": "Describe a sunset."}]
+    one = [sdk.chat.completions.create(model="tiny", messages=msgs, max_tokens=10, temperature=0.9, seed=40 + i)
+           for i in range(3)]
+    got = sdk.chat.completions.create(model="tiny", messages=msgs, max_tokens=10, temperature=0.9, seed=40, n=3)
+    assert [c.index for c in got.choices] == [0, 1, 2]
+    # choice i samples with seed + i: the same answers one request at a time gives
+    assert [c.message.content for c in got.choices] == [o.choices[0].message.content for o in one]
+    assert len({c.message.content for c in got.choices}) > 1
+    assert got.usage.completion_tokens == 30 and got.usage.prompt_tokens == one[0].usage.prompt_tokens
+    text = {0: "", 1: "", 2: ""}
+    finished = set()
+    for c in sdk.chat.completions.create(model="tiny", messages=msgs, max_tokens=10, temperature=0.9, seed=40, n=3,
+                                         stream=True):
+        for choice in c.choices:
+            text[choice.index] += choice.delta.content or ""
+            if choice.finish_reason:
+                finished.add(choice.index)
+    assert finished == {0, 1, 2} and [text[i] for i in range(3)] == [c.message.content for c in got.choices]
+    with pytest.raises(openai.BadRequestError, match="'n' must be an integer in"):
+        sdk.chat.completions.create(model="tiny", messages=msgs, n=9)

@@ -5,7 +5,7 @@
     GET  /health                200 when the model server is ready
     GET  /                      a web page that uses the API above (web/: no CDN, strict CSP)
 
-Every request becomes one gRPC stream to `mobilevlm`; nothing is computed here. Remote image
+Every answer asked for (`n` of them) is one gRPC stream to `mobilevlm`; nothing is computed here. Remote image
 URLs are refused unless enabled, request bodies and images are capped, and a client that
 goes away cancels its generation on the server.
 """
@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import hmac
 import json
+import time
 import urllib.request
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -156,57 +157,92 @@ class Gateway:
             raise api.APIError(404, f"model {req.model!r} is not served here; this gateway serves {mid!r}",
                                param="model", code="model_not_found")
         image = await self._image(req.image_url)
-        stream = self.client.stream(req.question, image=image, history=req.history, system=req.system,
-                                    **req.options)
+        # n answers are n streams, one row of the model's batch each: the first prefill is
+        # stored in the prefix cache and the others start from it
+        streams = [self.client.stream(req.question, image=image, history=req.history, system=req.system,
+                                      **api.choice_options(req, i)) for i in range(req.n)]
         cid = api.new_id()
+        with_logprobs = "logprobs" in req.options
         if not req.stream:
             try:
-                async for _ in stream:
-                    pass
+                await asyncio.gather(*(_drain(s) for s in streams))
             finally:
-                await _closed(stream)
-            logprobs = stream.logprobs if "logprobs" in req.options else None
-            return JSONResponse(api.completion(cid, mid, stream.text, stream.stats, logprobs))
-        # Wait for the first text before answering, so a refused request still gets its status.
-        deltas = stream.__aiter__()
+                for s in streams:
+                    await _closed(s)
+            return JSONResponse(api.completion(cid, mid, [(s.text, s.stats, s.logprobs if with_logprobs else None)
+                                                          for s in streams]))
+        # Wait for each choice's first text before answering, so a refused request still gets
+        # its status.
+        deltas = [s.__aiter__() for s in streams]
         try:
-            first = await deltas.__anext__()
-        except StopAsyncIteration:
-            first = ""
+            firsts = await asyncio.gather(*(_first(d) for d in deltas))
         except BaseException:
-            await _closed(stream)
+            for s in streams:
+                await _closed(s)
             raise
-        return StreamingResponse(self._events(stream, deltas, first, cid, mid, req.include_usage,
-                                              "logprobs" in req.options),
+        return StreamingResponse(self._events(streams, deltas, firsts, cid, mid, req.include_usage, with_logprobs),
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
-    async def _events(self, stream, deltas: AsyncIterator[str], first: str, cid: str, mid: str,
+    async def _events(self, streams, deltas: list[AsyncIterator[str]], firsts: list[str], cid: str, mid: str,
                       include_usage: bool, logprobs: bool) -> AsyncIterator[bytes]:
-        created, sent = None, 0
+        """Chunks of every choice as they come (`index` says whose), each choice's finish chunk
+        when it ends, then the usage and [DONE]."""
+        created, sent = int(time.time()), [0] * len(streams)
 
-        def new_logprobs():  # each chunk carries the tokens received since the previous one
-            nonlocal sent
-            if not logprobs:
-                return None
-            entries, sent = stream.logprobs[sent:], len(stream.logprobs)
-            return entries
+        def chunk(i: int, delta: dict, finish: str | None = None) -> dict:
+            entries = None
+            if logprobs:  # the tokens choice i received since its previous chunk
+                entries, sent[i] = streams[i].logprobs[sent[i]:], len(streams[i].logprobs)
+            return api.chunk(cid, mid, delta, finish, created=created, logprobs=entries, index=i)
+
+        merged: asyncio.Queue = asyncio.Queue()
+
+        async def pump(i: int) -> None:
+            try:
+                async for delta in deltas[i]:
+                    await merged.put((i, delta, None))
+                await merged.put((i, None, None))
+            except BaseException as e:  # noqa: B036 - handed to the writer, which ends the response
+                await merged.put((i, None, e))
+        tasks = []
         try:
-            first_chunk = api.chunk(cid, mid, {"role": "assistant", "content": first}, logprobs=new_logprobs())
-            created = first_chunk["created"]
-            yield _sse(first_chunk)
-            async for delta in deltas:
-                yield _sse(api.chunk(cid, mid, {"content": delta}, created=created, logprobs=new_logprobs()))
-            last = api.chunk(cid, mid, {}, stream.stats.get("finish_reason") or "stop", created=created,
-                             logprobs=new_logprobs())
-            last["edgevlm"] = stream.stats  # not OpenAI's: the timings the web page shows (SDKs ignore it)
-            yield _sse(last)
+            for i, first in enumerate(firsts):
+                yield _sse(chunk(i, {"role": "assistant", "content": first}))
+            tasks = [asyncio.ensure_future(pump(i)) for i in range(len(streams))]
+            running = len(streams)
+            while running:
+                i, delta, error = await merged.get()
+                if error is not None:
+                    raise error
+                if delta is not None:
+                    yield _sse(chunk(i, {"content": delta}))
+                    continue
+                running -= 1
+                last = chunk(i, {}, streams[i].stats.get("finish_reason") or "stop")
+                last["edgevlm"] = streams[i].stats  # not OpenAI's: the timings the web page shows (SDKs ignore it)
+                yield _sse(last)
             if include_usage:
-                yield _sse(api.usage_chunk(cid, mid, stream.stats, created=created))
+                yield _sse(api.usage_chunk(cid, mid, [s.stats for s in streams], created=created))
             yield _sse("[DONE]")
         except EdgeVLMError as e:  # after the status line: the error goes in the stream
             yield _sse(api.from_client_error(e).body())
-        finally:  # also on client disconnect: stops the generation with a cancel message
-            await _closed(stream)
+        finally:  # also on client disconnect: stops the generations with cancel messages
+            for t in tasks:
+                t.cancel()
+            for s in streams:
+                await _closed(s)
+
+
+async def _drain(stream) -> None:
+    async for _ in stream:
+        pass
+
+
+async def _first(deltas: AsyncIterator[str]) -> str:
+    try:
+        return await deltas.__anext__()
+    except StopAsyncIteration:
+        return ""
 
 
 async def _closed(stream) -> None:

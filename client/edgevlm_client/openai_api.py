@@ -19,6 +19,7 @@ from edgevlm_client.contract import BY_NAME, value_reason
 
 ROLES = ("system", "developer", "user", "assistant")
 MAX_STOP = 4
+MAX_N = 8  # answers per request: each is a stream of the model's batch (its max_sequences, 8 by default)
 _DATA_URL = re.compile(r"data:(image/[\w.+-]+)?(;[\w-]+=[\w.-]+)*;base64,", re.ASCII)
 
 
@@ -61,6 +62,7 @@ class ChatRequest:
     image_url: str | None = None          # a data: URL or, where allowed, http(s)
     stream: bool = False
     include_usage: bool = False
+    n: int = 1  # answers asked for: choices 0 .. n-1
     options: dict = field(default_factory=dict)  # the client's keyword options (max_tokens, seed, stop ...)
 
 
@@ -111,9 +113,10 @@ def parse_chat_request(body) -> ChatRequest:
     for name, why in (("tools", "tool calls"), ("functions", "function calls"), ("audio", "audio output")):
         if body.get(name):
             raise APIError(400, f"'{name}' is not supported: this model does not do {why}", param=name)
-    n = _number(body, "n", int, "an integer")
-    if n not in (None, 1):
-        raise APIError(400, "'n' must be 1: one answer per request", param="n")
+    n = body.get("n", 1)
+    n = 1 if n is None else n
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_N:
+        raise APIError(400, f"'n' must be an integer in [1, {MAX_N}], got {n!r}", param="n")
 
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
@@ -188,7 +191,17 @@ def parse_chat_request(body) -> ChatRequest:
         raise _type_error("stream_options", "an object")
     return ChatRequest(model=model, question=turns[-1][1], history=history,
                        system="\n".join(system) if system else None, image_url=images[0] if images else None,
-                       stream=stream, include_usage=bool(stream_options.get("include_usage")), options=options)
+                       stream=stream, include_usage=bool(stream_options.get("include_usage")), n=n,
+                       options=options)
+
+
+def choice_options(req: ChatRequest, i: int) -> dict:
+    """The model options of choice i: with a seed, choice i samples with seed + i (wrapping
+    within the seed's range), so n answers differ and each one repeats."""
+    options = dict(req.options)
+    if "seed" in options and i:
+        options["seed"] = (options["seed"] + i) % (BY_NAME["seed"].limit.high or 2 ** 63)
+    return options
 
 
 def _response_format(value) -> dict | None:
@@ -232,10 +245,13 @@ def new_id() -> str:
     return "chatcmpl-" + uuid.uuid4().hex
 
 
-def usage(stats: dict) -> dict:
-    prompt, completion = int(stats.get("prefill_tokens", 0)), int(stats.get("decode_tokens", 0))
+def usage(*stats: dict) -> dict:
+    """The usage of a request whose choices ended with these stats: its prompt counted once
+    (OpenAI's convention), every choice's tokens."""
+    prompt = int(stats[0].get("prefill_tokens", 0))
+    completion = sum(int(s.get("decode_tokens", 0)) for s in stats)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-            "prompt_tokens_details": {"cached_tokens": int(stats.get("cached_tokens", 0))}}
+            "prompt_tokens_details": {"cached_tokens": int(stats[0].get("cached_tokens", 0))}}
 
 
 def _logprobs(entries: list[dict] | None) -> dict | None:
@@ -243,20 +259,22 @@ def _logprobs(entries: list[dict] | None) -> dict | None:
     return None if entries is None else {"content": entries, "refusal": None}
 
 
-def completion(cid: str, model: str, text: str, stats: dict, logprobs: list[dict] | None = None) -> dict:
+def completion(cid: str, model: str, answers: list[tuple[str, dict, list[dict] | None]]) -> dict:
+    """answers: each choice's (text, stats, logprobs entries or None), in order."""
     return {"id": cid, "object": "chat.completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                         "finish_reason": stats.get("finish_reason") or "stop", "logprobs": _logprobs(logprobs)}],
-            "usage": usage(stats)}
+            "choices": [{"index": i, "message": {"role": "assistant", "content": text},
+                         "finish_reason": stats.get("finish_reason") or "stop", "logprobs": _logprobs(logprobs)}
+                        for i, (text, stats, logprobs) in enumerate(answers)],
+            "usage": usage(*[stats for _, stats, _ in answers])}
 
 
 def chunk(cid: str, model: str, delta: dict, finish_reason: str | None = None, created: int | None = None,
-          logprobs: list[dict] | None = None) -> dict:
+          logprobs: list[dict] | None = None, index: int = 0) -> dict:
     return {"id": cid, "object": "chat.completion.chunk", "created": created or int(time.time()), "model": model,
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason,
+            "choices": [{"index": index, "delta": delta, "finish_reason": finish_reason,
                          "logprobs": _logprobs(logprobs)}]}
 
 
-def usage_chunk(cid: str, model: str, stats: dict, created: int | None = None) -> dict:
+def usage_chunk(cid: str, model: str, stats: list[dict], created: int | None = None) -> dict:
     return {"id": cid, "object": "chat.completion.chunk", "created": created or int(time.time()), "model": model,
-            "choices": [], "usage": usage(stats)}
+            "choices": [], "usage": usage(*stats)}
