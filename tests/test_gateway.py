@@ -124,8 +124,8 @@ BAD = {
     "oversized image": ({"model": "tiny", "messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": data_url(b"\xff" * 600_000)}}]}]}, 413, "byte limit"),
     "n = 9": ({"model": "tiny", "n": 9, "messages": [{"role": "user", "content": "Hi"}]}, 400, "'n' must be an integer"),
-    "tools": ({"model": "tiny", "tools": [{"type": "function"}], "messages": [{"role": "user", "content": "Hi"}]},
-              400, "'tools' is not supported"),
+    "tool without a function": ({"model": "tiny", "tools": [{"type": "function"}], "messages": [
+        {"role": "user", "content": "Hi"}]}, 400, "tools[0] must be"),
     "max_tokens as string": ({"model": "tiny", "max_tokens": "8", "messages": [{"role": "user", "content": "Hi"}]},
                              400, "max_tokens must be an integer"),
     # numbers are checked as sent: none wraps to int32 or overflows into a 500
@@ -298,3 +298,59 @@ def test_n_answers_in_order_and_streamed_by_index(sdk):
     assert finished == {0, 1, 2} and [text[i] for i in range(3)] == [c.message.content for c in got.choices]
     with pytest.raises(openai.BadRequestError, match="'n' must be an integer in"):
         sdk.chat.completions.create(model="tiny", messages=msgs, n=9)
+
+
+MOVE = {"type": "function", "function": {
+    "name": "move_to", "description": "Drive to a shelf",
+    "parameters": {"type": "object", "properties": {"shelf": {"type": "integer", "minimum": 1, "maximum": 9}},
+                   "required": ["shelf"]}}}
+REPORT = {"type": "function", "function": {
+    "name": "report", "description": "Report what is seen",
+    "parameters": {"type": "object", "properties": {"what": {"type": "string", "maxLength": 12}}, "required": ["what"]}}}
+
+
+def test_tool_calls_through_the_sdk_named_required_streamed_and_answered(sdk, client):
+    msgs = [{"role": "user", "content": "Go to shelf 3."}]
+    named = sdk.chat.completions.create(model="tiny", messages=msgs, tools=[MOVE, REPORT], max_tokens=64,
+                                        tool_choice={"type": "function", "function": {"name": "move_to"}})
+    choice = named.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    calls = choice.message.tool_calls  # parallel calls allowed: one or more, each of move_to
+    assert calls and all(c.function.name == "move_to" and 1 <= json.loads(c.function.arguments)["shelf"] <= 9
+                         for c in calls) and len({c.id for c in calls}) == len(calls)
+    call = calls[0]
+    required = sdk.chat.completions.create(model="tiny", messages=msgs, tools=[MOVE, REPORT], max_tokens=64,
+                                           tool_choice="required", parallel_tool_calls=False)
+    assert required.choices[0].finish_reason == "tool_calls" and len(required.choices[0].message.tool_calls) == 1
+    # streamed as OpenAI streams them: the SDK's own accumulator puts the call together
+    with sdk.chat.completions.stream(model="tiny", messages=msgs, tools=[MOVE], max_tokens=64,
+                                     tool_choice="required", parallel_tool_calls=False) as stream:
+        final = stream.get_final_completion()
+    streamed = final.choices[0].message.tool_calls
+    assert streamed and all(c.function.name == "move_to" and json.loads(c.function.arguments)["shelf"] >= 1
+                            for c in streamed)
+    # the call and its result in the history: the model answers after them
+    follow = msgs + [{"role": "assistant", "content": None, "tool_calls": [c.model_dump() for c in calls]},
+                     *[{"role": "tool", "tool_call_id": c.id, "content": "arrived"} for c in calls]]
+    after = sdk.chat.completions.create(model="tiny", messages=follow, tools=[MOVE], tool_choice="none", max_tokens=8)
+    assert after.choices[0].message.content and after.choices[0].finish_reason == "length"
+    # over gRPC: the same tools, the calls in the result
+    result = client.generate("Go to shelf 3.", tools=[MOVE], tool_choice="move_to", parallel_tool_calls=False,
+                             max_tokens=64)
+    assert result.finish_reason == "tool_calls" and result.tool_calls[0]["name"] == "move_to"
+
+
+@pytest.mark.parametrize("body,param,message", [
+    ({"tools": [MOVE], "tool_choice": {"type": "function", "function": {"name": "fly"}}}, "tool_choice",
+     "names 'fly', which is not in tools"),
+    ({"tools": [{"type": "function", "function": {"name": "bad name!"}}]}, "tools", "tools[0] must be"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {
+        "x": {"type": "string", "pattern": "(?<=look-behind)"}}}}}]}, "tools", "tools:"),
+    ({"messages": [{"role": "user", "content": "Hi"}, {"role": "tool", "tool_call_id": "call_x", "content": "1"},
+                   {"role": "user", "content": "And?"}]}, "messages[1].tool_call_id", "answers no tool call"),
+])
+def test_bad_tool_requests_are_400_naming_the_field(gateway, sdk, body, param, message):
+    status, got = post(gateway, {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], **body})
+    assert status == 400 and got["error"]["param"] == param and message in got["error"]["message"], got
+    assert sdk.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}],
+                                       max_tokens=2).usage.completion_tokens == 2

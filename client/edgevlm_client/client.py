@@ -152,7 +152,8 @@ class Client:
     def stream(self, prompt: str, *, image=None, timeout_s: float | None = None, **options) -> Stream:
         """Text deltas as they are generated. image: path, bytes, PIL image or uint8 array.
         Options: max_tokens, temperature, top_p, top_k, repetition_penalty, seed, presence_penalty,
-        frequency_penalty, min_tokens, ignore_eos, logprobs (k alternatives: Result.logprobs), stop, system,
+        frequency_penalty, min_tokens, ignore_eos, logprobs (k alternatives: Result.logprobs), tools
+        (OpenAI's list; tool_choice, parallel_tool_calls; Result.tool_calls), stop, system,
         history, raw_prompt; and at most one constraint on the answer: json_schema={...},
         json_object=True, regex="...", choices=[...] (or response_format={...} as the wire
         contract has it)."""

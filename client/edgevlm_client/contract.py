@@ -87,7 +87,18 @@ INPUTS = (
            "regex or one of some choices (see RESPONSE_FORMATS)"),
     Tensor("cancel", "BYTES", (1,), "a cancel message (see CANCEL): the request id of a generation to stop; "
            "sent alone, on the stream that carries the generation"),
+    Tensor("tools", "BYTES", (1,), "JSON: functions the model may call, as OpenAI's `tools` list (see TOOLS)"),
+    Tensor("tool_choice", "BYTES", (1,), "with tools: none, auto, required, or the name of the one function to call",
+           default="auto"),
+    Tensor("parallel_tool_calls", "BOOL", (1,), "with tools: an answer may hold several calls", default=True),
 )
+
+# Tool calls. A request with `tools` gets, instead of text, a JSON array of calls
+# [{"name", "arguments"}] whose arguments match the function's JSON Schema (the server's grammar
+# guarantees it); its last `stats` then hold `tool_calls` [{"id", "name", "arguments": JSON
+# text}] and finish_reason "tool_calls". With tool_choice "auto" the model may answer in text.
+TOOL_CHOICES = ("none", "auto", "required")
+MAX_TOOLS = 32
 
 # response_format, by its "type": the other key it needs (None: none)
 RESPONSE_FORMATS = {"json_schema": "schema", "json_object": None, "regex": "pattern", "choice": "choices"}
@@ -118,12 +129,14 @@ OUTPUTS = (
 LOGPROBS = ("token", "logprob", "bytes", "top_logprobs")  # top_logprobs: [{token, logprob, bytes}]
 
 # Keys of the JSON in the last response's `stats`.
-STATS = ("image_encode_ms", "image_cached", "image_tokens", "queue_ms", "prefill_tokens", "cached_tokens", "prefill_ms",
-         "decode_tokens", "decode_ms", "decode_tokens_per_s", "prefill_tokens_per_s", "finish_reason")
+STATS = ("image_encode_ms", "image_cached", "image_tokens", "image_tiles", "queue_ms", "prefill_tokens",
+         "cached_tokens", "prefill_ms", "decode_tokens", "decode_ms", "decode_tokens_per_s", "prefill_tokens_per_s",
+         "finish_reason", "tool_calls")
 # image_cached: the image's embeddings came from the server's image cache (image_encode_ms 0);
 # image_tokens: context positions the image took (LLaVA-1.6: depends on the picture's size);
-# cached_tokens: prompt positions whose KV came from the prefix cache instead of prefill.
-FINISH_REASONS = ("stop", "length", "cancelled")
+# cached_tokens: prompt positions whose KV came from the prefix cache instead of prefill;
+# image_tiles: a cross-attention model's tiles; tool_calls: see TOOL_CHOICES (null without).
+FINISH_REASONS = ("stop", "length", "cancelled", "tool_calls")
 
 # Request limits (the server refuses past them with INVALID_ARG and the reason).
 MAX_PROMPT_CHARS = 100_000     # prompt and system, each

@@ -180,14 +180,18 @@ class Gateway:
             for s in streams:
                 await _closed(s)
             raise
-        return StreamingResponse(self._events(streams, deltas, firsts, cid, mid, req.include_usage, with_logprobs),
+        return StreamingResponse(self._events(streams, deltas, firsts, cid, mid, req.include_usage, with_logprobs,
+                                              "tools" in req.options),
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     async def _events(self, streams, deltas: list[AsyncIterator[str]], firsts: list[str], cid: str, mid: str,
-                      include_usage: bool, logprobs: bool) -> AsyncIterator[bytes]:
+                      include_usage: bool, logprobs: bool, tools: bool) -> AsyncIterator[bytes]:
         """Chunks of every choice as they come (`index` says whose), each choice's finish chunk
-        when it ends, then the usage and [DONE]."""
+        when it ends, then the usage and [DONE]. With tools, an answer that opens with "[" is
+        calls (the grammar allows nothing else there): they go out as `tool_calls` once the
+        server has read them, never as text."""
         created, sent = int(time.time()), [0] * len(streams)
+        calling = [tools and first.startswith("[") for first in firsts]
 
         def chunk(i: int, delta: dict, finish: str | None = None) -> dict:
             entries = None
@@ -207,7 +211,7 @@ class Gateway:
         tasks = []
         try:
             for i, first in enumerate(firsts):
-                yield _sse(chunk(i, {"role": "assistant", "content": first}))
+                yield _sse(chunk(i, {"role": "assistant", "content": None if calling[i] else first}))
             tasks = [asyncio.ensure_future(pump(i)) for i in range(len(streams))]
             running = len(streams)
             while running:
@@ -215,9 +219,14 @@ class Gateway:
                 if error is not None:
                     raise error
                 if delta is not None:
-                    yield _sse(chunk(i, {"content": delta}))
+                    if not calling[i]:
+                        yield _sse(chunk(i, {"content": delta}))
                     continue
                 running -= 1
+                if calling[i]:
+                    calls = api.tool_calls(streams[i].stats, deltas=True)
+                    # a call cut short by max_tokens is no call: its text is all there is
+                    yield _sse(chunk(i, {"tool_calls": calls} if calls else {"content": streams[i].text}))
                 last = chunk(i, {}, streams[i].stats.get("finish_reason") or "stop")
                 last["edgevlm"] = streams[i].stats  # not OpenAI's: the timings the web page shows (SDKs ignore it)
                 yield _sse(last)

@@ -2,13 +2,17 @@
 response and stream-chunk shapes, errors in OpenAI's shape. No I/O here (see gateway.py).
 
 The model takes one image per conversation, in its first user turn; earlier turns become
-the `history` input and system messages replace the template's system line.
+the `history` input and system messages replace the template's system line. Tool calls: a
+request's `tools` go to the model as they are (it answers with calls its grammar guarantees);
+in the history an assistant's calls are the JSON array the model writes them as, and a tool's
+result is a user turn naming the function.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import json
 import re
 import time
 import uuid
@@ -17,7 +21,7 @@ from dataclasses import dataclass, field
 from edgevlm_client import errors
 from edgevlm_client.contract import BY_NAME, value_reason
 
-ROLES = ("system", "developer", "user", "assistant")
+ROLES = ("system", "developer", "user", "assistant", "tool")
 MAX_STOP = 4
 MAX_N = 8  # answers per request: each is a stream of the model's batch (its max_sequences, 8 by default)
 _DATA_URL = re.compile(r"data:(image/[\w.+-]+)?(;[\w-]+=[\w.-]+)*;base64,", re.ASCII)
@@ -39,10 +43,17 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
+# The server's reasons begin with the field at fault; OpenAI's error names it in `param`.
+_PARAMS = {"tools": "tools", "tool_choice": "tool_choice", "parallel_tool_calls": "parallel_tool_calls",
+           "response_format": "response_format", "min_tokens": "min_tokens", "prompt": "messages",
+           "history": "messages", "system": "messages", "image": "messages"}
+
+
 def from_client_error(e: errors.EdgeVLMError) -> APIError:
     """The client library's typed errors as HTTP statuses."""
     if isinstance(e, errors.InvalidRequest):
-        return APIError(400, str(e))
+        field_ = re.match(r"[a-z_]+", str(e))
+        return APIError(400, str(e), param=_PARAMS.get(field_.group() if field_ else ""))
     if isinstance(e, errors.ServerBusy):  # the model is full: come back shortly
         return APIError(429, f"model server busy: {e}", type="server_error", code="server_busy",
                         headers={"Retry-After": str(BUSY_RETRY_AFTER_S)})
@@ -110,7 +121,7 @@ def parse_chat_request(body) -> ChatRequest:
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise _type_error("model", "a model id (GET /v1/models lists it)")
-    for name, why in (("tools", "tool calls"), ("functions", "function calls"), ("audio", "audio output")):
+    for name, why in (("functions", "the deprecated function calls (use tools)"), ("audio", "audio output")):
         if body.get(name):
             raise APIError(400, f"'{name}' is not supported: this model does not do {why}", param=name)
     n = body.get("n", 1)
@@ -124,10 +135,22 @@ def parse_chat_request(body) -> ChatRequest:
     system: list[str] = []
     turns: list[list] = []  # [role, text], consecutive messages of one role merged
     images: list[str] = []
+    calls: dict[str, str] = {}  # tool call id -> function name, from the assistant turns
     for i, m in enumerate(messages):
         role = m.get("role") if isinstance(m, dict) else None
         if role not in ROLES:
             raise APIError(400, f"messages[{i}]: role must be one of {', '.join(ROLES)}", param=f"messages[{i}].role")
+        if role == "assistant" and m.get("tool_calls"):
+            _append(turns, "assistant", _calls_text(m["tool_calls"], i, calls))
+            continue
+        if role == "tool":
+            call = m.get("tool_call_id")
+            if call not in calls:
+                raise APIError(400, f"messages[{i}]: tool_call_id {call!r} answers no tool call of an earlier "
+                               "assistant message", param=f"messages[{i}].tool_call_id")
+            text, _ = _content(m, i)
+            _append(turns, "user", f"Result of {calls[call]}: {text}")
+            continue
         text, urls = _content(m, i)
         if role in ("system", "developer"):
             if urls:
@@ -137,10 +160,7 @@ def parse_chat_request(body) -> ChatRequest:
         if urls and role != "user":
             raise APIError(400, f"messages[{i}]: images go in a user message", param=f"messages[{i}].content")
         images.extend(urls)
-        if turns and turns[-1][0] == role:
-            turns[-1][1] += "\n" + text
-        else:
-            turns.append([role, text])
+        _append(turns, role, text)
     if len(images) > 1:
         raise APIError(400, f"{len(images)} images: this model reads one image per conversation",
                        param="messages")
@@ -180,6 +200,7 @@ def parse_chat_request(body) -> ChatRequest:
             raise APIError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs")
     if logprobs:
         options["logprobs"] = top or 0
+    options.update(_tools(body))
     fmt = _response_format(body.get("response_format"))
     if fmt is not None:
         options["response_format"] = fmt
@@ -202,6 +223,57 @@ def choice_options(req: ChatRequest, i: int) -> dict:
     if "seed" in options and i:
         options["seed"] = (options["seed"] + i) % (BY_NAME["seed"].limit.high or 2 ** 63)
     return options
+
+
+def _append(turns: list[list], role: str, text: str) -> None:
+    """A message's text as a turn; consecutive messages of one role make one turn."""
+    if turns and turns[-1][0] == role:
+        turns[-1][1] += "\n" + text
+    else:
+        turns.append([role, text])
+
+
+def _calls_text(tool_calls, i: int, calls: dict[str, str]) -> str:
+    """An assistant's tool calls as the model writes them (tools.Toolset), each id remembered."""
+    param = f"messages[{i}].tool_calls"
+    if not isinstance(tool_calls, list):
+        raise _type_error(param, "a list")
+    out = []
+    for j, c in enumerate(tool_calls):
+        f = c.get("function") if isinstance(c, dict) else None
+        if not isinstance(f, dict) or not isinstance(f.get("name"), str) or not isinstance(c.get("id"), str):
+            raise _type_error(f"{param}[{j}]", 'an object with "id" and "function": {"name", "arguments"}')
+        try:
+            arguments = json.loads(f.get("arguments") or "{}")
+        except (json.JSONDecodeError, RecursionError, TypeError):
+            raise _type_error(f"{param}[{j}].function.arguments", "a JSON object as text") from None
+        calls[c["id"]] = f["name"]
+        out.append({"name": f["name"], "arguments": arguments})
+    return json.dumps(out, separators=(",", ":"), ensure_ascii=False)
+
+
+def _tools(body: dict) -> dict:
+    """tools, tool_choice and parallel_tool_calls as the client's options (the server checks
+    the schemas; a tool_choice naming no tool is refused here, naming its field)."""
+    tools, choice, parallel = body.get("tools"), body.get("tool_choice"), body.get("parallel_tool_calls")
+    if tools is None:
+        if choice not in (None, "none", "auto"):
+            raise APIError(400, "'tool_choice' needs 'tools'", param="tool_choice")
+        return {}
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        raise _type_error("tools", "a list of {\"type\": \"function\", \"function\": {...}}")
+    names = [(t.get("function") or {}).get("name") for t in tools]
+    if isinstance(choice, dict):
+        name = (choice.get("function") or {}).get("name") if choice.get("type") == "function" else None
+        if name not in names:
+            raise APIError(400, f"tool_choice names {name!r}, which is not in tools", param="tool_choice")
+        choice = name
+    elif choice not in (None, "none", "auto", "required"):
+        raise _type_error("tool_choice", '"none", "auto", "required" or {"type": "function", "function": {"name"}}')
+    if parallel is not None and not isinstance(parallel, bool):
+        raise _type_error("parallel_tool_calls", "true or false")
+    return {"tools": tools, **({"tool_choice": choice} if choice else {}),
+            **({"parallel_tool_calls": parallel} if parallel is not None else {})}
 
 
 def _response_format(value) -> dict | None:
@@ -259,10 +331,23 @@ def _logprobs(entries: list[dict] | None) -> dict | None:
     return None if entries is None else {"content": entries, "refusal": None}
 
 
+def tool_calls(stats: dict, deltas: bool = False) -> list[dict]:
+    """The calls an answer made, as OpenAI shapes them (deltas: a stream chunk's, with index)."""
+    return [{**({"index": j} if deltas else {}), "id": c["id"], "type": "function",
+             "function": {"name": c["name"], "arguments": c["arguments"]}}
+            for j, c in enumerate(stats.get("tool_calls") or [])]
+
+
+def message(text: str, stats: dict) -> dict:
+    if stats.get("tool_calls"):
+        return {"role": "assistant", "content": None, "tool_calls": tool_calls(stats)}
+    return {"role": "assistant", "content": text}
+
+
 def completion(cid: str, model: str, answers: list[tuple[str, dict, list[dict] | None]]) -> dict:
     """answers: each choice's (text, stats, logprobs entries or None), in order."""
     return {"id": cid, "object": "chat.completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": i, "message": {"role": "assistant", "content": text},
+            "choices": [{"index": i, "message": message(text, stats),
                          "finish_reason": stats.get("finish_reason") or "stop", "logprobs": _logprobs(logprobs)}
                         for i, (text, stats, logprobs) in enumerate(answers)],
             "usage": usage(*[stats for _, stats, _ in answers])}

@@ -41,6 +41,11 @@ class Result:
         return self.text
 
     @property
+    def tool_calls(self) -> list[dict]:
+        """With tools: the calls the answer made ({"id", "name", "arguments": JSON text}), or []."""
+        return self.stats.get("tool_calls") or []
+
+    @property
     def finish_reason(self) -> str:
         """"stop" (end of answer or a stop string) or "length" (max_tokens reached)."""
         return self.stats.get("finish_reason", "")
@@ -98,8 +103,9 @@ def build_inputs(prompt: str, image=None, *, system: str | None = None, raw_prom
                  repetition_penalty: float | None = None, seed: int | None = None,
                  presence_penalty: float | None = None, frequency_penalty: float | None = None,
                  min_tokens: int | None = None, ignore_eos: bool | None = None, logprobs: int | None = None,
-                 stop: Sequence[str] | str | None = None, response_format: dict | None = None
-                 ) -> list[grpcclient.InferInput]:
+                 stop: Sequence[str] | str | None = None, response_format: dict | None = None,
+                 tools: Sequence[dict] | None = None, tool_choice: str | None = None,
+                 parallel_tool_calls: bool | None = None) -> list[grpcclient.InferInput]:
     """Request tensors; options left as None take the server's defaults. response_format:
     see `response_format()`."""
     inputs = [_tensor("prompt", prompt.encode("utf-8"))]
@@ -127,6 +133,15 @@ def build_inputs(prompt: str, image=None, *, system: str | None = None, raw_prom
         inputs.append(_tensor("stop", [s.encode("utf-8") for s in stop]))
     if response_format is not None:
         inputs.append(_tensor("response_format", json.dumps(response_format).encode("utf-8")))
+    if tools is not None:  # OpenAI's `tools` list; its functions' parameters are JSON Schemas
+        inputs.append(_tensor("tools", json.dumps(list(tools)).encode("utf-8")))
+    if tool_choice is not None:
+        inputs.append(_tensor("tool_choice", tool_choice.encode("utf-8")))
+    if parallel_tool_calls is not None:
+        why = value_reason(BY_NAME["parallel_tool_calls"], parallel_tool_calls)
+        if why:
+            raise InvalidRequest(why)
+        inputs.append(_tensor("parallel_tool_calls", parallel_tool_calls))
     return inputs
 
 

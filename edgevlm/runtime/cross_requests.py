@@ -88,7 +88,7 @@ class CrossPreprocessor:
         return CrossImage([a[0].copy() for a in features], prepared.tiles, self.cfg.vision.tile_tokens,
                           prepared.digest)
 
-    def from_inputs(self, inputs: dict, decode_image: bool = True) -> Prepared:
+    def from_inputs(self, inputs: dict, decode_image: bool = True, tools=None) -> Prepared:
         if inputs.get("prompt") is None:
             raise BadRequest("prompt is required")
         raw = inputs.get("raw_prompt")
@@ -103,6 +103,8 @@ class CrossPreprocessor:
             if len(value) > MAX_PROMPT_CHARS:
                 raise BadRequest(f"{name} is {len(value)} characters, over the {MAX_PROMPT_CHARS} limit")
         if raw:
+            if tools is not None:
+                raise BadRequest("tools and raw_prompt exclude each other (a raw prompt holds its own instructions)")
             if turns or system is not None:
                 raise BadRequest("history and system exclude raw_prompt (a raw prompt holds them)")
             if question.count(IMAGE_TOKEN) != int(image is not None):
@@ -113,6 +115,11 @@ class CrossPreprocessor:
             for name, value in [("prompt", question), ("system", system or "")] + \
                     [(f"history turn {i + 1}", q + a) for i, (q, a) in enumerate(turns)]:
                 self._no_special_tokens(name, value)
+            if tools is not None:  # in the system message; with an image (which takes none) before the question
+                if image is None:
+                    system = ((system or "") + "\n\n" + tools.prompt()).strip()
+                else:
+                    question = tools.prompt() + "\n\n" + question
             messages = conversation(question, images=int(image is not None), history=turns, system=system)
             ids = self.tok.encode(self.template.render(messages), add_bos=False)
         prepared = Prepared(None, np.asarray(ids, np.int64))

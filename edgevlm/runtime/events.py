@@ -6,7 +6,8 @@ from dataclasses import asdict, dataclass
 
 from edgevlm_client.contract import FINISH_REASONS
 
-STOP, LENGTH, CANCELLED = FINISH_REASONS  # EOS, a stop string or a grammar's end; max_tokens; the client
+# EOS, a stop string or a grammar's end; max_tokens; the client; an answer that is tool calls
+STOP, LENGTH, CANCELLED, TOOL_CALLS = FINISH_REASONS
 
 
 @dataclass
@@ -23,6 +24,7 @@ class Stats:
     decode_tokens: int = 0
     decode_ms: float = 0.0
     finish_reason: str = ""  # one of FINISH_REASONS
+    tool_calls: list[dict] | None = None  # with tools: the calls the answer made (contract.TOOL_CHOICES)
 
     @property
     def decode_tokens_per_s(self) -> float:

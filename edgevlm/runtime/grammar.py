@@ -90,34 +90,41 @@ class Grammars:
             return M.grammar_from_regex(fmt["pattern"])
         return M.grammar_from_lark("start: " + " | ".join(_lark_string(c) for c in fmt["choices"]))
 
-    def check(self, text: str | None) -> None:
-        """Compile (once) the response_format `text`; BadRequest if it is not one we can honour."""
-        if text is not None:
-            self._prototype(text)
+    def check(self, text: str | None, lark: str | None = None) -> None:
+        """Compile (once) the response_format `text`, or a Lark grammar the runtime made (a
+        request's tools); BadRequest if it is not one we can honour."""
+        if text is not None or lark is not None:
+            self._prototype(text, lark)
 
-    def _prototype(self, text: str):
+    def _prototype(self, text: str | None, lark: str | None = None):
+        key = text if lark is None else "lark:" + lark
         with self.lock:
-            proto = self.compiled.get(text)
+            proto = self.compiled.get(key)
             if proto is not None:
-                self.compiled.move_to_end(text)
+                self.compiled.move_to_end(key)
                 return proto
-        fmt = parse_format(text)
-        try:
-            grammar = self.grammar(fmt)
-        except (ValueError, TypeError) as e:
-            raise BadRequest(f"response_format: {e}") from None
-        proto = self.ll.LLMatcher(self.lltok, grammar, log_level=0)
-        if proto.is_error():
-            raise BadRequest(f"response_format {fmt['type']}: {_one_line(proto.get_error())}")
+        what = "tools"
+        if lark is None:
+            fmt = parse_format(text)
+            what = f"response_format {fmt['type']}"
+            try:
+                lark = self.grammar(fmt)
+            except (ValueError, TypeError) as e:
+                raise BadRequest(f"response_format: {e}") from None
+        proto = self.ll.LLMatcher(self.lltok, lark, log_level=0)
+        if proto.is_error():  # a schema the library cannot compile, named in one line
+            raise BadRequest(f"{what}: {_one_line(proto.get_error())}")
         with self.lock:
             self.compiles += 1
-            self.compiled[text] = proto
+            self.compiled[key] = proto
             while len(self.compiled) > CACHED_FORMATS:
                 self.compiled.popitem(last=False)
         return proto
 
-    def constraint(self, text: str | None) -> Constraint | None:
-        return None if text is None else Constraint(self._prototype(text).deep_copy(), self)
+    def constraint(self, text: str | None, lark: str | None = None) -> Constraint | None:
+        if text is None and lark is None:
+            return None
+        return Constraint(self._prototype(text, lark).deep_copy(), self)
 
 
 def _one_line(message: str) -> str:

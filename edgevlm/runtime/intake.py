@@ -19,6 +19,7 @@ No Triton here: the `mobilevlm` model passes each request's inputs, id and strea
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections.abc import Callable
 from typing import Protocol
@@ -128,25 +129,30 @@ class Intake:
         if image is not None:
             key = image_digest(image)
             cached = self.image_cache.get(key) if self.image_cache.budget else None
-        prepared = self.pre.from_inputs(inputs, decode_image=cached is None)
+        tools = requests.toolset(inputs)
+        prepared = self.pre.from_inputs(inputs, decode_image=cached is None, tools=tools)
         prepared.digest = key or b""
         if key is not None and self.image_cache.budget:
             self.obs.image(cached is not None, self.image_cache.bytes)
         params = requests.sampling_params(inputs, self.default_max_tokens)
+        if tools is not None:
+            if params.response_format is not None:
+                raise BadRequest("tools and response_format exclude each other (a call's arguments follow its schema)")
+            params = dataclasses.replace(params, grammar=tools.grammar())
         ids = prepared.input_ids.tolist()
         self.scheduler.check(ids, self.pre.image_positions(cached, prepared), params)
         if request_id:
             stream = self._name(stream, request_id)
         try:
-            self._start(stream, ids, params, prepared, image is not None, key, cached)
+            self._start(stream, ids, params, prepared, image is not None, key, cached, tools)
         except BaseException:
             if isinstance(stream, _Named):
                 stream.forget()
             raise
 
-    def _start(self, stream: Stream, ids: list[int], params, prepared, has_image: bool, key, cached) -> None:
+    def _start(self, stream: Stream, ids: list[int], params, prepared, has_image: bool, key, cached, tools) -> None:
         def request(image, encode_ms=0.0) -> Request:
-            fields = {"image_embeds": None, **self.pre.attach(ids, image)}
+            fields = {"image_embeds": None, "tools": tools, **self.pre.attach(ids, image)}
             return Request(ids, params=params, emit=stream.emit, fail=stream.fail, cancelled=stream.cancelled,
                            image_encode_ms=encode_ms, image_cached=cached is not None, **fields)
         if not has_image or cached is not None:

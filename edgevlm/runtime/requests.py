@@ -52,6 +52,18 @@ def text(value, name: str) -> str:
     return str(value)
 
 
+def toolset(inputs: dict):
+    """The request's tools (tools.Toolset), None without tools or with tool_choice "none"."""
+    from edgevlm.runtime.tools import parse_tools
+    raw, choice = inputs.get("tools"), inputs.get("tool_choice")
+    if raw is None:
+        if choice is not None or inputs.get("parallel_tool_calls") is not None:
+            raise BadRequest("tool_choice and parallel_tool_calls need tools")
+        return None
+    return parse_tools(text(raw, "tools"), None if choice is None else text(choice, "tool_choice"),
+                       scalar(inputs, "parallel_tool_calls", "b", bool))
+
+
 def sampling_params(inputs: dict, default_max_tokens: int) -> SamplingParams:
     """Generation parameters from optional request inputs (numpy arrays by name)."""
     values = {}
@@ -120,17 +132,18 @@ class Preprocessor:
         return anyres.pack(features, prepared.image_size, self.cfg.grid_pinpoints,
                            self.cfg.vision.image_size, self.newline)[None]
 
-    def from_inputs(self, inputs: dict, decode_image: bool = True) -> Prepared:
-        """The request's prompt inputs (contract.PROMPT_INPUTS, numpy arrays by name)."""
+    def from_inputs(self, inputs: dict, decode_image: bool = True, tools=None) -> Prepared:
+        """The request's prompt inputs (contract.PROMPT_INPUTS, numpy arrays by name); tools: its
+        Toolset, described to the model in the system line."""
         if inputs.get("prompt") is None:
             raise BadRequest("prompt is required")
         raw = inputs.get("raw_prompt")
         return self(image_bytes(inputs), inputs["prompt"],
                     bool(np.asarray(raw).reshape(-1)[0]) if raw is not None else False,
-                    inputs.get("history"), inputs.get("system"), decode_image)
+                    inputs.get("history"), inputs.get("system"), decode_image, tools)
 
     def __call__(self, image: bytes | None, prompt, raw_prompt: bool = False, history=None, system=None,
-                 decode_image: bool = True):
+                 decode_image: bool = True, tools=None):
         prompt = text(prompt, "prompt")
         turns = parse_history(history)
         if turns and raw_prompt:
@@ -140,6 +153,10 @@ class Preprocessor:
             raise BadRequest("system and raw_prompt exclude each other (a raw prompt holds its system line)")
         if len(system) > MAX_PROMPT_CHARS:
             raise BadRequest(f"system is {len(system)} characters, over the {MAX_PROMPT_CHARS} limit")
+        if tools is not None:
+            if raw_prompt:
+                raise BadRequest("tools and raw_prompt exclude each other (a raw prompt holds its own instructions)")
+            system = (system + "\n\n" + tools.prompt()).strip()
         if not prompt.strip():
             raise BadRequest("prompt is empty")
         if len(prompt) > MAX_PROMPT_CHARS:

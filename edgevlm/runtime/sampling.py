@@ -31,6 +31,7 @@ class SamplingParams:
     logprobs: int | None = _default("logprobs")  # alternatives to report per token (None: no logprobs)
     stop: tuple[str, ...] = ()
     response_format: str | None = None  # JSON (contract.RESPONSE_FORMATS); checked by grammar.Grammars
+    grammar: str | None = None  # a Lark grammar the runtime made (tools.Toolset.grammar), not a contract input
 
     def validate(self) -> SamplingParams:
         """Each parameter in its contract range, or BadRequest with the reason."""

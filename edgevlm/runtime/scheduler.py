@@ -43,7 +43,7 @@ import numpy as np
 from edgevlm.runtime.detokenize import IncrementalDecoder
 from edgevlm.runtime.embedding import prompt_positions
 from edgevlm.runtime.errors import BadRequest, Busy
-from edgevlm.runtime.events import CANCELLED, LENGTH, STOP, Event, Stats
+from edgevlm.runtime.events import CANCELLED, LENGTH, STOP, TOOL_CALLS, Event, Stats
 from edgevlm.runtime.kv_pool import Row
 from edgevlm.runtime.observer import CANCELLED as CANCELLED_OUTCOME
 from edgevlm.runtime.observer import COMPLETE, ERROR, Observer, Quiet, outcome_of
@@ -67,6 +67,7 @@ class Request:
     image_encode_ms: float = 0.0
     image_cached: bool = False  # the embeddings came from the image cache
     cross: object = None  # cross_attention.CrossRow: a cross-attention model's image (its ids hold its token)
+    tools: object = None  # tools.Toolset: the answer may be calls, read back when it ends
     submitted: float = field(default_factory=time.perf_counter)
 
     @property
@@ -116,6 +117,7 @@ class _Live:
         self.t_decode = 0.0
         self.next_token = -1  # fed at the next decode step
         self.logprobs: list[dict] | None = [] if req.params.logprobs is not None else None  # not yet sent
+        self.text = ""  # with tools: the answer so far, read back into calls at its end
 
     @property
     def prefilling(self) -> bool:
@@ -154,8 +156,9 @@ class Scheduler:
         context = self.model.max_context
         if n_prompt >= context:
             raise BadRequest(f"prompt is {n_prompt} tokens, the context holds {context}")
-        if params.response_format is not None:
-            self.model.grammars.check(params.response_format)  # compiled once; a bad one is refused here
+        if params.response_format is not None or params.grammar is not None:
+            # compiled once; a bad one is refused here
+            self.model.grammars.check(params.response_format, params.grammar)
         max_new = min(params.max_tokens, context - n_prompt)
         if self.pool.never_fits(n_prompt + max_new):
             raise BadRequest(f"prompt and max_tokens need {n_prompt + max_new} positions; "
@@ -315,8 +318,9 @@ class Scheduler:
             self.live.append(live)
 
     def _sampler(self, req: Request) -> Sampler:
-        fmt = req.params.response_format
-        constraint = self.model.grammars.constraint(fmt) if fmt else None
+        p = req.params
+        constraint = self.model.grammars.constraint(p.response_format, p.grammar) \
+            if p.response_format or p.grammar else None
         return Sampler(req.params, req.input_ids, constraint, vocab=self.model.tok.vocab_size,
                        stop_ids=self.model.tok.stop_ids)
 
@@ -376,6 +380,8 @@ class Scheduler:
         if x.logprobs is not None:
             x.logprobs.append(self._logprob_entry(tok, *x.sampler.last_logprobs))
         delta = x.detok.push(tok)
+        if x.req.tools is not None:
+            x.text += delta
         if delta and not self._safe(x.req.emit, Event(delta, logprobs=_take(x))):
             return self._end(x, CANCELLED)
         if x.detok.stopped or x.sampler.complete:  # a stop string, or the grammar is satisfied
@@ -397,7 +403,11 @@ class Scheduler:
             return
         if x.t_decode:
             x.stats.decode_ms = (time.perf_counter() - x.t_decode) * 1e3
-        self._send_final(x.req, x.stats, x.detok.flush() if finish != CANCELLED else "", finish, _take(x))
+        text = x.detok.flush() if finish != CANCELLED else ""
+        if x.req.tools is not None and finish == STOP:
+            x.stats.tool_calls = x.req.tools.read(x.text + text)
+            finish = TOOL_CALLS if x.stats.tool_calls else finish
+        self._send_final(x.req, x.stats, text, finish, _take(x))
 
     def _logprob_entry(self, tok: int, logprob: float, top: list[tuple[int, float]]) -> dict:
         """One token's entry of the logprobs output (contract.LOGPROBS)."""
