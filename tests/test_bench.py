@@ -35,7 +35,8 @@ def test_quick_bench_writes_every_section(tiny_onnx, tiny_ckpt, tmp_path):
     assert c["off"]["follow_up"]["cached_tokens"] == 0 and not c["off"]["repeated"]["image_cached"]
     assert c["ratios"]["follow_up_vs_cold"] > 0
     g = report["constrained"]
-    assert set(g["served"]) == {"1", "4"} and all(v["constrained_stream_decode_tok_s"] > 0 for v in g["served"].values())
+    assert set(g["served"]) == {"1", "4"} and all(v[f"{k}_stream_decode_tok_s"] > 0 for v in g["served"].values()
+                                                  for k in ("constrained", "logprobs", "tools"))
     assert set(g["compile_ms"]) == {"detection", "boxes", "caption"} and g["mask_us_per_token"] > 0
     p = report["peers"]  # ours served beside llama.cpp; the quick run skips the peer and says so
     assert p["ours"]["fp32"]["decode_tok_s"] > 0 and p["ours"]["fp32"]["peak_rss_mb"] > 0

@@ -16,7 +16,9 @@ Per model, medians of repeated runs:
   caches      time to first text of a cold turn, a chat follow-up and a repeated question
               about one camera frame, prefix and image caches on vs off (tools/bench_caches.py)
   constrained the grammar mask's cost per token, alone and 4 streams, and schema compile
-              times (tools/bench_constrained.py)
+              times; logprobs and tool calls against free text (tools/bench_constrained.py)
+  aiperf      NVIDIA aiperf through the OpenAI gateway at concurrency 1, 4, 8 beside our own
+              client's figures for the same load (tools/bench_aiperf.py)
   peers       FP32 / INT8 / INT4 served beside llama.cpp's MobileVLM port (f16 / q8_0 /
               q4_k_s): image encode, prefill, decode, memory, GB/s (tools/bench_peers.py)
 Writes docs/bench/<model>.json, docs/BENCHMARKS.md and docs/bench_decode_vs_context.png.
@@ -48,7 +50,9 @@ from edgevlm.runtime.text_model import open_text_model
 from edgevlm.serve.tritonserver import TritonServer
 from edgevlm_client import Client
 
-from bench_batching import batching  # beside this script (python tools/bench.py)
+from bench_aiperf import aiperf  # beside this script (python tools/bench.py)
+from bench_aiperf import markdown as aiperf_markdown
+from bench_batching import batching
 from bench_batching import markdown as batching_markdown
 from bench_caches import caches
 from bench_caches import markdown as caches_markdown
@@ -278,6 +282,7 @@ SECTIONS = {
     "quantized": ("quantized",),
     "hf": ("vs_transformers",),
     "peers": ("peers",),
+    "aiperf": ("aiperf",),
 }
 
 
@@ -356,6 +361,10 @@ def bench_model(name: str, onnx_dir: Path, checkpoint: Path | None, quick: bool,
     if wanted("peers") and (_big(art) or quick):  # llama.cpp's recipe is for the real shapes
         log(f"{name}: served FP32 / INT8 / INT4 beside llama.cpp's MobileVLM port")
         run("peers", lambda: report.update(peers=peers(onnx_dir, checkpoint, quick, report["machine"]["threads"])))
+    # its tokenizer is the checkpoint's; a quick run measures it only when asked (it installs aiperf)
+    if wanted("aiperf") and checkpoint is not None and (_big(art) or (only and "aiperf" in only)):
+        log(f"{name}: NVIDIA aiperf through the gateway beside our client")
+        run("aiperf", lambda: report.update(aiperf=aiperf(onnx_dir, checkpoint, quick)))
     report["measured"] = measured
     return report
 
@@ -445,6 +454,7 @@ def markdown(reports: list[dict], soak: dict | None = None) -> str:
              "The same requests to a tritonserver with the caches on (`PREFIX_CACHE_MIB`, `IMAGE_CACHE_MIB` "
              "defaults) and to one with both off, in the same run.", caches_markdown),
             ("constrained", "Constrained decoding: the grammar mask's cost (served)", "", constrained_markdown),
+            ("aiperf", "NVIDIA aiperf through the OpenAI gateway (served)", "", aiperf_markdown),
             ("peers", "The cpu target against llama.cpp's MobileVLM port (served, same run)",
              "The tiers a CPU user picks between, ours served through tritonserver (`make repo PRECISION=int4`, "
              "`int8`, or FP32) and llama.cpp's `llama-mtmd-cli` on GGUFs converted from the same checkpoint by "

@@ -1,10 +1,12 @@
-"""`make bench`, constrained decoding: what the grammar's token mask costs per token, served.
+"""`make bench`, constrained decoding: what the grammar's token mask costs per token, served,
+and what the other per-token options cost: logprobs, and tool calls against free text.
 
-The same requests with and without a constraint, on one tritonserver, alone and four at a
-time. The constraint is a JSON schema with one free string field, which keeps the random-weight
-model writing (mostly to max_tokens); the ratio of the streams' decode rates (the server's
-stats: tokens after the first / decode time) is the mask's cost. Also: the one-off compile time of each schema the tests
-use (and of the vocabulary, once per model), in process.
+The same requests free and with each option, on one tritonserver, alone and four at a time:
+a JSON schema with one free string field, which keeps the random-weight model writing (mostly
+to max_tokens); logprobs with 5 alternatives; a call of one function with that schema as its
+parameters (tool_choice naming it). The ratio of the streams' decode rates (the server's
+stats: tokens after the first / decode time) is the option's cost. Also: the one-off compile
+time of each schema the tests use (and of the vocabulary, once per model), in process.
 """
 
 from __future__ import annotations
@@ -47,9 +49,16 @@ def log(msg: str) -> None:
     print(f"bench: {msg}", file=sys.stderr, flush=True)
 
 
-async def _round(url: str, n: int, tokens: int, constrained: bool) -> tuple[float, list[float]]:
+CAPTION_TOOL = {"type": "function", "function": {"name": "caption", "description": "Caption the scene",
+                                                 "parameters": CAPTION}}
+# the options each variant adds to the same request
+VARIANTS = {"free": {}, "constrained": {"json_schema": CAPTION}, "logprobs": {"logprobs": 5},
+            "tools": {"tools": [CAPTION_TOOL], "tool_choice": "caption"}}
+
+
+async def _round(url: str, n: int, tokens: int, variant: str) -> tuple[float, list[float]]:
     """n requests at once: (aggregate decode tok/s, each one's server-side decode tok/s)."""
-    options = {"json_schema": CAPTION} if constrained else {}
+    options = VARIANTS[variant]
     async with AsyncClient(url, timeout_s=1800) as client:
         t0 = time.perf_counter()
         results = await asyncio.gather(*[client.generate(PROMPT, max_tokens=tokens, **options) for _ in range(n)])
@@ -66,23 +75,27 @@ def constrained(onnx_dir: Path, quick: bool) -> dict:
         repo = render_repository(onnx_dir, Path(tmp) / "repository", max_sequences=4, prefix_cache_mib=0,
                                  image_cache_mib=0)
         with TritonServer(repo) as server:
-            asyncio.run(_round(server.grpc_url, 1, 4, True))  # warm-up: compiles the schema once
+            for variant in VARIANTS:  # warm-up: compiles each grammar once
+                asyncio.run(_round(server.grpc_url, 1, 4, variant))
             for c in (1, 4):
-                log(f"constrained decoding: concurrency {c}, free and constrained in turn")
-                rates = {"free": [], "constrained": []}
-                per_stream = {"free": [], "constrained": []}
-                for _ in range(runs):  # interleaved, so drift on a shared machine hits both alike
-                    for kind in ("free", "constrained"):
-                        agg, each = asyncio.run(_round(server.grpc_url, c, tokens, kind == "constrained"))
+                log(f"constrained decoding: concurrency {c}, {', '.join(VARIANTS)} in turn")
+                rates = {k: [] for k in VARIANTS}
+                per_stream = {k: [] for k in VARIANTS}
+                for _ in range(runs):  # interleaved, so drift on a shared machine hits all alike
+                    for kind in VARIANTS:
+                        agg, each = asyncio.run(_round(server.grpc_url, c, tokens, kind))
                         rates[kind].append(agg)
                         per_stream[kind] += each
                 med = {k: statistics.median(v) for k, v in rates.items()}
                 stream = {k: statistics.median(v) for k, v in per_stream.items()}
-                report["served"][str(c)] = {
-                    "free_tok_s": round(med["free"], 2), "constrained_tok_s": round(med["constrained"], 2),
-                    "free_stream_decode_tok_s": round(stream["free"], 2),
-                    "constrained_stream_decode_tok_s": round(stream["constrained"], 2),
-                    "overhead": round(stream["free"] / stream["constrained"] - 1, 4)}
+                row = {"free_tok_s": round(med["free"], 2), "free_stream_decode_tok_s": round(stream["free"], 2)}
+                for kind in list(VARIANTS)[1:]:
+                    row[f"{kind}_tok_s"] = round(med[kind], 2)
+                    row[f"{kind}_stream_decode_tok_s"] = round(stream[kind], 2)
+                    # the constraint's cost keeps its old key, so earlier reports still render
+                    row["overhead" if kind == "constrained" else f"{kind}_overhead"] = \
+                        round(stream["free"] / stream[kind] - 1, 4)
+                report["served"][str(c)] = row
     tok = Tokenizer(art.path("tokenizer"))
     t0 = time.perf_counter()
     grammars = Grammars(tok)
@@ -120,6 +133,13 @@ def markdown(name: str, r: dict) -> list[str]:
     for c, v in r["served"].items():
         out.append(f"| {c} | {v['free_stream_decode_tok_s']:.2f} | {v['constrained_stream_decode_tok_s']:.2f} | "
                    f"{100 * v['overhead']:+.1f} % | {v['free_tok_s']:.2f} / {v['constrained_tok_s']:.2f} |")
+    if all("logprobs_overhead" in v for v in r["served"].values()):
+        out += ["", "The other per-token options, the same requests (logprobs: 5 alternatives per token; tools: a "
+                "call of one function whose parameters are that schema):", "",
+                "| streams | per-stream decode tok/s: logprobs | cost | tools | cost vs free text |", "|---|---|---|---|---|"]
+        for c, v in r["served"].items():
+            out.append(f"| {c} | {v['logprobs_stream_decode_tok_s']:.2f} | {100 * v['logprobs_overhead']:+.1f} % | "
+                       f"{v['tools_stream_decode_tok_s']:.2f} | {100 * v['tools_overhead']:+.1f} % |")
     out += ["", f"The mask alone: {r['mask_us_per_token']:.0f} µs per token (in process). One-off costs: the "
             f"vocabulary {r['vocabulary_ms']:.0f} ms per model; compiling a schema "
             + ", ".join(f"{k} {v:.1f} ms" for k, v in r["compile_ms"].items()) + " (then cached). Goal: overhead "

@@ -1,0 +1,155 @@
+"""`make bench ONLY=aiperf`: NVIDIA's aiperf, unmodified, against the OpenAI gateway, beside our
+own client's figures for the same load.
+
+One tritonserver (8 rows) and one gateway; for each concurrency, aiperf sends streaming chat
+requests of a fixed prompt length and asks for a fixed answer length (`ignore_eos`, vLLM's
+name, which the gateway passes to the sampler), counting tokens as the server reports them;
+then our asyncio client sends the same number of requests at the same concurrency with a
+prompt of the same token count. Time to first token, inter-token latency and output tokens/s
+from both should agree: aiperf measures the gateway's HTTP streaming on top of what our client
+sees over gRPC.
+
+aiperf lives in its own venv under artifacts/ (it pins its own versions of what the project
+uses), installed on first use.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+from edgevlm_client import AsyncClient
+
+from edgevlm.runtime.text_model import open_tokenizer
+from edgevlm.manifest import OnnxArtifacts
+from edgevlm.serve.repository import render_repository
+from edgevlm.serve.tritonserver import TritonServer, free_port
+
+AIPERF = "aiperf==0.13.0"
+ROOT = Path(__file__).resolve().parents[1]
+VENV = ROOT / "artifacts" / ".aiperf-venv"
+
+
+def log(msg: str) -> None:
+    print(f"bench: {msg}", file=sys.stderr, flush=True)
+
+
+def aiperf_bin() -> Path:
+    exe = VENV / "bin" / "aiperf"
+    if not exe.is_file():
+        log(f"installing {AIPERF} into {VENV} (once)")
+        subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
+        subprocess.run([str(VENV / "bin" / "pip"), "install", "-q", AIPERF], check=True)
+    return exe
+
+
+def _prompt(onnx_dir: Path, tokens: int) -> str:
+    """A question of `tokens` tokens for our client (aiperf makes its own of the same length)."""
+    tok = open_tokenizer(OnnxArtifacts.open(onnx_dir))
+    words, text = "the robot looks at the shelf and counts every box it sees".split(), []
+    while len(tok.encode(" ".join(text), add_bos=False)) < tokens:
+        text.append(words[len(text) % len(words)])
+    return " ".join(text)
+
+
+async def _ours(url: str, prompt: str, concurrency: int, requests: int, tokens: int) -> dict:
+    ttft, gaps, total = [], [], 0
+
+    async def one(client: AsyncClient) -> None:
+        nonlocal total
+        t0 = time.perf_counter()
+        times = []
+        stream = client.stream(prompt, max_tokens=tokens, ignore_eos=True, temperature=0.0)
+        async for _ in stream:
+            times.append(time.perf_counter())
+        ttft.append((times[0] - t0) * 1e3)
+        gaps.extend((b - a) * 1e3 for a, b in zip(times, times[1:]))
+        total += stream.stats["decode_tokens"]
+
+    async with AsyncClient(url, timeout_s=3600) as client:
+        t0 = time.perf_counter()
+        pending = list(range(requests))
+
+        async def worker() -> None:
+            while pending:
+                pending.pop()
+                await one(client)
+        await asyncio.gather(*[worker() for _ in range(concurrency)])
+        wall = time.perf_counter() - t0
+    return {"ttft_ms_p50": round(statistics.median(ttft), 1), "itl_ms_p50": round(statistics.median(gaps), 2),
+            "output_tok_s": round(total / wall, 2)}
+
+
+def aiperf(onnx_dir: Path, checkpoint: Path, quick: bool) -> dict:
+    exe = aiperf_bin()
+    input_tokens, output_tokens = (32, 16) if quick else (64, 48)
+    levels = (1, 4) if quick else (1, 4, 8)
+    report = {"aiperf": AIPERF.split("==")[1], "input_tokens": input_tokens, "output_tokens": output_tokens,
+              "levels": {}}
+    prompt = _prompt(onnx_dir, input_tokens)
+    with tempfile.TemporaryDirectory() as tmp:
+        repo = render_repository(onnx_dir, Path(tmp) / "repository", max_sequences=8, prefix_cache_mib=0,
+                                 image_cache_mib=0)
+        with TritonServer(repo) as server:
+            port = free_port()
+            gateway = subprocess.Popen([sys.executable, "-m", "edgevlm_client.cli", "--url", server.grpc_url, "gateway",
+                                        "--port", str(port), "--log-level", "warning"])
+            try:
+                base = f"http://127.0.0.1:{port}"
+                deadline = time.monotonic() + 60
+                while True:
+                    try:
+                        urllib.request.urlopen(base + "/health", timeout=2).close()
+                        break
+                    except OSError:
+                        if time.monotonic() > deadline:
+                            raise RuntimeError("the gateway did not come up") from None
+                        time.sleep(0.2)
+                model = json.loads(urllib.request.urlopen(base + "/v1/models").read())["data"][0]["id"]
+                for c in levels:
+                    requests = max(2 * c, 4 if quick else 8)
+                    log(f"aiperf: concurrency {c}, {requests} requests of {input_tokens} -> {output_tokens} tokens")
+                    out = Path(tmp) / f"aiperf-{c}"
+                    subprocess.run([str(exe), "profile", "--model", model, "--url", base, "--endpoint-type", "chat",
+                                    "--streaming", "--concurrency", str(c), "--request-count", str(requests),
+                                    "--synthetic-input-tokens-mean", str(input_tokens),
+                                    "--synthetic-input-tokens-stddev", "0", "--output-tokens-mean", str(output_tokens),
+                                    "--output-tokens-stddev", "0", "--extra-inputs", "ignore_eos:true",
+                                    "--use-server-token-count", "--tokenizer", str(checkpoint.resolve()),
+                                    "--artifact-dir", str(out), "--ui-type", "none", "--random-seed", "0"],
+                                   check=True, capture_output=True, text=True)
+                    d = json.loads((out / "profile_export_aiperf.json").read_text())
+                    theirs = {"ttft_ms_p50": round(d["time_to_first_token"]["p50"], 1),
+                              "itl_ms_p50": round(d["inter_token_latency"]["p50"], 2),
+                              "output_tok_s": round(d["output_token_throughput"]["avg"], 2),
+                              "osl_avg": round(d["output_sequence_length"]["avg"], 1),
+                              "errors": d.get("error_summary") or []}
+                    log(f"our client: concurrency {c}, the same load over gRPC")
+                    ours = asyncio.run(_ours(server.grpc_url, prompt, c, requests, output_tokens))
+                    report["levels"][str(c)] = {"requests": requests, "aiperf": theirs, "ours": ours}
+            finally:
+                gateway.terminate()
+                gateway.wait(timeout=30)
+    return report
+
+
+def markdown(name: str, r: dict) -> list[str]:
+    out = [f"### {name}", "",
+           f"NVIDIA aiperf {r['aiperf']} through the OpenAI gateway (streaming chat, {r['input_tokens']}-token prompts, "
+           f"{r['output_tokens']} tokens each with `ignore_eos`, tokens as the server counts them) beside our asyncio "
+           "client over gRPC with the same load; medians (p50) of TTFT and inter-token latency, output tokens/s "
+           "over the run.", "",
+           "| concurrency | requests | TTFT ms: aiperf / ours | ITL ms: aiperf / ours | output tok/s: aiperf / ours |",
+           "|---|---|---|---|---|"]
+    for c, v in r["levels"].items():
+        a, o = v["aiperf"], v["ours"]
+        out.append(f"| {c} | {v['requests']} | {a['ttft_ms_p50']:.0f} / {o['ttft_ms_p50']:.0f} | "
+                   f"{a['itl_ms_p50']:.1f} / {o['itl_ms_p50']:.1f} | {a['output_tok_s']:.2f} / {o['output_tok_s']:.2f} |")
+    return out + [""]
