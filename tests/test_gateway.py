@@ -354,3 +354,43 @@ def test_bad_tool_requests_are_400_naming_the_field(gateway, sdk, body, param, m
     assert status == 400 and got["error"]["param"] == param and message in got["error"]["message"], got
     assert sdk.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}],
                                        max_tokens=2).usage.completion_tokens == 2
+
+
+def sse_chunks(base: str, body: dict) -> list[dict]:
+    url = urlparse(base)
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=60)
+    try:
+        conn.request("POST", "/v1/chat/completions", body=json.dumps({**body, "stream": True}).encode(),
+                     headers={"Content-Type": "application/json"})
+        lines = conn.getresponse().read().decode().splitlines()
+        return [json.loads(x[6:]) for x in lines if x.startswith("data: {")]
+    finally:
+        conn.close()
+
+
+def test_a_streamed_call_arrives_as_a_name_then_argument_deltas(gateway):
+    schema = {"type": "object", "properties": {"what": {"type": "string", "minLength": 6, "maxLength": 10}},
+              "required": ["what"]}
+    chunks = sse_chunks(gateway, {"model": "tiny", "max_tokens": 64, "tool_choice": "required",
+                                  "parallel_tool_calls": False, "messages": [{"role": "user", "content": "Report."}],
+                                  "tools": [{"type": "function", "function": {"name": "report", "parameters": schema}}]})
+    deltas = [d for c in chunks if c.get("choices") for d in c["choices"][0]["delta"].get("tool_calls") or []]
+    assert deltas[0]["function"]["name"] == "report" and deltas[0]["id"].startswith("call_")
+    pieces = [d["function"]["arguments"] for d in deltas[1:]]
+    assert len(pieces) > 1 and 6 <= len(json.loads("".join(pieces))["what"]) <= 10  # several deltas, one object
+    assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
+    assert not any(c["choices"][0]["delta"].get("content") for c in chunks if c.get("choices"))  # never as text
+
+
+def test_call_stream_follows_strings_nesting_and_several_calls():
+    from edgevlm_client.openai_api import CallStream
+    text = '[{"name":"f","arguments":{"a":"x}],\\"y","b":[1,{"c":2}]}},{"name":"g","arguments":7}]'
+    for step in (1, 3, 7, len(text)):
+        s, calls = CallStream(), {}
+        for k in range(0, len(text), step):
+            for d in s.feed(text[k:k + step]):
+                c = calls.setdefault(d["index"], ["", ""])
+                c[0] = d["function"].get("name", c[0])
+                c[1] += d["function"]["arguments"]
+        assert {k: (n, json.loads(a)) for k, (n, a) in calls.items()} == {
+            0: ("f", {"a": 'x}],"y', "b": [1, {"c": 2}]}), 1: ("g", 7)} and s.state == "done"

@@ -188,10 +188,10 @@ class Gateway:
                       include_usage: bool, logprobs: bool, tools: bool) -> AsyncIterator[bytes]:
         """Chunks of every choice as they come (`index` says whose), each choice's finish chunk
         when it ends, then the usage and [DONE]. With tools, an answer that opens with "[" is
-        calls (the grammar allows nothing else there): they go out as `tool_calls` once the
-        server has read them, never as text."""
+        calls (the grammar allows nothing else there): they go out as `tool_calls` deltas
+        (api.CallStream), never as text."""
         created, sent = int(time.time()), [0] * len(streams)
-        calling = [tools and first.startswith("[") for first in firsts]
+        calling = [api.CallStream() if tools and first.startswith("[") else None for first in firsts]
 
         def chunk(i: int, delta: dict, finish: str | None = None) -> dict:
             entries = None
@@ -211,7 +211,12 @@ class Gateway:
         tasks = []
         try:
             for i, first in enumerate(firsts):
-                yield _sse(chunk(i, {"role": "assistant", "content": None if calling[i] else first}))
+                if calling[i] is None:
+                    yield _sse(chunk(i, {"role": "assistant", "content": first}))
+                    continue
+                yield _sse(chunk(i, {"role": "assistant", "content": None}))
+                for call in calling[i].feed(first):
+                    yield _sse(chunk(i, {"tool_calls": [call]}))
             tasks = [asyncio.ensure_future(pump(i)) for i in range(len(streams))]
             running = len(streams)
             while running:
@@ -219,14 +224,13 @@ class Gateway:
                 if error is not None:
                     raise error
                 if delta is not None:
-                    if not calling[i]:
+                    if calling[i] is None:
                         yield _sse(chunk(i, {"content": delta}))
+                    else:  # calls, streamed as OpenAI streams them: name first, then argument pieces
+                        for call in calling[i].feed(delta):
+                            yield _sse(chunk(i, {"tool_calls": [call]}))
                     continue
                 running -= 1
-                if calling[i]:
-                    calls = api.tool_calls(streams[i].stats, deltas=True)
-                    # a call cut short by max_tokens is no call: its text is all there is
-                    yield _sse(chunk(i, {"tool_calls": calls} if calls else {"content": streams[i].text}))
                 last = chunk(i, {}, streams[i].stats.get("finish_reason") or "stop")
                 last["edgevlm"] = streams[i].stats  # not OpenAI's: the timings the web page shows (SDKs ignore it)
                 yield _sse(last)

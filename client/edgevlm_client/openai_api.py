@@ -363,3 +363,72 @@ def chunk(cid: str, model: str, delta: dict, finish_reason: str | None = None, c
 def usage_chunk(cid: str, model: str, stats: list[dict], created: int | None = None) -> dict:
     return {"id": cid, "object": "chat.completion.chunk", "created": created or int(time.time()), "model": model,
             "choices": [], "usage": usage(*stats)}
+
+
+class CallStream:
+    """Streamed text of a tool-call answer -> OpenAI's tool_calls deltas as they become known: a
+    call's id, type and name once its name is complete, then its arguments piece by piece.
+
+    The server's grammar fixes the text's shape, compact JSON: [{"name":"<name>","arguments":<JSON>}
+    (,{...})*]; so a scanner that follows strings and nesting finds where each part ends."""
+
+    _HEAD = '{"name":"'
+    _ARGS = '","arguments":'
+
+    def __init__(self):
+        self.buf, self.pos, self.index = "", 0, -1
+        self.state = "open"  # open -> head -> name -> args -> next (-> head ...) -> done
+        self.depth, self.in_string, self.escaped = 0, False, False
+
+    def feed(self, text: str) -> list[dict]:
+        self.buf += text
+        out = []
+        while True:
+            rest = self.buf[self.pos:]
+            if self.state == "open" and rest:
+                self.pos, self.state = self.pos + 1, "head"  # "["
+            elif self.state == "head" and len(rest) >= len(self._HEAD):
+                self.pos, self.state = self.pos + len(self._HEAD), "name"
+            elif self.state == "name" and self._ARGS in rest:
+                name = rest[:rest.index(self._ARGS)]
+                self.pos += len(name) + len(self._ARGS)
+                self.index += 1
+                out.append({"index": self.index, "id": "call_" + uuid.uuid4().hex[:24], "type": "function",
+                            "function": {"name": name, "arguments": ""}})
+                self.state = "args"
+            elif self.state == "args" and rest:
+                end = self._scan(rest)
+                piece = rest if end is None else rest[:end]
+                if piece:
+                    out.append({"index": self.index, "function": {"arguments": piece}})
+                self.pos += len(piece)
+                if end is None:
+                    return out
+                self.state = "next"
+            elif self.state == "next" and len(rest) >= 2:  # "}" then "," or "]"
+                self.state = "head" if rest[1] == "," else "done"
+                self.pos += 2
+            else:
+                return out
+
+    def _scan(self, text: str) -> int | None:
+        """Where the arguments' JSON ends in `text` (None: not yet), carrying state over calls."""
+        for i, ch in enumerate(text):
+            if self.in_string:
+                if self.escaped:
+                    self.escaped = False
+                elif ch == "\\":
+                    self.escaped = True
+                elif ch == '"':
+                    self.in_string = False
+            elif ch == '"':
+                self.in_string = True
+            elif ch in "{[":
+                self.depth += 1
+            elif ch in "}]" or (ch == "," and self.depth == 0):
+                if self.depth == 0:  # a scalar's end: the call's own "}" or a ","
+                    return i
+                self.depth -= 1
+                if self.depth == 0:
+                    return i + 1
+        return None
