@@ -154,9 +154,9 @@ def test_metrics_add_up_under_mixed_load(server):
                 await stream.aclose()
                 return 0
 
-            async def invalid(i):
+            async def invalid(i):  # refused by the server: over the context
                 try:
-                    await ac.generate(f"Bad {i}", max_tokens=4, temperature=-1.0)
+                    await ac.generate(f"Bad {i} " + "word " * 600, max_tokens=4)
                 except Exception:
                     return 0
             kinds = [complete] * 8 + [cancelled] * 3 + [invalid] * 3

@@ -110,8 +110,8 @@ class Soak:
         req = dict(prompt=" ".join(r.choice(WORDS) for _ in range(r.randint(1, 60))), image=image,
                    max_tokens=r.randint(1, 48), temperature=r.choice([0.0, 0.0, 0.8]), seed=r.randint(0, 999))
         if kind == "invalid":
-            if r.random() < 0.5:
-                req["top_p"] = 0.0
+            if r.random() < 0.5:  # refused by the server (the client library refuses bad numbers itself)
+                req["prompt"] = "word " * 600
             else:
                 req["image"] = b"\x89PNG\r\n\x1a\n broken"
         if kind in ("cancel", "drop"):
