@@ -36,8 +36,8 @@ def ckpt(tmp_path_factory):
     return write_random_mllama(tmp_path_factory.mktemp("mllama") / "tiny-mllama", CFG, seed=3)
 
 
-@pytest.fixture(scope="module")
-def theirs(ckpt):
+def transformers_mllama(ckpt):
+    """transformers' model and processor (PIL image backend) for a checkpoint directory."""
     from transformers import AutoTokenizer, MllamaForConditionalGeneration
     from transformers.models.mllama.image_processing_pil_mllama import MllamaImageProcessorPil
     from transformers.models.mllama.processing_mllama import MllamaProcessor
@@ -46,6 +46,11 @@ def theirs(ckpt):
     proc = MllamaProcessor(image_processor=MllamaImageProcessorPil.from_pretrained(ckpt), tokenizer=tok,
                            chat_template=read_mllama(ckpt).chat_template)
     return model, proc
+
+
+@pytest.fixture(scope="module")
+def theirs(ckpt):
+    return transformers_mllama(ckpt)
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ from PIL import Image
 
 from edgevlm.export.mllama_graphs import export_mllama
 from edgevlm.export.mllama_parity import run_mllama_parity
-from edgevlm.model.mllama_checkpoint import read_mllama, write_random_mllama
+from edgevlm.model.mllama_checkpoint import write_random_mllama
 from edgevlm.presets import MLLAMA_PRESETS
 from edgevlm.runtime.errors import BadRequest
 from edgevlm.runtime.image_cache import ImageCache
@@ -31,6 +31,7 @@ from edgevlm.runtime.text_model import open_text_model
 from edgevlm.runtime.tiles import preprocess
 from edgevlm.samples import sample_image
 from support import PATIENCE_S
+from test_mllama import transformers_mllama
 
 transformers = pytest.importorskip("transformers")
 CFG = MLLAMA_PRESETS["tiny-mllama"]
@@ -66,13 +67,8 @@ def onnx_dir(ckpt, tmp_path_factory):
 @pytest.fixture(scope="module")
 def expected(ckpt):
     """transformers' greedy answer to each case, as its processor and generate() make it."""
-    from transformers import AutoTokenizer, MllamaForConditionalGeneration
-    from transformers.models.mllama.image_processing_pil_mllama import MllamaImageProcessorPil
-    from transformers.models.mllama.processing_mllama import MllamaProcessor
-    model = MllamaForConditionalGeneration.from_pretrained(ckpt, dtype=torch.float32).eval()
-    tok = AutoTokenizer.from_pretrained(ckpt)
-    proc = MllamaProcessor(image_processor=MllamaImageProcessorPil.from_pretrained(ckpt), tokenizer=tok,
-                           chat_template=read_mllama(ckpt).chat_template)
+    model, proc = transformers_mllama(ckpt)
+    tok = proc.tokenizer
     out = {}
     for name, (question, image, history) in CASES.items():
         data = image()
