@@ -242,3 +242,15 @@ def test_int4_decoder_passes_its_gate_and_serves(onnx_dir, tmp_path, monkeypatch
     with pytest.raises(QuantizationError, match="int4 graph fails its accuracy check"):
         quantize_mllama(onnx_dir, tmp_path / "broken", "int4", log=lambda m: None)
     assert not (tmp_path / "broken").exists()
+
+
+def test_layouts_and_targets_not_built_for_it_are_refused_at_make_repo(onnx_dir, tmp_path):
+    from edgevlm.manifest import ManifestError
+    from edgevlm.serve.repository import render_repository
+    with pytest.raises(ManifestError, match="KV=concat is not built for cross-attention models"):
+        render_repository(onnx_dir, tmp_path / "a", kv_cache="concat")
+    with pytest.raises(ManifestError, match="TensorRT engines for cross-attention models are not built yet"):
+        render_repository(onnx_dir, tmp_path / "b", target="jetson", engine_dir=tmp_path)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    repo = render_repository(onnx_dir, tmp_path / "c")
+    assert sorted(p.name for p in repo.iterdir()) == ["mobilevlm"]  # its images are encoded in process

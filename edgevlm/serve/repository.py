@@ -104,6 +104,11 @@ def render_repository(onnx_dir: str | Path, out_dir: str | Path, target: str = "
     art = OnnxArtifacts.open(onnx_dir)
     cfg = art.config
     kv_cache = kv_layout(art, kv_cache)
+    if cfg.cross_length and target == "jetson":
+        raise ManifestError(f"{cfg.name}: TensorRT engines for cross-attention models are not built yet; "
+                            "serve it with TARGET=cpu")
+    if cfg.cross_length and kv_cache == "concat":
+        raise ManifestError(f"{cfg.name}: KV=concat is not built for cross-attention models; use KV=static (or auto)")
     max_context = cfg.text.max_position
     if target == "jetson":
         tag = None
@@ -135,9 +140,6 @@ def render_repository(onnx_dir: str | Path, out_dir: str | Path, target: str = "
     out_dir = Path(out_dir)
     # a cross-attention model encodes its images in process (runtime/cross_requests.py)
     models = MODELS[:1] if cfg.cross_length else MODELS
-    if cfg.cross_length and target == "jetson":
-        raise ManifestError(f"{cfg.name}: TensorRT engines for cross-attention models are not built yet; "
-                            "serve it with TARGET=cpu")
     with staged_dir(out_dir) as tmp:
         for model in models:
             shutil.copytree(SOURCE / model, tmp / model, ignore=shutil.ignore_patterns("__pycache__"))
