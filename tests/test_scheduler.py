@@ -158,19 +158,27 @@ def test_a_full_queue_refuses_at_once_and_a_cancel_frees_the_slot(tiny_onnx):
     pool = model.pool
     obs = Counting()
     sched = Scheduler(model, max_queue=1, observer=obs)
+    release = threading.Event()
+
+    class Held(Stream):  # its first delta holds the scheduler until released: the slot stays taken
+        def emit(self, event):
+            super().emit(event)
+            assert release.wait(PATIENCE_S)
     try:
-        long, queued = Stream(), Stream()
+        long, queued = Held(), Stream()
         sched.submit(long.request([5, 6, 7], SamplingParams(max_tokens=440)))
         assert long.first.wait(PATIENCE_S)  # admitted and streaming: the only slot is taken
         sched.submit(queued.request([8, 9], SamplingParams(max_tokens=4)))
         with pytest.raises(Busy, match=r"^busy: 1 sequences active, 1 queued$"):
             sched.submit(Stream().request([8, 9], SamplingParams(max_tokens=4)))
         long.cancel = True
+        release.set()
         assert long.wait().stats.finish_reason == "cancelled"
         assert queued.wait().stats.finish_reason == "length"  # admitted once the slot was free
         assert obs.outcomes == {"cancelled": 1, "complete": 1}
         assert sched.counts() == (0, 0) and pool.rows == []
     finally:
+        release.set()
         sched.close()
 
 
