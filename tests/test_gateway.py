@@ -394,3 +394,7 @@ def test_call_stream_follows_strings_nesting_and_several_calls():
                 c[1] += d["function"]["arguments"]
         assert {k: (n, json.loads(a)) for k, (n, a) in calls.items()} == {
             0: ("f", {"a": 'x}],"y', "b": [1, {"c": 2}]}), 1: ("g", 7)} and s.state == "done"
+    single = CallStream()  # the one-object form a chat template may teach
+    deltas = [d for ch in '{"name":"g","parameters":{"z":"}"}}' for d in single.feed(ch)]
+    assert deltas[0]["function"]["name"] == "g" and single.state == "done"
+    assert json.loads("".join(d["function"]["arguments"] for d in deltas)) == {"z": "}"}

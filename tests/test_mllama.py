@@ -135,6 +135,18 @@ def test_tokenizer_and_chat_template_give_transformers_ids(ckpt, theirs):
     assert tok.token_id("<|image|>") == CFG.image_token_id
 
 
+def test_the_chat_template_renders_tools_as_transformers_does(ckpt, theirs):
+    _, proc = theirs
+    ck = read_mllama(ckpt)
+    template = ChatTemplate(ck.chat_template, ck.tokenizer_config)
+    tools = [{"type": "function", "function": {"name": "move_to", "description": "Drive to a shelf", "parameters": {
+        "type": "object", "properties": {"shelf": {"type": "integer"}}, "required": ["shelf"]}}}]
+    for messages in (conversation("Go to shelf 3.", images=1), conversation("Go.", history=[("Where?", "Here.")])):
+        ours = template.render(messages, tools=tools)
+        assert ours == proc.apply_chat_template(messages, tools=tools, add_generation_prompt=True)
+        assert '"name": "move_to"' in ours and template.renders_tools
+
+
 def test_both_key_spellings_read_to_the_same_weights(ckpt, tmp_path):
     t5 = write_random_mllama(tmp_path / "t5", CFG, seed=3, spelling="transformers5")
     a, b = read_mllama(ckpt), read_mllama(t5)

@@ -254,3 +254,18 @@ def test_layouts_and_targets_not_built_for_it_are_refused_at_make_repo(onnx_dir,
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
     repo = render_repository(onnx_dir, tmp_path / "c")
     assert sorted(p.name for p in repo.iterdir()) == ["mobilevlm"]  # its images are encoded in process
+
+
+def test_a_tool_call_in_the_form_the_checkpoints_template_teaches(in_process):
+    """The template renders the tools (the Llama 3 way); the grammar holds the answer to the one
+    call object that template asks for, read back as an OpenAI-style call."""
+    import json
+    tools = [{"type": "function", "function": {"name": "move_to", "description": "Drive to a shelf", "parameters": {
+        "type": "object", "properties": {"shelf": {"type": "integer", "minimum": 1, "maximum": 9}},
+        "required": ["shelf"]}}}]
+    text, stats = ask(in_process, "Go to shelf 3.", sample_image("chelsea"), max_tokens=np.array([40], np.int32),
+                      tools=np.array([json.dumps(tools).encode()], dtype=object),
+                      tool_choice=np.array([b"required"], dtype=object))
+    assert text.startswith('{"name":"move_to","parameters":') and stats.finish_reason == "tool_calls"
+    (call,) = stats.tool_calls
+    assert call["name"] == "move_to" and 1 <= json.loads(call["arguments"])["shelf"] <= 9

@@ -187,11 +187,11 @@ class Gateway:
     async def _events(self, streams, deltas: list[AsyncIterator[str]], firsts: list[str], cid: str, mid: str,
                       include_usage: bool, logprobs: bool, tools: bool) -> AsyncIterator[bytes]:
         """Chunks of every choice as they come (`index` says whose), each choice's finish chunk
-        when it ends, then the usage and [DONE]. With tools, an answer that opens with "[" is
-        calls (the grammar allows nothing else there): they go out as `tool_calls` deltas
+        when it ends, then the usage and [DONE]. With tools, an answer that opens with "[" or "{"
+        is calls (the grammar allows no text to): they go out as `tool_calls` deltas
         (api.CallStream), never as text."""
         created, sent = int(time.time()), [0] * len(streams)
-        calling = [api.CallStream() if tools and first.startswith("[") else None for first in firsts]
+        calling = [api.CallStream() if tools and first.startswith(("[", "{")) else None for first in firsts]
 
         def chunk(i: int, delta: dict, finish: str | None = None) -> dict:
             entries = None

@@ -370,13 +370,14 @@ class CallStream:
     call's id, type and name once its name is complete, then its arguments piece by piece.
 
     The server's grammar fixes the text's shape, compact JSON: [{"name":"<name>","arguments":<JSON>}
-    (,{...})*]; so a scanner that follows strings and nesting finds where each part ends."""
+    (,{...})*], or for a model whose chat template teaches it one call, {"name":"<name>",
+    "parameters":<JSON>}; so a scanner that follows strings and nesting finds where each part ends."""
 
     _HEAD = '{"name":"'
-    _ARGS = '","arguments":'
 
     def __init__(self):
         self.buf, self.pos, self.index = "", 0, -1
+        self.args, self.single = '","arguments":', False
         self.state = "open"  # open -> head -> name -> args -> next (-> head ...) -> done
         self.depth, self.in_string, self.escaped = 0, False, False
 
@@ -386,12 +387,16 @@ class CallStream:
         while True:
             rest = self.buf[self.pos:]
             if self.state == "open" and rest:
-                self.pos, self.state = self.pos + 1, "head"  # "["
+                if rest[0] == "[":
+                    self.pos += 1
+                else:  # one call object
+                    self.args, self.single = '","parameters":', True
+                self.state = "head"
             elif self.state == "head" and len(rest) >= len(self._HEAD):
                 self.pos, self.state = self.pos + len(self._HEAD), "name"
-            elif self.state == "name" and self._ARGS in rest:
-                name = rest[:rest.index(self._ARGS)]
-                self.pos += len(name) + len(self._ARGS)
+            elif self.state == "name" and self.args in rest:
+                name = rest[:rest.index(self.args)]
+                self.pos += len(name) + len(self.args)
                 self.index += 1
                 out.append({"index": self.index, "id": "call_" + uuid.uuid4().hex[:24], "type": "function",
                             "function": {"name": name, "arguments": ""}})
@@ -405,6 +410,8 @@ class CallStream:
                 if end is None:
                     return out
                 self.state = "next"
+            elif self.state == "next" and self.single and rest:  # the object's "}"
+                self.state, self.pos = "done", self.pos + 1
             elif self.state == "next" and len(rest) >= 2:  # "}" then "," or "]"
                 self.state = "head" if rest[1] == "," else "done"
                 self.pos += 2

@@ -45,6 +45,8 @@ IMAGE_TOKEN = "<|image|>"
 # Ours, not Meta's text: a Jinja template that renders the released instruct format. A system
 # turn (with the knowledge and today's date lines) only when the conversation has no image;
 # each image of a user turn as <|image|> before its text; the assistant header to answer after.
+# With tools, as the Llama 3 family takes them: the first user turn opens with the functions
+# (JSON, indented 4) and the call format {"name": ..., "parameters": {...}}.
 CHAT_TEMPLATE = """{{- bos_token }}
 {%- set ns = namespace(images=false, system="") %}
 {%- for message in messages %}
@@ -69,6 +71,11 @@ CHAT_TEMPLATE = """{{- bos_token }}
 {%- endif %}
 {%- for message in messages %}
     {{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' }}
+    {%- if tools is not none and loop.first %}
+        {{- 'Answer with a function call in JSON, {"name": function name, "parameters": its arguments}, '
+            'choosing from these functions:\\n\\n' }}
+        {%- for t in tools %}{{- t | tojson(indent=4) + '\\n\\n' }}{%- endfor %}
+    {%- endif %}
     {%- if message['content'] is string %}
         {{- message['content'] | trim }}
     {%- else %}

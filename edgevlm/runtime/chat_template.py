@@ -42,6 +42,7 @@ class ChatTemplate:
         env.globals.update(raise_exception=_raise, strftime_now=lambda fmt: datetime.now().strftime(fmt),
                            namespace=_Namespace)
         self.template = env.from_string(source)
+        self.renders_tools = "tools" in source  # it reads the `tools` it is given
         self.special_tokens = {k: v for k, v in special_tokens.items() if isinstance(v, str)}
 
     def render(self, messages: list[dict], add_generation_prompt: bool = True, tools: list[dict] | None = None) -> str:

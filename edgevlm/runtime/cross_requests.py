@@ -69,6 +69,8 @@ class CrossPreprocessor:
         self.template = ChatTemplate(art.path("chat_template").read_text(), special)
         self.max_image_pixels = max_image_pixels
         self.specials = sorted(self.tok.special, key=len, reverse=True)
+        # a template that renders tools tells the model its functions itself (tools.STYLES)
+        self.tool_style = "object" if self.template.renders_tools else "array"
 
     # what the intake asks of every preprocessor
     def image_positions(self, image, prepared: Prepared) -> int:
@@ -115,13 +117,14 @@ class CrossPreprocessor:
             for name, value in [("prompt", question), ("system", system or "")] + \
                     [(f"history turn {i + 1}", q + a) for i, (q, a) in enumerate(turns)]:
                 self._no_special_tokens(name, value)
-            if tools is not None:  # in the system message; with an image (which takes none) before the question
-                if image is None:
+            if tools is not None and tools.style == "array":  # ours: in the system message; with an
+                if image is None:                               # image (which takes none) before the question
                     system = ((system or "") + "\n\n" + tools.prompt()).strip()
                 else:
                     question = tools.prompt() + "\n\n" + question
             messages = conversation(question, images=int(image is not None), history=turns, system=system)
-            ids = self.tok.encode(self.template.render(messages), add_bos=False)
+            listed = tools.listed() if tools is not None and tools.style == "object" else None
+            ids = self.tok.encode(self.template.render(messages, tools=listed), add_bos=False)
         prepared = Prepared(None, np.asarray(ids, np.int64))
         if image is None:
             return prepared

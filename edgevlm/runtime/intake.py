@@ -129,7 +129,7 @@ class Intake:
         if image is not None:
             key = image_digest(image)
             cached = self.image_cache.get(key) if self.image_cache.budget else None
-        tools = requests.toolset(inputs)
+        tools = requests.toolset(inputs, self.pre.tool_style)
         prepared = self.pre.from_inputs(inputs, decode_image=cached is None, tools=tools)
         prepared.digest = key or b""
         if key is not None and self.image_cache.budget:

@@ -52,8 +52,9 @@ def text(value, name: str) -> str:
     return str(value)
 
 
-def toolset(inputs: dict):
-    """The request's tools (tools.Toolset), None without tools or with tool_choice "none"."""
+def toolset(inputs: dict, style: str = "array"):
+    """The request's tools (tools.Toolset), None without tools or with tool_choice "none";
+    style: how this model calls (the preprocessor's `tool_style`)."""
     from edgevlm.runtime.tools import parse_tools
     raw, choice = inputs.get("tools"), inputs.get("tool_choice")
     if raw is None:
@@ -61,7 +62,7 @@ def toolset(inputs: dict):
             raise BadRequest("tool_choice and parallel_tool_calls need tools")
         return None
     return parse_tools(text(raw, "tools"), None if choice is None else text(choice, "tool_choice"),
-                       scalar(inputs, "parallel_tool_calls", "b", bool))
+                       scalar(inputs, "parallel_tool_calls", "b", bool), style)
 
 
 def sampling_params(inputs: dict, default_max_tokens: int) -> SamplingParams:
@@ -116,6 +117,8 @@ class Preprocessor:
             return self.cfg.image_tokens
         v = self.cfg.vision
         return anyres.token_count(size_hw, self.cfg.grid_pinpoints, v.image_size, v.grid)
+
+    tool_style = "array"  # tools are described in the system line (tools.py)
 
     def image_positions(self, image: np.ndarray | None, prepared: Prepared) -> int:
         """Positions the image takes in the prompt: its cached embeddings' rows, or as prepared."""

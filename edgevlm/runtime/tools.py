@@ -11,9 +11,13 @@ machinery holds it to that form: a call is the JSON array
 
 whose arguments validate against that function's schema (one call unless parallel calls are
 allowed; a named function is called once). `required` and a named function allow only that array; `auto` lets the model choose
-at its first token between the array and free text (which cannot start with "[" or a blank),
+at its first token between the array and free text (which cannot start with "[", "{" or a blank),
 so a call is never half-formed and plain text is never taken for one. The finished answer is
 read back into calls with ids; nothing the model writes outside the grammar is parsed.
+
+A checkpoint whose own chat template renders tools (the Llama 3 family's) is told them by that
+template instead, and answers in the form it was trained on, one call as the object
+{"name": "<function>", "parameters": {...}} (style "object"); the grammar follows that form.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from edgevlm.runtime.errors import BadRequest
 from edgevlm.runtime.grammar import COMPACT
 
 _NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-TEXT_LEXEME = r"/[^\[\s][\s\S]*/"  # free text: anything that does not open a call
+STYLES = {"array": ("[", "arguments"), "object": ("{", "parameters")}  # style -> (a call's first character, its key)
 
 
 @dataclass(frozen=True)
@@ -44,6 +48,7 @@ class Toolset:
     functions: tuple[Function, ...]
     choice: str  # "auto", "required", or a function's name ("none" makes no Toolset)
     parallel: bool
+    style: str = "array"  # STYLES: our array of calls, or a chat template's one call object
 
     def prompt(self) -> str:
         """What the system line adds: the functions and the form of a call."""
@@ -55,33 +60,43 @@ class Toolset:
         return (f"You can call these functions:\n{listed}\n{when} {many} as a JSON array "
                 '[{"name": <function name>, "arguments": <its arguments>}] and nothing else.')
 
+    def listed(self) -> list[dict]:
+        """The functions as OpenAI's `tools` list (what a chat template that renders tools takes)."""
+        return [{"type": "function", "function": {"name": f.name, "description": f.description,
+                                                  "parameters": f.parameters}} for f in self.functions]
+
     def schema(self) -> dict:
         """The JSON Schema of a call answer."""
+        key = STYLES[self.style][1]
         chosen = [f for f in self.functions if self.choice in ("auto", "required") or f.name == self.choice]
-        calls = [{"type": "object", "properties": {"name": {"const": f.name}, "arguments": closed(f.parameters)},
-                  "required": ["name", "arguments"], "additionalProperties": False} for f in chosen]
-        return {"type": "array", "minItems": 1, **({} if self.parallel else {"maxItems": 1}),
-                "items": calls[0] if len(calls) == 1 else {"anyOf": calls}}
+        calls = [{"type": "object", "properties": {"name": {"const": f.name}, key: closed(f.parameters)},
+                  "required": ["name", key], "additionalProperties": False} for f in chosen]
+        one = calls[0] if len(calls) == 1 else {"anyOf": calls}
+        if self.style == "object":
+            return one
+        return {"type": "array", "minItems": 1, **({} if self.parallel else {"maxItems": 1}), "items": one}
 
     def grammar(self) -> str:
         """The answer's grammar (llguidance's Lark): the call array, or with `auto` either it or text."""
         # without blanks between keys, as every JSON answer here (grammar.COMPACT)
         calls = "calls: %json " + json.dumps({**self.schema(), "x-guidance": COMPACT}, separators=(",", ":"))
-        if self.choice == "auto":
-            return f"start: calls | text\n{calls}\ntext: {TEXT_LEXEME}\n"
+        if self.choice == "auto":  # free text: anything that opens no call, in either style
+            text = r"/[^\[{\s][\s\S]*/"
+            return f"start: calls | text\n{calls}\ntext: {text}\n"
         return f"start: calls\n{calls}\n"
 
     def read(self, answer: str) -> list[dict] | None:
         """The calls a finished answer holds ({"id", "name", "arguments": JSON text}), or None
         for a text answer."""
-        if not answer.startswith("["):
+        opener, key = STYLES[self.style]
+        if not answer.startswith(opener):
             return None
         try:
             calls = json.loads(answer)
         except json.JSONDecodeError:  # cut short by max_tokens: no call is made of half a one
             return None
         return [{"id": "call_" + uuid.uuid4().hex[:24], "name": c["name"],
-                 "arguments": json.dumps(c["arguments"], ensure_ascii=False)} for c in calls]
+                 "arguments": json.dumps(c[key], ensure_ascii=False)} for c in (calls if opener == "[" else [calls])]
 
 
 def closed(schema):
@@ -100,9 +115,9 @@ def closed(schema):
     return out
 
 
-def parse_tools(tools_json: str, choice: str | None, parallel: bool | None) -> Toolset | None:
+def parse_tools(tools_json: str, choice: str | None, parallel: bool | None, style: str = "array") -> Toolset | None:
     """The request's tools input (OpenAI's `tools` list, JSON), checked; None when no call may
-    be made (no tools, or tool_choice "none")."""
+    be made (no tools, or tool_choice "none"). style: how the model calls (STYLES)."""
     try:
         tools = json.loads(tools_json)
     except (json.JSONDecodeError, RecursionError):
@@ -132,4 +147,5 @@ def parse_tools(tools_json: str, choice: str | None, parallel: bool | None) -> T
         raise BadRequest(f"tool_choice {choice!r} is none of {', '.join(TOOL_CHOICES)} and names no function in tools")
     # A named function is one call of it (OpenAI forces "the function", and a program asking for
     # one structured object, as instructor does, wants exactly one).
-    return Toolset(tuple(functions), choice, choice in TOOL_CHOICES and parallel is not False)
+    return Toolset(tuple(functions), choice, choice in TOOL_CHOICES and parallel is not False and style == "array",
+                   style)
