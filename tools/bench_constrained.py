@@ -6,7 +6,9 @@ a JSON schema with one free string field, which keeps the random-weight model wr
 to max_tokens); logprobs with 5 alternatives; a call of one function with that schema as its
 parameters (tool_choice naming it). The ratio of the streams' decode rates (the server's
 stats: tokens after the first / decode time) is the option's cost. Also: the one-off compile
-time of each schema the tests use (and of the vocabulary, once per model), in process.
+time of each schema the tests use (and of the vocabulary, once per model), in process. The
+prefix cache is on, as served: a tools request's longer prompt (the function described in the
+system line) is prefilled once and then reused, as it is for a robot that sends the same tools.
 """
 
 from __future__ import annotations
@@ -56,6 +58,9 @@ VARIANTS = {"free": {}, "constrained": {"json_schema": CAPTION}, "logprobs": {"l
             "tools": {"tools": [CAPTION_TOOL], "tool_choice": "caption"}}
 
 
+PROMPT_TOKENS: dict[str, int] = {}  # each variant's prompt length, as the server counted it
+
+
 async def _round(url: str, n: int, tokens: int, variant: str) -> tuple[float, list[float]]:
     """n requests at once: (aggregate decode tok/s, each one's server-side decode tok/s)."""
     options = VARIANTS[variant]
@@ -63,17 +68,19 @@ async def _round(url: str, n: int, tokens: int, variant: str) -> tuple[float, li
         t0 = time.perf_counter()
         results = await asyncio.gather(*[client.generate(PROMPT, max_tokens=tokens, **options) for _ in range(n)])
         wall = time.perf_counter() - t0
+    PROMPT_TOKENS[variant] = results[0].stats["prefill_tokens"]
     rates = [r.stats["decode_tokens_per_s"] for r in results if r.tokens >= 8]  # enough steps to time
     return sum(r.tokens for r in results) / wall, rates
 
 
 def constrained(onnx_dir: Path, quick: bool) -> dict:
-    tokens, runs = (16, 1) if quick else (48, 3)
+    tokens, runs = (16, 1) if quick else (48, 6)  # six interleaved rounds: a round varies by ~10 %
     art = OnnxArtifacts.open(onnx_dir)
     report = {"tokens": tokens, "runs": runs, "schema": CAPTION, "served": {}}
     with tempfile.TemporaryDirectory() as tmp:
-        repo = render_repository(onnx_dir, Path(tmp) / "repository", max_sequences=4, prefix_cache_mib=0,
-                                 image_cache_mib=0)
+        # the prefix cache as served (on): the same system line and tools in every request, as a
+        # robot sends them, are prefilled once, so the columns compare what each token costs
+        repo = render_repository(onnx_dir, Path(tmp) / "repository", max_sequences=4, image_cache_mib=0)
         with TritonServer(repo) as server:
             for variant in VARIANTS:  # warm-up: compiles each grammar once
                 asyncio.run(_round(server.grpc_url, 1, 4, variant))
@@ -96,6 +103,7 @@ def constrained(onnx_dir: Path, quick: bool) -> dict:
                     row["overhead" if kind == "constrained" else f"{kind}_overhead"] = \
                         round(stream["free"] / stream[kind] - 1, 4)
                 report["served"][str(c)] = row
+            report["prompt_tokens"] = dict(PROMPT_TOKENS)
     tok = Tokenizer(art.path("tokenizer"))
     t0 = time.perf_counter()
     grammars = Grammars(tok)
@@ -105,11 +113,20 @@ def constrained(onnx_dir: Path, quick: bool) -> dict:
         t0 = time.perf_counter()
         grammars.check(json.dumps({"type": "json_schema", "schema": schema}))
         report["compile_ms"][name] = round((time.perf_counter() - t0) * 1e3, 2)
-    c = grammars.constraint(json.dumps({"type": "json_schema", "schema": CAPTION}))
+    from edgevlm.runtime.tools import parse_tools
+    tools = parse_tools(json.dumps([CAPTION_TOOL]), "caption", None)
+    report["mask_us_per_token"] = _mask_us(grammars.constraint(json.dumps({"type": "json_schema", "schema": CAPTION})),
+                                           tok)
+    report["tools_mask_us_per_token"] = _mask_us(grammars.constraint(None, tools.grammar()), tok)
+    return report
+
+
+def _mask_us(c, tok) -> float:
+    """The mask alone, in process, over a caption's string: median µs per token."""
     import numpy as np
     rng = np.random.default_rng(0)
     times = []
-    for _ in range(200):  # the mask alone, in process, over a caption's string
+    for _ in range(200):
         logits = rng.standard_normal(tok.vocab_size).astype(np.float32)
         t0 = time.perf_counter()
         masked = c.mask(logits)
@@ -118,8 +135,7 @@ def constrained(onnx_dir: Path, quick: bool) -> dict:
         if k == tok.eos_id or c.complete:
             break
         c.consume(k)
-    report["mask_us_per_token"] = round(statistics.median(times) * 1e6, 1)
-    return report
+    return round(statistics.median(times) * 1e6, 1)
 
 
 def markdown(name: str, r: dict) -> list[str]:
@@ -135,10 +151,12 @@ def markdown(name: str, r: dict) -> list[str]:
                    f"{100 * v['overhead']:+.1f} % | {v['free_tok_s']:.2f} / {v['constrained_tok_s']:.2f} |")
     if all("logprobs_overhead" in v for v in r["served"].values()):
         out += ["", "The other per-token options, the same requests (logprobs: 5 alternatives per token; tools: a "
-                "call of one function whose parameters are that schema). A tools request's prompt is longer (the "
-                "function's description joins the system line: 133 tokens instead of 41 at the 1.7B shape), and "
-                "with the prefix cache off here, at 4 streams each one's chunked prefill rides in the others' "
-                "decode steps: that, not the grammar (the constrained column), is most of its cost there.", "",
+                "call of one function whose parameters are that schema; its prompt is longer, the function's "
+                "description joining the system line, and the prefix cache, on as served, prefills it once)."
+                + (f" Prompts: free {r['prompt_tokens']['free']} tokens, tools {r['prompt_tokens']['tools']}: a "
+                   "longer context, which each decode step reads; the tools grammar's mask itself takes "
+                   f"{r['tools_mask_us_per_token']:.0f} µs per token in process (the schema's: "
+                   f"{r['mask_us_per_token']:.0f} µs)." if "tools_mask_us_per_token" in r else ""), "",
                 "| streams | per-stream decode tok/s: logprobs | cost | tools | cost vs free text |", "|---|---|---|---|---|"]
         for c, v in r["served"].items():
             out.append(f"| {c} | {v['logprobs_stream_decode_tok_s']:.2f} | {100 * v['logprobs_overhead']:+.1f} % | "
