@@ -14,10 +14,10 @@ from __future__ import annotations
 import argparse
 import sys
 
+from edgevlm.manifest import OnnxArtifacts
 from edgevlm.export.matmul_nbits import LM_HEAD
 from edgevlm.export.quant_check import QuantizationError, QuantReport
 from edgevlm.export.fp16 import fp16_export
-from edgevlm.export.mllama_parity import is_cross_attention_export
 from edgevlm.export.mllama_quantize import quantize_mllama
 from edgevlm.export.quantize import PRECISIONS, quantize_export
 
@@ -30,7 +30,7 @@ def main(argv=None) -> int:
     ap.add_argument("--calib-dir", help="calibration photos (default: scikit-image's samples)")
     args = ap.parse_args(argv)
     try:
-        if is_cross_attention_export(args.onnx):
+        if OnnxArtifacts.open(args.onnx).config.cross_length:  # Llama-3.2-Vision
             if args.precision == "fp16":
                 raise ValueError("fp16 exports of cross-attention models are not built yet (int8, int4 are)")
             reports = quantize_mllama(args.onnx, args.out, args.precision, calib_dir=args.calib_dir)

@@ -11,8 +11,8 @@ import argparse
 import sys
 
 from edgevlm.model.checkpoint import CheckpointError
-from edgevlm.manifest import ManifestError
-from edgevlm.export.mllama_parity import is_cross_attention_export, run_mllama_parity
+from edgevlm.manifest import ManifestError, OnnxArtifacts
+from edgevlm.export.mllama_parity import run_mllama_parity
 from edgevlm.export.parity import run_parity
 from edgevlm.samples import SAMPLES
 
@@ -32,7 +32,7 @@ def main(argv=None) -> int:
     try:
         images = [i for i in args.images.split(",") if i]
         log = lambda m: print(m, flush=True)  # noqa: E731
-        if is_cross_attention_export(args.onnx):
+        if OnnxArtifacts.open(args.onnx).config.cross_length:  # Llama-3.2-Vision
             report = run_mllama_parity(args.checkpoint, args.onnx, images, args.tokens, log)
         else:
             report = run_parity(args.checkpoint, args.onnx, clip_dir=args.clip, images=images,

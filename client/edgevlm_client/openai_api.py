@@ -81,15 +81,6 @@ def _type_error(param: str, want: str) -> APIError:
     return APIError(400, f"'{param}' must be {want}", param=param)
 
 
-def _number(body: dict, name: str, kind, want: str):
-    v = body.get(name)
-    if v is None:
-        return None
-    if isinstance(v, bool) or not isinstance(v, kind):
-        raise _type_error(name, want)
-    return v
-
-
 def _content(message: dict, i: int) -> tuple[str, list[str]]:
     """A message's text and its image URLs."""
     content = message.get("content")

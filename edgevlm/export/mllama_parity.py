@@ -51,17 +51,28 @@ def _concat_greedy(path: Path, cfg, table: EmbeddingTable, ids: list[int], image
     return out, np.stack(logits_rows)
 
 
-def _pool_greedy(decoder: OrtDecoder, table: EmbeddingTable, ids: list[int], cross: CrossRow | None,
-                 n: int, vocab: int) -> list[int]:
-    pool = decoder.open_pool(1, max_context=len(ids) + n)
-    row = pool.acquire(len(ids) + n, cross)
-    logits = pool.prefill(row, table.embed(ids))
-    out = []
-    for i in range(n):
-        out.append(int(logits[:vocab].argmax()))
-        if i + 1 < n:
-            logits = pool.decode([row], table.embed([out[-1]]))[0]
-    return out
+class ServedDecoder:
+    """An export's static decoder run as the scheduler runs it: one pool row with the image's K/V."""
+
+    def __init__(self, root: Path, decoder_key: str = "decoder_static"):
+        art = OnnxArtifacts.open(root)
+        self.cfg = art.config
+        self.decoder = OrtDecoder(art.path(decoder_key), self.cfg.text, static=True,
+                                  cross_length=self.cfg.cross_length)
+        self.table = EmbeddingTable(art.path("embed_tokens"))
+
+    def logits(self, ids: list[int], cross: CrossRow | None, steps: int, tokens: list[int] | None = None) -> np.ndarray:
+        """The logits of `steps` positions: after the prompt, then after each token fed, which
+        is `tokens[i]` (teacher forcing) or, without tokens, this decoder's own greedy pick."""
+        vocab = self.cfg.text.vocab_size
+        pool = self.decoder.open_pool(1, max_context=len(ids) + steps)
+        row = pool.acquire(len(ids) + steps, cross)
+        rows = [pool.prefill(row, self.table.embed(ids))[:vocab]]
+        for i in range(steps - 1):
+            t = tokens[i] if tokens is not None else int(rows[-1].argmax())
+            rows.append(pool.decode([row], self.table.embed([t]))[0][:vocab].copy())
+        pool.close()
+        return np.stack(rows)
 
 
 def run_mllama_parity(checkpoint_dir: str | Path, onnx_dir: str | Path, images: list[str], new_tokens: int = 32,
@@ -74,7 +85,7 @@ def run_mllama_parity(checkpoint_dir: str | Path, onnx_dir: str | Path, images: 
     pre = CrossPreprocessor(onnx_dir)
     encoder = CrossImageEncoder(onnx_dir)
     table = EmbeddingTable(art.path("embed_tokens"))
-    static = OrtDecoder(art.path("decoder_static"), cfg.text, static=True, cross_length=cfg.cross_length)
+    static = ServedDecoder(art.root)
     v, report = cfg.vision, Report()
     cases = [(name, data) for name, data in sample_images(images).items()] + [("text only", None)]
     for name, data in cases:
@@ -101,7 +112,7 @@ def run_mllama_parity(checkpoint_dir: str | Path, onnx_dir: str | Path, images: 
             else:
                 ref_tokens, ref_rows = ref.generate(ids, max_new_tokens=new_tokens, vocab=cfg.text.vocab_size)
         onnx_tokens, onnx_rows = _concat_greedy(art.path("decoder"), cfg, table, ids, image, mask, new_tokens)
-        static_tokens = _pool_greedy(static, table, ids, cross, new_tokens, cfg.text.vocab_size)
+        static_tokens = [int(r.argmax()) for r in static.logits(ids, cross, new_tokens)]
         ref_rows = ref_rows.numpy()
         case = Case(name, len(ids), ref_tokens, onnx_tokens,
                     _logits_err(ref_tokens, ref_rows, onnx_tokens, onnx_rows), float(np.abs(ref_rows).max()),
@@ -112,8 +123,3 @@ def run_mllama_parity(checkpoint_dir: str | Path, onnx_dir: str | Path, images: 
             + (f", cross K/V max|d| {image_err:.2e}" if image_err is not None else ""))
     report.seconds = time.monotonic() - t0
     return report
-
-
-def is_cross_attention_export(onnx_dir: str | Path) -> bool:
-    return OnnxArtifacts.open(onnx_dir).config.cross_length > 0
-

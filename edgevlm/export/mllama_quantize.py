@@ -23,47 +23,22 @@ from pathlib import Path
 import numpy as np
 
 from edgevlm.export import cleanup, matmul_nbits, static_cache
+from edgevlm.export.mllama_parity import ServedDecoder
 from edgevlm.export.parity import QUESTION, TEXT_ONLY
 from edgevlm.export.quant_check import STEPS, QuantReport, _cosine, _size_mb
 from edgevlm.export.quantize import INT4_BLOCK, PRECISIONS, calibration_images, quantize_decoder_weights
 from edgevlm.manifest import OnnxArtifacts, write_manifest
 from edgevlm.runtime.cross_attention import CrossImage
 from edgevlm.runtime.cross_requests import CrossImageEncoder, CrossPreprocessor
-from edgevlm.runtime.embedding import EmbeddingTable
-from edgevlm.runtime.onnxruntime import OrtDecoder
 from edgevlm.staging import staged_dir
 
 CARRIED = ("vision_encoder", "cross_kv", "embed_tokens", "tokenizer", "tokenizer_config", "chat_template")
 
 
-class _Served:
-    """An export's decoder run as the scheduler runs it: one pool row with the image's K/V."""
-
-    def __init__(self, root: Path, decoder_key: str):
-        art = OnnxArtifacts.open(root)
-        self.cfg = art.config
-        self.decoder = OrtDecoder(art.path(decoder_key), self.cfg.text, static=True,
-                                  cross_length=self.cfg.cross_length)
-        self.table = EmbeddingTable(art.path("embed_tokens"))
-
-    def logits(self, ids: list[int], cross, steps: int, tokens: list[int] | None = None) -> np.ndarray:
-        """The logits of `steps` positions: after the prompt, then after each token fed, which
-        is `tokens[i]` (teacher forcing) or, without tokens, this decoder's own greedy pick."""
-        vocab = self.cfg.text.vocab_size
-        pool = self.decoder.open_pool(1, max_context=len(ids) + steps)
-        row = pool.acquire(len(ids) + steps, cross)
-        rows = [pool.prefill(row, self.table.embed(ids))[:vocab]]
-        for i in range(steps - 1):
-            t = tokens[i] if tokens is not None else int(rows[-1].argmax())
-            rows.append(pool.decode([row], self.table.embed([t]))[0][:vocab].copy())
-        pool.close()
-        return np.stack(rows)
-
-
 def _check(fp32_dir: Path, quant_dir: Path, decoder_key: str, images: dict[str, bytes]) -> QuantReport:
     pre = CrossPreprocessor(fp32_dir)
     encoder = CrossImageEncoder(fp32_dir)
-    ref, quant = _Served(fp32_dir, "decoder_static"), _Served(quant_dir, decoder_key)
+    ref, quant = ServedDecoder(fp32_dir, "decoder_static"), ServedDecoder(quant_dir, decoder_key)
     report, agree, top5, cosines = QuantReport(), [], [], []
     for data in [*images.values(), None]:
         inputs = {"prompt": np.array([(QUESTION if data else TEXT_ONLY).encode()], dtype=object)}

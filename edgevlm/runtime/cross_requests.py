@@ -14,6 +14,8 @@ prompt would otherwise claim an image that was never sent, and `<|eot_id|>` end 
 
 from __future__ import annotations
 
+import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -46,7 +48,6 @@ class CrossImageEncoder:
         self.names = [o.name for o in self.kv.get_outputs()]
 
     def __call__(self, batch: tuple[np.ndarray, np.ndarray, np.ndarray]) -> tuple[list[np.ndarray], float]:
-        import time
         t0 = time.perf_counter()
         px, ratio, mask = batch
         states = self.vision.run(["cross_states"], {"pixel_values": np.ascontiguousarray(px, np.float32),
@@ -64,7 +65,6 @@ class CrossPreprocessor:
         art = OnnxArtifacts.open(onnx_dir)
         self.cfg = art.config
         self.tok = tokenizer or BPETokenizer(art.path("tokenizer"), self.cfg.text.vocab_size, self.cfg.stop_token_ids)
-        import json
         special = json.loads(art.path("tokenizer_config").read_text())
         self.template = ChatTemplate(art.path("chat_template").read_text(), special)
         self.max_image_pixels = max_image_pixels

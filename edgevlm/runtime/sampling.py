@@ -63,6 +63,7 @@ class Sampler:
         # Penalised ids: the prompt's (as transformers does) plus everything generated.
         self.seen = {int(i) for i in prompt_ids if i >= 0}
         self.counts: dict[int, int] = {}  # generated tokens (presence and frequency penalties)
+        self.generated = 0
         self.stop_ids = np.asarray(sorted(stop_ids), np.int64)
         self.constraint = constraint  # grammar.Constraint or None
         # with params.logprobs: the last pick's (log-probability, [(id, log-probability)] of
@@ -86,8 +87,7 @@ class Sampler:
 
     def _pick(self, logits: np.ndarray) -> int:
         p = self.p
-        generated = sum(self.counts.values())
-        if (p.ignore_eos or generated < p.min_tokens) and len(self.stop_ids):
+        if (p.ignore_eos or self.generated < p.min_tokens) and len(self.stop_ids):
             held = logits.astype(np.float32, copy=True)
             held[self.stop_ids[self.stop_ids < held.shape[0]]] = -np.inf
             if np.isfinite(held).any():  # a grammar that allows only the end still ends
@@ -104,12 +104,18 @@ class Sampler:
             n = np.fromiter(self.counts.values(), np.float32)
             keep = idx < logits.shape[0]
             logits[idx[keep]] -= p.frequency_penalty * n[keep] + p.presence_penalty
-        z = logits.astype(np.float64) if p.temperature == 0.0 else logits.astype(np.float64) / p.temperature
-        tok = int(np.argmax(logits)) if p.temperature == 0.0 else self._sample(z)
-        if p.logprobs is not None:
-            self.last_logprobs = _logprobs(z, tok, p.logprobs)
+        if p.temperature == 0.0:
+            tok = int(np.argmax(logits))
+            if p.logprobs is not None:
+                self.last_logprobs = _logprobs(logits.astype(np.float64), tok, p.logprobs)
+        else:
+            z = logits.astype(np.float64) / p.temperature
+            tok = self._sample(z)
+            if p.logprobs is not None:
+                self.last_logprobs = _logprobs(z, tok, p.logprobs)
         self.seen.add(tok)
         self.counts[tok] = self.counts.get(tok, 0) + 1
+        self.generated += 1
         return tok
 
     def _sample(self, z: np.ndarray) -> int:
