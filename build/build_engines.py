@@ -5,8 +5,11 @@
 Each precision builds from its export (`make quantize PRECISION=...`): fp16 from `onnx-fp16/`
 (strongly typed, TensorRT 10 and 11; 8.x builds `onnx/` with precision flags), int8 / int4 from
 `onnx-int8/` / `onnx-int4/`. KV=auto (default) builds the decoder with the in-place static KV cache where
-TensorRT has it (10.15+) and with concat-KV otherwise; KV=static|concat forces one. Engines land in artifacts/<name>/engines/<TensorRT>-sm<cc>/ with a manifest and the
-timing cache beside them; off-device it refuses in one line, exit 2, writing nothing.
+TensorRT has it (10.15+) and with concat-KV otherwise; KV=static|concat forces one. A
+Llama-3.2-Vision export gets a third engine, cross_kv (each cross layer's K/V of a picture),
+and its image graphs stay FP16 at every precision. Engines land in
+artifacts/<name>/engines/<TensorRT>-sm<cc>/ with a manifest and the timing cache beside them;
+off-device it refuses in one line, exit 2, writing nothing.
 """
 
 from __future__ import annotations
@@ -17,7 +20,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from edgevlm.engines.features import Features
-from edgevlm.engines.profiles import ProfileError, decoder_profiles, static_decoder_profiles, vision_profiles
+from edgevlm.engines.profiles import (ProfileError, cross_kv_profiles, decoder_profiles, static_decoder_profiles,
+                                      vision_profiles)
 from edgevlm.jetson.device import DeviceError, detect, total_memory_gib
 from edgevlm.jetson.memory import workspace_gib
 from edgevlm.jetson.stack import UNSUPPORTED
@@ -36,19 +40,31 @@ def export_for(fp32: Path, precision: str, strongly_typed: bool) -> Path:
     return fp32.parent / f"onnx-{precision}"
 
 
+def typed_onnx(art: OnnxArtifacts, key: str, strongly_typed: bool) -> Path:
+    """The graph `key`, or for strongly typed builds the FP16 copy `make quantize` writes beside
+    a quantized graph (the graph's types decide there: without it everything outside the
+    quantized layers would run FP32); TensorRT 8.x builds the FP32-typed graph with precision
+    flags instead."""
+    fp16 = f"{key}_fp16"
+    return art.path(fp16 if strongly_typed and fp16 in art.manifest["files"] else key)
+
+
 def vision_onnx(art: OnnxArtifacts, strongly_typed: bool) -> Path:
-    """The W8A8 vision encoder's FP16 copy for strongly typed builds of quantized exports (the
-    graph's types decide there), the encoder itself otherwise."""
-    key = "vision_encoder_fp16" if strongly_typed and "vision_encoder_fp16" in art.manifest["files"] else "vision_encoder"
-    return art.path(key)
+    return typed_onnx(art, "vision_encoder", strongly_typed)
 
 
 def decoder_onnx(art: OnnxArtifacts, kv: str, strongly_typed: bool) -> Path:
-    """decoder.onnx or decoder.static.onnx; strongly typed builds (Q/DQ on TensorRT 10) take
-    the FP16 copy `make quantize` writes of either; TensorRT 8.5 builds the FP32-typed graph
-    with precision flags instead."""
-    key = "decoder_static" if kv == "static" else "decoder"
-    return art.path(f"{key}_fp16" if strongly_typed and f"{key}_fp16" in art.manifest["files"] else key)
+    """decoder.onnx or decoder.static.onnx (or their FP16 copies)."""
+    return typed_onnx(art, "decoder_static" if kv == "static" else "decoder", strongly_typed)
+
+
+def image_graphs(art: OnnxArtifacts, strongly_typed: bool) -> dict[str, Path]:
+    """The graphs an image goes through before the decoder: the vision encoder, and for a
+    cross-attention model (Llama-3.2-Vision) the graph making each cross layer's K/V."""
+    graphs = {"vision_encoder": vision_onnx(art, strongly_typed)}
+    if "cross_kv" in art.manifest["files"]:
+        graphs["cross_kv"] = typed_onnx(art, "cross_kv", strongly_typed)
+    return graphs
 
 
 def engine_kv_layout(requested: str, art: OnnxArtifacts) -> str:
@@ -66,8 +82,10 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--onnx", required=True, help="the FP32 export (artifacts/<name>/onnx)")
     ap.add_argument("--precision", choices=PRECISIONS, default="fp16")
-    ap.add_argument("--max-context", type=int, help="tokens the decoder engine holds (default: the model's)")
-    ap.add_argument("--max-batch", type=int, default=8, help="images per vision-encoder call")
+    ap.add_argument("--max-context", type=int, help="tokens the decoder engine holds (default: the model's, at most 4096)")
+    ap.add_argument("--max-batch", type=int,
+                    help="vision-encoder rows per call: pictures, or LLaVA-1.6 tiles (default 8); Llama-3.2-Vision: "
+                         "pictures of 4 tiles each (default 2: the attention of 8 such pictures alone is GBs)")
     ap.add_argument("--max-sequences", type=int, default=8,
                     help="rows of the batched decode step (static KV; concat engines decode one)")
     ap.add_argument("--kv", choices=("auto", "static", "concat"), default="auto",
@@ -98,7 +116,10 @@ def main(argv=None) -> int:
         else:
             pinned, dec_profiles = None, decoder_profiles(art, args.max_context)
             max_context = dec_profiles[1].shapes["past_key_0"][2][2] + 1
-        vis_profiles = vision_profiles(art, args.max_batch)
+        max_batch = args.max_batch or (2 if art.config.cross_length else 8)
+        image_profiles = {"vision_encoder": vision_profiles(art, max_batch)}
+        if art.config.cross_length:
+            image_profiles["cross_kv"] = cross_kv_profiles(art, max_batch)
     except (ManifestError, ProfileError) as e:
         hint = f" (run `make quantize PRECISION={args.precision}` first)" if src_dir != fp32 else ""
         print(f"engines: error: {e}{hint}", file=sys.stderr)
@@ -110,17 +131,17 @@ def main(argv=None) -> int:
     cache = fp32.parent / "engines" / f"timing-{device.tag}.cache"  # kept across builds and precisions
     try:
         with staged_dir(out) as tmp:
-            built = {
-                # both quantized exports carry the W8A8 vision encoder
-                "vision_encoder": build_engine(vision_onnx(art, strongly_typed), tmp / "vision_encoder.plan", vis_profiles,
-                                               "fp16" if args.precision == "fp16" else "int8",
-                                               timing_cache=cache, workspace_gib=args.workspace_gib,
-                                               optimization_level=args.optimization_level),
-                "decoder": build_engine(decoder_onnx(art, kv, strongly_typed), tmp / "decoder.plan", dec_profiles, args.precision,
-                                        timing_cache=cache, workspace_gib=args.workspace_gib,
-                                        optimization_level=args.optimization_level,
-                                        pinned=pinned, kv_cache=kv),
-            }
+            built = {}
+            # LLaVA's and MobileVLM's quantized exports carry a W8A8 vision encoder; a
+            # cross-attention model's image graphs stay FP16 (its quantization is the decoder's)
+            image_precision = "fp16" if args.precision == "fp16" or art.config.cross_length else "int8"
+            for key, path in image_graphs(art, strongly_typed).items():
+                built[key] = build_engine(path, tmp / f"{key}.plan", image_profiles[key], image_precision,
+                                          timing_cache=cache, workspace_gib=args.workspace_gib,
+                                          optimization_level=args.optimization_level)
+            built["decoder"] = build_engine(decoder_onnx(art, kv, strongly_typed), tmp / "decoder.plan", dec_profiles,
+                                            args.precision, timing_cache=cache, workspace_gib=args.workspace_gib,
+                                            optimization_level=args.optimization_level, pinned=pinned, kv_cache=kv)
             write_manifest(tmp, {
                 "kind": "tensorrt", "device_tag": device.tag, "device": device.to_dict(),
                 "precision": args.precision, # the export's own files, hashed: what the repository check compares

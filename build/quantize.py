@@ -5,8 +5,8 @@
 fp16 is what strongly typed TensorRT (10, 11) builds fp16 engines from (export/fp16.py);
 int8 / int4 are Q/DQ exports (export/quantize.py) with the cpu target's MatMulNBits form of
 the same decoder weights beside them (export/matmul_nbits.py); both are checked against FP32.
-A Llama-3.2-Vision export gets its decoder quantized (export/mllama_quantize.py); fp16 is not
-built for it yet.
+A Llama-3.2-Vision export gets its own (export/mllama_quantize.py): fp16 of all four graphs, or
+its text decoder weight-only int8 / int4 with FP16 copies beside.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from edgevlm.manifest import OnnxArtifacts
 from edgevlm.export.matmul_nbits import LM_HEAD
 from edgevlm.export.quant_check import QuantizationError, QuantReport
 from edgevlm.export.fp16 import fp16_export
-from edgevlm.export.mllama_quantize import quantize_mllama
+from edgevlm.export.mllama_quantize import fp16_mllama, quantize_mllama
 from edgevlm.export.quantize import PRECISIONS, quantize_export
 
 
@@ -32,8 +32,9 @@ def main(argv=None) -> int:
     try:
         if OnnxArtifacts.open(args.onnx).config.cross_length:  # Llama-3.2-Vision
             if args.precision == "fp16":
-                raise ValueError("fp16 exports of cross-attention models are not built yet (int8, int4 are)")
-            reports = quantize_mllama(args.onnx, args.out, args.precision, calib_dir=args.calib_dir)
+                reports = {"decoder_static": fp16_mllama(args.onnx, args.out, calib_dir=args.calib_dir)}
+            else:
+                reports = quantize_mllama(args.onnx, args.out, args.precision, calib_dir=args.calib_dir)
             print(f"quantize: wrote {args.out}")
             for key, r in reports.items():
                 print(f"quantize: {key} " + QuantReport(**r).summary(args.precision))

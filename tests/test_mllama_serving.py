@@ -225,15 +225,26 @@ def test_constrained_answers_parse(in_process):
         assert check(text) and stats.finish_reason == "stop", (fmt, text)
 
 
-def test_int4_decoder_passes_its_gate_and_serves(onnx_dir, tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def precisions(onnx_dir):
+    """onnx-fp16/ and onnx-int4/ beside the FP32 export, as `make quantize` writes them."""
+    from edgevlm.export.mllama_quantize import fp16_mllama, quantize_mllama
+    fp16_mllama(onnx_dir, onnx_dir.parent / "onnx-fp16", log=lambda m: None)
+    quantize_mllama(onnx_dir, onnx_dir.parent / "onnx-int4", "int4", log=lambda m: None)
+    return onnx_dir.parent
+
+
+def test_int4_decoder_passes_its_gate_and_serves(precisions, onnx_dir, tmp_path, monkeypatch):
     from edgevlm.export import weight_only
     from edgevlm.export.mllama_quantize import quantize_mllama
     from edgevlm.export.quant_check import QuantizationError
+    from edgevlm.manifest import OnnxArtifacts
     from edgevlm.runtime.runners import open_decoder
-    reports = quantize_mllama(onnx_dir, tmp_path / "onnx-int4", "int4", log=lambda m: None)
-    assert set(reports) == {"decoder_static_cpu", "decoder_static"}
-    assert open_decoder(tmp_path / "onnx-int4").path.name == "decoder.static.cpu.onnx"  # MatMulNBits served
-    with runtime(tmp_path / "onnx-int4") as intake:
+    q = OnnxArtifacts.open(precisions / "onnx-int4").manifest["quantization"]
+    # the served MatMulNBits twin, the Q/DQ graph and its FP16 copy for TensorRT, each gated
+    assert set(q["accuracy"]) == {"decoder_static_cpu", "decoder_static", "decoder_static_fp16"}
+    assert open_decoder(precisions / "onnx-int4").path.name == "decoder.static.cpu.onnx"  # MatMulNBits served
+    with runtime(precisions / "onnx-int4") as intake:
         text, stats = ask(intake, "What is in the image?", sample_image("chelsea"))
         assert text and stats.image_tiles == 4
     # a quantizer that loses the weights' scale fails the gate and leaves nothing behind
@@ -244,12 +255,89 @@ def test_int4_decoder_passes_its_gate_and_serves(onnx_dir, tmp_path, monkeypatch
     assert not (tmp_path / "broken").exists()
 
 
+def test_fp16_export_keeps_caches_and_image_kv_in_half_and_passes_its_gate(precisions, onnx_dir, tmp_path,
+                                                                          monkeypatch):
+    from edgevlm.export import half
+    from edgevlm.export.mllama_parity import ServedDecoder
+    from edgevlm.export.mllama_quantize import fp16_mllama
+    from edgevlm.export.quant_check import THRESHOLDS, QuantizationError
+    from edgevlm.manifest import OnnxArtifacts
+    art = OnnxArtifacts.open(precisions / "onnx-fp16")
+    for key in ("decoder", "decoder_static"):
+        types = {t["name"]: t["dtype"] for t in art.manifest["io"][key]["inputs"]}
+        assert types["past_key_0"] == types["cross_value_1"] == "float16", key
+        assert types["inputs_embeds"] == types["cross_mask"] == types["has_image"] == "float32", key
+    assert {t["dtype"] for t in art.manifest["io"]["cross_kv"]["outputs"]} == {"float16"}
+    acc = art.manifest["quantization"]["accuracy"]["decoder_static"]
+    assert acc["logits_cosine_min"] >= THRESHOLDS["fp16"]["logits_cosine_min"] and acc["image_cosine_min"] >= 0.999
+    pool = ServedDecoder(precisions / "onnx-fp16").decoder.open_pool(1, max_context=64)
+    assert {b.dtype for b in pool.cross} == {np.dtype(np.float16)}  # a row's image K/V held in half
+    pool.close()
+    # weights that lose their range in the conversion fail the gate; nothing is written
+    monkeypatch.setattr(half, "FP16_MAX", 1e-3)
+    with pytest.raises(QuantizationError, match="fp16 graph fails its accuracy check"):
+        fp16_mllama(onnx_dir, tmp_path / "broken", log=lambda m: None)
+    assert not (tmp_path / "broken").exists()
+
+
+def test_engine_profiles_cover_the_picture_batch_and_every_rows_image_kv(precisions, tiny_onnx, tmp_path):
+    import json
+    import shutil
+
+    from edgevlm.engines.profiles import (ProfileError, cross_kv_profiles, decoder_profiles, static_decoder_profiles,
+                                          vision_profiles)
+    from edgevlm.manifest import OnnxArtifacts
+    art = OnnxArtifacts.open(precisions / "onnx-fp16")
+    n, d = CFG.cross_length, CFG.text.hidden_size
+    (images,) = vision_profiles(art, max_batch=2)  # whole pictures, every tile slot
+    assert images.shapes["pixel_values"] == ((1, 4, 3, 56, 56), (1, 4, 3, 56, 56), (2, 4, 3, 56, 56))
+    assert images.shapes["aspect_ratio_mask"] == ((1, 4), (1, 4), (2, 4))
+    (kv,) = cross_kv_profiles(art, max_batch=2)
+    assert kv.shapes == {"cross_states": ((1, n, d), (1, n, d), (2, n, d))}
+    pinned, (prefill, decode) = static_decoder_profiles(art, max_sequences=4)
+    assert pinned == {"cache": 1024}
+    # the picture is one <|image|> position in the prompt, not its 68 cross positions
+    assert prefill.shapes["inputs_embeds"] == ((1, 1, d), (1, 57, d), (1, 1023, d))
+    assert prefill.shapes["cross_mask"] == ((1, 1, n), (1, 57, n), (1, 1023, n))
+    assert decode.shapes["cross_key_1"] == ((1, 2, n, 32), (4, 2, n, 32), (4, 2, n, 32))
+    assert decode.shapes["has_image"] == ((1,), (4,), (4,))
+    assert {t["name"] for t in art.manifest["io"]["decoder"]["inputs"]} == set(decoder_profiles(art)[1].shapes)
+    # Llama 3.1's 131072 positions: engines hold 4096 unless asked for more
+    long = tmp_path / "onnx-fp16"
+    shutil.copytree(precisions / "onnx-fp16", long)
+    m = json.loads((long / "manifest.json").read_text())
+    m["limits"]["max_context"] = 131072
+    (long / "manifest.json").write_text(json.dumps(m))
+    assert static_decoder_profiles(OnnxArtifacts.open(long))[0] == {"cache": 4096}
+    assert static_decoder_profiles(OnnxArtifacts.open(long), max_context=8192)[0] == {"cache": 8192}
+    with pytest.raises(ProfileError, match="not a cross-attention model"):
+        cross_kv_profiles(OnnxArtifacts.open(tiny_onnx))
+
+
+@pytest.mark.parametrize("release", ["8.6", "10.3", "10.16", "11.4"])
+def test_make_engines_hands_each_release_three_graphs_its_parser_takes(precisions, release):
+    from test_trt_api import _release
+    from tools.trt_api import graphs
+    from tools.trt_api.bindings import RELEASES
+    _, features = _release(release)
+    handed = graphs.graphs_for(precisions / "onnx", features)
+    assert handed and ("int4/concat" in handed) == features.int4
+    for what, paths in handed.items():
+        names = [p.name for p in paths]
+        assert [n.split(".")[0] for n in names] == ["vision_encoder", "cross_kv", "decoder"], (what, names)
+        # strongly typed builds take the FP16 graphs: the fp16 export, the quantized one's copies
+        assert all(".fp16." in n or p.parent.name == "onnx-fp16" for n, p in zip(names, paths)) == \
+            features.strongly_typed, (what, names)
+    n, problems = graphs.problems(precisions / "onnx", next(r for r in RELEASES if r.name == release).version, features)
+    assert n >= 3 and problems == []
+
+
 def test_layouts_and_targets_not_built_for_it_are_refused_at_make_repo(onnx_dir, tmp_path):
     from edgevlm.manifest import ManifestError
     from edgevlm.serve.repository import render_repository
     with pytest.raises(ManifestError, match="KV=concat is not built for cross-attention models"):
         render_repository(onnx_dir, tmp_path / "a", kv_cache="concat")
-    with pytest.raises(ManifestError, match="TensorRT engines for cross-attention models are not built yet"):
+    with pytest.raises(ManifestError, match="the jetson target does not serve cross-attention models yet"):
         render_repository(onnx_dir, tmp_path / "b", target="jetson", engine_dir=tmp_path)
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
     repo = render_repository(onnx_dir, tmp_path / "c")

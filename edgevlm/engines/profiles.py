@@ -8,6 +8,11 @@ symbolic dims `batch`, `seq`, `past`) and the context the engines should hold.
              seq 1..max_prefill; decode: batch 1..max_sequences, seq 1 (the scheduler's batched
              step; one shape per batch size, each captured as a CUDA graph)
     vision   batch 1..max_batch at the tower's fixed image size
+    Llama-3.2-Vision (cross-attention): the vision encoder takes `images` 1..max_batch, each
+             with every tile slot (max_tiles x S x S, the unused ones masked); cross_kv turns
+             their states into each cross layer's K/V (`images`, `cross` = one image's
+             positions, fixed); the decoders take each row's image K/V at that `cross`
+             length (a text-only row passes zeros with has_image 0, so one length serves all).
 
 Two decoder profiles let TensorRT pick kernels for each phase; the runner selects the
 profile per call. Built here without TensorRT, so the shapes are tested off-device.
@@ -51,15 +56,29 @@ def _profile(name: str, inputs: list[dict], dims: dict[str, tuple[int, int, int]
     return Profile(name, {t["name"]: _resolve(t["shape"], dims) for t in inputs})
 
 
+# Engines hold the model's whole context up to this by default: Llama 3.1's 131072 positions
+# would pin gigabytes of cache per sequence on a device that serves a few hundred-token turns.
+DEFAULT_CONTEXT = 4096
+
+
 def _limits(art: OnnxArtifacts, max_context: int | None, max_prefill: int | None) -> tuple[int, int, int]:
     """(positions the engine holds, longest prefill, a typical prompt: an image and a short question)."""
     limit = art.manifest["limits"]["max_context"]
-    max_context = max_context or limit
+    max_context = max_context or min(limit, DEFAULT_CONTEXT)
     if not 2 <= max_context <= limit:
         raise ProfileError(f"MAX_CONTEXT={max_context}: this model holds 2..{limit} tokens")
     max_prefill = min(max_prefill or max_context - 1, max_context - 1)
-    # LLaVA-1.6: a picture's token count varies; the typical prompt takes the largest
-    return max_context, max_prefill, min(art.config.max_image_tokens + 56, max_prefill)
+    # LLaVA-1.6: a picture's token count varies; the typical prompt takes the largest.
+    # A cross-attention model's picture is one <|image|> position in the prompt.
+    cfg = art.config
+    picture = 1 if cfg.cross_length else cfg.max_image_tokens
+    return max_context, max_prefill, min(picture + 56, max_prefill)
+
+
+def _cross(art: OnnxArtifacts) -> dict[str, tuple[int, int, int]]:
+    """The `cross` dimension of a cross-attention model's graphs: one image's positions."""
+    n = art.config.cross_length
+    return {"cross": (n, n, n)} if n else {}
 
 
 def decoder_profiles(art: OnnxArtifacts, max_context: int | None = None,
@@ -67,9 +86,11 @@ def decoder_profiles(art: OnnxArtifacts, max_context: int | None = None,
     max_context, max_prefill, typical_prompt = _limits(art, max_context, max_prefill)
     inputs = art.manifest["io"]["decoder"]["inputs"]
     return [
-        _profile("prefill", inputs, {"batch": (1, 1, 1), "seq": (1, typical_prompt, max_prefill), "past": (0, 0, 0)}),
+        _profile("prefill", inputs, {"batch": (1, 1, 1), "seq": (1, typical_prompt, max_prefill), "past": (0, 0, 0),
+                                     **_cross(art)}),
         _profile("decode", inputs, {"batch": (1, 1, 1), "seq": (1, 1, 1),
-                                    "past": (1, min(typical_prompt + 64, max_context - 1), max_context - 1)}),
+                                    "past": (1, min(typical_prompt + 64, max_context - 1), max_context - 1),
+                                    **_cross(art)}),
     ]
 
 
@@ -89,7 +110,7 @@ def static_decoder_profiles(art: OnnxArtifacts, max_context: int | None = None,
     pinned = {"cache": max_context}
     inputs = [t for t in art.manifest["io"]["decoder_static"]["inputs"]
               if any(isinstance(d, str) and d not in pinned for d in t["shape"])]
-    fixed = {k: (v, v, v) for k, v in pinned.items()}
+    fixed = {**{k: (v, v, v) for k, v in pinned.items()}, **_cross(art)}
     return pinned, [_profile("prefill", inputs, {**fixed, "batch": (1, 1, 1), "seq": (1, typical_prompt, max_prefill)}),
                     _profile("decode", inputs, {**fixed, "batch": (1, max_sequences, max_sequences), "seq": (1, 1, 1)})]
 
@@ -100,7 +121,18 @@ def vision_profiles(art: OnnxArtifacts, max_batch: int = 4) -> list[Profile]:
     if max_batch < 1:
         raise ProfileError(f"max_batch must be >= 1, got {max_batch}")
     cfg = art.config
+    inputs = art.manifest["io"]["vision_encoder"]["inputs"]
+    if cfg.cross_length:  # a row is a whole picture, every tile slot in it
+        return [_profile("images", inputs, {"images": (1, 1, max_batch)})]
     s = cfg.vision.image_size
     per_picture = 1 + max(((h // s) * (w // s) for h, w in cfg.grid_pinpoints), default=0)
-    return [_profile("images", art.manifest["io"]["vision_encoder"]["inputs"],
-                     {"batch": (1, per_picture, max(max_batch, per_picture))})]
+    return [_profile("images", inputs, {"batch": (1, per_picture, max(max_batch, per_picture))})]
+
+
+def cross_kv_profiles(art: OnnxArtifacts, max_batch: int = 4) -> list[Profile]:
+    """Llama-3.2-Vision's K/V graph: the pictures of one vision call, each its every position."""
+    if not art.config.cross_length:
+        raise ProfileError("this export has no cross-attention K/V graph (not a cross-attention model)")
+    if max_batch < 1:
+        raise ProfileError(f"max_batch must be >= 1, got {max_batch}")
+    return [_profile("images", art.manifest["io"]["cross_kv"]["inputs"], {"images": (1, 1, max_batch), **_cross(art)})]

@@ -128,7 +128,8 @@ FP16_DQ_OPSET = 19  # DequantizeLinear takes FP16 scales from opset 19
 FP16_KEEP_FP32 = ["ReduceMean", "Pow", "Sqrt", "Reciprocal", "Softmax", "Gemm"]
 
 
-def cast_decoder_fp16(src: Path, dst: Path, fp16_cache: bool = False, min_opset: int = 0) -> None:
+def cast_decoder_fp16(src: Path, dst: Path, fp16_cache: bool = False, min_opset: int = 0,
+                      fp32_io: tuple[str, ...] = ("inputs_embeds", "logits")) -> None:
     """An FP16 copy of the quantized decoder for strongly typed TensorRT 10 builds, where the
     graph's own types decide the math: activations and DQ scales in FP16 (so weight-only DQ
     feeds FP16 MatMuls), norms / softmax / lm_head in FP32, FP32 at the inputs and outputs.
@@ -136,9 +137,10 @@ def cast_decoder_fp16(src: Path, dst: Path, fp16_cache: bool = False, min_opset:
     the cache input and its TensorScatter would stop TensorRT updating it in place).
     min_opset: FP16 DequantizeLinear scales need opset 19, the lowest that has them, which
     TensorRT 10.0's parser documents (9..20); the INT4 decoders are at 21 already (INT4 type).
+    fp32_io: with fp16_cache, the inputs and outputs kept FP32 (every other float one is FP16).
     ONNX Runtime's float16 converter does the rewrite."""
     from edgevlm.export.half import to_fp16
-    keep = ["inputs_embeds", "logits"] if fp16_cache else True
+    keep = list(fp32_io) if fp16_cache else True
     to_fp16(src, dst, keep_io_types=keep, op_block_list=FP16_KEEP_FP32, min_opset=min_opset)
 
 

@@ -72,7 +72,10 @@ class OrtDecoder:
         kv_type = next(i.type for i in self.sess.get_inputs() if i.name == self.past_names[0])
         self.kv_dtype = np.dtype(np.float16 if kv_type == "tensor(float16)" else np.float32)
         self.max_context = cfg.max_position
-        self.cross_names = [i.name for i in self.sess.get_inputs() if i.name.startswith(("cross_key_", "cross_value_"))]
+        cross = [i for i in self.sess.get_inputs() if i.name.startswith(("cross_key_", "cross_value_"))]
+        self.cross_names = [i.name for i in cross]
+        # the image's K/V: FP16 in FP16 exports (half a row's cross memory), FP32 elsewhere
+        self.cross_dtype = np.dtype(np.float16 if cross and cross[0].type == "tensor(float16)" else np.float32)
         if bool(self.cross_names) != bool(cross_length):
             raise ValueError(f"{self.path.name}: cross-attention inputs {self.cross_names or 'none'} "
                              f"do not match the model's ({cross_length} image positions per row)")

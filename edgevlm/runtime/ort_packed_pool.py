@@ -47,7 +47,7 @@ class OrtPackedPool(PackedRows):
         self.logits = np.empty((max_rows, c.vocab_size), np.float32)
         self.binding = decoder.sess.io_binding()
         self.cross_attention = bool(decoder.cross_length)
-        self.cross = [np.zeros((max_rows, self.heads, decoder.cross_length, self.dim), np.float32)
+        self.cross = [np.zeros((max_rows, self.heads, decoder.cross_length, self.dim), decoder.cross_dtype)
                       for _ in decoder.cross_names]
 
     @property

@@ -67,7 +67,8 @@ def open_decoder(onnx_dir: str | Path, runner: str = "onnxruntime", engine_dir: 
                           static=static, cross_length=art.config.cross_length)
     if runner == "tensorrt":
         if art.config.cross_length:
-            raise ValueError("TensorRT engines for cross-attention models are not built yet; use the cpu target")
+            raise ValueError("the TensorRT runner does not serve cross-attention models yet (make engines builds "
+                             "their engines); use the cpu target")
         from edgevlm.runtime.tensorrt.decoder import TrtDecoder
         return TrtDecoder(engine_dir, art.config.text)
     raise ValueError(f"unknown runner {runner!r} (onnxruntime or tensorrt)")

@@ -37,7 +37,7 @@ def graphs_for(fp32_dir: Path, features) -> dict[str, list[Path]]:
             continue  # not exported (yet): nothing to hand over
         layouts = ["concat"] + (["static"] if features.inplace_kv and "decoder_static" in art.manifest["files"] else [])
         for kv in layouts:
-            out[f"{precision}/{kv}"] = [be.vision_onnx(art, features.strongly_typed),
+            out[f"{precision}/{kv}"] = [*be.image_graphs(art, features.strongly_typed).values(),
                                         be.decoder_onnx(art, kv, features.strongly_typed)]
     return out
 
