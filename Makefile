@@ -17,7 +17,7 @@ CKPT := $(if $(MODEL),$(MODEL),$(ART)/checkpoint)
 CLIP ?=#                   local openai CLIP directory: MobileVLM V1 (upstream's choice), LLaVA-1.5 (not in its checkpoint)
 # A random LLaVA-1.5 checkpoint in the original layout has no tower either: its writer puts
 # the stand-in for openai's CLIP beside it.
-CLIP_DIR := $(or $(CLIP),$(if $(MODEL),,$(if $(and $(filter llava-v1.5-% tiny-llava-1.5,$(PRESET)),$(filter original,$(FORMAT))),$(ART)/clip)))
+CLIP_DIR := $(or $(CLIP),$(if $(MODEL),,$(if $(and $(filter llava-v1.5-% tiny-llava-v1.5,$(PRESET)),$(filter original,$(FORMAT))),$(ART)/clip)))
 TARGET ?= cpu#             repository target: cpu (ONNX Runtime) | jetson (TensorRT engines)
 PRECISION ?=#              quantize: int8 (default) | int4;  engines: fp16 (default) | int8 | int4;
 #                          repo/serve/demo on cpu: fp32 (default) | int8 | int4 (the quantized export's
@@ -30,7 +30,8 @@ BATCHING ?= continuous#    continuous (MAX_SEQUENCES decoded together) | off (on
 KV_BUDGET_MIB ?= 0#        KV pool of the cpu target (0: MAX_SEQUENCES full contexts, <= RAM/4)
 PREFIX_CACHE_MIB ?= 512#   earlier sequences' KV, reused by prompts that begin the same way (0: off)
 IMAGE_CACHE_MIB ?= 64#     image embeddings by the image bytes' hash (0: off)
-MAX_CONTEXT ?=#            tokens a TensorRT decoder engine holds (default: the model's)
+TEMPLATE ?=#               prompt template served instead of the export's (docs/CONTRACT.md: template)
+MAX_CONTEXT ?=#            tokens a TensorRT decoder engine holds (default: the model's, at most 4096)
 HOST ?= 127.0.0.1
 GRPC_PORT ?= 8001
 HTTP_PORT ?= 8000
@@ -151,7 +152,7 @@ repo: $(SERVED)/manifest.json | $(SETUP) ## render the Triton model repository (
 	$(PY) build/render_repository.py --onnx $(SERVED) --out $(ART)/repository --target $(TARGET) \
 		$(if $(ENGINES),--engines $(ENGINES)) $(if $(filter cpu,$(TARGET)),--kv-cache $(KV)) \
 		--max-sequences $(MAX_SEQUENCES) --batching $(BATCHING) --kv-budget-mib $(KV_BUDGET_MIB) \
-		--prefix-cache-mib $(PREFIX_CACHE_MIB) --image-cache-mib $(IMAGE_CACHE_MIB)
+		--prefix-cache-mib $(PREFIX_CACHE_MIB) --image-cache-mib $(IMAGE_CACHE_MIB) $(if $(TEMPLATE),--template $(TEMPLATE))
 
 serve: repo ## run tritonserver on the repository (HOST=127.0.0.1, GRPC_PORT=8001, TLS_CERT/TLS_KEY; Ctrl-C stops)
 	$(PY) -m edgevlm.serve --repository $(ART)/repository --host $(HOST) \

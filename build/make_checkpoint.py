@@ -2,7 +2,7 @@
 (no model hub needed).
 
     python build/make_checkpoint.py --preset tiny --out artifacts/tiny/checkpoint
-    python build/make_checkpoint.py --preset tiny-llava-1.6 --layout llava-hf --out artifacts/tiny-llava-1.6-hf/checkpoint
+    python build/make_checkpoint.py --preset tiny-llava-v1.6 --layout llava-hf --out artifacts/tiny-llava-v1.6-hf/checkpoint
     python build/make_checkpoint.py --preset tiny-mllama --layout transformers5 --out artifacts/tiny-mllama-t5/checkpoint
 
 Llama-3.2-Vision layouts: original (as Meta released it) or transformers5 (the key names

@@ -36,13 +36,17 @@ def main(argv=None) -> int:
     ap.add_argument("--kv-cache", default="auto", choices=KV_CACHES,
                     help="cpu target: decoder KV cache layout, default static where the export has it "
                          "(jetson engines record their own)")
+    ap.add_argument("--template", default=None,
+                    help="prompt template served by default instead of the export's (vicuna_v1, llava_v1, llava_v0, "
+                         "mistral_instruct, llava_llama_2, chatml_direct, mpt, or checkpoint: its chat template)")
     args = ap.parse_args(argv)
     try:
         out = render_repository(args.onnx, args.out, args.target, engine_dir=args.engines,
                                 max_sequences=args.max_sequences, default_max_tokens=args.max_tokens,
                                 kv_cache=args.kv_cache, batching=args.batching, max_queue=args.max_queue,
                                 prefill_chunk=args.prefill_chunk, kv_budget_mib=args.kv_budget_mib,
-                                prefix_cache_mib=args.prefix_cache_mib, image_cache_mib=args.image_cache_mib)
+                                prefix_cache_mib=args.prefix_cache_mib, image_cache_mib=args.image_cache_mib,
+                                template=args.template)
     except (ManifestError, ValueError) as e:
         print(f"repo: error: {e}", file=sys.stderr)
         return 1

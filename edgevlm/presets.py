@@ -113,7 +113,9 @@ class ModelConfig:
     text: TextConfig = field(default_factory=TextConfig)
     image_aspect: str = PAD
     grid_pinpoints: tuple[tuple[int, int], ...] = ()  # anyres only, (height, width) pixels
-    template: str = "vicuna_v1"  # runtime/prompt.py TEMPLATES
+    # runtime/prompt.py TEMPLATES, or "checkpoint" (its own chat template). A preset names what
+    # run_llava picks for its name; a checkpoint read from disk gets model/checkpoint.template_for's.
+    template: str = "vicuna_v1"
 
     cross_length = 0  # images are spliced into the sequence, not attended to across
 
@@ -197,19 +199,19 @@ PRESETS: dict[str, ModelConfig] = {
     "mobilevlm-3b": ModelConfig("mobilevlm-3b", LDP, text=_LLAMA_2_7B),
     "tiny": ModelConfig("tiny", LDPV2, vision=_TINY_VISION, text=_TINY_TEXT),
     "tiny-v1": ModelConfig("tiny-v1", LDP, vision=_TINY_VISION, text=_TINY_TEXT),
-    "llava-v1.5-7b": ModelConfig("llava-v1.5-7b", MLP2X_GELU, text=_VICUNA_7B),
-    "llava-v1.5-13b": ModelConfig("llava-v1.5-13b", MLP2X_GELU, text=_VICUNA_13B),
+    "llava-v1.5-7b": ModelConfig("llava-v1.5-7b", MLP2X_GELU, text=_VICUNA_7B, template="llava_v1"),
+    "llava-v1.5-13b": ModelConfig("llava-v1.5-13b", MLP2X_GELU, text=_VICUNA_13B, template="llava_v1"),
     "llava-v1.6-vicuna-7b": ModelConfig("llava-v1.6-vicuna-7b", MLP2X_GELU, text=_VICUNA_7B,
                                         image_aspect=ANYRES, grid_pinpoints=PINPOINTS_1_6,
                                         template="llava_v1"),
     "llava-v1.6-mistral-7b": ModelConfig("llava-v1.6-mistral-7b", MLP2X_GELU, text=_MISTRAL_7B,
                                          image_aspect=ANYRES, grid_pinpoints=PINPOINTS_1_6,
                                          template="mistral_instruct"),
-    "tiny-llava-1.5": ModelConfig("tiny-llava-1.5", MLP2X_GELU, vision=_TINY_VISION,
-                                  text=_TINY_LLAVA_TEXT),
-    "tiny-llava-1.6": ModelConfig("tiny-llava-1.6", MLP2X_GELU, vision=_TINY_VISION,
-                                  text=_TINY_LLAVA_NEXT_TEXT, image_aspect=ANYRES,
-                                  grid_pinpoints=_TINY_PINPOINTS, template="llava_v1"),
+    "tiny-llava-v1.5": ModelConfig("tiny-llava-v1.5", MLP2X_GELU, vision=_TINY_VISION,
+                                   text=_TINY_LLAVA_TEXT, template="llava_v1"),
+    "tiny-llava-v1.6": ModelConfig("tiny-llava-v1.6", MLP2X_GELU, vision=_TINY_VISION,
+                                   text=_TINY_LLAVA_NEXT_TEXT, image_aspect=ANYRES,
+                                   grid_pinpoints=_TINY_PINPOINTS, template="llava_v1"),
 }
 
 

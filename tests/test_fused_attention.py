@@ -42,12 +42,12 @@ def decoders(tiny_onnx, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def grouped(tmp_path_factory):
-    """tiny-llava-1.6: 2 KV heads for 4 query heads, rope theta 1e6 (the Mistral 7B's shape)."""
+    """tiny-llava-v1.6: 2 KV heads for 4 query heads, rope theta 1e6 (the Mistral 7B's shape)."""
     from edgevlm.export.graphs import export_onnx
     from edgevlm.model.random_weights import write_random_checkpoint
     from edgevlm.presets import PRESETS
     root = tmp_path_factory.mktemp("grouped")
-    ckpt = write_random_checkpoint(root / "checkpoint", PRESETS["tiny-llava-1.6"], layout_format="llava-hf",
+    ckpt = write_random_checkpoint(root / "checkpoint", PRESETS["tiny-llava-v1.6"], layout_format="llava-hf",
                                    fmt="safetensors", seed=3)
     (root / "fused").mkdir()
     return _pair(export_onnx(ckpt, root / "onnx", log=lambda m: None), root / "fused")

@@ -24,14 +24,15 @@ from edgevlm.runtime.tokenizer import Tokenizer
 from edgevlm.samples import sample_image
 
 FORMATS = ("original", "llava-hf")
-MODELS = ("tiny-llava-1.5", "tiny-llava-1.6")
+MODELS = ("tiny-llava-v1.5", "tiny-llava-v1.6")
 
 
 @pytest.fixture(scope="module")
 def ckpts(tmp_path_factory):
-    """(model, format) -> checkpoint dir; a 1.5 original one has its tower in a `clip` folder beside it."""
+    """(model, format) -> checkpoint dir, named as the model (what run_llava picks the template
+    by); a 1.5 original one has its tower in a `clip` folder beside it."""
     root = tmp_path_factory.mktemp("llava")
-    return {(m, f): write_random_checkpoint(root / m / f / "checkpoint", PRESETS[m], layout_format=f,
+    return {(m, f): write_random_checkpoint(root / f / m, PRESETS[m], layout_format=f,
                                             fmt="safetensors" if f == "llava-hf" else "bin", seed=3)
             for m in MODELS for f in FORMATS}
 
@@ -59,8 +60,10 @@ def test_both_formats_read_back_as_the_preset(ckpts, model, fmt):
     ck = _read(d)
     cfg = PRESETS[model]
     assert ck.format == fmt and ck.config.version == cfg.version
+    # llava-hf: its own chat template (chat_template.json); original: run_llava's pick by name
     assert (ck.config.vision, ck.config.grid_pinpoints, ck.config.template) == (
-        cfg.vision, cfg.grid_pinpoints, cfg.template)
+        cfg.vision, cfg.grid_pinpoints, "checkpoint" if fmt == "llava-hf" else cfg.template)
+    assert (ck.chat_template is not None) == (fmt == "llava-hf")
     from safetensors import safe_open
     if fmt == "llava-hf":
         assert raw["architectures"] == [("LlavaNextForConditionalGeneration" if cfg.version == "1.6"
@@ -88,7 +91,7 @@ def test_both_formats_read_back_as_the_preset(ckpts, model, fmt):
 @pytest.mark.unit
 def test_llava_1_5_without_a_clip_directory_says_how_to_give_one(ckpts):
     with pytest.raises(CheckpointError, match="no CLIP vision tower.*CLIP="):
-        read_checkpoint(ckpts["tiny-llava-1.5", "original"])
+        read_checkpoint(ckpts["tiny-llava-v1.5", "original"])
 
 
 def _resave(src, dst, rename):
@@ -102,7 +105,7 @@ def _resave(src, dst, rename):
 
 @pytest.mark.unit
 def test_every_transformers_key_spelling_reads_the_same(ckpts, tmp_path):
-    src = ckpts["tiny-llava-1.6", "llava-hf"]
+    src = ckpts["tiny-llava-v1.6", "llava-hf"]
     want = read_checkpoint(src).tensors
     spellings = {
         # transformers 5 saves CLIPVisionModel without its vision_model level
@@ -134,7 +137,7 @@ def test_mobilevlm_reader_accepts_a_tower_saved_without_vision_model(tiny_ckpt, 
 ])
 def test_bad_llava_hf_checkpoints_name_the_key_as_it_is_on_disk(ckpts, tmp_path, drop, shape, message):
     from safetensors.torch import load_file, save_file
-    d = shutil.copytree(ckpts["tiny-llava-1.6", "llava-hf"], tmp_path / "bad")
+    d = shutil.copytree(ckpts["tiny-llava-v1.6", "llava-hf"], tmp_path / "bad")
     sd = load_file(str(d / "model.safetensors"))
     if drop:
         del sd[drop]
@@ -169,7 +172,7 @@ def test_reference_matches_transformers_llava_models(ckpts, model):
     image_token = json.loads((d / "config.json").read_text())["image_token_index"]
     for w, h in ((260, 150), (120, 200)):  # landscape and portrait: different grids and unpads
         px, size = preprocess_tiles(_photo(w, h), cfg.vision.image_size, cfg.image_aspect, cfg.grid_pinpoints)
-        ids = tokenize_prompt(tok, build_prompt("What is in the image?", template=cfg.template))
+        ids = tokenize_prompt(tok, build_prompt("What is in the image?", template=PRESETS[model].template))
         with torch.no_grad():
             feats = ours.image_features(torch.from_numpy(px), size)
             n = feats.shape[0]
@@ -245,25 +248,11 @@ def test_preprocessing_is_transformers_pixel_for_pixel(photo):
     np.testing.assert_array_equal(preprocess_tiles(data, 336, "crop")[0], crop["pixel_values"])
 
 
-@pytest.mark.unit
-def test_templates_are_the_upstream_strings():
-    human = ("A chat between a curious human and an artificial intelligence assistant. The assistant "
-             "gives helpful, detailed, and polite answers to the human's questions.")
-    assert build_prompt("Q", template="llava_v1") == human + " USER: <image>\nQ ASSISTANT:"
-    assert build_prompt("Q", template="mistral_instruct") == "[INST] <image>\nQ [/INST]"
-    assert build_prompt("Q2", history=[("Q", "A")], template="mistral_instruct") == (
-        "[INST] <image>\nQ [/INST] A </s>[INST] Q2 [/INST]")
-    assert build_prompt("Q", image=False, system="Be brief.", template="mistral_instruct") == (
-        "[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nQ [/INST]")
-    with pytest.raises(ValueError, match="unknown prompt template"):
-        build_prompt("Q", template="chatml")
-
-
 # --- export, parity, serving -----------------------------------------------------------------
 
 # One export per version, one per format between them: 1.5 in the original layout (its tower
 # from the CLIP directory), 1.6 in llava-hf's.
-EXPORTED = (("tiny-llava-1.5", "original"), ("tiny-llava-1.6", "llava-hf"))
+EXPORTED = (("tiny-llava-v1.5", "original"), ("tiny-llava-v1.6", "llava-hf"))
 
 
 @pytest.fixture(scope="module")
@@ -289,9 +278,10 @@ def test_export_matches_the_reference(ckpts, exports, model, fmt):
                         log=lambda m: None)
     assert report.ok(1e-3), report.summary(1e-3)
     m = OnnxArtifacts.open(exports[model]).manifest
-    assert m["prompt"]["template"] == PRESETS[model].template
+    assert m["prompt"]["template"] == ("checkpoint" if fmt == "llava-hf" else PRESETS[model].template)
+    assert ("chat_template" in m["files"]) == (fmt == "llava-hf")
     assert m["image"]["max_tokens"] == PRESETS[model].max_image_tokens
-    assert ("image_newline" in m["files"]) == (model == "tiny-llava-1.6")
+    assert ("image_newline" in m["files"]) == (model == "tiny-llava-v1.6")
     assert m["io"]["vision_encoder"]["outputs"][0]["shape"] == ["batch", 64, 128]  # per tile
 
 
@@ -316,18 +306,20 @@ def test_served_greedy_text_is_the_reference(ckpts, servers, model, fmt):
     client = servers[model]
     info = client.metadata()
     assert (info.image_tokens_min, info.image_tokens) == (64, cfg.max_image_tokens)
-    for image, history in ((_photo(260, 150), []), (_photo(120, 200), [("What is it?", "A cat.")]),
-                           (None, [])):
+    # served in its checkpoint's template: llava-hf's own chat template, run_llava's pick otherwise
+    assert info.template == ("checkpoint" if fmt == "llava-hf" else "llava_v1")
+    other = "llava_v0"  # and any other a request names
+    for image, history, template in ((_photo(260, 150), [], None), (_photo(120, 200), [("What is it?", "A cat.")], None),
+                                     (None, [], None), (_photo(260, 150), [("What is it?", "A cat.")], other)):
         question = "Describe it."
-        ids = tokenize_prompt(tok, build_prompt(question, image=image is not None, history=history,
-                                                template=cfg.template))
+        ids = tokenize_prompt(tok, _upstream_prompt(ck, question, image is not None, history, template))
         size = px = None
         if image is not None:
             px, size = preprocess_tiles(image, cfg.vision.image_size, cfg.image_aspect, cfg.grid_pinpoints)
             px = torch.from_numpy(px)
         want = ref.generate(ids, px, image_size=size, max_new_tokens=12, vocab=tok.vocab_size)
-        r = client.generate(question, image=image, history=history, max_tokens=12)
-        assert r.text == tok.decode(want)
+        r = client.generate(question, image=image, history=history, max_tokens=12, template=template)
+        assert r.text == tok.decode(want), (image is not None, history, template)
         v = cfg.vision
         tokens = 0 if image is None else (anyres.token_count(size, cfg.grid_pinpoints, v.image_size, v.grid)
                                           if cfg.version == "1.6" else 64)
@@ -335,12 +327,52 @@ def test_served_greedy_text_is_the_reference(ckpts, servers, model, fmt):
         assert r.stats["prefill_tokens"] == len(ids) + max(tokens - 1, 0)
 
 
+def _upstream_prompt(ck, question: str, image: bool, history, template: str | None = None, system=None) -> str:
+    """The prompt upstream builds: a llava-hf checkpoint's chat template rendered by transformers,
+    else LLaVA's conversation layout (`template`, or the checkpoint's)."""
+    if ck.chat_template and template is None:
+        from transformers.utils.chat_template_utils import render_jinja_template
+
+        from edgevlm.runtime.chat_template import conversation
+        rendered = render_jinja_template([conversation(question, images=int(image), history=history, system=system)],
+                                         chat_template=ck.chat_template, add_generation_prompt=True)
+        return rendered[0][0]
+    return build_prompt(question, image=image, history=history, system=system, template=template or ck.config.template)
+
+
+@pytest.mark.integration
+def test_a_template_the_model_does_not_know_is_refused_in_one_line(servers):
+    from edgevlm_client import InvalidRequest
+    with pytest.raises(InvalidRequest, match="unknown prompt template 'chatml'; known: vicuna_v1"):
+        servers["tiny-llava-v1.5"].generate("Hi", template="chatml", max_tokens=2)
+    with pytest.raises(InvalidRequest, match="template and raw_prompt exclude each other"):
+        servers["tiny-llava-v1.5"].generate("USER: Hi ASSISTANT:", raw_prompt=True, template="llava_v0", max_tokens=2)
+    assert servers["tiny-llava-v1.5"].generate("Hi", max_tokens=2).text is not None  # still serving
+
+
+@pytest.mark.unit
+def test_prompt_ids_follow_the_upstream_path_for_every_format(ckpts, exports, tiny_onnx, tiny_ckpt):
+    """Our served ids for a conversation with history and a system line: the upstream prompt
+    (LLaVA's layout, or the checkpoint's chat template rendered by transformers) through
+    upstream's tokenizer_image_token (each chunk between images tokenized on its own, later
+    BOS dropped)."""
+    from edgevlm.model.checkpoint import read_checkpoint
+    from edgevlm.runtime.requests import Preprocessor
+    cases = [(read_checkpoint(tiny_ckpt), tiny_onnx)] + [(_read(ckpts[m, f]), exports[m]) for m, f in EXPORTED]
+    for ck, onnx_dir in cases:
+        pre = Preprocessor(onnx_dir)
+        for image, history, system in ((True, [("What is it?", "A cat.")], "Be brief."), (False, [], None)):
+            want = tokenize_prompt(Tokenizer(ck.tokenizer_path),
+                                   _upstream_prompt(ck, "Describe it.", image, history, system=system))
+            assert pre.prompt_ids("Describe it.", int(image), history, system) == want, ck.path
+
+
 @pytest.mark.unit
 def test_tensorrt_profiles_hold_a_whole_anyres_picture(exports):
     from edgevlm.engines.profiles import decoder_profiles, vision_profiles
     from edgevlm.manifest import OnnxArtifacts
-    art = OnnxArtifacts.open(exports["tiny-llava-1.6"])
+    art = OnnxArtifacts.open(exports["tiny-llava-v1.6"])
     (images,) = vision_profiles(art)
     assert images.shapes["pixel_values"] == ((1, 3, 112, 112), (5, 3, 112, 112), (5, 3, 112, 112))
     prefill = decoder_profiles(art)[0]
-    assert prefill.shapes["inputs_embeds"][1][1] == PRESETS["tiny-llava-1.6"].max_image_tokens + 56
+    assert prefill.shapes["inputs_embeds"][1][1] == PRESETS["tiny-llava-v1.6"].max_image_tokens + 56

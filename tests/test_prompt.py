@@ -60,3 +60,75 @@ def test_eos_string_in_history_becomes_the_eos_id(tok):
 def test_text_only_prompt_tokenizes_without_placeholder(tok):
     ids = tokenize_prompt(tok, build_prompt("Hi", image=False))
     assert IMAGE_TOKEN_INDEX not in ids and ids[0] == tok.bos_id
+
+
+# LLaVA's conversation.py, as its get_prompt lays each template out: a two-turn conversation
+# about an image with a system line of the request's own (None: the template's).
+HUMAN = ("A chat between a curious human and an artificial intelligence assistant. The assistant gives helpful, "
+         "detailed, and polite answers to the human's questions.")
+UPSTREAM = {
+    ("vicuna_v1", None): SYSTEM + " USER: <image>\nQ ASSISTANT: A</s>USER: Q2 ASSISTANT:",
+    ("llava_v1", None): HUMAN + " USER: <image>\nQ ASSISTANT: A</s>USER: Q2 ASSISTANT:",
+    ("llava_v1", "Be brief."): "Be brief. USER: <image>\nQ ASSISTANT: A</s>USER: Q2 ASSISTANT:",
+    ("llava_v0", None): HUMAN + "###Human: <image>\nQ###Assistant: A###Human: Q2###Assistant:",
+    ("mistral_instruct", None): "[INST] <image>\nQ [/INST] A </s>[INST] Q2 [/INST]",
+    ("mistral_instruct", "Be brief."): "[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\n<image>\nQ [/INST] A </s>[INST] Q2 [/INST]",
+    ("llava_llama_2", None): ("[INST] <<SYS>>\nYou are a helpful language and vision assistant. You are able to "
+                              "understand the visual content that the user provides, and assist the user with a "
+                              "variety of tasks using natural language.\n<</SYS>>\n\n<image>\nQ [/INST] A "
+                              "</s><s>[INST] Q2 [/INST]"),
+    ("chatml_direct", None): ("<|im_start|>system\nAnswer the questions.<|im_end|><|im_start|>user\n<image>\nQ"
+                              "<|im_end|><|im_start|>assistant\nA<|im_end|><|im_start|>user\nQ2<|im_end|>"
+                              "<|im_start|>assistant\n"),
+    ("chatml_direct", "Be brief."): ("<|im_start|>system\nBe brief.<|im_end|><|im_start|>user\n<image>\nQ<|im_end|>"
+                                     "<|im_start|>assistant\nA<|im_end|><|im_start|>user\nQ2<|im_end|>"
+                                     "<|im_start|>assistant\n"),
+    ("mpt", None): ("<|im_start|>system\nA conversation between a user and an LLM-based AI assistant. The assistant "
+                    "gives helpful and honest answers.<|im_end|><|im_start|>user\n<image>\nQ<|im_end|>"
+                    "<|im_start|>assistant\nA<|im_end|><|im_start|>user\nQ2<|im_end|><|im_start|>assistant\n"),
+}
+
+
+@pytest.mark.parametrize("template,system", list(UPSTREAM))
+def test_every_template_lays_out_a_conversation_as_upstream_does(template, system):
+    assert build_prompt("Q2", history=[("Q", "A")], system=system, template=template) == UPSTREAM[template, system]
+
+
+@pytest.mark.parametrize("path,template", [
+    ("/models/llava-v1.5-7b", "llava_v1"),
+    ("/models/llava-v1.6-vicuna-13b", "llava_v1"),
+    ("/models/llava-v1.6-mistral-7b", "mistral_instruct"),
+    ("/models/llava-v1.6-34b", "chatml_direct"),
+    ("/models/llava-llama-2-13b-chat-lightning-preview", "llava_llama_2"),
+    ("/models/LLaVA-Lightning-MPT-7B-preview", "mpt"),
+    ("/models/LLaVA-13b-delta", "llava_v0"),
+    ("/runs/llava-v1.5-13b/checkpoint-5000", "llava_v1"),   # a training checkpoint: its run's name counts
+    ("/work/artifacts/llava-v1.5-7b/checkpoint", "llava_v1"),  # ours: artifacts/<name>/checkpoint
+    ("/work/artifacts/my-finetune/checkpoint", "llava_v0"),
+])
+def test_run_llavas_rule_picks_the_template_by_the_models_name(path, template):
+    from pathlib import Path
+
+    from edgevlm.model.checkpoint import run_llava_name, run_llava_template
+    assert run_llava_template(run_llava_name(Path(path))) == template
+
+
+def test_every_llava_preset_names_what_run_llava_picks_for_it():
+    from pathlib import Path
+
+    from edgevlm.model.checkpoint import run_llava_name, run_llava_template
+    from edgevlm.presets import PRESETS
+    for name, cfg in PRESETS.items():
+        want = run_llava_template(run_llava_name(Path("/models") / name)) if cfg.family == "llava" else "vicuna_v1"
+        assert cfg.template == want, name
+
+
+def test_layouts_name_what_they_know():
+    from edgevlm.runtime.prompt import Layouts
+    with pytest.raises(ValueError, match="unknown prompt template 'chatml'; known: vicuna_v1, llava_v1"):
+        Layouts("chatml")
+    with pytest.raises(ValueError, match="has no chat template"):
+        Layouts("checkpoint")
+    layouts = Layouts("llava_v0")
+    assert layouts.render("llava_v0", "Q", 0, [], None) == HUMAN + "###Human: Q###Assistant:"
+    assert layouts.system("mistral_instruct") == "" and layouts.system("llava_v0") == HUMAN

@@ -64,6 +64,11 @@ def render() -> str:
         out += _wrap(f"`{t.name}` {t.datatype} [{dims}]{_limit(t)}{_default(t)}: {t.doc}.", "- ")
     kinds = ", ".join(f"`{kind}` ({f'`{key}`' if key else 'none'})" for kind, key in contract.RESPONSE_FORMATS.items())
     out += [""] + _wrap(f"`response_format` is JSON whose `type` is one of these, with the key it needs: {kinds}.")
+    out += [""] + _wrap("`template` is one of " + ", ".join(f"`{t}`" for t in contract.TEMPLATES) + " (LLaVA's "
+                        "conversation names; `checkpoint`: the model's own chat template, where its checkpoint "
+                        "has one). Without it the model's template is used: its checkpoint's chat template, "
+                        "MobileVLM's `vicuna_v1`, or for an original LLaVA checkpoint the one LLaVA's run_llava "
+                        "picks by the directory's name.")
     out += ["", "## Outputs", ""]
     for t in contract.OUTPUTS:
         out += _wrap(f"`{t.name}` {t.datatype} [{', '.join(map(str, t.dims))}]: {t.doc}.", "- ")

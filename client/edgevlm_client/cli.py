@@ -138,7 +138,8 @@ def cmd_health(args) -> int:
     tokens = (f"{info.image_tokens_min}-{info.image_tokens}" if info.image_tokens_min < info.image_tokens
               else str(info.image_tokens))
     print(f"{args.url}: ready | {info.name} serves {info.model_name}: context {info.max_context} tokens, "
-          f"image {info.image_size}px -> {tokens} tokens, {info.max_sequences} streams at once")
+          f"image {info.image_size}px -> {tokens} tokens, {info.max_sequences} streams at once"
+          + (f", prompt template {info.template}" if info.template else ""))
     return 0
 
 

@@ -81,6 +81,8 @@ INPUTS = (
     Tensor("history", "BYTES", (1,), "earlier turns as JSON [[question, answer], ...]; "
            "the image belongs to the first"),
     Tensor("system", "BYTES", (1,), "replaces the template's system line"),
+    Tensor("template", "BYTES", (1,), "lay the prompt out in this template instead of the model's (see "
+           "TEMPLATES; `edgevlm-client health` names the model's)"),
     *PARAMETERS,
     Tensor("stop", "BYTES", (-1,), "stop strings (never streamed)"),
     Tensor("response_format", "BYTES", (1,), "JSON: the answer must match a JSON schema, any JSON object, a "
@@ -104,7 +106,13 @@ MAX_TOOLS = 32
 RESPONSE_FORMATS = {"json_schema": "schema", "json_object": None, "regex": "pattern", "choice": "choices"}
 
 # The inputs that make the prompt (image, template, tokens); the rest steer decoding.
-PROMPT_INPUTS = ("image", "prompt", "raw_prompt", "history", "system")
+PROMPT_INPUTS = ("image", "prompt", "raw_prompt", "history", "system", "template")
+
+# Prompt templates by name (LLaVA's conversation.py names), and `checkpoint`: the model's own
+# chat template (llava-hf, Llama-3.2-Vision). A model serves the one its checkpoint calls for
+# (for an original LLaVA checkpoint, what LLaVA's run_llava picks by its directory's name).
+TEMPLATES = ("vicuna_v1", "llava_v1", "llava_v0", "mistral_instruct", "llava_llama_2", "chatml_direct", "mpt",
+             "checkpoint")
 
 # In-band cancellation. A client stops a generation by sending, on the same gRPC stream, a
 # request holding only `cancel` = the generation's request id (a random id the client gave

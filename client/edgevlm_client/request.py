@@ -75,6 +75,7 @@ class ModelInfo:
     inputs: dict[str, str]    # input name -> Triton datatype
     image_tokens_min: int = 0  # at least (LLaVA-1.6's count depends on the picture's size)
     family: str = ""          # mobilevlm, llava or mllama (Llama-3.2-Vision: images by cross-attention)
+    template: str = ""        # the prompt template it serves (contract.TEMPLATES)
 
     @classmethod
     def from_triton(cls, metadata: dict, config: dict) -> ModelInfo:
@@ -86,7 +87,7 @@ class ModelInfo:
                    default_max_tokens=number("default_max_tokens"), max_sequences=number("max_sequences"),
                    inputs={t["name"]: t["datatype"] for t in metadata.get("inputs", [])},
                    image_tokens_min=number("image_tokens_min") or number("image_tokens"),
-                   family=params.get("family", ""))
+                   family=params.get("family", ""), template=params.get("template", ""))
 
 
 def _tensor(name: str, value) -> grpcclient.InferInput:
@@ -105,7 +106,7 @@ def build_inputs(prompt: str, image=None, *, system: str | None = None, raw_prom
                  min_tokens: int | None = None, ignore_eos: bool | None = None, logprobs: int | None = None,
                  stop: Sequence[str] | str | None = None, response_format: dict | None = None,
                  tools: Sequence[dict] | None = None, tool_choice: str | None = None,
-                 parallel_tool_calls: bool | None = None) -> list[grpcclient.InferInput]:
+                 parallel_tool_calls: bool | None = None, template: str | None = None) -> list[grpcclient.InferInput]:
     """Request tensors; options left as None take the server's defaults. response_format:
     see `response_format()`."""
     inputs = [_tensor("prompt", prompt.encode("utf-8"))]
@@ -115,6 +116,8 @@ def build_inputs(prompt: str, image=None, *, system: str | None = None, raw_prom
         inputs.append(_tensor("system", system.encode("utf-8")))
     if raw_prompt:
         inputs.append(_tensor("raw_prompt", True))
+    if template is not None:
+        inputs.append(_tensor("template", template.encode("utf-8")))
     if history:
         inputs.append(_tensor("history", json.dumps([list(t) for t in history]).encode("utf-8")))
     options = dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,

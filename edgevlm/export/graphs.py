@@ -31,6 +31,7 @@ import torch
 
 from edgevlm.export import cleanup, half_weights, static_cache
 from edgevlm.model.checkpoint import TOKENIZER_FILES, read_checkpoint
+from edgevlm.runtime.chat_template import CHAT_TEMPLATE_FILE
 from edgevlm.runtime.image import PAD_COLOUR
 from edgevlm.manifest import write_manifest
 from edgevlm.presets import ANYRES, CLIP_MEAN, CLIP_STD, IMAGE_TOKEN_INDEX, ModelConfig
@@ -183,10 +184,12 @@ def export_onnx(checkpoint_dir: str | Path, out_dir: str | Path, clip_dir: str |
         log("onnx: [3/4] graph cleanup: static decoder (opset 24, weights shared with decoder.onnx)")
         finish_static(raw / "static" / "decoder.static.onnx", tmp / "decoder.static.onnx", cfg)
         shutil.rmtree(raw)
-        log("onnx: [4/4] tokenizer, manifest")
+        log(f"onnx: [4/4] tokenizer, manifest (prompt template: {cfg.template})")
         for name in TOKENIZER_FILES:
             if (ckpt.path / name).is_file():
                 shutil.copy2(ckpt.path / name, tmp / name)
+        if ckpt.chat_template:  # llava-hf: its own, rendered by the runtime as transformers does
+            (tmp / CHAT_TEMPLATE_FILE).write_text(ckpt.chat_template)
         manifest = _manifest(ckpt, cfg, tmp, vision_source)
         manifest["weights"] = ({"storage": "half", "dtype": str(dtype).removeprefix("torch."),
                                 "which": "decoder layer projections"} if half else {"storage": "fp32"})
@@ -204,6 +207,9 @@ def _manifest(ckpt, cfg: ModelConfig, root: Path, vision_source: str) -> dict:
              "embed_tokens": "embed_tokens.npy", "tokenizer": "tokenizer.model"}
     if (root / "image_newline.npy").is_file():
         files["image_newline"] = "image_newline.npy"
+    for key, name in (("chat_template", CHAT_TEMPLATE_FILE), ("tokenizer_config", "tokenizer_config.json")):
+        if (root / name).is_file():
+            files[key] = name
     for key in ("vision_encoder", "decoder"):  # weights beside each graph
         if (root / f"{key}.onnx.data").is_file():
             files[f"{key}_data"] = f"{key}.onnx.data"

@@ -38,10 +38,10 @@ from edgevlm.manifest import write_manifest
 from edgevlm.model.mllama import Mllama
 from edgevlm.model.mllama_checkpoint import read_mllama
 from edgevlm.presets import MllamaConfig
+from edgevlm.runtime.chat_template import CHAT_TEMPLATE_FILE
 from edgevlm.staging import staged_dir
 
 VISION_IO = (["pixel_values", "aspect_ratio_ids", "aspect_ratio_mask"], ["cross_states"])
-CHAT_TEMPLATE_FILE = "chat_template.jinja"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
 
 

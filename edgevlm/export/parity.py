@@ -26,7 +26,7 @@ from edgevlm.presets import ANYRES
 from edgevlm.runtime import anyres
 from edgevlm.runtime.image import preprocess_tiles
 from edgevlm.manifest import OnnxArtifacts
-from edgevlm.runtime.prompt import build_prompt, tokenize_prompt
+from edgevlm.runtime.requests import Preprocessor
 from edgevlm.samples import sample_images
 from edgevlm.runtime.tokenizer import Tokenizer
 
@@ -133,13 +133,13 @@ def run_parity(checkpoint: str | Path, onnx_dir: str | Path, *, clip_dir=None, i
         raise ValueError(f"{onnx_dir} was exported from a {art.config.name} model, "
                          f"but {checkpoint} is {cfg.name}")
     tok = Tokenizer(art.path("tokenizer"))
+    pre = Preprocessor(onnx_dir, tokenizer=tok)  # the prompts as served
     table = EmbeddingTable(art.path("embed_tokens"))
     newline = np.load(art.path("image_newline")) if cfg.image_aspect == ANYRES else None
 
     cases = []
     for name, data in [*sample_images(images).items(), ("text-only", None)]:
-        ids = tokenize_prompt(tok, build_prompt(QUESTION if data else TEXT_ONLY, image=data is not None,
-                                                template=cfg.template))
+        ids = pre.prompt_ids(QUESTION if data else TEXT_ONLY, images=int(data is not None))
         px, size = (preprocess_tiles(data, cfg.vision.image_size, cfg.image_aspect, cfg.grid_pinpoints)
                     if data else (None, None))
         cases.append({"name": name, "ids": ids, "px": px, "size": size})

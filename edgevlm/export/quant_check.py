@@ -19,8 +19,7 @@ from edgevlm.presets import ANYRES
 from edgevlm.runtime import anyres
 from edgevlm.runtime.image import preprocess_tiles
 from edgevlm.manifest import OnnxArtifacts
-from edgevlm.runtime.prompt import build_prompt, tokenize_prompt
-from edgevlm.runtime.tokenizer import Tokenizer
+from edgevlm.runtime.requests import Preprocessor
 
 QUESTION = "What is in the image? Describe it in one sentence."
 TEXT_ONLY = "Name three colours."
@@ -139,12 +138,11 @@ class _Expected:
 
 def _reference(fp32_dir: Path, images: dict[str, bytes]) -> list[_Expected]:
     ref = _Pipeline(fp32_dir)
-    tok = Tokenizer(OnnxArtifacts.open(fp32_dir).path("tokenizer"))
+    pre = Preprocessor(fp32_dir)  # the prompts as served
     out = []
     for img in list(images.values())[:4] + [None]:
         emb = None if img is None else ref.image(img)
-        ids = tokenize_prompt(tok, build_prompt(QUESTION if img is not None else TEXT_ONLY, image=img is not None,
-                                                template=ref.cfg.template))
+        ids = pre.prompt_ids(QUESTION if img is not None else TEXT_ONLY, images=int(img is not None))
         seq, logits = ref.prefill(ids, emb, _capacity(ids, emb))
         first, tokens = logits.copy(), []
         for i in range(STEPS):

@@ -132,6 +132,7 @@ class Checkpoint:
     tensors: dict[str, torch.Tensor]  # lazily mapped from disk, canonical key names
     clip_dir: Path | None = None  # where the tower comes from when the checkpoint has none
     format: str = "original"  # or "llava-hf"
+    chat_template: str | None = None  # a llava-hf checkpoint's own (Jinja)
 
     def weights(self, clip_dir: str | Path | None = None) -> Weights:
         """Split the state dict into its parts, honouring upstream's choice of CLIP weights.
@@ -209,7 +210,10 @@ def read_checkpoint(path: str | Path, clip_dir: str | Path | None = None) -> Che
     else:
         config = config_from_checkpoint(raw, tensors, name=path.name)
     check_tensors(tensors, layout(config), where=str(path), spell=spell)
-    return Checkpoint(path, config, files, tensors, Path(clip_dir) if not tower_stored else None, fmt)
+    chat_template = read_chat_template(path) if fmt == "llava-hf" else None
+    config = replace(config, template=template_for(config, path, chat_template))
+    return Checkpoint(path, config, files, tensors, Path(clip_dir) if not tower_stored else None, fmt,
+                      chat_template)
 
 
 def _with_vision_model_level(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -292,16 +296,55 @@ def config_from_checkpoint(raw: dict, tensors: dict[str, torch.Tensor], name: st
             raise CheckpointError("config.json: anyres needs mm_patch_merge_type 'spatial_unpad'")
         # The original code reads each pinpoint as (width, height); ours are (height, width).
         pinpoints = tuple((h, w) for w, h in need("image_grid_pinpoints"))
-    return match_preset(ModelConfig(name, ptype, vision, text, aspect, pinpoints,
-                                    template_for(raw, ptype, aspect)))
+    return match_preset(ModelConfig(name, ptype, vision, text, aspect, pinpoints))
 
 
-def template_for(raw: dict, ptype: str, aspect: str) -> str:
-    """The conversation template upstream picks for the model (LLaVA's run_llava by name)."""
-    arch = " ".join(raw.get("architectures") or []) + " " + str(raw.get("model_type", ""))
-    if "istral" in arch:
-        return "mistral_instruct"
-    return "llava_v1" if ptype == MLP2X_GELU and aspect == ANYRES else "vicuna_v1"
+CHECKPOINT_TEMPLATE = "checkpoint"  # the checkpoint's own chat template (Jinja), rendered as transformers does
+
+
+def run_llava_name(path: Path) -> str:
+    """The model name LLaVA's run_llava and CLI pick a template by: the directory's name, or
+    for a training checkpoint directory (checkpoint-N) its parent's name joined to its own.
+    Our make flow's artifacts/<name>/checkpoint is read like the latter."""
+    parts = path.absolute().parts
+    last = parts[-1]
+    return f"{parts[-2]}_{last}" if (last.startswith("checkpoint-") or last == "checkpoint") and len(parts) > 1 \
+        else last
+
+
+def run_llava_template(name: str) -> str:
+    """run_llava's rule: the first of these substrings in the lower-cased model name decides."""
+    name = name.lower()
+    for key, template in (("llama-2", "llava_llama_2"), ("mistral", "mistral_instruct"),
+                          ("v1.6-34b", "chatml_direct"), ("v1", "llava_v1"), ("mpt", "mpt")):
+        if key in name:
+            return template
+    return "llava_v0"
+
+
+def template_for(cfg: ModelConfig, path: Path, chat_template: str | None) -> str:
+    """The template a checkpoint is served with: its own chat template where it has one
+    (llava-hf), MobileVLM's `v1` (its code's only one, vicuna_v1), else run_llava's rule on
+    the directory's name (original LLaVA)."""
+    if chat_template:
+        return CHECKPOINT_TEMPLATE
+    if cfg.family == "mobilevlm":
+        return "vicuna_v1"
+    return run_llava_template(run_llava_name(path))
+
+
+def read_chat_template(path: Path) -> str | None:
+    """A llava-hf checkpoint's chat template, where transformers keeps it: chat_template.jinja
+    (transformers 5), chat_template.json (the processor's, 4.4x), or tokenizer_config.json."""
+    if (path / "chat_template.jinja").is_file():
+        return (path / "chat_template.jinja").read_text()
+    for name in ("chat_template.json", "tokenizer_config.json"):
+        f = path / name
+        if f.is_file():
+            template = json.loads(f.read_text()).get("chat_template")
+            if isinstance(template, str) and template:
+                return template
+    return None
 
 
 def check_tensors(tensors: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]],

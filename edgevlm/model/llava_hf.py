@@ -11,11 +11,14 @@ linear_{1,2}.*` and, for 1.6, a top-level `image_newline`. transformers 4.52+ ho
 
 from __future__ import annotations
 
+import json
+
 import torch
 
 from edgevlm.model.canonical import (NEWLINE_KEY, PROJECTOR_PREFIX, VISION_PREFIX, CheckpointError,
                                      vision_from_tensors)
 from edgevlm.presets import ANYRES, CROP, MLP2X_GELU, ModelConfig, TextConfig, match_preset
+from edgevlm.runtime.prompt import SYSTEM_LLAVA_V1
 
 HF_ARCHITECTURES = ("LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration")
 VISION = VISION_PREFIX + "vision_model."
@@ -118,11 +121,9 @@ def config_from_hf(raw: dict, tensors: dict[str, torch.Tensor], name: str) -> Mo
         pinpoints = tuple(tuple(p) for p in raw.get("image_grid_pinpoints") or ())
         if not pinpoints:
             raise CheckpointError("config.json: llava_next without image_grid_pinpoints")
-        cfg = ModelConfig(name, MLP2X_GELU, vision, text, ANYRES, pinpoints,
-                          "mistral_instruct" if kind == "mistral" else "llava_v1")
+        cfg = ModelConfig(name, MLP2X_GELU, vision, text, ANYRES, pinpoints)
     else:  # llava-hf 1.5's processor is CLIPImageProcessor: centre crop, no pad to square
-        cfg = ModelConfig(name, MLP2X_GELU, vision, text, CROP, (),
-                          "mistral_instruct" if kind == "mistral" else "vicuna_v1")
+        cfg = ModelConfig(name, MLP2X_GELU, vision, text, CROP, ())
     return match_preset(cfg)
 
 
@@ -157,3 +158,48 @@ def hf_config(cfg: ModelConfig) -> dict:
         out["image_grid_pinpoints"] = [list(p) for p in cfg.grid_pinpoints]
         out["use_image_newline_parameter"] = True
     return out
+
+
+# Ours, not llava-hf's text: a Jinja chat template in the layout each llava-hf release renders
+# (what `apply_chat_template` gives its users), for the random checkpoints. A message's images
+# come before its text, "<image>\n" each; content is a string or a list of parts.
+_PARTS = """{%- macro parts(content, kind) -%}
+{%- if content is string -%}{%- if kind == 'text' -%}{{ content }}{%- endif -%}
+{%- else -%}{%- for p in content if p['type'] == kind -%}
+{%- if kind == 'image' -%}{{ '<image>\\n' }}{%- else -%}{{ p['text'] }}{%- endif -%}
+{%- endfor -%}{%- endif -%}
+{%- endmacro -%}
+"""
+# vicuna layout: "<system> USER: <image>\nQ ASSISTANT: A</s>USER: Q2 ASSISTANT:"
+_VICUNA = _PARTS + """{%- set ns = namespace(system=DEFAULT_SYSTEM) -%}
+{%- if messages and messages[0]['role'] == 'system' -%}
+{%- set ns.system = parts(messages[0]['content'], 'text') -%}{%- set messages = messages[1:] -%}
+{%- endif -%}
+{%- if ns.system -%}{{ ns.system + ' ' }}{%- endif -%}
+{%- for m in messages -%}
+{%- if m['role'] == 'user' -%}{{ 'USER: ' + parts(m['content'], 'image') + parts(m['content'], 'text') + ' ' }}
+{%- elif m['role'] == 'assistant' -%}{{ 'ASSISTANT: ' + parts(m['content'], 'text') + '</s>' }}
+{%- endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt -%}{{ 'ASSISTANT:' }}{%- endif -%}
+"""
+# Mistral's instruct layout: "[INST] <image>\nQ [/INST] A</s>[INST] Q2 [/INST]"
+_MISTRAL = _PARTS + """{%- set ns = namespace(system='') -%}
+{%- if messages and messages[0]['role'] == 'system' -%}
+{%- set ns.system = parts(messages[0]['content'], 'text') + '\\n\\n' -%}{%- set messages = messages[1:] -%}
+{%- endif -%}
+{%- for m in messages -%}
+{%- if m['role'] == 'user' -%}
+{{ '[INST] ' + (ns.system if loop.first else '') + parts(m['content'], 'image') + parts(m['content'], 'text') + ' [/INST]' }}
+{%- elif m['role'] == 'assistant' -%}{{ ' ' + parts(m['content'], 'text') + '</s>' }}
+{%- endif -%}
+{%- endfor -%}
+"""
+
+
+def chat_template(cfg: ModelConfig) -> str:
+    """The chat template a random llava-hf checkpoint of `cfg` carries (chat_template.json)."""
+    if cfg.template == "mistral_instruct":
+        return _MISTRAL
+    system = SYSTEM_LLAVA_V1 if cfg.image_aspect == ANYRES else ""  # 1.6 vicuna has one, 1.5 none
+    return _VICUNA.replace("DEFAULT_SYSTEM", json.dumps(system))

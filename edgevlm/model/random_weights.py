@@ -67,6 +67,8 @@ def write_random_checkpoint(out_dir: str | Path, cfg: ModelConfig, *, seed: int 
         write_tokenizer(tmp, cfg.text.vocab_size, added=("<image>", "<pad>") if hf else ())
         if hf:
             (tmp / "preprocessor_config.json").write_text(json.dumps(_processor_config(cfg), indent=2) + "\n")
+            (tmp / "chat_template.json").write_text(json.dumps({"chat_template": llava_hf.chat_template(cfg)},
+                                                               indent=2) + "\n")
     return out_dir
 
 

@@ -15,6 +15,8 @@ from datetime import datetime
 
 from edgevlm.runtime.errors import BadRequest
 
+CHAT_TEMPLATE_FILE = "chat_template.jinja"  # where an export keeps a checkpoint's chat template
+
 
 def _raise(message: str):
     from jinja2.exceptions import TemplateError

@@ -22,6 +22,7 @@ import numpy as np
 from edgevlm_client.contract import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, MAX_PROMPT_CHARS
 
 from edgevlm.manifest import OnnxArtifacts
+from edgevlm.runtime.prompt import CHECKPOINT
 from edgevlm.runtime.chat_template import ChatTemplate, conversation
 from edgevlm.runtime.cross_attention import CrossImage, CrossRow, cross_mask
 from edgevlm.runtime.errors import BadRequest
@@ -41,10 +42,12 @@ class CrossImageEncoder:
     embeddings (105 MB per 11B image in FP32), so they do not cross Triton; the image batcher
     still runs every image that arrived together in one call."""
 
-    def __init__(self, onnx_dir: str | Path, threads: int | None = None):
+    def __init__(self, onnx_dir: str | Path, threads: int | None = None,
+                 keys: tuple[str, str] = ("vision_encoder", "cross_kv")):
+        """keys: the export's two graphs to run (a quantized export's FP16 copies for its check)."""
         art = OnnxArtifacts.open(onnx_dir)
-        self.vision = session(art.path("vision_encoder"), threads)
-        self.kv = session(art.path("cross_kv"), threads)
+        self.vision = session(art.path(keys[0]), threads)
+        self.kv = session(art.path(keys[1]), threads)
         self.names = [o.name for o in self.kv.get_outputs()]
 
     def __call__(self, batch: tuple[np.ndarray, np.ndarray, np.ndarray]) -> tuple[list[np.ndarray], float]:
@@ -99,6 +102,8 @@ class CrossPreprocessor:
         question = text(inputs["prompt"], "prompt")
         turns = parse_history(inputs.get("history"))
         system = text(inputs["system"], "system").strip() if inputs.get("system") is not None else None
+        if inputs.get("template") is not None and text(inputs["template"], "template") != CHECKPOINT:
+            raise BadRequest("template: this model's prompts are its checkpoint's chat template (`checkpoint`)")
         if not question.strip():
             raise BadRequest("prompt is empty")
         for name, value in [("prompt", question), ("system", system or "")]:

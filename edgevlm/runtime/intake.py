@@ -51,14 +51,15 @@ class Stream(Protocol):
 Encode = Callable[[np.ndarray], tuple[np.ndarray, float]]  # pixel_values -> (features, ms)
 
 
-def open_preprocessor(onnx_dir, tokenizer, max_image_pixels: int):
+def open_preprocessor(onnx_dir, tokenizer, max_image_pixels: int, template: str | None = None):
     """The export's request preprocessor, and the image encoder it runs in process (None: the
     `vision_encoder` model, through Triton). A cross-attention model encodes in process: what
-    its encoder makes is too large to cross Triton (cross_requests.CrossImageEncoder)."""
+    its encoder makes is too large to cross Triton (cross_requests.CrossImageEncoder).
+    template: the prompt layout served by default (None: the export's)."""
     if OnnxArtifacts.open(onnx_dir).config.family == MLLAMA:
         from edgevlm.runtime.cross_requests import CrossImageEncoder, CrossPreprocessor
         return CrossPreprocessor(onnx_dir, max_image_pixels, tokenizer), CrossImageEncoder(onnx_dir)
-    return requests.Preprocessor(onnx_dir, max_image_pixels, tokenizer), None
+    return requests.Preprocessor(onnx_dir, max_image_pixels, tokenizer, template), None
 
 
 class _Named:

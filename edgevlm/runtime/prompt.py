@@ -1,14 +1,26 @@
-"""Conversation templates (LLaVA's conversation.py, as its models were trained) and
-tokenization around the image placeholder.
+"""Conversation templates, as LLaVA's conversation.py lays out the prompts its models were
+trained on, and tokenization around the image placeholder.
 
-  vicuna_v1         MobileVLM, LLaVA-1.5: "<system> USER: <image>\nQ ASSISTANT:"
-  llava_v1          LLaVA-1.6 vicuna: the same, with the "human" system line
-  mistral_instruct  LLaVA-1.6 mistral: "[INST] <image>\nQ [/INST]", no system line by default
+Four separator styles cover every template a LLaVA or MobileVLM checkpoint is run with:
+
+  two      vicuna_v1 (MobileVLM's `v1`, LLaVA-1.5's evaluations), llava_v1:
+           "<system> USER: <image>\nQ ASSISTANT: A</s>USER: Q2 ASSISTANT:"
+  single   llava_v0: "<system>###Human: <image>\nQ###Assistant:"
+  llama_2  mistral_instruct, llava_llama_2: "[INST] <<SYS>>\n<system>\n<</SYS>>\n\n<image>\nQ [/INST] A </s>"
+           (the system block only when there is a system line; llava_llama_2 opens each later
+           turn with "<s>")
+  mpt      chatml_direct (LLaVA-1.6-34B), mpt:
+           "<|im_start|>system\n<system><|im_end|><|im_start|>user\n<image>\nQ<|im_end|><|im_start|>assistant\n"
+
+Which one a checkpoint gets is decided when it is read (model/checkpoint.py template_for, by
+LLaVA's run_llava rule); a checkpoint with its own chat template (llava-hf) is rendered with it
+instead (chat_template.py). A request or `make repo TEMPLATE=` may pick any of these by name.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from edgevlm.presets import IMAGE_TOKEN_INDEX
 
@@ -16,54 +28,124 @@ SYSTEM_V1 = ("A chat between a curious user and an artificial intelligence assis
              "The assistant gives helpful, detailed, and polite answers to the user's questions.")
 SYSTEM_LLAVA_V1 = ("A chat between a curious human and an artificial intelligence assistant. "
                    "The assistant gives helpful, detailed, and polite answers to the human's questions.")
-ROLES = ("USER", "ASSISTANT")
-SEPS = (" ", "</s>")  # separator style TWO: after a user turn, after an assistant turn
+SYSTEM_LLAVA_LLAMA_2 = ("You are a helpful language and vision assistant. You are able to understand the visual "
+                        "content that the user provides, and assist the user with a variety of tasks using natural "
+                        "language.")
 IMAGE_PLACEHOLDER = "<image>"
 STOP_STRING = "</s>"
+CHATML_SYSTEM = "<|im_start|>system\n{}"
+CHATML_ROLES = ("<|im_start|>user\n", "<|im_start|>assistant\n")
 
-# template -> its default system line
-TEMPLATES = {"vicuna_v1": SYSTEM_V1, "llava_v1": SYSTEM_LLAVA_V1, "mistral_instruct": ""}
+
+@dataclass(frozen=True)
+class Template:
+    name: str
+    style: str  # two | single | llama_2 | mpt
+    system: str  # the default system line, as the request's `system` input replaces it
+    roles: tuple[str, str] = ("USER", "ASSISTANT")
+    sep: str = " "
+    sep2: str = "</s>"
+    system_format: str = "{}"  # how the system line is written into the prompt
+
+    def render(self, turns: list[tuple[str, str | None]], system: str) -> str:
+        """(question, answer) turns, the last answer None: the prompt the model continues."""
+        head = self.system_format.format(system)
+        if self.style == "two":
+            out, seps = head + self.sep, (self.sep, self.sep2)
+            for q, a in turns:
+                out += f"{self.roles[0]}: {q}{seps[0]}"
+                out += f"{self.roles[1]}: {a}{seps[1]}" if a is not None else f"{self.roles[1]}:"
+            return out
+        if self.style == "single":
+            out = head + self.sep
+            for q, a in turns:
+                out += f"{self.roles[0]}: {q}{self.sep}"
+                out += f"{self.roles[1]}: {a}{self.sep}" if a is not None else f"{self.roles[1]}:"
+            return out
+        if self.style == "mpt":
+            out = head + self.sep
+            for q, a in turns:
+                out += self.roles[0] + q + self.sep
+                out += self.roles[1] + a + self.sep if a is not None else self.roles[1]
+            return out
+        # llama_2: each question inside [INST] ... [/INST] after `sep`, each answer followed by
+        # " sep2"; the system block opens the first question; the leading `sep` is stripped
+        out = ""
+        for i, (q, a) in enumerate(turns):
+            if i == 0 and system:
+                q = f"<<SYS>>\n{system}\n<</SYS>>\n\n{q}"
+            out += f"{self.sep}[INST] {q} [/INST]"
+            if a is not None:
+                out += f" {a} {self.sep2}"
+        return out.lstrip(self.sep) if self.sep else out
 
 
-def default_system(template: str) -> str:
+TEMPLATES = {t.name: t for t in (
+    Template("vicuna_v1", "two", SYSTEM_V1),
+    Template("llava_v1", "two", SYSTEM_LLAVA_V1),
+    Template("llava_v0", "single", SYSTEM_LLAVA_V1, roles=("Human", "Assistant"), sep="###", sep2=""),
+    Template("mistral_instruct", "llama_2", "", sep=""),
+    Template("llava_llama_2", "llama_2", SYSTEM_LLAVA_LLAMA_2, sep="<s>"),
+    Template("chatml_direct", "mpt", "Answer the questions.", roles=CHATML_ROLES, sep="<|im_end|>", sep2="",
+             system_format=CHATML_SYSTEM),
+    Template("mpt", "mpt", "A conversation between a user and an LLM-based AI assistant. The assistant gives helpful "
+             "and honest answers.", roles=CHATML_ROLES, sep="<|im_end|>", sep2="", system_format=CHATML_SYSTEM),
+)}
+
+
+def template_named(name: str) -> Template:
     try:
-        return TEMPLATES[template]
+        return TEMPLATES[name]
     except KeyError:
-        raise ValueError(f"unknown prompt template {template!r}; known: {', '.join(TEMPLATES)}") from None
+        raise ValueError(f"unknown prompt template {name!r}; known: {', '.join(TEMPLATES)}") from None
 
 
 def build_prompt(question: str, *, image: bool = True, history: Sequence[tuple[str, str]] = (),
                  system: str | None = None, template: str = "vicuna_v1") -> str:
     """The prompt for `question`, after earlier (question, answer) turns, in `template`.
 
-    The image, if any, belongs to the first user turn, as "<image>\n" before its text.
-    system None is the template's own line.
+    The image, if any, belongs to the first user turn, as "<image>\n" before its text (as
+    run_llava and LLaVA's CLI put it). system None is the template's own line.
     """
-    system = default_system(template) if system is None else system
+    t = template_named(template)
     turns = [*history, (question, None)]
     if image:
         turns[0] = (IMAGE_PLACEHOLDER + "\n" + turns[0][0], turns[0][1])
-    if template == "mistral_instruct":
-        return _llama2_style(system, turns)
-    out = system + SEPS[0]
-    for q, a in turns:
-        out += f"{ROLES[0]}: {q}{SEPS[0]}"
-        out += f"{ROLES[1]}: {a}{SEPS[1]}" if a is not None else f"{ROLES[1]}:"
-    return out
+    return t.render(turns, t.system if system is None else system)
 
 
-def _llama2_style(system: str, turns) -> str:
-    """LLaVA's LLAMA_2 separator style (sep "", sep2 "</s>"): each question wrapped in
-    [INST] ... [/INST], each answer followed by " </s>"; a system line, if any, opens the first
-    question inside <<SYS>> markers."""
-    out = ""
-    for i, (q, a) in enumerate(turns):
-        if i == 0 and system:
-            q = f"<<SYS>>\n{system}\n<</SYS>>\n\n{q}"
-        out += f"[INST] {q} [/INST]"
-        if a is not None:
-            out += f" {a} {SEPS[1]}"
-    return out
+CHECKPOINT = "checkpoint"  # the template name that stands for the checkpoint's own chat template
+
+
+class Layouts:
+    """The prompt layouts a served model offers: its default (the manifest's, or `make repo
+    TEMPLATE=`) and any other a request names; `checkpoint` is the checkpoint's chat template
+    where the export has one."""
+
+    def __init__(self, default: str, chat=None):
+        """chat: the checkpoint's chat_template.ChatTemplate, or None."""
+        self.chat = chat
+        self.default = self.check(default)
+
+    def check(self, name: str) -> str:
+        if name == CHECKPOINT:
+            if self.chat is None:
+                raise ValueError("template 'checkpoint': this model's checkpoint has no chat template; known: "
+                                 + ", ".join(TEMPLATES))
+            return name
+        template_named(name)
+        return name
+
+    def system(self, name: str) -> str | None:
+        """The layout's own system line (None: a chat template's own choice)."""
+        return None if name == CHECKPOINT else template_named(name).system
+
+    def render(self, name: str, question: str, images: int, history: Sequence[tuple[str, str]],
+               system: str | None) -> str:
+        if name == CHECKPOINT:
+            from edgevlm.runtime.chat_template import conversation
+            return self.chat.render(conversation(question, images=images, history=history, system=system))
+        return build_prompt(question, image=images > 0, history=history, system=system, template=name)
 
 
 def tokenize_prompt(tokenizer, prompt: str) -> list[int]:

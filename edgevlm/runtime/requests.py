@@ -20,7 +20,8 @@ from edgevlm.runtime.errors import BadRequest
 from edgevlm.presets import ANYRES
 from edgevlm.runtime import anyres
 from edgevlm.runtime.image import ImageError, load_image, preprocess_tiles
-from edgevlm.runtime.prompt import IMAGE_PLACEHOLDER, build_prompt, default_system, tokenize_prompt
+from edgevlm.runtime.chat_template import ChatTemplate
+from edgevlm.runtime.prompt import IMAGE_PLACEHOLDER, Layouts, tokenize_prompt
 from edgevlm.runtime.sampling import SamplingParams
 from edgevlm.runtime.tokenizer import Tokenizer
 
@@ -103,12 +104,19 @@ class Preprocessor:
     """
 
     def __init__(self, onnx_dir: str | Path, max_image_pixels: int = MAX_IMAGE_PIXELS,
-                 tokenizer: Tokenizer | None = None):
+                 tokenizer: Tokenizer | None = None, template: str | None = None):
+        """template: the prompt layout served by default (make repo TEMPLATE=); None: the
+        export's (its manifest's `prompt.template`)."""
         art = OnnxArtifacts.open(onnx_dir)
         self.cfg = art.config
         self.tok = tokenizer or Tokenizer(art.path("tokenizer"))  # the generator's, where it has one
         self.max_image_pixels = max_image_pixels
-        self.system = default_system(self.cfg.template)
+        chat = None
+        if "chat_template" in art.manifest["files"]:
+            special = (json.loads(art.path("tokenizer_config").read_text())
+                       if "tokenizer_config" in art.manifest["files"] else {})
+            chat = ChatTemplate(art.path("chat_template").read_text(), special)
+        self.layouts = Layouts(template or self.cfg.template, chat)
         self.newline = np.load(art.path("image_newline")) if self.cfg.image_aspect == ANYRES else None
 
     def tokens_for(self, size_hw: tuple[int, int]) -> int:
@@ -143,23 +151,27 @@ class Preprocessor:
         raw = inputs.get("raw_prompt")
         return self(image_bytes(inputs), inputs["prompt"],
                     bool(np.asarray(raw).reshape(-1)[0]) if raw is not None else False,
-                    inputs.get("history"), inputs.get("system"), decode_image, tools)
+                    inputs.get("history"), inputs.get("system"), decode_image, tools, inputs.get("template"))
 
     def __call__(self, image: bytes | None, prompt, raw_prompt: bool = False, history=None, system=None,
-                 decode_image: bool = True, tools=None):
+                 decode_image: bool = True, tools=None, template=None):
         prompt = text(prompt, "prompt")
         turns = parse_history(history)
-        if turns and raw_prompt:
-            raise BadRequest("history and raw_prompt exclude each other (a raw prompt holds its history)")
-        system = text(system, "system").strip() if system is not None else self.system
-        if raw_prompt and system != self.system:
-            raise BadRequest("system and raw_prompt exclude each other (a raw prompt holds its system line)")
-        if len(system) > MAX_PROMPT_CHARS:
+        for name, given in (("history", bool(turns)), ("system", system is not None),
+                            ("template", template is not None), ("tools", tools is not None)):
+            if raw_prompt and given:
+                raise BadRequest(f"{name} and raw_prompt exclude each other (a raw prompt is laid out already)")
+        layout = self.layouts.default
+        if template is not None:
+            try:
+                layout = self.layouts.check(text(template, "template"))
+            except ValueError as e:
+                raise BadRequest(str(e)) from None
+        system = text(system, "system").strip() if system is not None else self.layouts.system(layout)
+        if system is not None and len(system) > MAX_PROMPT_CHARS:
             raise BadRequest(f"system is {len(system)} characters, over the {MAX_PROMPT_CHARS} limit")
         if tools is not None:
-            if raw_prompt:
-                raise BadRequest("tools and raw_prompt exclude each other (a raw prompt holds its own instructions)")
-            system = (system + "\n\n" + tools.prompt()).strip()
+            system = ((system or "") + "\n\n" + tools.prompt()).strip()
         if not prompt.strip():
             raise BadRequest("prompt is empty")
         if len(prompt) > MAX_PROMPT_CHARS:
@@ -187,11 +199,19 @@ class Preprocessor:
             if placeholders != n_images:
                 raise BadRequest(f"raw prompt has {placeholders} {IMAGE_PLACEHOLDER} placeholder(s) "
                                      f"for {n_images} image(s)")
+            ids = tokenize_prompt(self.tok, prompt)
         else:
-            prompt = build_prompt(prompt, image=n_images > 0, history=turns, system=system,
-                                  template=self.cfg.template)
+            ids = self.prompt_ids(prompt, n_images, turns, system, layout)
         # its length against the context is the scheduler's check (Scheduler.check)
-        return Prepared(pixel_values, np.asarray(tokenize_prompt(self.tok, prompt), np.int64), size_hw, tokens)
+        return Prepared(pixel_values, np.asarray(ids, np.int64), size_hw, tokens)
+
+    def prompt_ids(self, question: str, images: int = 0, history=(), system: str | None = None,
+                   layout: str | None = None) -> list[int]:
+        """The ids a question is served as (IMAGE_TOKEN_INDEX where each image goes), in the
+        served layout or `layout`; system None: the layout's own line."""
+        layout = layout or self.layouts.default
+        system = self.layouts.system(layout) if system is None else system
+        return tokenize_prompt(self.tok, self.layouts.render(layout, question, images, history, system))
 
 
 def image_bytes(inputs: dict) -> bytes | None:

@@ -82,17 +82,34 @@ PREFIX_CACHE_MIB = 512
 IMAGE_CACHE_MIB = 64
 
 
+def _template(art: OnnxArtifacts, name: str | None) -> str:
+    """The layout the model serves: the export's, or one named (checked now, not at load)."""
+    from edgevlm.runtime.prompt import Layouts
+    default = art.config.template
+    if name is None or name == default:
+        return default
+    if art.config.cross_length:
+        raise ManifestError(f"{art.config.name}: prompts come from its checkpoint's chat template; "
+                            f"TEMPLATE={name} is not for it")
+    try:
+        return Layouts(name, object() if "chat_template" in art.manifest["files"] else None).check(name)
+    except ValueError as e:
+        raise ManifestError(f"TEMPLATE={name}: {e}") from None
+
+
 def render_repository(onnx_dir: str | Path, out_dir: str | Path, target: str = "cpu", *,
                       engine_dir: str | Path | None = None, max_sequences: int = 8,
                       default_max_tokens: int = 256, max_image_pixels: int = MAX_IMAGE_PIXELS,
                       kv_cache: str = "auto", batching: str = "continuous", max_queue: int | None = None,
                       prefill_chunk: int = 64, kv_budget_mib: int = 0,
-                      prefix_cache_mib: int = PREFIX_CACHE_MIB, image_cache_mib: int = IMAGE_CACHE_MIB) -> Path:
+                      prefix_cache_mib: int = PREFIX_CACHE_MIB, image_cache_mib: int = IMAGE_CACHE_MIB,
+                      template: str | None = None) -> Path:
     """kv_cache (cpu target): "concat" (decoder.onnx), "static" (decoder.static.onnx, one
     in-place cache buffer per tensor: half the KV memory) or "auto" (static where the export
     has it). Jetson engines record their own. batching: "continuous" (max_sequences rows
     decoded together) or "off" (one sequence at a time: what make bench compares with); max_queue defaults to twice max_sequences. prefix_cache_mib
-    and image_cache_mib size the caches (0: off)."""
+    and image_cache_mib size the caches (0: off). template: the prompt layout served by default
+    instead of the export's (contract.TEMPLATES)."""
     if target not in TARGETS:
         raise ValueError(f"unknown target {target!r}; use one of {', '.join(TARGETS)}")
     if batching not in BATCHING:
@@ -105,10 +122,12 @@ def render_repository(onnx_dir: str | Path, out_dir: str | Path, target: str = "
     cfg = art.config
     kv_cache = kv_layout(art, kv_cache)
     if cfg.cross_length and target == "jetson":
-        raise ManifestError(f"{cfg.name}: TensorRT engines for cross-attention models are not built yet; "
+        raise ManifestError(f"{cfg.name}: the jetson target does not serve cross-attention models yet (make "
+                            "engines builds their engines, the TensorRT runner for them is not written); "
                             "serve it with TARGET=cpu")
     if cfg.cross_length and kv_cache == "concat":
         raise ManifestError(f"{cfg.name}: KV=concat is not built for cross-attention models; use KV=static (or auto)")
+    template = _template(art, template)
     max_context = cfg.text.max_position
     if target == "jetson":
         tag = None
@@ -136,6 +155,7 @@ def render_repository(onnx_dir: str | Path, out_dir: str | Path, target: str = "
         "edgevlm_src": str(SOURCE.parent),
         "inputs": contract.pbtxt(contract.INPUTS), "outputs": contract.pbtxt(contract.OUTPUTS),
         "model_name": cfg.name, "family": cfg.family, "max_context": max_context, "kv_cache": kv_cache,
+        "template": template,
     }
     out_dir = Path(out_dir)
     # a cross-attention model encodes its images in process (runtime/cross_requests.py)

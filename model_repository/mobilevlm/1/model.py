@@ -147,7 +147,8 @@ class TritonPythonModel:
                                    prefill_chunk=int(params.get("prefill_chunk") or 64),
                                    observer=self.metrics, prefix_cache=prefix_cache)
         image_cache = ImageCache(int(params.get("image_cache_mib") or 0) << 20)
-        pre, encoder = open_preprocessor(params["onnx_dir"], model.tok, int(params["max_image_pixels"]))
+        pre, encoder = open_preprocessor(params["onnx_dir"], model.tok, int(params["max_image_pixels"]),
+                                         params.get("template") or None)
         self.intake = Intake(pre, self.scheduler, encoder or self._encode, image_cache=image_cache, observer=self.metrics,
                              max_batch=max_sequences, default_max_tokens=int(params["default_max_tokens"]))
         reuse = (prefix_cache.describe() if self.scheduler.cache is not None
