@@ -83,6 +83,24 @@ def test_sdk_streamed_chat_completion_with_an_image(sdk, client):
     assert len({c.id for c in chunks}) == 1
 
 
+def test_several_images_each_in_its_message_match_the_grpc_client(sdk, client):
+    """Two cameras' frames: the first in an earlier turn, the second in the question; each at
+    an <image> placeholder opening its turn."""
+    first, second = sample_image("chelsea"), sample_image("camera")
+    want = client.generate("<image>\nAnd this one?", image=[first, second], max_tokens=12,
+                           history=[("<image>\nWhat is this?", "A cat.")])
+    assert want.stats["images"] == 2
+    messages = [user_with_image("What is this?", first), {"role": "assistant", "content": "A cat."},
+                user_with_image("And this one?", second)]
+    r = sdk.chat.completions.create(model="tiny", messages=messages, max_tokens=12)
+    assert r.choices[0].message.content == want.text
+    assert r.usage.prompt_tokens == want.prompt_tokens
+    # the frames swapped are another request: the order reaches the model
+    swapped = client.generate("<image>\nAnd this one?", image=[second, first], max_tokens=12,
+                              history=[("<image>\nWhat is this?", "A cat.")])
+    assert swapped.text != want.text
+
+
 def test_conversation_system_and_stop_reach_the_model(sdk, client):
     image = sample_image("astronaut")
     first = client.generate("What is this?", image=image, max_tokens=6).text.strip()
@@ -107,9 +125,12 @@ BAD = {
     "ends with assistant": ({"model": "tiny", "messages": [{"role": "user", "content": "Hi"},
                                                            {"role": "assistant", "content": "Yo"}]},
                             400, "start and end with a user message"),
-    "two images": ({"model": "tiny", "messages": [{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": data_url(b"\xff\xd8\xff")}},
-        {"type": "image_url", "image_url": {"url": data_url(b"\xff\xd8\xff")}}]}]}, 400, "one image"),
+    "nine images": ({"model": "tiny", "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": data_url(b"\xff\xd8\xff")}}] * 9}]}, 400,
+        "9 images, over the 8 a request may hold"),
+    "a broken second image": ({"model": "tiny", "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": data_url(sample_image("chelsea"))}},
+        {"type": "image_url", "image_url": {"url": data_url(b"\xff\xd8\xff")}}]}]}, 400, "image 2: cannot decode"),
     "remote image URL": ({"model": "tiny", "messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "http://127.0.0.1:9/cat.jpg"}}]}]}, 400,
         "remote image URLs are disabled"),

@@ -327,27 +327,67 @@ def test_served_greedy_text_is_the_reference(ckpts, servers, model, fmt):
         assert r.stats["prefill_tokens"] == len(ids) + max(tokens - 1, 0)
 
 
-def _upstream_prompt(ck, question: str, image: bool, history, template: str | None = None, system=None) -> str:
+@pytest.mark.integration
+@pytest.mark.parametrize("model,fmt", EXPORTED)
+def test_several_images_each_at_its_place_equal_the_reference(ckpts, servers, model, fmt):
+    """Two pictures in one request: both before the question when no placeholder says where,
+    or one in a history turn and one in the question where placeholders put them."""
+    ck = _read(ckpts[model, fmt])
+    cfg = ck.config
+    ref = MobileVLM.from_weights(cfg, ck.weights())
+    tok = Tokenizer(ck.tokenizer_path)
+    pictures = [_photo(260, 150), sample_image("camera")]
+    tiles = [preprocess_tiles(p, cfg.vision.image_size, cfg.image_aspect, cfg.grid_pinpoints) for p in pictures]
+    px, sizes = [torch.from_numpy(t) for t, _ in tiles], [s for _, s in tiles]
+    for question, history in (("Compare them.", []), ("<image>\nAnd this one?", [("<image>\nWhat is it?", "A cat.")])):
+        placed = "<image>" in question
+        ids = tokenize_prompt(tok, _upstream_prompt(ck, question, 0 if placed else 2, history))
+        assert ids.count(IMAGE_TOKEN_INDEX) == 2
+        want = ref.generate(ids, px, image_size=sizes, max_new_tokens=12, vocab=tok.vocab_size)
+        # the second picture is seen: the same request with the first one twice answers otherwise
+        assert want != ref.generate(ids, [px[0], px[0]], image_size=[sizes[0]] * 2, max_new_tokens=12,
+                                    vocab=tok.vocab_size)
+        r = servers[model].generate(question, image=pictures, history=history, max_tokens=12)
+        assert r.text == tok.decode(want), (question, history)
+        assert r.stats["images"] == 2 and r.stats["prefill_tokens"] == len(ids) - 2 + r.stats["image_tokens"]
+    # the same two again: both from the image cache
+    r = servers[model].generate("Compare them.", image=pictures, max_tokens=2)
+    assert r.stats["image_cached"] and r.stats["image_encode_ms"] == 0
+
+
+def _upstream_prompt(ck, question: str, image: int, history, template: str | None = None, system=None) -> str:
     """The prompt upstream builds: a llava-hf checkpoint's chat template rendered by transformers,
     else LLaVA's conversation layout (`template`, or the checkpoint's)."""
     if ck.chat_template and template is None:
         from transformers.utils.chat_template_utils import render_jinja_template
 
         from edgevlm.runtime.chat_template import conversation
-        rendered = render_jinja_template([conversation(question, images=int(image), history=history, system=system)],
+        rendered = render_jinja_template([conversation(question, images=image, history=history, system=system)],
                                          chat_template=ck.chat_template, add_generation_prompt=True)
         return rendered[0][0]
     return build_prompt(question, image=image, history=history, system=system, template=template or ck.config.template)
 
 
 @pytest.mark.integration
-def test_a_template_the_model_does_not_know_is_refused_in_one_line(servers):
+def test_bad_templates_and_images_are_refused_in_one_line(servers):
     from edgevlm_client import InvalidRequest
+    v15, v16 = servers["tiny-llava-v1.5"], servers["tiny-llava-v1.6"]
+    photo = _photo(260, 150)
     with pytest.raises(InvalidRequest, match="unknown prompt template 'chatml'; known: vicuna_v1"):
-        servers["tiny-llava-v1.5"].generate("Hi", template="chatml", max_tokens=2)
+        v15.generate("Hi", template="chatml", max_tokens=2)
     with pytest.raises(InvalidRequest, match="template and raw_prompt exclude each other"):
-        servers["tiny-llava-v1.5"].generate("USER: Hi ASSISTANT:", raw_prompt=True, template="llava_v0", max_tokens=2)
-    assert servers["tiny-llava-v1.5"].generate("Hi", max_tokens=2).text is not None  # still serving
+        v15.generate("USER: Hi ASSISTANT:", raw_prompt=True, template="llava_v0", max_tokens=2)
+    with pytest.raises(InvalidRequest, match="the conversation has 1 <image> placeholder.s. for 2 image"):
+        v15.generate("<image>\nCompare.", image=[photo, photo], max_tokens=2)
+    with pytest.raises(InvalidRequest, match="the conversation has 1 <image> placeholder.s. for 0 image"):
+        v15.generate("What is <image>?", max_tokens=2)
+    with pytest.raises(InvalidRequest, match="image 2: cannot decode"):
+        v15.generate("Compare.", image=[photo, b"\x89PNG\r\n\x1a\n broken"], max_tokens=2)
+    # eight anyres pictures are more positions than the tiny model's context
+    with pytest.raises(InvalidRequest, match=r"prompt is \d+ tokens \(\d+ of them its images'\), the context holds"):
+        v16.generate("Compare.", image=[photo] * 8, max_tokens=2)
+    for server in (v15, v16):  # still serving
+        assert server.generate("Hi", image=photo, max_tokens=2).stats["images"] == 1
 
 
 @pytest.mark.unit

@@ -185,6 +185,17 @@ def test_bad_requests_get_a_one_line_reason(in_process, inputs, reason):
     assert ask(in_process, "Name three colours.")[0]  # still serving
 
 
+def test_two_images_or_another_template_are_refused(in_process):
+    photo = sample_image("chelsea")
+    two = {"prompt": np.array([b"Compare."], dtype=object), "image": np.array([photo, photo], dtype=object)}
+    with pytest.raises(BadRequest, match="2 images: this model .cross-attention. reads one image per request"):
+        in_process.accept(two, _Stream())
+    other = {"prompt": np.array([b"Hi"], dtype=object), "template": np.array([b"llava_v1"], dtype=object)}
+    with pytest.raises(BadRequest, match="template: this model's prompts are its checkpoint's chat template"):
+        in_process.accept(other, _Stream())
+    assert ask(in_process, "Name three colours.")[0]  # still serving
+
+
 def test_served_answers_equal_transformers_batched_with_another_stream(start_server, onnx_dir, expected):
     with start_server(onnx_dir, max_sequences=8) as server:
         client = Client(server.grpc_url, timeout_s=PATIENCE_S)

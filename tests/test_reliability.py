@@ -16,6 +16,7 @@ from edgevlm_client import Client, EdgeVLMError, InvalidRequest, Retry, ServerEr
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from edgevlm.presets import IMAGE_TOKEN_INDEX
 from edgevlm.samples import sample_images
 from edgevlm.runtime.errors import BadRequest
 from edgevlm.runtime.requests import Preprocessor, parse_history, sampling_params
@@ -183,10 +184,12 @@ def test_fuzzed_preprocess_gives_a_result_or_a_clean_refusal(preprocessor, image
     except BadRequest as e:
         assert str(e) and "\n" not in str(e)
         return
-    pixel_values, ids = prepared.pixel_values, prepared.input_ids
-    assert pixel_values.dtype == np.float32 and np.isfinite(pixel_values).all()
+    ids = prepared.input_ids
     assert ids.dtype == np.int64 and 0 < len(ids) < preprocessor.cfg.text.max_position
-    assert prepared.image_tokens == (preprocessor.cfg.image_tokens if pixel_values.shape[0] else 0)
+    assert len(prepared.images) == (image is not None) == (IMAGE_TOKEN_INDEX in ids)
+    for one in prepared.images:
+        assert one.pixel_values.dtype == np.float32 and np.isfinite(one.pixel_values).all()
+        assert one.tokens == preprocessor.cfg.image_tokens
 
 
 @pytest.mark.filterwarnings("ignore:overflow encountered in cast")

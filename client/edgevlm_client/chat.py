@@ -15,7 +15,9 @@ from edgevlm_client.request import Result
 class _Session:
     def __init__(self, client, image=None, **options):
         self.client = client
-        self.image = image_bytes(image) if image is not None else None  # encoded once
+        # encoded once; several images: each at its <image> placeholder (contract IMAGES)
+        self.image = (None if image is None else [image_bytes(i) for i in image] if isinstance(image, (list, tuple))
+                      else image_bytes(image))
         self.options = options
         self.turns: list[tuple[str, str]] = []
 

@@ -55,7 +55,8 @@ def _generation_options(args) -> dict:
 
 
 def cmd_ask(args) -> int:
-    stream = _client(args).stream(args.question, image=args.image, **_generation_options(args))
+    image = args.image[0] if args.image and len(args.image) == 1 else args.image
+    stream = _client(args).stream(args.question, image=image, **_generation_options(args))
     if args.json:
         for _ in stream:
             pass
@@ -184,7 +185,9 @@ def parser() -> argparse.ArgumentParser:
 
     ask = sub.add_parser("ask", help="ask a question, optionally about an image (streams the answer)")
     ask.add_argument("question")
-    ask.add_argument("--image", help="image file (JPEG, PNG, WebP, BMP, GIF)")
+    ask.add_argument("--image", action="append",
+                     help="image file (JPEG, PNG, WebP, BMP, GIF); again for more, each at its <image> in the "
+                          "question, or all before it")
     ask.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
     _add_generation(ask)
     ask.set_defaults(func=cmd_ask)

@@ -73,7 +73,8 @@ PARAMETERS = (
 )
 
 INPUTS = (
-    Tensor("image", "BYTES", (1,), "encoded image (see IMAGE_FORMATS); omit for text-only"),
+    Tensor("image", "BYTES", (-1,), "encoded images (see IMAGE_FORMATS), at most MAX_IMAGES, in the order of "
+           "their <image> placeholders (see IMAGES); omit for text-only"),
     # optional for Triton, so that a missing prompt gets our reason rather than Triton's
     Tensor("prompt", "BYTES", (1,), "the question (or a full `v1` prompt with raw_prompt)"),
     Tensor("raw_prompt", "BOOL", (1,), "the prompt is already templated, <image> where the image goes",
@@ -108,6 +109,12 @@ RESPONSE_FORMATS = {"json_schema": "schema", "json_object": None, "regex": "patt
 # The inputs that make the prompt (image, template, tokens); the rest steer decoding.
 PROMPT_INPUTS = ("image", "prompt", "raw_prompt", "history", "system", "template")
 
+# Several images. Each image of a request takes its place at an `<image>` placeholder, in
+# order: written into the prompt or history turns, there; written nowhere, all go to the first
+# turn, before its text (as LLaVA lays out one). A history turn keeps its images that way.
+# A cross-attention model (Llama-3.2-Vision) takes one image per request.
+IMAGE_PLACEHOLDER = "<image>"
+
 # Prompt templates by name (LLaVA's conversation.py names), and `checkpoint`: the model's own
 # chat template (llava-hf, Llama-3.2-Vision). A model serves the one its checkpoint calls for
 # (for an original LLaVA checkpoint, what LLaVA's run_llava picks by its directory's name).
@@ -137,18 +144,20 @@ OUTPUTS = (
 LOGPROBS = ("token", "logprob", "bytes", "top_logprobs")  # top_logprobs: [{token, logprob, bytes}]
 
 # Keys of the JSON in the last response's `stats`.
-STATS = ("image_encode_ms", "image_cached", "image_tokens", "image_tiles", "queue_ms", "prefill_tokens",
+STATS = ("images", "image_encode_ms", "image_cached", "image_tokens", "image_tiles", "queue_ms", "prefill_tokens",
          "cached_tokens", "prefill_ms", "decode_tokens", "decode_ms", "decode_tokens_per_s", "prefill_tokens_per_s",
          "finish_reason", "tool_calls")
-# image_cached: the image's embeddings came from the server's image cache (image_encode_ms 0);
-# image_tokens: context positions the image took (LLaVA-1.6: depends on the picture's size);
+# images: the request's images; image_encode_ms: encoding them all; image_cached: every image's
+# embeddings came from the server's image cache (image_encode_ms 0);
+# image_tokens: context positions the images took (LLaVA-1.6: depends on the picture's size);
 # cached_tokens: prompt positions whose KV came from the prefix cache instead of prefill;
 # image_tiles: a cross-attention model's tiles; tool_calls: see TOOL_CHOICES (null without).
 FINISH_REASONS = ("stop", "length", "cancelled", "tool_calls")
 
 # Request limits (the server refuses past them with INVALID_ARG and the reason).
 MAX_PROMPT_CHARS = 100_000     # prompt and system, each
-MAX_IMAGE_BYTES = 32 << 20
+MAX_IMAGE_BYTES = 32 << 20      # each
+MAX_IMAGES = 8                 # per request; their positions count against the context too
 MAX_IMAGE_PIXELS = 50_000_000  # refused from the header, before decoding (decompression bombs)
 MAX_TURNS = 64                 # history pairs
 MAX_STOP = 16                  # stop strings per request ...

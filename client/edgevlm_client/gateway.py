@@ -156,7 +156,8 @@ class Gateway:
         if req.model not in (mid, self.client.model):
             raise api.APIError(404, f"model {req.model!r} is not served here; this gateway serves {mid!r}",
                                param="model", code="model_not_found")
-        image = await self._image(req.image_url)
+        images = [await self._image(url) for url in req.image_urls]
+        image = images if len(images) > 1 else images[0] if images else None
         # n answers are n streams, one row of the model's batch each: the first prefill is
         # stored in the prefix cache and the others start from it
         streams = [self.client.stream(req.question, image=image, history=req.history, system=req.system,

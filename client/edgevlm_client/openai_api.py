@@ -19,7 +19,7 @@ import uuid
 from dataclasses import dataclass, field
 
 from edgevlm_client import errors
-from edgevlm_client.contract import BY_NAME, value_reason
+from edgevlm_client.contract import BY_NAME, IMAGE_PLACEHOLDER, MAX_IMAGES, value_reason
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
 MAX_STOP = 4
@@ -70,7 +70,7 @@ class ChatRequest:
     question: str
     history: list[tuple[str, str]] = field(default_factory=list)
     system: str | None = None
-    image_url: str | None = None          # a data: URL or, where allowed, http(s)
+    image_urls: list[str] = field(default_factory=list)  # data: URLs or, where allowed, http(s); in order
     stream: bool = False
     include_usage: bool = False
     n: int = 1  # answers asked for: choices 0 .. n-1
@@ -127,6 +127,7 @@ def parse_chat_request(body) -> ChatRequest:
     turns: list[list] = []  # [role, text], consecutive messages of one role merged
     images: list[str] = []
     calls: dict[str, str] = {}  # tool call id -> function name, from the assistant turns
+    placed: list[tuple[int, int]] = []  # (turn, images its messages carried)
     for i, m in enumerate(messages):
         role = m.get("role") if isinstance(m, dict) else None
         if role not in ROLES:
@@ -152,9 +153,13 @@ def parse_chat_request(body) -> ChatRequest:
             raise APIError(400, f"messages[{i}]: images go in a user message", param=f"messages[{i}].content")
         images.extend(urls)
         _append(turns, role, text)
-    if len(images) > 1:
-        raise APIError(400, f"{len(images)} images: this model reads one image per conversation",
-                       param="messages")
+        if urls:
+            placed.append((len(turns) - 1, len(urls)))
+    if len(images) > MAX_IMAGES:
+        raise APIError(400, f"{len(images)} images, over the {MAX_IMAGES} a request may hold", param="messages")
+    if len(images) > 1:  # each at an <image> placeholder opening its message's turn (contract IMAGES)
+        for k, count in placed:
+            turns[k][1] = IMAGE_PLACEHOLDER + "\n" + (IMAGE_PLACEHOLDER + "\n") * (count - 1) + turns[k][1]
     if not turns or turns[0][0] != "user" or turns[-1][0] != "user":
         raise APIError(400, "the conversation must start and end with a user message", param="messages")
     history = [(turns[k][1], turns[k + 1][1]) for k in range(0, len(turns) - 1, 2)]
@@ -202,7 +207,7 @@ def parse_chat_request(body) -> ChatRequest:
     if not isinstance(stream_options, dict):
         raise _type_error("stream_options", "an object")
     return ChatRequest(model=model, question=turns[-1][1], history=history,
-                       system="\n".join(system) if system else None, image_url=images[0] if images else None,
+                       system="\n".join(system) if system else None, image_urls=images,
                        stream=stream, include_usage=bool(stream_options.get("include_usage")), n=n,
                        options=options)
 

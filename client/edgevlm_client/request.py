@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import tritonclient.grpc as grpcclient
 
-from edgevlm_client.contract import BY_NAME, CANCEL, PARAMETERS, RESPONSE_FORMATS, value_reason
+from edgevlm_client.contract import BY_NAME, CANCEL, MAX_IMAGES, PARAMETERS, RESPONSE_FORMATS, value_reason
 from edgevlm_client.errors import IncompleteAnswer, InvalidRequest
 from edgevlm_client.images import image_bytes
 
@@ -107,11 +107,15 @@ def build_inputs(prompt: str, image=None, *, system: str | None = None, raw_prom
                  stop: Sequence[str] | str | None = None, response_format: dict | None = None,
                  tools: Sequence[dict] | None = None, tool_choice: str | None = None,
                  parallel_tool_calls: bool | None = None, template: str | None = None) -> list[grpcclient.InferInput]:
-    """Request tensors; options left as None take the server's defaults. response_format:
-    see `response_format()`."""
+    """Request tensors; options left as None take the server's defaults. image: one image (a
+    path, bytes, a PIL image or an array) or a list of them, each at its `<image>` placeholder
+    in order (contract IMAGES). response_format: see `response_format()`."""
     inputs = [_tensor("prompt", prompt.encode("utf-8"))]
     if image is not None:
-        inputs.append(_tensor("image", image_bytes(image)))
+        images = list(image) if isinstance(image, (list, tuple)) else [image]
+        if not 1 <= len(images) <= MAX_IMAGES:
+            raise InvalidRequest(f"{len(images)} images: a request holds 1 to {MAX_IMAGES}")
+        inputs.append(_tensor("image", [image_bytes(i) for i in images]))
     if system is not None:
         inputs.append(_tensor("system", system.encode("utf-8")))
     if raw_prompt:

@@ -98,14 +98,14 @@ def run_mllama_parity(checkpoint_dir: str | Path, onnx_dir: str | Path, images: 
         image_err = image_scale = None
         with torch.no_grad():
             if data is not None:
-                px, ratio, tiles = (torch.from_numpy(a) for a in prepared.pixel_values)
+                px, ratio, tiles = (torch.from_numpy(a) for a in prepared.image.pixel_values)
                 want = [t.numpy()[0] for kv in ref.language_model.cross_kv(ref.cross_states(px, ratio, tiles))
                         for t in kv]
-                got, _ = encoder(prepared.pixel_values)
-                image = CrossImage([a[0] for a in got], prepared.tiles, v.tile_tokens)
+                got, _ = encoder(prepared.image.pixel_values)
+                image = CrossImage([a[0] for a in got], prepared.image.tiles, v.tile_tokens)
                 image_err = max(float(np.abs(a - b).max()) for a, b in zip(image.kv, want))
                 image_scale = max(float(np.abs(b).max()) for b in want)
-                mask = cross_mask(ids, cfg.image_token_id, [prepared.tiles], v.max_num_tiles, v.tile_tokens)
+                mask = cross_mask(ids, cfg.image_token_id, [prepared.image.tiles], v.max_num_tiles, v.tile_tokens)
                 cross = CrossRow(image, mask)
                 ref_tokens, ref_rows = ref.generate(ids, px, ratio, tiles, max_new_tokens=new_tokens,
                                                     vocab=cfg.text.vocab_size)
@@ -118,7 +118,7 @@ def run_mllama_parity(checkpoint_dir: str | Path, onnx_dir: str | Path, images: 
                     _logits_err(ref_tokens, ref_rows, onnx_tokens, onnx_rows), float(np.abs(ref_rows).max()),
                     image_err, image_scale, static_tokens)
         report.cases.append(case)
-        log(f"verify: {name}: {len(ids)} prompt tokens, {prepared.tiles} tile(s), "
+        log(f"verify: {name}: {len(ids)} prompt tokens, {prepared.image.tiles if data else 0} tile(s), "
             f"tokens {'identical' if case.tokens_match else 'DIFFER'}, logits max|d| {case.logits_err:.2e}"
             + (f", cross K/V max|d| {image_err:.2e}" if image_err is not None else ""))
     report.seconds = time.monotonic() - t0

@@ -67,11 +67,11 @@ def _check(fp32_dir: Path, quant_dir: Path, decoder_key: str, images: dict[str, 
         crosses = [None, None]
         if data is not None:
             for side, encoder in enumerate(encoders):
-                kv, _ = encoder(prepared.pixel_values)
-                image = CrossImage([a[0] for a in kv], prepared.tiles, real)
-                crosses[side] = pre.attach(ids, image)["cross"]
+                kv, _ = encoder(prepared.image.pixel_values)
+                image = CrossImage([a[0] for a in kv], prepared.image.tiles, real)
+                crosses[side] = pre.attach(ids, [image])["cross"]
             for a, b in zip(crosses[0].image.kv, crosses[1].image.kv):  # the real tiles' positions
-                image_cosines.extend(_cosine(a[:, :prepared.tiles * real], b[:, :prepared.tiles * real]))
+                image_cosines.extend(_cosine(a[:, :prepared.image.tiles * real], b[:, :prepared.image.tiles * real]))
         want = ref.logits(ids, crosses[0], STEPS)  # FP32's greedy continuation, fed to the other
         got = quant.logits(ids, crosses[1], STEPS, [int(r.argmax()) for r in want[:-1]])
         cosines.extend(_cosine(want, got))

@@ -88,13 +88,17 @@ class MobileVLM(nn.Module):
         """Generate token ids after the prompt. temperature 0 means greedy.
 
         pixel_values: [N, 3, S, S], one row per image; for anyres, one image's tiles, with
-        image_size its (H, W). Returns the new ids, and with return_logits also the logits row
+        image_size its (H, W); or a list of images' tiles with a list of their sizes (several
+        anyres pictures), each at its placeholder in order. Returns the new ids, and with
+        return_logits also the logits row
         each was chosen from. vocab: pick among the first `vocab` ids only, as the runtime does
         (the tokenizer's; llava-hf's padded rows are never text).
         """
         stop = set(stop_ids if stop_ids is not None else [self.cfg.text.eos_token_id])
         if pixel_values is None:
             image_embeds = None
+        elif isinstance(pixel_values, (list, tuple)):
+            image_embeds = [self.image_features(px, size) for px, size in zip(pixel_values, image_size)]
         elif self.cfg.image_aspect == ANYRES:
             image_embeds = [self.image_features(pixel_values, image_size)]
         else:

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from edgevlm_client.contract import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, MAX_PROMPT_CHARS
+from edgevlm_client.contract import MAX_IMAGE_PIXELS, MAX_PROMPT_CHARS
 
 from edgevlm.manifest import OnnxArtifacts
 from edgevlm.runtime.prompt import CHECKPOINT
@@ -28,7 +28,7 @@ from edgevlm.runtime.cross_attention import CrossImage, CrossRow, cross_mask
 from edgevlm.runtime.errors import BadRequest
 from edgevlm.runtime.image import ImageError, load_image
 from edgevlm.runtime.onnxruntime import session
-from edgevlm.runtime.requests import Prepared, image_bytes, parse_history, text
+from edgevlm.runtime.requests import Prepared, PreparedImage, check_images, image_list, parse_history, text
 from edgevlm.runtime.tiles import preprocess
 from edgevlm.runtime.tokenizer import BPETokenizer
 
@@ -76,29 +76,33 @@ class CrossPreprocessor:
         self.tool_style = "object" if self.template.renders_tools else "array"
 
     # what the intake asks of every preprocessor
-    def image_positions(self, image, prepared: Prepared) -> int:
+    def image_positions(self, image, prepared: PreparedImage) -> int:
         """Prompt positions the image adds beyond its token: none (it is attended to, not spliced)."""
         return 0
 
-    def attach(self, ids: list[int], image: CrossImage | None) -> dict:
+    def attach(self, ids: list[int], images: list[CrossImage]) -> dict:
         """The Request fields that carry the image: its K/V and the prompt's cross mask."""
-        if image is None:
+        if not images:
             return {}
+        (image,) = images
         v = self.cfg.vision
         mask = cross_mask(ids, self.cfg.image_token_id, [image.tiles], v.max_num_tiles, v.tile_tokens)
         return {"cross": CrossRow(image, mask)}
 
-    def pack(self, features: list[np.ndarray], prepared: Prepared) -> CrossImage:
+    def pack(self, features: list[np.ndarray], prepared: PreparedImage) -> CrossImage:
         """The encoder's K/V rows of one request ([1, kv_heads, L, head_dim] each) -> its image."""
         return CrossImage([a[0].copy() for a in features], prepared.tiles, self.cfg.vision.tile_tokens,
                           prepared.digest)
 
-    def from_inputs(self, inputs: dict, decode_image: bool = True, tools=None) -> Prepared:
+    def from_inputs(self, inputs: dict, decode: list[bool] | None = None, tools=None) -> Prepared:
         if inputs.get("prompt") is None:
             raise BadRequest("prompt is required")
         raw = inputs.get("raw_prompt")
         raw = bool(np.asarray(raw).reshape(-1)[0]) if raw is not None else False
-        image = image_bytes(inputs)
+        images = check_images(image_list(inputs))
+        if len(images) > 1:
+            raise BadRequest(f"{len(images)} images: this model (cross-attention) reads one image per request")
+        image = images[0] if images else None
         question = text(inputs["prompt"], "prompt")
         turns = parse_history(inputs.get("history"))
         system = text(inputs["system"], "system").strip() if inputs.get("system") is not None else None
@@ -130,20 +134,20 @@ class CrossPreprocessor:
             messages = conversation(question, images=int(image is not None), history=turns, system=system)
             listed = tools.listed() if tools is not None and tools.style == "object" else None
             ids = self.tok.encode(self.template.render(messages, tools=listed), add_bos=False)
-        prepared = Prepared(None, np.asarray(ids, np.int64))
+        prepared = Prepared(np.asarray(ids, np.int64))
         if image is None:
             return prepared
-        if len(image) > MAX_IMAGE_BYTES:
-            raise BadRequest(f"image is {len(image)} bytes, over the {MAX_IMAGE_BYTES} limit")
-        if decode_image:
+        one = PreparedImage(None)
+        if decode is None or decode[0]:
             try:
                 img = load_image(image, self.max_image_pixels)
             except ImageError as e:
                 raise BadRequest(f"image: {e}") from None
             px, ratio, tile_mask = preprocess(img, self.cfg.vision)
-            prepared.pixel_values = (px[None], np.array([ratio], np.int64), tile_mask[None])
-            prepared.image_size = (img.height, img.width)
-            prepared.tiles = int(tile_mask.sum())
+            one.pixel_values = (px[None], np.array([ratio], np.int64), tile_mask[None])
+            one.size = (img.height, img.width)
+            one.tiles = int(tile_mask.sum())
+        prepared.images.append(one)
         return prepared
 
     def _no_special_tokens(self, name: str, value: str) -> None:

@@ -21,14 +21,15 @@ class EmbeddingTable:
     def __init__(self, path: str | Path):
         self.table = np.load(path, mmap_mode="r")  # [vocab, D]; pages in only the rows used
 
-    def embed(self, ids: Sequence[int], image_embeds: np.ndarray | None = None) -> np.ndarray:
+    def embed(self, ids: Sequence[int], image_embeds: Sequence[np.ndarray] | None = None) -> np.ndarray:
         """ids (IMAGE_TOKEN_INDEX marks an image) -> inputs_embeds float32 [1, L, D].
 
-        The i-th placeholder takes image_embeds[i] ([N, D]): L = len(ids) + images * (N - 1).
+        The i-th placeholder takes image_embeds[i] ([N_i, D]; N_i differ for LLaVA-1.6's
+        pictures): L = len(ids) + sum(N_i - 1).
         """
         ids = np.asarray(ids, dtype=np.int64)
         where = np.flatnonzero(ids == IMAGE_TOKEN_INDEX)
-        n_images = 0 if image_embeds is None else image_embeds.shape[0]
+        n_images = 0 if image_embeds is None else len(image_embeds)
         if len(where) > n_images:
             raise ValueError(f"the prompt has {len(where)} image placeholder(s) but {n_images} image(s)")
         parts, start = [], 0

@@ -12,9 +12,10 @@ STOP, LENGTH, CANCELLED, TOOL_CALLS = FINISH_REASONS
 
 @dataclass
 class Stats:
-    image_encode_ms: float = 0.0
-    image_cached: bool = False  # the image's embeddings came from the image cache (encode 0 ms)
-    image_tokens: int = 0  # positions the image took (LLaVA-1.6: depends on its size; Llama-3.2-Vision:
+    images: int = 0
+    image_encode_ms: float = 0.0  # all of them
+    image_cached: bool = False  # every image's embeddings came from the image cache (encode 0 ms)
+    image_tokens: int = 0  # positions the images took (LLaVA-1.6: depends on their sizes; Llama-3.2-Vision:
     #                        the image positions its text attends to, its real tiles')
     image_tiles: int = 0  # a cross-attention model's: the tiles the picture was cut into
     queue_ms: float = 0.0  # waiting for a slot (the scheduler's admission queue)

@@ -1,13 +1,14 @@
 """A request's way from its tensors to the scheduler.
 
-Checked and preprocessed at once (requests.py: prompt, template, tokens, parameters; the
+Checked and preprocessed at once (requests.py: prompt, template, tokens, parameters; each
 image decoded and resized unless its embeddings are in the image cache), then refused or
-taken: a text-only request or a cached image goes to the scheduler directly; an image to be
-encoded first holds a queue place (so a full server refuses before that work) and goes to
-the image batcher, whose thread encodes every image that arrived meanwhile in one
-vision-encoder call and hands each request its rows; those become the image's tokens
-(LLaVA-1.6: tiles packed into one picture), enter the image cache and the scheduler. The
-place is given back on every path, whatever fails after the encode.
+taken: a text-only request or one whose images are all cached goes to the scheduler
+directly; one with images to encode first holds a queue place (so a full server refuses
+before that work) and hands each of them to the image batcher, whose thread encodes every
+image that arrived meanwhile in one vision-encoder call and hands each its rows; those become
+the image's tokens (LLaVA-1.6: tiles packed into one picture) and enter the image cache; once
+the request's last image is in, it enters the scheduler. The place is given back on every
+path, whatever fails after the encode.
 
 A cancel message (contract.CANCEL: a request holding only the id of a generation to stop)
 marks that generation, which the scheduler ends at its next step with its final response.
@@ -83,6 +84,35 @@ class _Named:
         self.stream.fail(exc)
 
 
+class _Gathered:
+    """A request's images as their encodes come back (from the batcher's thread, in any
+    order): it goes to the scheduler once the last is in, or fails once."""
+
+    def __init__(self, images: list, missing: int):
+        self.images, self.missing = images, missing
+        self.encode_ms, self.failed = 0.0, False
+        self.lock = threading.Lock()
+
+    def add(self, i: int, image, encode_ms: float) -> bool:
+        """True for the image that completes the request (none after a failure)."""
+        with self.lock:
+            self.images[i] = image
+            self.encode_ms += encode_ms
+            self.missing -= 1
+            return self.missing == 0 and not self.failed
+
+    def fail(self) -> bool:
+        """True the first time: the request fails once."""
+        with self.lock:
+            first, self.failed = not self.failed, True
+            return first
+
+    def done(self) -> bool:
+        """Nothing more will use the queue place: failed, or every image in."""
+        with self.lock:
+            return self.failed or self.missing == 0
+
+
 class Intake:
     def __init__(self, pre: requests.Preprocessor, scheduler: Scheduler, encode: Encode, *,
                  image_cache: ImageCache, observer: Observer, max_batch: int, default_max_tokens: int):
@@ -125,58 +155,67 @@ class Intake:
         """Take one request (its inputs by contract name; `request_id`: its client's id, which a
         cancel message names). Raises what refuses it at once (BadRequest, Busy); a later
         failure ends the stream through stream.fail."""
-        image = requests.image_bytes(inputs)
-        key = cached = None
-        if image is not None:
-            key = image_digest(image)
-            cached = self.image_cache.get(key) if self.image_cache.budget else None
+        images = requests.check_images(requests.image_list(inputs))
+        keys = [image_digest(data) for data in images]
+        cached = [self.image_cache.get(key) if self.image_cache.budget else None for key in keys]
         tools = requests.toolset(inputs, self.pre.tool_style)
-        prepared = self.pre.from_inputs(inputs, decode_image=cached is None, tools=tools)
-        prepared.digest = key or b""
-        if key is not None and self.image_cache.budget:
-            self.obs.image(cached is not None, self.image_cache.bytes)
+        prepared = self.pre.from_inputs(inputs, decode=[c is None for c in cached], tools=tools)
+        for image, key, hit in zip(prepared.images, keys, cached):
+            image.digest = key
+            if self.image_cache.budget:
+                self.obs.image(hit is not None, self.image_cache.bytes)
         params = requests.sampling_params(inputs, self.default_max_tokens)
         if tools is not None:
             if params.response_format is not None:
                 raise BadRequest("tools and response_format exclude each other (a call's arguments follow its schema)")
             params = dataclasses.replace(params, grammar=tools.grammar())
         ids = prepared.input_ids.tolist()
-        self.scheduler.check(ids, self.pre.image_positions(cached, prepared), params)
+        self.scheduler.check(ids, sum(self.pre.image_positions(c, p) for c, p in zip(cached, prepared.images)),
+                             params)
         if request_id:
             stream = self._name(stream, request_id)
         try:
-            self._start(stream, ids, params, prepared, image is not None, key, cached, tools)
+            self._start(stream, ids, params, prepared, cached, tools)
         except BaseException:
             if isinstance(stream, _Named):
                 stream.forget()
             raise
 
-    def _start(self, stream: Stream, ids: list[int], params, prepared, has_image: bool, key, cached, tools) -> None:
-        def request(image, encode_ms=0.0) -> Request:
-            fields = {"image_embeds": None, "tools": tools, **self.pre.attach(ids, image)}
+    def _start(self, stream: Stream, ids: list[int], params, prepared, cached: list, tools) -> None:
+        def request(images: list, encode_ms=0.0) -> Request:
+            fields = {"image_embeds": None, "tools": tools, **self.pre.attach(ids, images)}
             return Request(ids, params=params, emit=stream.emit, fail=stream.fail, cancelled=stream.cancelled,
-                           image_encode_ms=encode_ms, image_cached=cached is not None, **fields)
-        if not has_image or cached is not None:
+                           image_encode_ms=encode_ms, image_cached=bool(images) and all(c is not None for c in cached),
+                           **fields)
+        missing = [i for i, c in enumerate(cached) if c is None]
+        if not missing:
             self.scheduler.submit(request(cached))
             return
         place = self.scheduler.reserve()
+        gathered = _Gathered(list(cached), len(missing))
 
-        def encoded(features, encode_ms, error) -> None:
+        def encoded(i: int, features, encode_ms, error) -> None:
             try:
                 if error is not None:
                     raise error
-                image = self.pre.pack(features, prepared)  # LLaVA-1.6: tiles -> one picture's tokens
+                image = self.pre.pack(features, prepared.images[i])  # LLaVA-1.6: tiles -> one picture's tokens
                 if self.image_cache.budget:
-                    self.image_cache.put(key, image)
-                self.scheduler.submit(request(image, encode_ms), reservation=place)
+                    self.image_cache.put(prepared.images[i].digest, image)
+                if gathered.add(i, image, encode_ms):  # the request's last image: it goes in
+                    self.scheduler.submit(request(gathered.images, gathered.encode_ms), reservation=place)
             except Exception as e:
                 place.release()  # before the client hears of it: it may retry at once
-                self.obs.finished(outcome_of(e))
-                stream.fail(e)
+                if gathered.fail():  # once, whichever of its images failed first
+                    self.obs.finished(outcome_of(e))
+                    stream.fail(e)
             finally:
-                place.release()  # a no-op once submit took it or the failure gave it back
+                if gathered.done():
+                    place.release()  # a no-op once submit took it or the failure gave it back
         try:
-            self.images.put(prepared.pixel_values, encoded)
+            for i in missing:
+                self.images.put(prepared.images[i].pixel_values,
+                                lambda features, ms, error, i=i: encoded(i, features, ms, error))
         except BaseException:
+            gathered.fail()
             place.release()
             raise

@@ -45,7 +45,7 @@ def image_key(embeds: np.ndarray) -> int:
     return int.from_bytes(digest, "little") & _IMAGE_KEY_MASK
 
 
-def position_keys(input_ids: Sequence[int], image_embeds: np.ndarray | None, cross=None) -> np.ndarray:
+def position_keys(input_ids: Sequence[int], image_embeds: Sequence[np.ndarray] | None, cross=None) -> np.ndarray:
     """One int64 key per prompt position (the i-th image placeholder expands to image i's rows;
     cross: a cross-attention row's CrossRow, whose image keys every position)."""
     ids = np.asarray(input_ids, np.int64)
@@ -56,7 +56,7 @@ def position_keys(input_ids: Sequence[int], image_embeds: np.ndarray | None, cro
     where = np.flatnonzero(ids == IMAGE_TOKEN_INDEX)
     parts, start = [], 0
     for i, pos in enumerate(where):
-        n = image_embeds.shape[1]
+        n = image_embeds[i].shape[0]
         h = image_key(image_embeds[i])
         parts += [ids[start:pos], -1 - ((h + np.arange(n, dtype=np.int64)) & _IMAGE_KEY_MASK)]
         start = pos + 1

@@ -100,17 +100,18 @@ def template_named(name: str) -> Template:
         raise ValueError(f"unknown prompt template {name!r}; known: {', '.join(TEMPLATES)}") from None
 
 
-def build_prompt(question: str, *, image: bool = True, history: Sequence[tuple[str, str]] = (),
+def build_prompt(question: str, *, image: bool | int = True, history: Sequence[tuple[str, str]] = (),
                  system: str | None = None, template: str = "vicuna_v1") -> str:
     """The prompt for `question`, after earlier (question, answer) turns, in `template`.
 
-    The image, if any, belongs to the first user turn, as "<image>\n" before its text (as
-    run_llava and LLaVA's CLI put it). system None is the template's own line.
+    The image (or `image` images), if any, belongs to the first user turn, as "<image>\n"
+    before its text (as run_llava and LLaVA's CLI put it); placeholders already written into
+    the turns stay where they are. system None is the template's own line.
     """
     t = template_named(template)
     turns = [*history, (question, None)]
     if image:
-        turns[0] = (IMAGE_PLACEHOLDER + "\n" + turns[0][0], turns[0][1])
+        turns[0] = ((IMAGE_PLACEHOLDER + "\n") * int(image) + turns[0][0], turns[0][1])
     return t.render(turns, t.system if system is None else system)
 
 
@@ -145,7 +146,7 @@ class Layouts:
         if name == CHECKPOINT:
             from edgevlm.runtime.chat_template import conversation
             return self.chat.render(conversation(question, images=images, history=history, system=system))
-        return build_prompt(question, image=images > 0, history=history, system=system, template=name)
+        return build_prompt(question, image=images, history=history, system=system, template=name)
 
 
 def tokenize_prompt(tokenizer, prompt: str) -> list[int]:

@@ -8,16 +8,16 @@ everything is tested in-process and the same code runs on the cpu and jetson tar
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from edgevlm_client.contract import (MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, MAX_PROMPT_CHARS, MAX_TURNS,
-                                     PARAMETERS)
+from edgevlm_client.contract import (MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, MAX_IMAGES, MAX_PROMPT_CHARS,
+                                     MAX_TURNS, PARAMETERS)
 
 from edgevlm.manifest import OnnxArtifacts
 from edgevlm.runtime.errors import BadRequest
-from edgevlm.presets import ANYRES
+from edgevlm.presets import ANYRES, IMAGE_TOKEN_INDEX
 from edgevlm.runtime import anyres
 from edgevlm.runtime.image import ImageError, load_image, preprocess_tiles
 from edgevlm.runtime.chat_template import ChatTemplate
@@ -84,23 +84,36 @@ def sampling_params(inputs: dict, default_max_tokens: int) -> SamplingParams:
 
 
 @dataclass
-class Prepared:
-    """A checked request's prompt: what the vision encoder and the decoder need."""
+class PreparedImage:
+    """One image of a request, checked: what the vision encoder needs of it."""
 
-    pixel_values: np.ndarray | tuple | None  # [tiles, 3, S, S]: 0 without an image, > 1 for anyres;
-    #   None if cached (a cross-attention model: its encoder's inputs, cross_requests.py)
-    input_ids: np.ndarray  # int64, IMAGE_TOKEN_INDEX where the image goes
-    image_size: tuple[int, int] | None = None  # the picture's (H, W), when decoded
-    image_tokens: int = 0  # positions the image takes (0: none, or an anyres picture not decoded)
+    pixel_values: np.ndarray | tuple | None  # [tiles, 3, S, S] (> 1 tile for anyres); None if
+    #   cached (a cross-attention model: its encoder's inputs, cross_requests.py)
+    size: tuple[int, int] | None = None  # the picture's (H, W), when decoded
+    tokens: int = 0  # positions it takes (0: an anyres picture not decoded)
     tiles: int = 0  # a cross-attention model's: the picture's tiles
-    digest: bytes = b""  # the image bytes' hash (the intake's)
+    digest: bytes = b""  # its bytes' hash (the intake's)
+
+
+@dataclass
+class Prepared:
+    """A checked request's prompt and images: what the vision encoder and the decoder need."""
+
+    input_ids: np.ndarray  # int64, IMAGE_TOKEN_INDEX where each image goes, in order
+    images: list[PreparedImage] = field(default_factory=list)
+
+    @property
+    def image(self) -> PreparedImage:
+        """The one image of a model that takes one (a cross-attention model)."""
+        (image,) = self.images
+        return image
 
 
 class Preprocessor:
-    """image bytes + prompt -> Prepared; the vision encoder's tile features -> the image's tokens.
+    """images' bytes + prompt -> Prepared; the vision encoder's tile features -> an image's tokens.
 
-    decode_image=False (the image's embeddings are cached) skips decoding and resizing: the
-    prompt is built for the image and pixel_values is None.
+    decode[i] False (image i's embeddings are cached) skips decoding and resizing it: the
+    prompt is built for it and its pixel_values is None.
     """
 
     def __init__(self, onnx_dir: str | Path, max_image_pixels: int = MAX_IMAGE_PIXELS,
@@ -128,33 +141,35 @@ class Preprocessor:
 
     tool_style = "array"  # tools are described in the system line (tools.py)
 
-    def image_positions(self, image: np.ndarray | None, prepared: Prepared) -> int:
-        """Positions the image takes in the prompt: its cached embeddings' rows, or as prepared."""
-        return image.shape[1] if image is not None else prepared.image_tokens
+    def image_positions(self, image: np.ndarray | None, prepared: PreparedImage) -> int:
+        """Positions an image takes in the prompt: its cached embeddings' rows, or as prepared."""
+        return image.shape[0] if image is not None else prepared.tokens
 
-    def attach(self, ids: list[int], image: np.ndarray | None) -> dict:
-        """The Request fields that carry the image: its embeddings, spliced at the placeholder."""
-        return {"image_embeds": image}
+    def attach(self, ids: list[int], images: list[np.ndarray]) -> dict:
+        """The Request fields that carry the images: their embeddings, each spliced at its
+        placeholder."""
+        return {"image_embeds": images or None}
 
-    def pack(self, features: np.ndarray, prepared: Prepared) -> np.ndarray:
-        """The vision encoder's rows for one request ([tiles, T, D]) -> image_embeds [1, N, D]."""
+    def pack(self, features: np.ndarray, prepared: PreparedImage) -> np.ndarray:
+        """The vision encoder's rows for one image ([tiles, T, D]) -> its embeddings [N, D]."""
         if self.cfg.image_aspect != ANYRES:
-            return features
-        return anyres.pack(features, prepared.image_size, self.cfg.grid_pinpoints,
-                           self.cfg.vision.image_size, self.newline)[None]
+            return features[0]
+        return anyres.pack(features, prepared.size, self.cfg.grid_pinpoints, self.cfg.vision.image_size,
+                           self.newline)
 
-    def from_inputs(self, inputs: dict, decode_image: bool = True, tools=None) -> Prepared:
-        """The request's prompt inputs (contract.PROMPT_INPUTS, numpy arrays by name); tools: its
-        Toolset, described to the model in the system line."""
+    def from_inputs(self, inputs: dict, decode: list[bool] | None = None, tools=None) -> Prepared:
+        """The request's prompt inputs (contract.PROMPT_INPUTS, numpy arrays by name); decode:
+        per image, whether to decode it (False: its embeddings are cached); tools: its Toolset,
+        described to the model in the system line."""
         if inputs.get("prompt") is None:
             raise BadRequest("prompt is required")
         raw = inputs.get("raw_prompt")
-        return self(image_bytes(inputs), inputs["prompt"],
+        return self(image_list(inputs), inputs["prompt"],
                     bool(np.asarray(raw).reshape(-1)[0]) if raw is not None else False,
-                    inputs.get("history"), inputs.get("system"), decode_image, tools, inputs.get("template"))
+                    inputs.get("history"), inputs.get("system"), decode, tools, inputs.get("template"))
 
-    def __call__(self, image: bytes | None, prompt, raw_prompt: bool = False, history=None, system=None,
-                 decode_image: bool = True, tools=None, template=None):
+    def __call__(self, images: list[bytes] | bytes | None, prompt, raw_prompt: bool = False, history=None,
+                 system=None, decode: list[bool] | None = None, tools=None, template=None) -> Prepared:
         prompt = text(prompt, "prompt")
         turns = parse_history(history)
         for name, given in (("history", bool(turns)), ("system", system is not None),
@@ -176,34 +191,37 @@ class Preprocessor:
             raise BadRequest("prompt is empty")
         if len(prompt) > MAX_PROMPT_CHARS:
             raise BadRequest(f"prompt is {len(prompt)} characters, over the {MAX_PROMPT_CHARS} limit")
-        s = self.cfg.vision.image_size
-        size_hw, tokens = None, 0
-        if image is not None:
-            if len(image) > MAX_IMAGE_BYTES:
-                raise BadRequest(f"image is {len(image)} bytes, over the {MAX_IMAGE_BYTES} limit")
-            pixel_values = None
-            if self.cfg.image_aspect != ANYRES:
-                tokens = self.cfg.image_tokens  # known without decoding
-            try:
-                if decode_image:
-                    pixel_values, size_hw = preprocess_tiles(load_image(image, self.max_image_pixels), s,
-                                                             self.cfg.image_aspect, self.cfg.grid_pinpoints)
-                    tokens = self.tokens_for(size_hw)
-            except ImageError as e:
-                raise BadRequest(f"image: {e}") from None
-        else:
-            pixel_values = np.zeros((0, 3, s, s), np.float32)
-        n_images = int(image is not None)
+        images = check_images(images)
+        decode = [True] * len(images) if decode is None else decode
+        n_images = len(images)
+        placeholders = sum(t.count(IMAGE_PLACEHOLDER) for t in [prompt, *(q + a for q, a in turns)])
+        if placeholders and placeholders != n_images or raw_prompt and placeholders != n_images:
+            raise BadRequest(f"{'raw prompt' if raw_prompt else 'the conversation'} has {placeholders} "
+                             f"{IMAGE_PLACEHOLDER} placeholder(s) for {n_images} image(s)")
+        prepared = [self._image("image" if n_images == 1 else f"image {i + 1}", data, decode[i])
+                    for i, data in enumerate(images)]
         if raw_prompt:
-            placeholders = prompt.count(IMAGE_PLACEHOLDER)
-            if placeholders != n_images:
-                raise BadRequest(f"raw prompt has {placeholders} {IMAGE_PLACEHOLDER} placeholder(s) "
-                                     f"for {n_images} image(s)")
             ids = tokenize_prompt(self.tok, prompt)
-        else:
-            ids = self.prompt_ids(prompt, n_images, turns, system, layout)
+        else:  # no placeholder written: the images go to the first turn, before its text
+            ids = self.prompt_ids(prompt, 0 if placeholders else n_images, turns, system, layout)
+            if ids.count(IMAGE_TOKEN_INDEX) != n_images:  # a chat template that drops or adds images
+                raise BadRequest(f"the {layout} template laid out {ids.count(IMAGE_TOKEN_INDEX)} of the "
+                                 f"{n_images} image(s)")
         # its length against the context is the scheduler's check (Scheduler.check)
-        return Prepared(pixel_values, np.asarray(ids, np.int64), size_hw, tokens)
+        return Prepared(np.asarray(ids, np.int64), prepared)
+
+    def _image(self, name: str, data: bytes, decode: bool) -> PreparedImage:
+        # a fixed-size picture's positions are known without decoding it
+        image = PreparedImage(None, tokens=self.cfg.image_tokens if self.cfg.image_aspect != ANYRES else 0)
+        if decode:
+            s = self.cfg.vision.image_size
+            try:
+                image.pixel_values, image.size = preprocess_tiles(load_image(data, self.max_image_pixels), s,
+                                                                  self.cfg.image_aspect, self.cfg.grid_pinpoints)
+            except ImageError as e:
+                raise BadRequest(f"{name}: {e}") from None
+            image.tokens = self.tokens_for(image.size)
+        return image
 
     def prompt_ids(self, question: str, images: int = 0, history=(), system: str | None = None,
                    layout: str | None = None) -> list[int]:
@@ -214,10 +232,22 @@ class Preprocessor:
         return tokenize_prompt(self.tok, self.layouts.render(layout, question, images, history, system))
 
 
-def image_bytes(inputs: dict) -> bytes | None:
-    """The request's encoded image, or None for a text-only request."""
-    image = inputs.get("image")
-    return None if image is None else bytes(np.asarray(image, dtype=object).reshape(-1)[0])
+def image_list(inputs: dict) -> list[bytes]:
+    """The request's encoded images, in order (none for a text-only request)."""
+    images = inputs.get("image")
+    return [] if images is None else [bytes(b) for b in np.asarray(images, dtype=object).reshape(-1)]
+
+
+def check_images(images: list[bytes] | bytes | None) -> list[bytes]:
+    """A request's images within the contract's limits (one image may be given bare)."""
+    images = [] if images is None else [images] if isinstance(images, (bytes, bytearray)) else list(images)
+    if len(images) > MAX_IMAGES:
+        raise BadRequest(f"{len(images)} images, over the {MAX_IMAGES} a request may hold")
+    for i, data in enumerate(images):
+        if len(data) > MAX_IMAGE_BYTES:
+            raise BadRequest(f"image{'' if len(images) == 1 else f' {i + 1}'} is {len(data)} bytes, "
+                             f"over the {MAX_IMAGE_BYTES} limit")
+    return images
 
 
 def parse_history(value) -> list[tuple[str, str]]:

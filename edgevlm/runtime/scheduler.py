@@ -59,7 +59,7 @@ PREFILL_CHUNK = 64  # positions per prefill call while other streams decode (see
 @dataclass(eq=False)
 class Request:
     input_ids: Sequence[int]
-    image_embeds: np.ndarray | None
+    image_embeds: Sequence[np.ndarray] | None  # each image's [N_i, D], in placeholder order
     params: SamplingParams
     emit: Callable[[Event], None]
     fail: Callable[[Exception], None]
@@ -72,8 +72,7 @@ class Request:
 
     @property
     def image_tokens(self) -> int:
-        images = self.image_embeds
-        return 0 if images is None or images.shape[0] == 0 else images.shape[0] * images.shape[1]
+        return 0 if self.image_embeds is None else sum(int(e.shape[0]) for e in self.image_embeds)
 
 
 class Reservation:
@@ -106,7 +105,8 @@ class _Live:
         self.total = embeds.shape[1]  # prompt positions
         self.fed = 0  # prefilled so far
         self.sampler, self.detok = sampler, detok
-        self.stats = Stats(image_encode_ms=req.image_encode_ms, prefill_tokens=self.total,
+        self.stats = Stats(images=(0 if req.image_embeds is None else len(req.image_embeds)) + (req.cross is not None),
+                           image_encode_ms=req.image_encode_ms, prefill_tokens=self.total,
                            image_cached=req.image_cached,
                            image_tokens=req.image_tokens if req.cross is None else req.cross.image.tokens,
                            image_tiles=0 if req.cross is None else req.cross.image.tiles,
@@ -155,7 +155,8 @@ class Scheduler:
         n_prompt = prompt_positions(input_ids, image_tokens)
         context = self.model.max_context
         if n_prompt >= context:
-            raise BadRequest(f"prompt is {n_prompt} tokens, the context holds {context}")
+            images = f" ({image_tokens} of them its images')" if image_tokens else ""
+            raise BadRequest(f"prompt is {n_prompt} tokens{images}, the context holds {context}")
         if params.response_format is not None or params.grammar is not None:
             # compiled once; a bad one is refused here
             self.model.grammars.check(params.response_format, params.grammar)
