@@ -177,6 +177,11 @@ _VICUNA_13B = replace(_VICUNA_7B, hidden_size=5120, intermediate_size=13824, num
 # Mistral-7B-Instruct-v0.2 as LLaVA-1.6 ships it: GQA with 8 KV heads, rope theta 1e6. Its own
 # positions reach 32768; LLaVA trained and truncates at 4096, so that is the context we build.
 _MISTRAL_7B = replace(_VICUNA_7B, intermediate_size=14336, num_kv_heads=8, rope_theta=1e6)
+# Nous-Hermes-2-Yi-34B as LLaVA-1.6-34B ships it: 60 layers, GQA with 8 KV heads, rope theta
+# 5e6, a 64000-piece vocabulary whose <|im_end|> (id 7) ends a chatml turn.
+_YI_34B = TextConfig(vocab_size=64000, hidden_size=7168, intermediate_size=20480, num_layers=60, num_heads=56,
+                     num_kv_heads=8, max_position=4096, rms_norm_eps=1e-5, rope_theta=5e6, bos_token_id=1,
+                     eos_token_id=7, pad_token_id=0)
 
 # Toy sizes with the same structure. Vision head_dim stays 64 like every OpenAI CLIP, so the
 # head count can be read off the weights; a 112 px image gives an 8x8 grid and 16 image tokens.
@@ -190,6 +195,8 @@ _TINY_TEXT = TextConfig(vocab_size=1024, hidden_size=128, intermediate_size=344,
 _TINY_LLAVA_TEXT = replace(_TINY_TEXT, max_position=1024, rms_norm_eps=1e-5)
 _TINY_LLAVA_NEXT_TEXT = replace(_TINY_LLAVA_TEXT, num_kv_heads=2, rope_theta=1e6)
 _TINY_PINPOINTS = tuple((h // 3, w // 3) for h, w in PINPOINTS_1_6)
+# Its chatml twin (random tokenizers put <|im_start|> and <|im_end|> at 6 and 7, as Yi's has them).
+_TINY_YI_TEXT = replace(_TINY_LLAVA_NEXT_TEXT, rope_theta=5e6, eos_token_id=7)
 
 PRESETS: dict[str, ModelConfig] = {
     "mobilevlm-v2-1.7b": ModelConfig("mobilevlm-v2-1.7b", LDPV2, text=_LLAMA_1_4B),
@@ -207,11 +214,16 @@ PRESETS: dict[str, ModelConfig] = {
     "llava-v1.6-mistral-7b": ModelConfig("llava-v1.6-mistral-7b", MLP2X_GELU, text=_MISTRAL_7B,
                                          image_aspect=ANYRES, grid_pinpoints=PINPOINTS_1_6,
                                          template="mistral_instruct"),
+    "llava-v1.6-34b": ModelConfig("llava-v1.6-34b", MLP2X_GELU, text=_YI_34B, image_aspect=ANYRES,
+                                  grid_pinpoints=PINPOINTS_1_6, template="chatml_direct"),
     "tiny-llava-v1.5": ModelConfig("tiny-llava-v1.5", MLP2X_GELU, vision=_TINY_VISION,
                                    text=_TINY_LLAVA_TEXT, template="llava_v1"),
     "tiny-llava-v1.6": ModelConfig("tiny-llava-v1.6", MLP2X_GELU, vision=_TINY_VISION,
                                    text=_TINY_LLAVA_NEXT_TEXT, image_aspect=ANYRES,
                                    grid_pinpoints=_TINY_PINPOINTS, template="llava_v1"),
+    "tiny-llava-v1.6-34b": ModelConfig("tiny-llava-v1.6-34b", MLP2X_GELU, vision=_TINY_VISION,
+                                       text=_TINY_YI_TEXT, image_aspect=ANYRES,
+                                       grid_pinpoints=_TINY_PINPOINTS, template="chatml_direct"),
 }
 
 

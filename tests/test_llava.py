@@ -24,7 +24,7 @@ from edgevlm.runtime.tokenizer import Tokenizer
 from edgevlm.samples import sample_image
 
 FORMATS = ("original", "llava-hf")
-MODELS = ("tiny-llava-v1.5", "tiny-llava-v1.6")
+MODELS = ("tiny-llava-v1.5", "tiny-llava-v1.6", "tiny-llava-v1.6-34b")  # the last: Yi-34B's chatml twin
 
 
 @pytest.fixture(scope="module")
@@ -86,6 +86,18 @@ def test_both_formats_read_back_as_the_preset(ckpts, model, fmt):
     w = ck.weights()
     assert set(w.projector) == {"0.weight", "0.bias", "2.weight", "2.bias"}
     assert (w.image_newline is not None) == (cfg.version == "1.6")
+
+
+@pytest.mark.unit
+def test_the_chatml_twin_holds_its_turn_markers_whole_and_stops_at_im_end(ckpts):
+    """LLaVA-1.6-34B's layout: <|im_start|> and <|im_end|> one token each (ids 6 and 7, as Yi's
+    tokenizer has them), the answer ending at the config's eos 7, not at </s>."""
+    ck = _read(ckpts["tiny-llava-v1.6-34b", "original"])
+    assert ck.config.template == "chatml_direct" and ck.config.text.eos_token_id == 7
+    tok = Tokenizer(ck.tokenizer_path, ck.config.text.eos_token_id)
+    ids = tokenize_prompt(tok, build_prompt("Q", template="chatml_direct"))
+    assert ids.count(6) == 3 and ids.count(7) == 2 and ids[-2:] != [7] and tok.stop_ids == {7}
+    assert tok.sp.id_to_piece(6) == "<|im_start|>" and tok.sp.id_to_piece(7) == "<|im_end|>"
 
 
 @pytest.mark.unit
@@ -252,7 +264,7 @@ def test_preprocessing_is_transformers_pixel_for_pixel(photo):
 
 # One export per version, one per format between them: 1.5 in the original layout (its tower
 # from the CLIP directory), 1.6 in llava-hf's.
-EXPORTED = (("tiny-llava-v1.5", "original"), ("tiny-llava-v1.6", "llava-hf"))
+EXPORTED = (("tiny-llava-v1.5", "original"), ("tiny-llava-v1.6", "llava-hf"), ("tiny-llava-v1.6-34b", "original"))
 
 
 @pytest.fixture(scope="module")
@@ -281,7 +293,7 @@ def test_export_matches_the_reference(ckpts, exports, model, fmt):
     assert m["prompt"]["template"] == ("checkpoint" if fmt == "llava-hf" else PRESETS[model].template)
     assert ("chat_template" in m["files"]) == (fmt == "llava-hf")
     assert m["image"]["max_tokens"] == PRESETS[model].max_image_tokens
-    assert ("image_newline" in m["files"]) == (model == "tiny-llava-v1.6")
+    assert ("image_newline" in m["files"]) == (PRESETS[model].image_aspect == "anyres")
     assert m["io"]["vision_encoder"]["outputs"][0]["shape"] == ["batch", 64, 128]  # per tile
 
 
@@ -307,7 +319,7 @@ def test_served_greedy_text_is_the_reference(ckpts, servers, model, fmt):
     info = client.metadata()
     assert (info.image_tokens_min, info.image_tokens) == (64, cfg.max_image_tokens)
     # served in its checkpoint's template: llava-hf's own chat template, run_llava's pick otherwise
-    assert info.template == ("checkpoint" if fmt == "llava-hf" else "llava_v1")
+    assert info.template == ("checkpoint" if fmt == "llava-hf" else PRESETS[model].template)
     other = "llava_v0"  # and any other a request names
     for image, history, template in ((_photo(260, 150), [], None), (_photo(120, 200), [("What is it?", "A cat.")], None),
                                      (None, [], None), (_photo(260, 150), [("What is it?", "A cat.")], other)):

@@ -197,9 +197,25 @@ _MISTRAL = _PARTS + """{%- set ns = namespace(system='') -%}
 """
 
 
+# chatml (LLaVA-1.6-34B): "<|im_start|>system\n...<|im_end|><|im_start|>user\n<image>\nQ<|im_end|>
+# <|im_start|>assistant\n", no newline between blocks
+_CHATML = _PARTS + """{%- set ns = namespace(system='Answer the questions.') -%}
+{%- if messages and messages[0]['role'] == 'system' -%}
+{%- set ns.system = parts(messages[0]['content'], 'text') -%}{%- set messages = messages[1:] -%}
+{%- endif -%}
+{{ '<|im_start|>system\\n' + ns.system + '<|im_end|>' }}
+{%- for m in messages -%}
+{{ '<|im_start|>' + m['role'] + '\\n' + parts(m['content'], 'image') + parts(m['content'], 'text') + '<|im_end|>' }}
+{%- endfor -%}
+{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}
+"""
+
+
 def chat_template(cfg: ModelConfig) -> str:
     """The chat template a random llava-hf checkpoint of `cfg` carries (chat_template.json)."""
     if cfg.template == "mistral_instruct":
         return _MISTRAL
+    if cfg.template == "chatml_direct":
+        return _CHATML
     system = SYSTEM_LLAVA_V1 if cfg.image_aspect == ANYRES else ""  # 1.6 vicuna has one, 1.5 none
     return _VICUNA.replace("DEFAULT_SYSTEM", json.dumps(system))

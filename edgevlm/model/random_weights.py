@@ -64,7 +64,8 @@ def write_random_checkpoint(out_dir: str | Path, cfg: ModelConfig, *, seed: int 
         (tmp / "generation_config.json").write_text(json.dumps(
             {"bos_token_id": cfg.text.bos_token_id, "eos_token_id": cfg.text.eos_token_id,
              "pad_token_id": cfg.text.pad_token_id}, indent=2) + "\n")
-        write_tokenizer(tmp, cfg.text.vocab_size, added=("<image>", "<pad>") if hf else ())
+        write_tokenizer(tmp, cfg.text.vocab_size, added=("<image>", "<pad>") if hf else (),
+                        chatml=cfg.template == "chatml_direct")
         if hf:
             (tmp / "preprocessor_config.json").write_text(json.dumps(_processor_config(cfg), indent=2) + "\n")
             (tmp / "chat_template.json").write_text(json.dumps({"chat_template": llava_hf.chat_template(cfg)},
@@ -221,10 +222,15 @@ def llava_config(cfg: ModelConfig) -> dict:
 
 # --- tokenizer -------------------------------------------------------------------------------
 
-def write_tokenizer(out: Path, vocab_size: int, added: tuple[str, ...] = ()) -> None:
+# A chatml model's turn markers (LLaVA-1.6-34B's Yi tokenizer has them at ids 6 and 7), held
+# whole by SentencePiece as user-defined pieces; three unused ones before them fix the ids.
+CHATML_PIECES = ("<|unused_3|>", "<|unused_4|>", "<|unused_5|>", "<|im_start|>", "<|im_end|>")
+
+
+def write_tokenizer(out: Path, vocab_size: int, added: tuple[str, ...] = (), chatml: bool = False) -> None:
     """tokenizer.model plus its json files; `added` tokens get ids from vocab_size on (as
-    llava-hf adds <image> and <pad> to the LLaMA tokenizer)."""
-    model = train_tokenizer(vocab_size)
+    llava-hf adds <image> and <pad> to the LLaMA tokenizer); chatml: with CHATML_PIECES."""
+    model = train_tokenizer(vocab_size, CHATML_PIECES if chatml else ())
     (out / "tokenizer.model").write_bytes(model)
     special = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
     (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
@@ -239,13 +245,14 @@ def write_tokenizer(out: Path, vocab_size: int, added: tuple[str, ...] = ()) -> 
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
-_TOKENIZER_CACHE: dict[int, bytes] = {}
+_TOKENIZER_CACHE: dict[tuple, bytes] = {}
 
 
-def train_tokenizer(vocab_size: int) -> bytes:
-    """A serialized SentencePiece BPE model with LLaMA's settings and exactly vocab_size pieces."""
-    if vocab_size in _TOKENIZER_CACHE:
-        return _TOKENIZER_CACHE[vocab_size]
+def train_tokenizer(vocab_size: int, user_pieces: tuple[str, ...] = ()) -> bytes:
+    """A serialized SentencePiece BPE model with LLaMA's settings and exactly vocab_size pieces
+    (user_pieces right after <unk> <s> </s>, each always one token)."""
+    if (vocab_size, user_pieces) in _TOKENIZER_CACHE:
+        return _TOKENIZER_CACHE[vocab_size, user_pieces]
     import sentencepiece as spm
 
     texts = corpus()
@@ -255,7 +262,8 @@ def train_tokenizer(vocab_size: int) -> bytes:
         model_type="bpe", byte_fallback=True, character_coverage=1.0,
         unk_id=0, bos_id=1, eos_id=2, pad_id=-1, normalization_rule_name="identity",
         remove_extra_whitespaces=False, split_digits=True, allow_whitespace_only_pieces=True,
-        hard_vocab_limit=False, num_threads=2, minloglevel=2, seed_sentencepiece_size=200000)
+        hard_vocab_limit=False, num_threads=2, minloglevel=2, seed_sentencepiece_size=200000,
+        user_defined_symbols=list(user_pieces))
     model = buf.getvalue()
     sp = spm.SentencePieceProcessor(model_proto=model)
     # The corpus may not support vocab_size merges; fill up with its most frequent words not
@@ -270,7 +278,7 @@ def train_tokenizer(vocab_size: int) -> bytes:
     model += b"".join(extra)
     if spm.SentencePieceProcessor(model_proto=model).vocab_size() != vocab_size:
         raise RuntimeError(f"tokenizer has the wrong size after padding to {vocab_size}")
-    _TOKENIZER_CACHE[vocab_size] = model
+    _TOKENIZER_CACHE[vocab_size, user_pieces] = model
     return model
 
 

@@ -122,7 +122,7 @@ class Preprocessor:
         export's (its manifest's `prompt.template`)."""
         art = OnnxArtifacts.open(onnx_dir)
         self.cfg = art.config
-        self.tok = tokenizer or Tokenizer(art.path("tokenizer"))  # the generator's, where it has one
+        self.tok = tokenizer or Tokenizer(art.path("tokenizer"), self.cfg.text.eos_token_id)  # the generator's
         self.max_image_pixels = max_image_pixels
         chat = None
         if "chat_template" in art.manifest["files"]:

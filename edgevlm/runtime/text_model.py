@@ -51,4 +51,4 @@ def open_tokenizer(art: OnnxArtifacts) -> Tokenizer | BPETokenizer:
     cfg = art.config
     if cfg.family == MLLAMA:
         return BPETokenizer(art.path("tokenizer"), cfg.text.vocab_size, cfg.stop_token_ids)
-    return Tokenizer(art.path("tokenizer"))
+    return Tokenizer(art.path("tokenizer"), cfg.text.eos_token_id)

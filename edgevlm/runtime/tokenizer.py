@@ -18,10 +18,12 @@ import sentencepiece as spm
 
 
 class Tokenizer:
-    def __init__(self, model_file: str | Path):
+    def __init__(self, model_file: str | Path, eos_token_id: int | None = None):
+        """eos_token_id: the config's id that ends an answer, where it is not the model's </s>
+        (chatml's <|im_end|>, LLaVA-1.6-34B); None: </s>."""
         self.sp = spm.SentencePieceProcessor(model_file=str(model_file))
         self.bos_id, self.eos_id, self.unk_id = self.sp.bos_id(), self.sp.eos_id(), self.sp.unk_id()
-        self.stop_ids = frozenset({self.eos_id})
+        self.stop_ids = frozenset({self.eos_id if eos_token_id is None else eos_token_id})
         self.special = {self.sp.id_to_piece(i): i for i in (self.bos_id, self.eos_id, self.unk_id)}
         self._split = re.compile("(" + "|".join(map(re.escape, self.special)) + ")")
 
