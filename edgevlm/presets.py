@@ -116,6 +116,9 @@ class ModelConfig:
     # runtime/prompt.py TEMPLATES, or "checkpoint" (its own chat template). A preset names what
     # run_llava picks for its name; a checkpoint read from disk gets model/checkpoint.template_for's.
     template: str = "vicuna_v1"
+    # LLaVA-NeXT-Video: a clip's frames are pooled on the patch grid with this stride (2: 24x24
+    # -> 12x12, 144 tokens per frame) before the projector; 0: the model takes no video.
+    video_pool: int = 0
 
     cross_length = 0  # images are spliced into the sequence, not attended to across
 
@@ -138,6 +141,11 @@ class ModelConfig:
         return (self.vision.grid // 2) ** 2
 
     @property
+    def frame_tokens(self) -> int:
+        """Tokens one video frame becomes (LLaVA-NeXT-Video's pooled grid); 0 without video."""
+        return (self.vision.grid // self.video_pool) ** 2 if self.video_pool else 0
+
+    @property
     def max_image_tokens(self) -> int:
         """The most tokens one image can take: anyres adds its unpadded grid plus a newline
         column to the base tile; the largest grid, unpadded by nothing, is the bound."""
@@ -150,7 +158,8 @@ class ModelConfig:
         return {"name": self.name, "projector_type": self.projector_type,
                 "vision": asdict(self.vision), "text": asdict(self.text),
                 "image_aspect": self.image_aspect,
-                "grid_pinpoints": [list(p) for p in self.grid_pinpoints], "template": self.template}
+                "grid_pinpoints": [list(p) for p in self.grid_pinpoints], "template": self.template,
+                "video_pool": self.video_pool}
 
     @classmethod
     def from_dict(cls, d: dict) -> ModelConfig:
@@ -158,11 +167,12 @@ class ModelConfig:
                    vision=VisionConfig(**d["vision"]), text=TextConfig(**d["text"]),
                    image_aspect=d.get("image_aspect", PAD),
                    grid_pinpoints=tuple(tuple(p) for p in d.get("grid_pinpoints", ())),
-                   template=d.get("template", "vicuna_v1"))
+                   template=d.get("template", "vicuna_v1"), video_pool=d.get("video_pool", 0))
 
     def same_shape(self, other: ModelConfig) -> bool:
-        return (self.projector_type, self.vision, self.text, self.image_aspect, self.grid_pinpoints) == (
-            other.projector_type, other.vision, other.text, other.image_aspect, other.grid_pinpoints)
+        return (self.projector_type, self.vision, self.text, self.image_aspect, self.grid_pinpoints,
+                self.video_pool) == (other.projector_type, other.vision, other.text, other.image_aspect,
+                                     other.grid_pinpoints, other.video_pool)
 
 
 _LLAMA_1_4B = TextConfig()
@@ -214,6 +224,9 @@ PRESETS: dict[str, ModelConfig] = {
     "llava-v1.6-mistral-7b": ModelConfig("llava-v1.6-mistral-7b", MLP2X_GELU, text=_MISTRAL_7B,
                                          image_aspect=ANYRES, grid_pinpoints=PINPOINTS_1_6,
                                          template="mistral_instruct"),
+    # LLaVA-NeXT-Video-7B: LLaVA-1.6 vicuna's shape (anyres for still images) plus clips
+    "llava-next-video-7b": ModelConfig("llava-next-video-7b", MLP2X_GELU, text=_VICUNA_7B, image_aspect=ANYRES,
+                                       grid_pinpoints=PINPOINTS_1_6, template="llava_v1", video_pool=2),
     "llava-v1.6-34b": ModelConfig("llava-v1.6-34b", MLP2X_GELU, text=_YI_34B, image_aspect=ANYRES,
                                   grid_pinpoints=PINPOINTS_1_6, template="chatml_direct"),
     "tiny-llava-v1.5": ModelConfig("tiny-llava-v1.5", MLP2X_GELU, vision=_TINY_VISION,
@@ -221,6 +234,9 @@ PRESETS: dict[str, ModelConfig] = {
     "tiny-llava-v1.6": ModelConfig("tiny-llava-v1.6", MLP2X_GELU, vision=_TINY_VISION,
                                    text=_TINY_LLAVA_NEXT_TEXT, image_aspect=ANYRES,
                                    grid_pinpoints=_TINY_PINPOINTS, template="llava_v1"),
+    "tiny-llava-next-video": ModelConfig("tiny-llava-next-video", MLP2X_GELU, vision=_TINY_VISION,
+                                         text=_TINY_LLAVA_TEXT, image_aspect=ANYRES, grid_pinpoints=_TINY_PINPOINTS,
+                                         template="llava_v1", video_pool=2),
     "tiny-llava-v1.6-34b": ModelConfig("tiny-llava-v1.6-34b", MLP2X_GELU, vision=_TINY_VISION,
                                        text=_TINY_YI_TEXT, image_aspect=ANYRES,
                                        grid_pinpoints=_TINY_PINPOINTS, template="chatml_direct"),

@@ -119,6 +119,8 @@ def test_every_llava_preset_names_what_run_llava_picks_for_it():
     from edgevlm.model.checkpoint import run_llava_name, run_llava_template
     from edgevlm.presets import PRESETS
     for name, cfg in PRESETS.items():
+        if cfg.video_pool:  # LLaVA-NeXT-Video is read in llava-hf's layout: its chat template serves it
+            continue
         want = run_llava_template(run_llava_name(Path("/models") / name)) if cfg.family == "llava" else "vicuna_v1"
         assert cfg.template == want, name
 

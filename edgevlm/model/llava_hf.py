@@ -20,7 +20,8 @@ from edgevlm.model.canonical import (NEWLINE_KEY, PROJECTOR_PREFIX, VISION_PREFI
 from edgevlm.presets import ANYRES, CROP, MLP2X_GELU, ModelConfig, TextConfig, match_preset
 from edgevlm.runtime.prompt import SYSTEM_LLAVA_V1
 
-HF_ARCHITECTURES = ("LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration")
+HF_ARCHITECTURES = ("LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration",
+                    "LlavaNextVideoForConditionalGeneration")
 VISION = VISION_PREFIX + "vision_model."
 
 # (prefix on disk, canonical prefix); the first match wins, so longer spellings come first.
@@ -116,12 +117,20 @@ def config_from_hf(raw: dict, tensors: dict[str, torch.Tensor], name: str) -> Mo
         bos_token_id=tc.get("bos_token_id", 1), eos_token_id=tc.get("eos_token_id", 2),
         pad_token_id=raw.get("pad_token_id", tc.get("pad_token_id", 0)) or 0)
     vision = vision_from_tensors(tensors, layer)
-    next_ = "LlavaNextForConditionalGeneration" in (raw.get("architectures") or []) or raw.get("model_type") == "llava_next"
+    archs = raw.get("architectures") or []
+    video = HF_ARCHITECTURES[2] in archs or raw.get("model_type") == "llava_next_video"
+    next_ = video or HF_ARCHITECTURES[1] in archs or raw.get("model_type") == "llava_next"
     if next_:
         pinpoints = tuple(tuple(p) for p in raw.get("image_grid_pinpoints") or ())
         if not pinpoints:
             raise CheckpointError("config.json: llava_next without image_grid_pinpoints")
-        cfg = ModelConfig(name, MLP2X_GELU, vision, text, ANYRES, pinpoints)
+        pool = 0
+        if video:
+            if raw.get("spatial_pool_mode", "average") != "average":
+                raise CheckpointError(f"config.json: spatial_pool_mode {raw['spatial_pool_mode']!r} is not "
+                                      "supported (expected 'average')")
+            pool = int(raw.get("spatial_pool_stride") or 2)
+        cfg = ModelConfig(name, MLP2X_GELU, vision, text, ANYRES, pinpoints, video_pool=pool)
     else:  # llava-hf 1.5's processor is CLIPImageProcessor: centre crop, no pad to square
         cfg = ModelConfig(name, MLP2X_GELU, vision, text, CROP, ())
     return match_preset(cfg)
@@ -139,10 +148,12 @@ def hf_config(cfg: ModelConfig) -> dict:
             "max_position_embeddings": t.max_position, "rms_norm_eps": t.rms_norm_eps,
             "rope_theta": t.rope_theta, "vocab_size": vocab, "torch_dtype": "float16",
             "architectures": ["MistralForCausalLM" if mistral else "LlamaForCausalLM"]}
+    video = cfg.video_pool > 0  # LLaVA-NeXT-Video: <video> first, then <image>, as its release numbers them
+    image_id = t.vocab_size + int(video)
     out = {
-        "architectures": [HF_ARCHITECTURES[1] if anyres else HF_ARCHITECTURES[0]],
-        "model_type": "llava_next" if anyres else "llava",
-        "ignore_index": -100, "image_token_index": t.vocab_size, "pad_token_id": t.vocab_size + 1,
+        "architectures": [HF_ARCHITECTURES[2] if video else HF_ARCHITECTURES[1] if anyres else HF_ARCHITECTURES[0]],
+        "model_type": "llava_next_video" if video else "llava_next" if anyres else "llava",
+        "ignore_index": -100, "image_token_index": image_id, "pad_token_id": image_id + 1,
         "projector_hidden_act": "gelu", "vision_feature_layer": v.select_layer,
         "vision_feature_select_strategy": "default", "tie_word_embeddings": False,
         "image_seq_length": cfg.image_tokens, "multimodal_projector_bias": True,
@@ -157,7 +168,15 @@ def hf_config(cfg: ModelConfig) -> dict:
     if anyres:
         out["image_grid_pinpoints"] = [list(p) for p in cfg.grid_pinpoints]
         out["use_image_newline_parameter"] = True
+    if video:
+        out.update(video_token_index=t.vocab_size, spatial_pool_mode="average", spatial_pool_stride=cfg.video_pool,
+                   video_seq_length=2 * cfg.frame_tokens)
     return out
+
+
+def added_tokens(cfg: ModelConfig) -> tuple[str, ...]:
+    """The tokens llava-hf appends to the LLaMA vocabulary, in id order."""
+    return ("<video>", "<image>", "<pad>") if cfg.video_pool else ("<image>", "<pad>")
 
 
 # Ours, not llava-hf's text: a Jinja chat template in the layout each llava-hf release renders
@@ -166,7 +185,8 @@ def hf_config(cfg: ModelConfig) -> dict:
 _PARTS = """{%- macro parts(content, kind) -%}
 {%- if content is string -%}{%- if kind == 'text' -%}{{ content }}{%- endif -%}
 {%- else -%}{%- for p in content if p['type'] == kind -%}
-{%- if kind == 'image' -%}{{ '<image>\\n' }}{%- else -%}{{ p['text'] }}{%- endif -%}
+{%- if kind == 'image' -%}{{ '<image>\\n' }}{%- elif kind == 'video' -%}{{ '<video>\\n' }}
+{%- else -%}{{ p['text'] }}{%- endif -%}
 {%- endfor -%}{%- endif -%}
 {%- endmacro -%}
 """
@@ -177,7 +197,8 @@ _VICUNA = _PARTS + """{%- set ns = namespace(system=DEFAULT_SYSTEM) -%}
 {%- endif -%}
 {%- if ns.system -%}{{ ns.system + ' ' }}{%- endif -%}
 {%- for m in messages -%}
-{%- if m['role'] == 'user' -%}{{ 'USER: ' + parts(m['content'], 'image') + parts(m['content'], 'text') + ' ' }}
+{%- if m['role'] == 'user' -%}
+{{ 'USER: ' + parts(m['content'], 'image') + parts(m['content'], 'video') + parts(m['content'], 'text') + ' ' }}
 {%- elif m['role'] == 'assistant' -%}{{ 'ASSISTANT: ' + parts(m['content'], 'text') + '</s>' }}
 {%- endif -%}
 {%- endfor -%}

@@ -61,6 +61,17 @@ class MobileVLM(nn.Module):
                              self.cfg.vision.image_size, self.image_newline.detach().float().numpy())
         return torch.from_numpy(packed).to(feats.dtype)
 
+    def video_features(self, frames: torch.Tensor) -> torch.Tensor:
+        """A clip's frames [F, 3, S, S] -> its tokens [F * frame_tokens, D] (LLaVA-NeXT-Video):
+        each frame's patch grid average-pooled with stride video_pool, then projected. The
+        pooling comes before the projector, whose GELU makes the order matter."""
+        feats = self.vision.tower(frames)  # [F, g * g, D_vision], CLS dropped
+        f, n, d = feats.shape
+        g = self.cfg.vision.grid
+        grid = feats.reshape(f, g, g, d).permute(0, 3, 1, 2)
+        pooled = nn.functional.avg_pool2d(grid, self.cfg.video_pool).flatten(2).transpose(1, 2)
+        return self.vision.projector(pooled).reshape(-1, self.cfg.text.hidden_size)
+
     def embed(self, input_ids: Sequence[int], image_embeds) -> torch.Tensor:
         """Token ids with IMAGE_TOKEN_INDEX placeholders -> inputs_embeds [1, L, D].
 
@@ -84,18 +95,21 @@ class MobileVLM(nn.Module):
     def generate(self, input_ids: Sequence[int], pixel_values: torch.Tensor | None = None, *,
                  max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0,
                  top_k: int = 0, seed: int | None = None, stop_ids: Sequence[int] | None = None,
-                 return_logits: bool = False, image_size=None, vocab: int | None = None):
+                 return_logits: bool = False, image_size=None, vocab: int | None = None, embeds=None):
         """Generate token ids after the prompt. temperature 0 means greedy.
 
         pixel_values: [N, 3, S, S], one row per image; for anyres, one image's tiles, with
         image_size its (H, W); or a list of images' tiles with a list of their sizes (several
         anyres pictures), each at its placeholder in order. Returns the new ids, and with
-        return_logits also the logits row
+        return_logits also the logits row (embeds: each placeholder's rows given instead, e.g. a
+        clip's video_features)
         each was chosen from. vocab: pick among the first `vocab` ids only, as the runtime does
         (the tokenizer's; llava-hf's padded rows are never text).
         """
         stop = set(stop_ids if stop_ids is not None else [self.cfg.text.eos_token_id])
-        if pixel_values is None:
+        if embeds is not None:
+            image_embeds = embeds
+        elif pixel_values is None:
             image_embeds = None
         elif isinstance(pixel_values, (list, tuple)):
             image_embeds = [self.image_features(px, size) for px, size in zip(pixel_values, image_size)]

@@ -51,6 +51,8 @@ def write_random_checkpoint(out_dir: str | Path, cfg: ModelConfig, *, seed: int 
     hf = layout_format == "llava-hf"
     if hf and cfg.family != "llava":
         raise ValueError(f"{cfg.name} is not a LLaVA preset; llava-hf holds LLaVA models only")
+    if cfg.video_pool and not hf:
+        raise ValueError(f"{cfg.name}: LLaVA-NeXT-Video checkpoints are written in the llava-hf layout only")
     full = replace(cfg, text=replace(cfg.text, vocab_size=llava_hf.padded_vocab(cfg.text.vocab_size))) if hf else cfg
     tensors = random_state_dict(full, seed)
     if cfg.family == "llava" and cfg.version == "1.5" and not hf:
@@ -64,7 +66,7 @@ def write_random_checkpoint(out_dir: str | Path, cfg: ModelConfig, *, seed: int 
         (tmp / "generation_config.json").write_text(json.dumps(
             {"bos_token_id": cfg.text.bos_token_id, "eos_token_id": cfg.text.eos_token_id,
              "pad_token_id": cfg.text.pad_token_id}, indent=2) + "\n")
-        write_tokenizer(tmp, cfg.text.vocab_size, added=("<image>", "<pad>") if hf else (),
+        write_tokenizer(tmp, cfg.text.vocab_size, added=llava_hf.added_tokens(cfg) if hf else (),
                         chatml=cfg.template == "chatml_direct")
         if hf:
             (tmp / "preprocessor_config.json").write_text(json.dumps(_processor_config(cfg), indent=2) + "\n")
