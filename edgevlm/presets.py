@@ -227,6 +227,8 @@ PRESETS: dict[str, ModelConfig] = {
     # LLaVA-NeXT-Video-7B: LLaVA-1.6 vicuna's shape (anyres for still images) plus clips
     "llava-next-video-7b": ModelConfig("llava-next-video-7b", MLP2X_GELU, text=_VICUNA_7B, image_aspect=ANYRES,
                                        grid_pinpoints=PINPOINTS_1_6, template="llava_v1", video_pool=2),
+    "llava-next-video-34b": ModelConfig("llava-next-video-34b", MLP2X_GELU, text=_YI_34B, image_aspect=ANYRES,
+                                        grid_pinpoints=PINPOINTS_1_6, template="chatml_direct", video_pool=2),
     "llava-v1.6-34b": ModelConfig("llava-v1.6-34b", MLP2X_GELU, text=_YI_34B, image_aspect=ANYRES,
                                   grid_pinpoints=PINPOINTS_1_6, template="chatml_direct"),
     "tiny-llava-v1.5": ModelConfig("tiny-llava-v1.5", MLP2X_GELU, vision=_TINY_VISION,

@@ -108,3 +108,143 @@ def test_a_clip_an_image_and_text_give_transformers_logits_and_tokens(ckpt, mode
 def test_the_original_layout_is_not_written_for_it(tmp_path):
     with pytest.raises(ValueError, match="llava-hf layout only"):
         write_random_checkpoint(tmp_path / "x", CFG, layout_format="original")
+
+
+# --- served: a clip through tritonserver --------------------------------------------------
+
+def write_clip(names=FRAMES, fmt: str = "mp4", codec: str = "libx264", repeat: int = 3) -> bytes:
+    """A clip made with PyAV from photos, each held `repeat` frames at 10 fps."""
+    import io
+
+    import av
+    from PIL import Image
+    out = io.BytesIO()
+    with av.open(out, "w", format=fmt) as container:
+        stream = container.add_stream(codec, rate=10)
+        stream.width, stream.height, stream.pix_fmt = 160, 120, "yuv420p"
+        for name in names:
+            frame = av.VideoFrame.from_image(Image.open(io.BytesIO(sample_image(name))).convert("RGB").resize((160, 120)))
+            for _ in range(repeat):
+                for packet in stream.encode(frame):
+                    container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return out.getvalue()
+
+
+@pytest.fixture(scope="module")
+def onnx_dir(ckpt, tmp_path_factory):
+    from edgevlm.export.graphs import export_onnx
+    return export_onnx(ckpt, tmp_path_factory.mktemp("video-onnx") / "onnx", log=lambda m: None)
+
+
+@pytest.fixture(scope="module")
+def video_server(onnx_dir, start_server):
+    server = start_server(onnx_dir, max_sequences=2, default_max_tokens=16)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def served(video_server):
+    from edgevlm_client import Client
+    return Client(video_server.grpc_url, timeout_s=60)
+
+
+@pytest.mark.integration
+@torch.no_grad()
+def test_served_answers_about_a_clip_equal_the_reference(onnx_dir, models, served):
+    from edgevlm.runtime.requests import Preprocessor
+    from edgevlm.runtime.video import decode_clip
+    ck, ours, _ = models
+    tok = Tokenizer(ck.tokenizer_path)
+    clip, photo = write_clip(), sample_image("astronaut")
+    pictures, _ = decode_clip(clip, 4, 50_000_000)  # frames 0, 4, 7, 11: one of each photo
+    frames = torch.cat([torch.from_numpy(preprocess_tiles(p, CFG.vision.image_size, "crop")[0]) for p in pictures])
+    px, size = preprocess_tiles(photo, CFG.vision.image_size, CFG.image_aspect, CFG.grid_pinpoints)
+    video, image = ours.video_features(frames), ours.image_features(torch.from_numpy(px), size)
+    pre = Preprocessor(onnx_dir)
+    for images, embeds in (([], [video]), ([photo], [image, video])):  # a clip; a picture, then the clip
+        ids = pre([*images], "What happens here?", video=clip, frames=4).input_ids.tolist()
+        parts = [{"type": "image"}] * len(images) + [{"type": "video"}]
+        text = ChatTemplate(ck.chat_template, {}).render(
+            [{"role": "user", "content": parts + [{"type": "text", "text": "What happens here?"}]}])
+        assert ids == tokenize_prompt(tok, text)  # the checkpoint's template, <video> where it puts it
+        want = ours.generate(ids, embeds=embeds, max_new_tokens=12, vocab=tok.vocab_size)
+        r = served.generate("What happens here?", image=images or None, video=clip, video_frames=4, max_tokens=12)
+        assert r.text == tok.decode(want), len(images)
+        assert (r.stats["frames"], r.stats["images"]) == (4, len(images))
+        assert r.stats["image_tokens"] == 4 * CFG.frame_tokens + (image.shape[0] if images else 0)
+    # the same clip again comes from the image cache; at another frame count it does not
+    again = served.generate("What happens here?", video=clip, video_frames=4, max_tokens=2)
+    assert again.stats["image_cached"] and again.stats["image_encode_ms"] == 0
+    fewer = served.generate("What happens here?", video=clip, video_frames=2, max_tokens=2)
+    assert not fewer.stats["image_cached"] and fewer.stats["frames"] == 2
+
+
+@pytest.mark.integration
+def test_bad_clips_are_refused_in_one_line_and_the_server_keeps_serving(served, client):
+    from edgevlm_client import InvalidRequest
+    clip = write_clip(("chelsea", "coffee"))
+    for data, reason in ((b"RIFF....AVI not really", "video: (cannot decode|the file holds no video stream)"),
+                         (clip[: len(clip) // 3], "video: (cannot decode|no frames)"),
+                         (sample_image("chelsea"), "video: a still image .jpeg.; send it as an image")):
+        with pytest.raises(InvalidRequest, match=reason):
+            served.generate("What happens?", video=data, max_tokens=2)
+    with pytest.raises(InvalidRequest, match=r"video_frames must be in \[1, 32\]"):
+        served.generate("What happens?", video=clip, video_frames=33, max_tokens=2)
+    with pytest.raises(InvalidRequest, match="the conversation has 0 <video> placeholder"):
+        served.generate("<image>\nWhat happens?", image=sample_image("chelsea"), video=clip, max_tokens=2)
+    with pytest.raises(InvalidRequest, match="takes no video"):  # MobileVLM
+        client.generate("What happens?", video=clip, max_tokens=2)
+    webm = write_clip(("camera", "coffee"), fmt="webm", codec="libvpx-vp9")
+    assert served.generate("What happens?", video=webm, max_tokens=2).stats["frames"] == 6  # every frame of a short clip
+    assert client.generate("Hi", max_tokens=2).text is not None and served.generate("Hi", max_tokens=2).text
+
+
+@pytest.mark.integration
+def test_a_video_url_through_the_openai_sdk_equals_the_grpc_client(video_server, served, start_gateway, tmp_path):
+    """A data: URL, and a file the gateway was allowed to read (--video-dir); nothing else."""
+    import base64
+
+    import openai
+    clip = write_clip()
+    (tmp_path / "clips").mkdir()
+    (tmp_path / "clips" / "door.mp4").write_bytes(clip)
+    (tmp_path / "secret.mp4").write_bytes(clip)
+    base = start_gateway(video_server.grpc_url, "--video-dir", str(tmp_path / "clips"))
+    sdk = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0)
+    want = served.generate("Did the door open?", video=clip, video_frames=4, max_tokens=12)
+    for url in ("data:video/mp4;base64," + base64.b64encode(clip).decode(), str(tmp_path / "clips" / "door.mp4")):
+        r = sdk.chat.completions.create(model=CFG.name, max_tokens=12, extra_body={"video_frames": 4}, messages=[
+            {"role": "user", "content": [{"type": "video_url", "video_url": {"url": url}},
+                                         {"type": "text", "text": "Did the door open?"}]}])
+        assert r.choices[0].message.content == want.text and r.usage.prompt_tokens == want.prompt_tokens
+    for url, status in ((str(tmp_path / "secret.mp4"), 400), ("data:video/mp4;base64,@@@", 400)):
+        with pytest.raises(openai.BadRequestError, match="video_url"):
+            sdk.chat.completions.create(model=CFG.name, max_tokens=2, messages=[
+                {"role": "user", "content": [{"type": "video_url", "video_url": {"url": url}},
+                                             {"type": "text", "text": "Hi"}]}])
+
+
+@pytest.mark.integration
+def test_watch_asks_about_the_last_seconds_as_a_clip(served, video_server, tmp_path):
+    """`edgevlm-client watch --clip-seconds`: a camera's last second (here a file played at its
+    rate) sent as a clip; and the client library makes a clip from a list of frames."""
+    import asyncio
+
+    from edgevlm_client import AsyncClient
+    from edgevlm_client.watch import watch
+    path = tmp_path / "door.mp4"
+    path.write_bytes(write_clip(repeat=5))  # 20 frames at 10 fps: 2 s
+
+    async def run():
+        async with AsyncClient(video_server.grpc_url) as client:
+            return [line async for line in watch(client, str(path), ["Did the door open?"], clip_seconds=1.0,
+                                                 max_frames=1, max_tokens=4)]
+    (line,) = asyncio.run(run())
+    assert line["frame"] >= 7 and line["stats"]["frames"] >= 4 and line["stats"]["images"] == 0
+    r = served.generate("What happens?", video=[sample_image(n) for n in FRAMES], max_tokens=4)
+    assert r.stats["frames"] == len(FRAMES)

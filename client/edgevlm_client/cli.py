@@ -56,7 +56,8 @@ def _generation_options(args) -> dict:
 
 def cmd_ask(args) -> int:
     image = args.image[0] if args.image and len(args.image) == 1 else args.image
-    stream = _client(args).stream(args.question, image=image, **_generation_options(args))
+    video = {"video": args.video, "video_frames": args.frames} if args.video else {}
+    stream = _client(args).stream(args.question, image=image, **video, **_generation_options(args))
     if args.json:
         for _ in stream:
             pass
@@ -116,7 +117,8 @@ def cmd_watch(args) -> int:
         async with AsyncClient(args.url, tls=_tls(args), timeout_s=args.timeout_s) as client:
             async for line in watch(client, args.source, args.questions, every_s=args.every,
                                     max_frames=args.max_frames, fmt=args.format, options=options,
-                                    realtime=False if args.no_realtime else None, **_generation_options(args)):
+                                    realtime=False if args.no_realtime else None, clip_seconds=args.clip_seconds,
+                                    **_generation_options(args)):
                 if not args.stats:
                     line.pop("stats")
                 print(json.dumps(line), flush=True)
@@ -153,7 +155,7 @@ def cmd_gateway(args) -> int:
         return 2
     config = GatewayConfig(grpc_url=args.url, tls=_tls(args), model_id=args.model_id,
                            api_key=args.api_key or os.environ.get("EDGEVLM_API_KEY") or None,
-                           allow_remote_images=args.allow_remote_images,
+                           allow_remote_images=args.allow_remote_images, video_dir=args.video_dir,
                            max_body_bytes=int(args.max_body_mb * (1 << 20)),
                            max_image_bytes=int(args.max_image_mb * (1 << 20)), timeout_s=args.timeout_s)
     serve(config, host=args.host, port=args.port, log_level=args.log_level)
@@ -185,6 +187,8 @@ def parser() -> argparse.ArgumentParser:
 
     ask = sub.add_parser("ask", help="ask a question, optionally about an image (streams the answer)")
     ask.add_argument("question")
+    ask.add_argument("--video", help="a video clip (mp4, webm, mkv) for a video model (LLaVA-NeXT-Video)")
+    ask.add_argument("--frames", type=int, help="frames taken from the clip (default: the server's, 8)")
     ask.add_argument("--image", action="append",
                      help="image file (JPEG, PNG, WebP, BMP, GIF); again for more, each at its <image> in the "
                           "question, or all before it")
@@ -215,6 +219,8 @@ def parser() -> argparse.ArgumentParser:
     w.add_argument("--every", type=float, default=0.0, help="ask at most once per this many seconds "
                                                             "(default 0: as fast as the model keeps up)")
     w.add_argument("--max-frames", type=int, help="stop after answering this many frames")
+    w.add_argument("--clip-seconds", type=float, default=0.0,
+                   help="ask about the last N seconds as a clip (a video model, LLaVA-NeXT-Video), not one frame")
     w.add_argument("--format", help="FFmpeg input format (v4l2 for a camera device)")
     w.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="FFmpeg input option, e.g. rtsp_transport=tcp or video_size=640x480 (repeatable)")
@@ -235,6 +241,7 @@ def parser() -> argparse.ArgumentParser:
     gw.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (or set EDGEVLM_API_KEY)")
     gw.add_argument("--allow-remote-images", action="store_true",
                     help="fetch http(s) image URLs (off: only base64 data URLs)")
+    gw.add_argument("--video-dir", help="video_url may name a file under this directory (default: data: URLs only)")
     gw.add_argument("--max-body-mb", type=float, default=20.0)
     gw.add_argument("--max-image-mb", type=float, default=10.0)
     gw.add_argument("--timeout-s", type=float, default=300.0, help="longest wait for the model server")

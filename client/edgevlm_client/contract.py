@@ -76,6 +76,9 @@ INPUTS = (
     Tensor("image", "BYTES", (-1,), "encoded images (see IMAGE_FORMATS), at most MAX_IMAGES, in the order of "
            "their <image> placeholders (see IMAGES); omit for text-only"),
     # optional for Triton, so that a missing prompt gets our reason rather than Triton's
+    Tensor("video", "BYTES", (1,), "a video clip (mp4, webm, mkv: what FFmpeg decodes), its frames sampled evenly, "
+           "at its <video> placeholder or after the images (LLaVA-NeXT-Video; see VIDEO)"),
+    Tensor("video_frames", "INT32", (1,), "frames sampled from the clip", default=8, limit=Limit(1, 32)),
     Tensor("prompt", "BYTES", (1,), "the question (or a full `v1` prompt with raw_prompt)"),
     Tensor("raw_prompt", "BOOL", (1,), "the prompt is already templated, <image> where the image goes",
            default=False),
@@ -107,13 +110,19 @@ MAX_TOOLS = 32
 RESPONSE_FORMATS = {"json_schema": "schema", "json_object": None, "regex": "pattern", "choice": "choices"}
 
 # The inputs that make the prompt (image, template, tokens); the rest steer decoding.
-PROMPT_INPUTS = ("image", "prompt", "raw_prompt", "history", "system", "template")
+PROMPT_INPUTS = ("image", "video", "video_frames", "prompt", "raw_prompt", "history", "system", "template")
+
+# A video clip (LLaVA-NeXT-Video): decoded in the server with FFmpeg's libraries, `video_frames`
+# frames taken evenly from first to last (every frame of a shorter clip), each frame's tokens
+# pooled 2x2 (144 a frame at 7B); at most MAX_VIDEO_BYTES, one clip per request.
+MAX_VIDEO_BYTES = 64 << 20
 
 # Several images. Each image of a request takes its place at an `<image>` placeholder, in
 # order: written into the prompt or history turns, there; written nowhere, all go to the first
 # turn, before its text (as LLaVA lays out one). A history turn keeps its images that way.
 # A cross-attention model (Llama-3.2-Vision) takes one image per request.
 IMAGE_PLACEHOLDER = "<image>"
+VIDEO_PLACEHOLDER = "<video>"  # a clip's place (LLaVA-NeXT-Video)
 
 # Prompt templates by name (LLaVA's conversation.py names), and `checkpoint`: the model's own
 # chat template (llava-hf, Llama-3.2-Vision). A model serves the one its checkpoint calls for
@@ -144,10 +153,11 @@ OUTPUTS = (
 LOGPROBS = ("token", "logprob", "bytes", "top_logprobs")  # top_logprobs: [{token, logprob, bytes}]
 
 # Keys of the JSON in the last response's `stats`.
-STATS = ("images", "image_encode_ms", "image_cached", "image_tokens", "image_tiles", "queue_ms", "prefill_tokens",
+STATS = ("images", "frames", "video_decode_ms", "image_encode_ms", "image_cached", "image_tokens", "image_tiles", "queue_ms", "prefill_tokens",
          "cached_tokens", "prefill_ms", "decode_tokens", "decode_ms", "decode_tokens_per_s", "prefill_tokens_per_s",
          "finish_reason", "tool_calls")
-# images: the request's images; image_encode_ms: encoding them all; image_cached: every image's
+# images: the request's images; frames: its clip's frames read (video_decode_ms decoding them);
+# image_encode_ms: encoding them all, a clip included; image_cached: every image's
 # embeddings came from the server's image cache (image_encode_ms 0);
 # image_tokens: context positions the images took (LLaVA-1.6: depends on the picture's size);
 # cached_tokens: prompt positions whose KV came from the prefix cache instead of prefill;

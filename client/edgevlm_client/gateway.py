@@ -32,6 +32,7 @@ from starlette.routing import Route
 from edgevlm_client import openai_api as api
 from edgevlm_client.aio import AsyncClient
 from edgevlm_client.connection import TLS, Retry
+from edgevlm_client.contract import MAX_VIDEO_BYTES
 from edgevlm_client.errors import EdgeVLMError
 
 MB = 1 << 20
@@ -51,6 +52,7 @@ class GatewayConfig:
     model_id: str | None = None        # default: the checkpoint name the server reports
     api_key: str | None = None         # when set, requests need "Authorization: Bearer <key>"
     allow_remote_images: bool = False  # fetch http(s) image URLs (off: the gateway makes no outbound calls)
+    video_dir: str | None = None  # video_url may name a file under this directory (off: data: URLs only)
     max_body_bytes: int = 20 * MB
     max_image_bytes: int = 10 * MB
     remote_timeout_s: float = 10.0
@@ -120,6 +122,23 @@ class Gateway:
                                param="image_url", code="remote_images_disabled")
         return await asyncio.to_thread(self._fetch, url)
 
+    def _video(self, url: str) -> bytes:
+        """A clip: a data:video/... URL, or a file under the gateway's --video-dir (a path or
+        file:// URL; nothing outside it, nothing when it is not set)."""
+        if url.startswith("data:"):
+            return api.decode_data_url(url, MAX_VIDEO_BYTES, kind="video")
+        if self.config.video_dir is None:
+            raise api.APIError(400, "video_url must be a data: URL (this gateway reads no files: start it with "
+                               "--video-dir to allow a directory)", param="video_url")
+        root = Path(self.config.video_dir).resolve()
+        path = Path(url.removeprefix("file://")).resolve()
+        if not path.is_relative_to(root) or not path.is_file():
+            raise api.APIError(400, f"video_url: no such file under {root}", param="video_url")
+        if path.stat().st_size > MAX_VIDEO_BYTES:
+            raise api.APIError(413, f"video is over the {MAX_VIDEO_BYTES} byte limit", param="video_url",
+                               code="video_too_large")
+        return path.read_bytes()
+
     def _fetch(self, url: str) -> bytes:
         limit = self.config.max_image_bytes
         try:
@@ -158,9 +177,10 @@ class Gateway:
                                param="model", code="model_not_found")
         images = [await self._image(url) for url in req.image_urls]
         image = images if len(images) > 1 else images[0] if images else None
+        video = await asyncio.to_thread(self._video, req.video_url) if req.video_url else None
         # n answers are n streams, one row of the model's batch each: the first prefill is
         # stored in the prefix cache and the others start from it
-        streams = [self.client.stream(req.question, image=image, history=req.history, system=req.system,
+        streams = [self.client.stream(req.question, image=image, video=video, history=req.history, system=req.system,
                                       **api.choice_options(req, i)) for i in range(req.n)]
         cid = api.new_id()
         with_logprobs = "logprobs" in req.options

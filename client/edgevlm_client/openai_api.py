@@ -19,12 +19,13 @@ import uuid
 from dataclasses import dataclass, field
 
 from edgevlm_client import errors
-from edgevlm_client.contract import BY_NAME, IMAGE_PLACEHOLDER, MAX_IMAGES, value_reason
+from edgevlm_client.contract import BY_NAME, IMAGE_PLACEHOLDER, MAX_IMAGES, VIDEO_PLACEHOLDER, value_reason
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
 MAX_STOP = 4
 MAX_N = 8  # answers per request: each is a stream of the model's batch (its max_sequences, 8 by default)
-_DATA_URL = re.compile(r"data:(image/[\w.+-]+)?(;[\w-]+=[\w.-]+)*;base64,", re.ASCII)
+_DATA_URL = {kind: re.compile(rf"data:({kind}/[\w.+-]+)?(;[\w-]+=[\w.-]+)*;base64,", re.ASCII)
+             for kind in ("image", "video")}
 
 
 BUSY_RETRY_AFTER_S = 1  # a decode step frees slots within seconds even on a CPU
@@ -71,6 +72,7 @@ class ChatRequest:
     history: list[tuple[str, str]] = field(default_factory=list)
     system: str | None = None
     image_urls: list[str] = field(default_factory=list)  # data: URLs or, where allowed, http(s); in order
+    video_url: str | None = None  # a clip: a data: URL or, where allowed, a file the gateway may read
     stream: bool = False
     include_usage: bool = False
     n: int = 1  # answers asked for: choices 0 .. n-1
@@ -81,29 +83,30 @@ def _type_error(param: str, want: str) -> APIError:
     return APIError(400, f"'{param}' must be {want}", param=param)
 
 
-def _content(message: dict, i: int) -> tuple[str, list[str]]:
-    """A message's text and its image URLs."""
+def _content(message: dict, i: int) -> tuple[str, list[str], list[str]]:
+    """A message's text, its image URLs and its video URLs (vLLM's and trtllm-serve's
+    `video_url` part)."""
     content = message.get("content")
     param = f"messages[{i}].content"
     if isinstance(content, str):
-        return content, []
+        return content, [], []
     if not isinstance(content, list):
         raise _type_error(param, "a string or a list of content parts")
-    texts, images = [], []
+    texts, media = [], {"image_url": [], "video_url": []}
     for j, part in enumerate(content):
         kind = part.get("type") if isinstance(part, dict) else None
         if kind == "text" and isinstance(part.get("text"), str):
             texts.append(part["text"])
-        elif kind == "image_url":
-            url = part.get("image_url")
+        elif kind in media:
+            url = part.get(kind)
             url = url.get("url") if isinstance(url, dict) else url
             if not isinstance(url, str):
-                raise _type_error(f"{param}[{j}].image_url.url", "a string")
-            images.append(url)
+                raise _type_error(f"{param}[{j}].{kind}.url", "a string")
+            media[kind].append(url)
         else:
-            raise APIError(400, f"unsupported content part {kind!r} (this model reads 'text' and 'image_url')",
-                           param=f"{param}[{j}]")
-    return "\n".join(texts), images
+            raise APIError(400, f"unsupported content part {kind!r} (this model reads 'text', 'image_url' and "
+                           "'video_url')", param=f"{param}[{j}]")
+    return "\n".join(texts), media["image_url"], media["video_url"]
 
 
 def parse_chat_request(body) -> ChatRequest:
@@ -127,7 +130,8 @@ def parse_chat_request(body) -> ChatRequest:
     turns: list[list] = []  # [role, text], consecutive messages of one role merged
     images: list[str] = []
     calls: dict[str, str] = {}  # tool call id -> function name, from the assistant turns
-    placed: list[tuple[int, int]] = []  # (turn, images its messages carried)
+    videos: list[str] = []
+    placed: list[tuple[int, int, int]] = []  # (turn, images and clips its messages carried)
     for i, m in enumerate(messages):
         role = m.get("role") if isinstance(m, dict) else None
         if role not in ROLES:
@@ -140,10 +144,12 @@ def parse_chat_request(body) -> ChatRequest:
             if call not in calls:
                 raise APIError(400, f"messages[{i}]: tool_call_id {call!r} answers no tool call of an earlier "
                                "assistant message", param=f"messages[{i}].tool_call_id")
-            text, _ = _content(m, i)
+            text, _, _ = _content(m, i)
             _append(turns, "user", f"Result of {calls[call]}: {text}")
             continue
-        text, urls = _content(m, i)
+        text, urls, clips = _content(m, i)
+        if clips and role != "user":
+            raise APIError(400, f"messages[{i}]: a video goes in a user message", param=f"messages[{i}].content")
         if role in ("system", "developer"):
             if urls:
                 raise APIError(400, f"messages[{i}]: images go in a user message", param=f"messages[{i}].content")
@@ -152,14 +158,17 @@ def parse_chat_request(body) -> ChatRequest:
         if urls and role != "user":
             raise APIError(400, f"messages[{i}]: images go in a user message", param=f"messages[{i}].content")
         images.extend(urls)
+        videos.extend(clips)
         _append(turns, role, text)
-        if urls:
-            placed.append((len(turns) - 1, len(urls)))
+        if urls or clips:
+            placed.append((len(turns) - 1, len(urls), len(clips)))
     if len(images) > MAX_IMAGES:
         raise APIError(400, f"{len(images)} images, over the {MAX_IMAGES} a request may hold", param="messages")
-    if len(images) > 1:  # each at an <image> placeholder opening its message's turn (contract IMAGES)
-        for k, count in placed:
-            turns[k][1] = IMAGE_PLACEHOLDER + "\n" + (IMAGE_PLACEHOLDER + "\n") * (count - 1) + turns[k][1]
+    if len(videos) > 1:
+        raise APIError(400, f"{len(videos)} videos: a request holds one clip", param="messages")
+    if len(images) > 1 or videos:  # each at a placeholder opening its message's turn (contract IMAGES)
+        for k, n_images, n_videos in placed:
+            turns[k][1] = (IMAGE_PLACEHOLDER + "\n") * n_images + (VIDEO_PLACEHOLDER + "\n") * n_videos + turns[k][1]
     if not turns or turns[0][0] != "user" or turns[-1][0] != "user":
         raise APIError(400, "the conversation must start and end with a user message", param="messages")
     history = [(turns[k][1], turns[k + 1][1]) for k in range(0, len(turns) - 1, 2)]
@@ -171,7 +180,8 @@ def parse_chat_request(body) -> ChatRequest:
                         ("temperature", "temperature"), ("top_p", "top_p"), ("seed", "seed"),
                         ("presence_penalty", "presence_penalty"), ("frequency_penalty", "frequency_penalty"),
                         # vLLM's and TensorRT-LLM's names, which benchmark clients (aiperf) send
-                        ("min_tokens", "min_tokens"), ("ignore_eos", "ignore_eos")):
+                        ("min_tokens", "min_tokens"), ("ignore_eos", "ignore_eos"),
+                        ("video_frames", "video_frames")):  # ours: frames taken from a video_url clip
         v = body.get(name)
         if v is None or param in options:
             continue
@@ -208,6 +218,7 @@ def parse_chat_request(body) -> ChatRequest:
         raise _type_error("stream_options", "an object")
     return ChatRequest(model=model, question=turns[-1][1], history=history,
                        system="\n".join(system) if system else None, image_urls=images,
+                       video_url=videos[0] if videos else None,
                        stream=stream, include_usage=bool(stream_options.get("include_usage")), n=n,
                        options=options)
 
@@ -294,19 +305,19 @@ def _response_format(value) -> dict | None:
                    param="response_format.type")
 
 
-def decode_data_url(url: str, max_bytes: int) -> bytes:
-    """data:image/...;base64,... -> the image bytes, size-checked before decoding."""
-    m = _DATA_URL.match(url)
+def decode_data_url(url: str, max_bytes: int, kind: str = "image") -> bytes:
+    """data:<kind>/...;base64,... -> the bytes, size-checked before decoding."""
+    param = f"{kind}_url"
+    m = _DATA_URL[kind].match(url)
     if not m:
-        raise APIError(400, "image data URL must be data:image/<type>;base64,<data>", param="image_url")
+        raise APIError(400, f"{kind} data URL must be data:{kind}/<type>;base64,<data>", param=param)
     payload = url[m.end():]
     if len(payload) * 3 // 4 > max_bytes:
-        raise APIError(413, f"image is over the {max_bytes} byte limit", param="image_url",
-                       code="image_too_large")
+        raise APIError(413, f"{kind} is over the {max_bytes} byte limit", param=param, code=f"{kind}_too_large")
     try:
         return base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError):
-        raise APIError(400, "image data URL is not valid base64", param="image_url") from None
+        raise APIError(400, f"{kind} data URL is not valid base64", param=param) from None
 
 
 def new_id() -> str:

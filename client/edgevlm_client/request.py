@@ -9,11 +9,13 @@ import json
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import tritonclient.grpc as grpcclient
 
-from edgevlm_client.contract import BY_NAME, CANCEL, MAX_IMAGES, PARAMETERS, RESPONSE_FORMATS, value_reason
+from edgevlm_client.contract import (BY_NAME, CANCEL, MAX_IMAGES, MAX_VIDEO_BYTES, PARAMETERS, RESPONSE_FORMATS,
+                                     value_reason)
 from edgevlm_client.errors import IncompleteAnswer, InvalidRequest
 from edgevlm_client.images import image_bytes
 
@@ -98,6 +100,25 @@ def _tensor(name: str, value) -> grpcclient.InferInput:
     return t
 
 
+def _clip(video) -> bytes:
+    """A clip's bytes: given, read from a path, or encoded from a list of frames (clips.py)."""
+    if isinstance(video, (bytes, bytearray, memoryview)):
+        data = bytes(video)
+    elif isinstance(video, (list, tuple)):
+        from edgevlm_client.clips import encode_clip
+        data = encode_clip(video)
+    else:
+        try:
+            data = Path(video).read_bytes()
+        except OSError as e:
+            raise InvalidRequest(f"cannot read video {video}: {e.strerror}") from e
+    if not data:
+        raise InvalidRequest("video: empty")
+    if len(data) > MAX_VIDEO_BYTES:
+        raise InvalidRequest(f"video is {len(data)} bytes, over the {MAX_VIDEO_BYTES} limit")
+    return data
+
+
 def build_inputs(prompt: str, image=None, *, system: str | None = None, raw_prompt: bool = False,
                  history: Sequence[tuple[str, str]] | None = None, max_tokens: int | None = None,
                  temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,
@@ -106,7 +127,8 @@ def build_inputs(prompt: str, image=None, *, system: str | None = None, raw_prom
                  min_tokens: int | None = None, ignore_eos: bool | None = None, logprobs: int | None = None,
                  stop: Sequence[str] | str | None = None, response_format: dict | None = None,
                  tools: Sequence[dict] | None = None, tool_choice: str | None = None,
-                 parallel_tool_calls: bool | None = None, template: str | None = None) -> list[grpcclient.InferInput]:
+                 parallel_tool_calls: bool | None = None, template: str | None = None, video=None,
+                 video_frames: int | None = None) -> list[grpcclient.InferInput]:
     """Request tensors; options left as None take the server's defaults. image: one image (a
     path, bytes, a PIL image or an array) or a list of them, each at its `<image>` placeholder
     in order (contract IMAGES). response_format: see `response_format()`."""
@@ -122,6 +144,13 @@ def build_inputs(prompt: str, image=None, *, system: str | None = None, raw_prom
         inputs.append(_tensor("raw_prompt", True))
     if template is not None:
         inputs.append(_tensor("template", template.encode("utf-8")))
+    if video is not None:  # a clip: a path or its bytes (the server decodes it)
+        inputs.append(_tensor("video", _clip(video)))
+    if video_frames is not None:
+        why = value_reason(BY_NAME["video_frames"], video_frames)
+        if why:
+            raise InvalidRequest(why)
+        inputs.append(_tensor("video_frames", video_frames))
     if history:
         inputs.append(_tensor("history", json.dumps([list(t) for t in history]).encode("utf-8")))
     options = dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,

@@ -10,6 +10,11 @@ so answers never fall behind the camera. A server that is busy (its admission qu
 refuses at once; that frame is dropped too and the next question takes a fresher one. A file
 is played at its own frame rate, as a camera would deliver it.
 
+With clip_seconds, each question goes about the last that many seconds instead of one frame
+("did the door open?"): the decoder thread also keeps that window's frames (at most
+CLIP_FPS a second, scaled down), and each question sends them as a short clip for a video
+model (LLaVA-NeXT-Video) to sample; the first question waits until the window is full.
+
     async with AsyncClient(url) as client:
         async for answer in watch(client, "rtsp://cam/stream", ["Is anyone at the door?"]):
             print(answer["frame"], answer["answer"])
@@ -29,11 +34,15 @@ from dataclasses import dataclass
 from edgevlm_client.errors import InvalidRequest, ServerBusy
 
 
+CLIP_FPS = 4.0  # frames a second kept for a clip: the server samples 8 by default from it
+
+
 @dataclass
 class Frame:
     index: int            # position in the source, from 0
     pts_s: float | None   # the frame's timestamp in the stream, seconds
     image: bytes          # JPEG, as sent to the server
+    clip: bytes | None = None  # with clip_seconds: the window up to this frame, as MP4
 
 
 class LatestFrame:
@@ -47,7 +56,8 @@ class LatestFrame:
     """
 
     def __init__(self, source: str, *, fmt: str | None = None, options: dict | None = None,
-                 realtime: bool | None = None, jpeg_quality: int = 90, open_timeout_s: float = 10.0):
+                 realtime: bool | None = None, jpeg_quality: int = 90, open_timeout_s: float = 10.0,
+                 clip_seconds: float = 0.0):
         try:
             import av
         except ImportError:
@@ -67,6 +77,8 @@ class LatestFrame:
         self.decoded = self.dropped = self.taken = 0
         self.error: Exception | None = None
         self._latest = None  # (index, pts_s, av.VideoFrame) not yet taken
+        self.clip_seconds = clip_seconds
+        self._window: list[tuple[float, object]] = []  # (seconds, scaled PIL image), the last clip_seconds
         self._ended = False
         self._stop = threading.Event()
         self._cond = threading.Condition()
@@ -80,6 +92,8 @@ class LatestFrame:
                 if self._stop.is_set():
                     break
                 pts = float(frame.time) if frame.time is not None else None
+                if self.clip_seconds > 0:
+                    self._keep(pts if pts is not None else time.monotonic(), frame)
                 if self.realtime and pts is not None:
                     # play at the stream's rate: frame i is due at start + its timestamp
                     start = time.monotonic() - pts if start is None else start
@@ -100,20 +114,45 @@ class LatestFrame:
                 self._ended = True
                 self._cond.notify_all()
 
-    def take(self) -> Frame | None:
-        """The newest frame not taken yet (waits for one); None when the source has ended."""
+    def _keep(self, t: float, frame) -> None:
+        """Add a frame to the clip window (at most CLIP_FPS a second), dropping what is older."""
+        from edgevlm_client.clips import MAX_SIDE
         with self._cond:
-            while self._latest is None and not self._ended:
-                self._cond.wait()
+            if self._window and t - self._window[-1][0] < 1.0 / CLIP_FPS:
+                return
+        image = frame.to_image()
+        image.thumbnail((MAX_SIDE, MAX_SIDE))
+        with self._cond:
+            self._window.append((t, image))
+            while self._window and t - self._window[0][0] > self.clip_seconds:
+                self._window.pop(0)
+
+    def _window_full(self) -> bool:
+        w = self._window
+        return bool(w) and w[-1][0] - w[0][0] >= self.clip_seconds - 1.0 / CLIP_FPS
+
+    def take(self) -> Frame | None:
+        """The newest frame not taken yet (waits for one; with clip_seconds, also for a full
+        window); None when the source has ended."""
+        with self._cond:
+            # (frame by frame, lossless, nothing waits for the window: the decoder waits for us)
+            while not self._ended and (self._latest is None or (self.clip_seconds > 0 and not self.lossless
+                                                                and not self._window_full())):
+                self._cond.wait(0.05 if self._latest is not None else None)
             if self._latest is None:
                 return None
             index, pts, frame = self._latest
             self._latest = None
             self.taken += 1
+            window = [image for _, image in self._window]
             self._cond.notify_all()
         buf = io.BytesIO()
         frame.to_image().save(buf, format="JPEG", quality=self.quality)
-        return Frame(index, pts, buf.getvalue())
+        clip = None
+        if self.clip_seconds > 0:
+            from edgevlm_client.clips import encode_clip
+            clip = encode_clip(window, fps=CLIP_FPS)
+        return Frame(index, pts, buf.getvalue(), clip)
 
     def drop(self) -> None:
         """Count a taken frame as dropped after all (the server was busy)."""
@@ -131,16 +170,18 @@ class LatestFrame:
 
 async def watch(client, source: str, questions: Sequence[str], *, every_s: float = 0.0,
                 max_frames: int | None = None, fmt: str | None = None, options: dict | None = None,
-                realtime: bool | None = None, **generation) -> AsyncIterator[dict]:
+                realtime: bool | None = None, clip_seconds: float = 0.0, **generation) -> AsyncIterator[dict]:
     """One dict per question per frame answered: wall time, frame index and timestamp, the
     question and answer, time to first text, frames dropped since the previous answered
     frame (and in all), the server's stats. Ends at the end of the source or after
     `max_frames` answered frames. every_s: ask at most once per this many seconds (0: as
     fast as the model keeps up). `client` is an AsyncClient; its retry of busy refusals is
-    not used: a busy server costs a frame, not a wait."""
+    not used: a busy server costs a frame, not a wait. clip_seconds: ask about the last that
+    many seconds as a clip (a video model), not about one frame."""
     if not questions:
         raise InvalidRequest("watch needs at least one question")
-    frames = await asyncio.to_thread(LatestFrame, source, fmt=fmt, options=options, realtime=realtime)
+    frames = await asyncio.to_thread(LatestFrame, source, fmt=fmt, options=options, realtime=realtime,
+                                     clip_seconds=clip_seconds)
     answered, dropped_before = 0, 0
     try:
         while max_frames is None or answered < max_frames:
@@ -173,7 +214,8 @@ async def _ask(client, question: str, frame: Frame, generation: dict) -> dict:
     from edgevlm_client.connection import Retry
     t0 = time.monotonic()
     ttft = None
-    stream = client.stream(question, image=frame.image, retry=Retry(busy=False), **generation)
+    media = {"video": frame.clip} if frame.clip is not None else {"image": frame.image}
+    stream = client.stream(question, retry=Retry(busy=False), **media, **generation)
     async with stream:
         async for _ in stream:
             if ttft is None:

@@ -84,6 +84,26 @@ def export_vision(model: MobileVLM, cfg: ModelConfig, path: Path) -> None:
     _torch_export(model.vision, (torch.zeros(2, 3, s, s),), path, VISION_IO, ({0: batch},))
 
 
+class _VideoGraph(torch.nn.Module):
+    """A clip's frames [F, 3, S, S] -> each frame's pooled, projected tokens [F, T, D]."""
+
+    def __init__(self, model: MobileVLM):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values):
+        f = pixel_values.shape[0]
+        return self.model.video_features(pixel_values).reshape(f, -1, self.model.cfg.text.hidden_size)
+
+
+def export_video(model: MobileVLM, cfg: ModelConfig, path: Path) -> None:
+    """video_encoder.onnx (LLaVA-NeXT-Video): the tower, the 2x2 pool, the projector; the same
+    IO names as the vision encoder, frames for pictures."""
+    s = cfg.vision.image_size
+    frames = torch.export.Dim("batch", min=1, max=MAX_BATCH)
+    _torch_export(_VideoGraph(model), (torch.zeros(2, 3, s, s),), path, VISION_IO, ({0: frames},))
+
+
 def export_decoder(model: MobileVLM, cfg: ModelConfig, path: Path, static: bool = False,
                    half: bool = False) -> None:
     """decoder.onnx (a growing `past`) or, static=True, decoder.static.onnx (a `cache` of
@@ -160,6 +180,10 @@ def export_onnx(checkpoint_dir: str | Path, out_dir: str | Path, clip_dir: str |
         gc.collect()
         log(f"onnx: [1/4] vision encoder ({cfg.vision.layers_used} CLIP layers + projector)")
         export_vision(model, cfg, raw / "vision_encoder.onnx")
+        if cfg.video_pool:
+            log(f"onnx: [1/4] video encoder (the same tower, {cfg.video_pool}x{cfg.video_pool} pooling, projector: "
+                f"{cfg.frame_tokens} tokens a frame)")
+            export_video(model, cfg, raw / "video_encoder.onnx")
         log(f"onnx: [2/4] decoder ({cfg.text.num_layers} layers, KV cache as IO)")
         export_decoder(model, cfg, raw / "decoder.onnx", half=half)
         (raw / "static").mkdir()  # its own folder: each export writes its own weights file
@@ -177,6 +201,8 @@ def export_onnx(checkpoint_dir: str | Path, out_dir: str | Path, clip_dir: str |
         gc.collect()
         log("onnx: [3/4] graph cleanup (fold constants, prune, opset 17): vision encoder")
         cleanup.clean(raw / "vision_encoder.onnx", tmp / "vision_encoder.onnx", *VISION_IO)
+        if cfg.video_pool:
+            cleanup.clean(raw / "video_encoder.onnx", tmp / "video_encoder.onnx", *VISION_IO)
         log("onnx: [3/4] graph cleanup: decoder")
         cleanup.clean(raw / "decoder.onnx", tmp / "decoder.onnx", *decoder_io(cfg.text.num_layers),
                       allow_domains=(half_weights.PLACEHOLDER_DOMAIN,), finish=half_weights.to_casts,
@@ -210,7 +236,9 @@ def _manifest(ckpt, cfg: ModelConfig, root: Path, vision_source: str) -> dict:
     for key, name in (("chat_template", CHAT_TEMPLATE_FILE), ("tokenizer_config", "tokenizer_config.json")):
         if (root / name).is_file():
             files[key] = name
-    for key in ("vision_encoder", "decoder"):  # weights beside each graph
+    if (root / "video_encoder.onnx").is_file():
+        files["video_encoder"] = "video_encoder.onnx"
+    for key in ("vision_encoder", "video_encoder", "decoder"):  # weights beside each graph
         if (root / f"{key}.onnx.data").is_file():
             files[f"{key}_data"] = f"{key}.onnx.data"
     return {
@@ -221,12 +249,14 @@ def _manifest(ckpt, cfg: ModelConfig, root: Path, vision_source: str) -> dict:
         "image": {"size": cfg.vision.image_size, "mean": list(CLIP_MEAN), "std": list(CLIP_STD),
                   "pad_colour": list(PAD_COLOUR), "aspect": cfg.image_aspect,
                   "grid_pinpoints": [list(p) for p in cfg.grid_pinpoints],
-                  "tokens": cfg.image_tokens, "max_tokens": cfg.max_image_tokens},
+                  "tokens": cfg.image_tokens, "max_tokens": cfg.max_image_tokens,
+                  **({"frame_tokens": cfg.frame_tokens} if cfg.video_pool else {})},
         "prompt": {"template": cfg.template, "image_token_index": IMAGE_TOKEN_INDEX,
                    "stop": [STOP_STRING], "eos_token_id": cfg.text.eos_token_id,
                    "bos_token_id": cfg.text.bos_token_id},
         "files": files,
-        "io": {"vision_encoder": cleanup.io_specs(root / "vision_encoder.onnx"),
+        "io": {**({"video_encoder": cleanup.io_specs(root / "video_encoder.onnx")} if cfg.video_pool else {}),
+               "vision_encoder": cleanup.io_specs(root / "vision_encoder.onnx"),
                "decoder": cleanup.io_specs(root / "decoder.onnx"),
                "decoder_static": cleanup.io_specs(root / "decoder.static.onnx")},
         "limits": {"max_batch": MAX_BATCH, "max_context": cfg.text.max_position},

@@ -226,7 +226,8 @@ _CHATML = _PARTS + """{%- set ns = namespace(system='Answer the questions.') -%}
 {%- endif -%}
 {{ '<|im_start|>system\\n' + ns.system + '<|im_end|>' }}
 {%- for m in messages -%}
-{{ '<|im_start|>' + m['role'] + '\\n' + parts(m['content'], 'image') + parts(m['content'], 'text') + '<|im_end|>' }}
+{{ '<|im_start|>' + m['role'] + '\\n' + parts(m['content'], 'image') + parts(m['content'], 'video')
+   + parts(m['content'], 'text') + '<|im_end|>' }}
 {%- endfor -%}
 {%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}
 """

@@ -56,13 +56,14 @@ class ChatTemplate:
             raise BadRequest(f"the chat template refused the conversation: {e}") from None
 
 
-def conversation(question: str, images: int = 0, history=(), system: str | None = None) -> list[dict]:
-    """OpenAI-style messages for a question after (question, answer) turns; the images belong
-    to the first user turn, before its text, as content parts {"type": "image"}."""
+def conversation(question: str, images: int = 0, history=(), system: str | None = None, videos: int = 0) -> list[dict]:
+    """OpenAI-style messages for a question after (question, answer) turns; the images (then
+    the clips) belong to the first user turn, before its text, as content parts {"type":
+    "image"} ({"type": "video"})."""
     messages = [{"role": "system", "content": system}] if system else []
     turns = [*history, (question, None)]
     for i, (q, a) in enumerate(turns):
-        parts = [{"type": "image"}] * images if i == 0 else []
+        parts = [{"type": "image"}] * images + [{"type": "video"}] * videos if i == 0 else []
         messages.append({"role": "user", "content": parts + [{"type": "text", "text": q}]})
         if a is not None:
             messages.append({"role": "assistant", "content": [{"type": "text", "text": a}]})

@@ -13,7 +13,9 @@ STOP, LENGTH, CANCELLED, TOOL_CALLS = FINISH_REASONS
 @dataclass
 class Stats:
     images: int = 0
-    image_encode_ms: float = 0.0  # all of them
+    frames: int = 0  # a clip's frames read (LLaVA-NeXT-Video)
+    video_decode_ms: float = 0.0
+    image_encode_ms: float = 0.0  # all of them, a clip's frames included
     image_cached: bool = False  # every image's embeddings came from the image cache (encode 0 ms)
     image_tokens: int = 0  # positions the images took (LLaVA-1.6: depends on their sizes; Llama-3.2-Vision:
     #                        the image positions its text attends to, its real tiles')

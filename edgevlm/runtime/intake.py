@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+import time
 from collections.abc import Callable
 from typing import Protocol
 
@@ -37,6 +38,7 @@ from edgevlm.runtime.events import Event
 from edgevlm.runtime.image_cache import ImageCache, image_digest
 from edgevlm.runtime.observer import Observer, outcome_of
 from edgevlm.runtime.scheduler import Request, Scheduler
+from edgevlm.runtime.video import DEFAULT_FRAMES
 
 
 class Stream(Protocol):
@@ -113,18 +115,39 @@ class _Gathered:
             return self.failed or self.missing == 0
 
 
+def open_video_encoder(onnx_dir, threads: int | None = None) -> Encode | None:
+    """LLaVA-NeXT-Video's clip encoder, run in the serving process (ONNX Runtime): frames ->
+    (each frame's pooled tokens, ms). None for a model without video."""
+    art = OnnxArtifacts.open(onnx_dir)
+    if "video_encoder" not in art.manifest["files"]:
+        return None
+    from edgevlm.runtime.onnxruntime import OrtVisionEncoder
+    encoder = OrtVisionEncoder(art.path("video_encoder"), threads)
+
+    def encode(frames: np.ndarray) -> tuple[np.ndarray, float]:
+        t0 = time.perf_counter()
+        out = encoder(frames)
+        return out, (time.perf_counter() - t0) * 1e3
+    return encode
+
+
 class Intake:
     def __init__(self, pre: requests.Preprocessor, scheduler: Scheduler, encode: Encode, *,
-                 image_cache: ImageCache, observer: Observer, max_batch: int, default_max_tokens: int):
+                 image_cache: ImageCache, observer: Observer, max_batch: int, default_max_tokens: int,
+                 encode_video: Encode | None = None):
         self.pre, self.scheduler = pre, scheduler
         self.image_cache, self.obs = image_cache, observer
         self.default_max_tokens = default_max_tokens
         self.images = Batcher(encode, max_batch=max_batch)
+        # clips of concurrent requests encoded together, up to a default clip's frames per call
+        self.videos = Batcher(encode_video, max_batch=DEFAULT_FRAMES) if encode_video is not None else None
         self.named: dict[str, _Named] = {}  # request id -> its generation, while it runs
         self.lock = threading.Lock()  # guards `named`
 
     def close(self) -> None:
         self.images.close()
+        if self.videos is not None:
+            self.videos.close()
 
     def cancel(self, inputs: dict[str, np.ndarray]) -> bool:
         """A cancel message: stop the generation it names (False: none is running by that id,
@@ -157,6 +180,10 @@ class Intake:
         failure ends the stream through stream.fail."""
         images = requests.check_images(requests.image_list(inputs))
         keys = [image_digest(data) for data in images]
+        clip = requests.clip_bytes(inputs)
+        if clip is not None:  # the same clip sampled at another frame count is another entry
+            frames = requests.scalar(inputs, "video_frames", "iu", int)
+            keys.append(image_digest(clip + f"|frames={frames or DEFAULT_FRAMES}".encode()))
         cached = [self.image_cache.get(key) if self.image_cache.budget else None for key in keys]
         tools = requests.toolset(inputs, self.pre.tool_style)
         prepared = self.pre.from_inputs(inputs, decode=[c is None for c in cached], tools=tools)
@@ -182,10 +209,13 @@ class Intake:
             raise
 
     def _start(self, stream: Stream, ids: list[int], params, prepared, cached: list, tools) -> None:
+        clip = next((p for p in prepared.images if p.kind == "video"), None)
+
         def request(images: list, encode_ms=0.0) -> Request:
-            fields = {"image_embeds": None, "tools": tools, **self.pre.attach(ids, images)}
+            fields = {"image_embeds": None, "tools": tools, **self.pre.attach(ids, prepared.placed(images))}
             return Request(ids, params=params, emit=stream.emit, fail=stream.fail, cancelled=stream.cancelled,
                            image_encode_ms=encode_ms, image_cached=bool(images) and all(c is not None for c in cached),
+                           frames=clip.frames if clip else 0, video_decode_ms=clip.decode_ms if clip else 0.0,
                            **fields)
         missing = [i for i, c in enumerate(cached) if c is None]
         if not missing:
@@ -213,8 +243,8 @@ class Intake:
                     place.release()  # a no-op once submit took it or the failure gave it back
         try:
             for i in missing:
-                self.images.put(prepared.images[i].pixel_values,
-                                lambda features, ms, error, i=i: encoded(i, features, ms, error))
+                batcher = self.videos if prepared.images[i].kind == "video" else self.images
+                batcher.put(prepared.images[i].pixel_values, lambda features, ms, error, i=i: encoded(i, features, ms, error))
         except BaseException:
             gathered.fail()
             place.release()

@@ -19,8 +19,12 @@ instead (chat_template.py). A request or `make repo TEMPLATE=` may pick any of t
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+
+# "<image>", and "<video>" (LLaVA-NeXT-Video's clip: its frames' tokens go there)
+from edgevlm_client.contract import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER
 
 from edgevlm.presets import IMAGE_TOKEN_INDEX
 
@@ -31,7 +35,6 @@ SYSTEM_LLAVA_V1 = ("A chat between a curious human and an artificial intelligenc
 SYSTEM_LLAVA_LLAMA_2 = ("You are a helpful language and vision assistant. You are able to understand the visual "
                         "content that the user provides, and assist the user with a variety of tasks using natural "
                         "language.")
-IMAGE_PLACEHOLDER = "<image>"
 STOP_STRING = "</s>"
 CHATML_SYSTEM = "<|im_start|>system\n{}"
 CHATML_ROLES = ("<|im_start|>user\n", "<|im_start|>assistant\n")
@@ -101,7 +104,7 @@ def template_named(name: str) -> Template:
 
 
 def build_prompt(question: str, *, image: bool | int = True, history: Sequence[tuple[str, str]] = (),
-                 system: str | None = None, template: str = "vicuna_v1") -> str:
+                 system: str | None = None, template: str = "vicuna_v1", video: int = 0) -> str:
     """The prompt for `question`, after earlier (question, answer) turns, in `template`.
 
     The image (or `image` images), if any, belongs to the first user turn, as "<image>\n"
@@ -110,8 +113,9 @@ def build_prompt(question: str, *, image: bool | int = True, history: Sequence[t
     """
     t = template_named(template)
     turns = [*history, (question, None)]
-    if image:
-        turns[0] = ((IMAGE_PLACEHOLDER + "\n") * int(image) + turns[0][0], turns[0][1])
+    if image or video:  # images, then the clip
+        opening = (IMAGE_PLACEHOLDER + "\n") * int(image) + (VIDEO_PLACEHOLDER + "\n") * video
+        turns[0] = (opening + turns[0][0], turns[0][1])
     return t.render(turns, t.system if system is None else system)
 
 
@@ -142,21 +146,30 @@ class Layouts:
         return None if name == CHECKPOINT else template_named(name).system
 
     def render(self, name: str, question: str, images: int, history: Sequence[tuple[str, str]],
-               system: str | None) -> str:
+               system: str | None, videos: int = 0) -> str:
         if name == CHECKPOINT:
             from edgevlm.runtime.chat_template import conversation
-            return self.chat.render(conversation(question, images=images, history=history, system=system))
-        return build_prompt(question, image=images, history=history, system=system, template=name)
+            return self.chat.render(conversation(question, images=images, history=history, system=system,
+                                                 videos=videos))
+        return build_prompt(question, image=images, history=history, system=system, template=name, video=videos)
+
+
+_PLACEHOLDERS = re.compile(f"{re.escape(IMAGE_PLACEHOLDER)}|{re.escape(VIDEO_PLACEHOLDER)}")
+
+
+def placeholders(prompt: str) -> list[str]:
+    """The prompt's image and video placeholders, in order."""
+    return _PLACEHOLDERS.findall(prompt)
 
 
 def tokenize_prompt(tokenizer, prompt: str) -> list[int]:
-    """Ids with IMAGE_TOKEN_INDEX where "<image>" was.
+    """Ids with IMAGE_TOKEN_INDEX where "<image>" (or a clip's "<video>") was.
 
     As upstream: the chunks between placeholders are tokenized separately, each with its own
     BOS and dummy-prefix space; the first BOS stays and later ones are dropped. So the tokens
     next to the image differ from tokenizing the whole string, and parity depends on this.
     """
-    chunks = [tokenizer.encode(c) for c in prompt.split(IMAGE_PLACEHOLDER)]
+    chunks = [tokenizer.encode(c) for c in _PLACEHOLDERS.split(prompt)]
     ids = list(chunks[0])
     for chunk in chunks[1:]:
         ids.append(IMAGE_TOKEN_INDEX)

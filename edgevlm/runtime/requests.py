@@ -21,7 +21,8 @@ from edgevlm.presets import ANYRES, IMAGE_TOKEN_INDEX
 from edgevlm.runtime import anyres
 from edgevlm.runtime.image import ImageError, load_image, preprocess_tiles
 from edgevlm.runtime.chat_template import ChatTemplate
-from edgevlm.runtime.prompt import IMAGE_PLACEHOLDER, Layouts, tokenize_prompt
+from edgevlm.runtime.prompt import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, Layouts, placeholders, tokenize_prompt
+from edgevlm.runtime.video import DEFAULT_FRAMES, MAX_FRAMES, decode_clip
 from edgevlm.runtime.sampling import SamplingParams
 from edgevlm.runtime.tokenizer import Tokenizer
 
@@ -85,14 +86,17 @@ def sampling_params(inputs: dict, default_max_tokens: int) -> SamplingParams:
 
 @dataclass
 class PreparedImage:
-    """One image of a request, checked: what the vision encoder needs of it."""
+    """One image (or clip) of a request, checked: what the vision encoder needs of it."""
 
-    pixel_values: np.ndarray | tuple | None  # [tiles, 3, S, S] (> 1 tile for anyres); None if
-    #   cached (a cross-attention model: its encoder's inputs, cross_requests.py)
+    pixel_values: np.ndarray | tuple | None  # [tiles, 3, S, S] (> 1 tile for anyres; a clip's
+    #   frames); None if cached (a cross-attention model: its encoder's inputs, cross_requests.py)
     size: tuple[int, int] | None = None  # the picture's (H, W), when decoded
-    tokens: int = 0  # positions it takes (0: an anyres picture not decoded)
+    tokens: int = 0  # positions it takes (0: an anyres picture or a clip not decoded)
     tiles: int = 0  # a cross-attention model's: the picture's tiles
     digest: bytes = b""  # its bytes' hash (the intake's)
+    kind: str = "image"  # or "video": LLaVA-NeXT-Video's clip, through the video encoder
+    frames: int = 0  # a clip's sampled frames
+    decode_ms: float = 0.0  # a clip's decoding
 
 
 @dataclass
@@ -100,7 +104,12 @@ class Prepared:
     """A checked request's prompt and images: what the vision encoder and the decoder need."""
 
     input_ids: np.ndarray  # int64, IMAGE_TOKEN_INDEX where each image goes, in order
-    images: list[PreparedImage] = field(default_factory=list)
+    images: list[PreparedImage] = field(default_factory=list)  # the images as sent, then the clip
+    order: list[int] | None = None  # images[order[k]] is at the k-th placeholder (None: as listed)
+
+    def placed(self, items: list) -> list:
+        """Per-image things (as `images` lists them) in the order of their placeholders."""
+        return items if self.order is None else [items[i] for i in self.order]
 
     @property
     def image(self) -> PreparedImage:
@@ -151,7 +160,10 @@ class Preprocessor:
         return {"image_embeds": images or None}
 
     def pack(self, features: np.ndarray, prepared: PreparedImage) -> np.ndarray:
-        """The vision encoder's rows for one image ([tiles, T, D]) -> its embeddings [N, D]."""
+        """The vision encoder's rows for one image ([tiles, T, D]) -> its embeddings [N, D]
+        (a clip: the video encoder's [frames, T, D], its frames one after another)."""
+        if prepared.kind == "video":
+            return features.reshape(-1, features.shape[-1])
         if self.cfg.image_aspect != ANYRES:
             return features[0]
         return anyres.pack(features, prepared.size, self.cfg.grid_pinpoints, self.cfg.vision.image_size,
@@ -166,10 +178,13 @@ class Preprocessor:
         raw = inputs.get("raw_prompt")
         return self(image_list(inputs), inputs["prompt"],
                     bool(np.asarray(raw).reshape(-1)[0]) if raw is not None else False,
-                    inputs.get("history"), inputs.get("system"), decode, tools, inputs.get("template"))
+                    inputs.get("history"), inputs.get("system"), decode, tools, inputs.get("template"),
+                    clip_bytes(inputs), scalar(inputs, "video_frames", "iu", int))
 
     def __call__(self, images: list[bytes] | bytes | None, prompt, raw_prompt: bool = False, history=None,
-                 system=None, decode: list[bool] | None = None, tools=None, template=None) -> Prepared:
+                 system=None, decode: list[bool] | None = None, tools=None, template=None,
+                 video: bytes | None = None, frames: int | None = None) -> Prepared:
+        """decode: per image, then the clip, whether to decode it (False: cached)."""
         prompt = text(prompt, "prompt")
         turns = parse_history(history)
         for name, given in (("history", bool(turns)), ("system", system is not None),
@@ -192,23 +207,50 @@ class Preprocessor:
         if len(prompt) > MAX_PROMPT_CHARS:
             raise BadRequest(f"prompt is {len(prompt)} characters, over the {MAX_PROMPT_CHARS} limit")
         images = check_images(images)
-        decode = [True] * len(images) if decode is None else decode
-        n_images = len(images)
-        placeholders = sum(t.count(IMAGE_PLACEHOLDER) for t in [prompt, *(q + a for q, a in turns)])
-        if placeholders and placeholders != n_images or raw_prompt and placeholders != n_images:
-            raise BadRequest(f"{'raw prompt' if raw_prompt else 'the conversation'} has {placeholders} "
-                             f"{IMAGE_PLACEHOLDER} placeholder(s) for {n_images} image(s)")
+        n_images, n_videos = len(images), int(video is not None)
+        decode = [True] * (n_images + n_videos) if decode is None else decode
+        texts = [prompt, *(q + a for q, a in turns)]
+        written = [placeholders(t) for t in texts]
+        marks = {kind: sum(w.count(kind) for w in written) for kind in (IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER)}
+        explicit = raw_prompt or any(marks.values())
+        for kind, n, what in ((IMAGE_PLACEHOLDER, n_images, "image"), (VIDEO_PLACEHOLDER, n_videos, "video")):
+            if explicit and marks[kind] != n:
+                raise BadRequest(f"{'raw prompt' if raw_prompt else 'the conversation'} has {marks[kind]} "
+                                 f"{kind} placeholder(s) for {n} {what}(s)")
         prepared = [self._image("image" if n_images == 1 else f"image {i + 1}", data, decode[i])
                     for i, data in enumerate(images)]
+        if video is not None:
+            prepared.append(self._clip(video, frames, decode[-1]))
         if raw_prompt:
-            ids = tokenize_prompt(self.tok, prompt)
-        else:  # no placeholder written: the images go to the first turn, before its text
-            ids = self.prompt_ids(prompt, 0 if placeholders else n_images, turns, system, layout)
-            if ids.count(IMAGE_TOKEN_INDEX) != n_images:  # a chat template that drops or adds images
-                raise BadRequest(f"the {layout} template laid out {ids.count(IMAGE_TOKEN_INDEX)} of the "
-                                 f"{n_images} image(s)")
+            laid_out = prompt
+        else:  # no placeholder written: the images (then the clip) open the first turn
+            layout_system = self.layouts.system(layout) if system is None else system
+            laid_out = self.layouts.render(layout, prompt, 0 if explicit else n_images, turns, layout_system,
+                                           0 if explicit else n_videos)
+        kinds = placeholders(laid_out)
+        if len(kinds) != n_images + n_videos:  # a chat template that drops or adds images
+            raise BadRequest(f"the {layout} template laid out {len(kinds)} of the {n_images + n_videos} "
+                             "image(s) and clip(s)")
+        image_at = iter(range(n_images))
+        order = [n_images if k == VIDEO_PLACEHOLDER else next(image_at) for k in kinds]
+        ids = tokenize_prompt(self.tok, laid_out)
         # its length against the context is the scheduler's check (Scheduler.check)
-        return Prepared(np.asarray(ids, np.int64), prepared)
+        return Prepared(np.asarray(ids, np.int64), prepared, None if order == sorted(order) else order)
+
+    def _clip(self, data: bytes, frames: int | None, decode: bool) -> PreparedImage:
+        if not self.cfg.video_pool:
+            raise BadRequest(f"video: {self.cfg.name} takes no video (LLaVA-NeXT-Video does)")
+        frames = DEFAULT_FRAMES if frames is None else frames
+        if not 1 <= frames <= MAX_FRAMES:
+            raise BadRequest(f"video_frames must be in [1, {MAX_FRAMES}], got {frames}")
+        clip = PreparedImage(None, kind="video", frames=frames)
+        if decode:
+            pictures, clip.decode_ms = decode_clip(data, frames, self.max_image_pixels)
+            s = self.cfg.vision.image_size
+            clip.pixel_values = np.concatenate([preprocess_tiles(p, s, "crop")[0] for p in pictures])
+            clip.frames = len(pictures)
+            clip.tokens = clip.frames * self.cfg.frame_tokens
+        return clip
 
     def _image(self, name: str, data: bytes, decode: bool) -> PreparedImage:
         # a fixed-size picture's positions are known without decoding it
@@ -230,6 +272,12 @@ class Preprocessor:
         layout = layout or self.layouts.default
         system = self.layouts.system(layout) if system is None else system
         return tokenize_prompt(self.tok, self.layouts.render(layout, question, images, history, system))
+
+
+def clip_bytes(inputs: dict) -> bytes | None:
+    """The request's video clip (one), or None."""
+    clip = inputs.get("video")
+    return None if clip is None else bytes(np.asarray(clip, dtype=object).reshape(-1)[0])
 
 
 def image_list(inputs: dict) -> list[bytes]:

@@ -130,7 +130,7 @@ class TritonPythonModel:
 
         from edgevlm.runtime import observer
         from edgevlm.runtime.image_cache import ImageCache
-        from edgevlm.runtime.intake import Intake, open_preprocessor
+        from edgevlm.runtime.intake import Intake, open_preprocessor, open_video_encoder
         from edgevlm.runtime.prefix_cache import PrefixCache
         from edgevlm.runtime.scheduler import Scheduler
         from edgevlm.runtime.text_model import open_text_model
@@ -150,7 +150,8 @@ class TritonPythonModel:
         pre, encoder = open_preprocessor(params["onnx_dir"], model.tok, int(params["max_image_pixels"]),
                                          params.get("template") or None)
         self.intake = Intake(pre, self.scheduler, encoder or self._encode, image_cache=image_cache, observer=self.metrics,
-                             max_batch=max_sequences, default_max_tokens=int(params["default_max_tokens"]))
+                             max_batch=max_sequences, default_max_tokens=int(params["default_max_tokens"]),
+                             encode_video=open_video_encoder(params["onnx_dir"]))
         reuse = (prefix_cache.describe() if self.scheduler.cache is not None
                  else "no prefix cache" + (" (this KV layout cannot reuse one)" if prefix_cache.budget else ""))
         pb_utils.Logger.log_info(f"mobilevlm: {model.pool.describe()}; admission queue {self.scheduler.max_queue}; "
