@@ -105,6 +105,16 @@ def test_a_clip_an_image_and_text_give_transformers_logits_and_tokens(ckpt, mode
     assert forward != backward
 
 
+@pytest.mark.parametrize("total,frames", [(12, 4), (100, 8), (8, 8), (31, 32), (5, 3), (1000, 32)])
+def test_frames_are_taken_where_transformers_video_processors_take_them(total, frames):
+    from transformers.video_utils import VideoMetadata, default_sample_indices_fn
+
+    from edgevlm.runtime.video import sample_indices
+    want = (default_sample_indices_fn(VideoMetadata(total_num_frames=total, fps=10), num_frames=frames).tolist()
+            if frames <= total else list(range(total)))  # theirs refuses more frames than the clip has
+    assert sample_indices(total, frames) == want
+
+
 def test_the_original_layout_is_not_written_for_it(tmp_path):
     with pytest.raises(ValueError, match="llava-hf layout only"):
         write_random_checkpoint(tmp_path / "x", CFG, layout_format="original")
@@ -161,7 +171,7 @@ def test_served_answers_about_a_clip_equal_the_reference(onnx_dir, models, serve
     ck, ours, _ = models
     tok = Tokenizer(ck.tokenizer_path)
     clip, photo = write_clip(), sample_image("astronaut")
-    pictures, _ = decode_clip(clip, 4, 50_000_000)  # frames 0, 4, 7, 11: one of each photo
+    pictures, _ = decode_clip(clip, 4, 50_000_000)  # frames 0, 3, 6, 9: one of each photo
     frames = torch.cat([torch.from_numpy(preprocess_tiles(p, CFG.vision.image_size, "crop")[0]) for p in pictures])
     px, size = preprocess_tiles(photo, CFG.vision.image_size, CFG.image_aspect, CFG.grid_pinpoints)
     video, image = ours.video_features(frames), ours.image_features(torch.from_numpy(px), size)
@@ -175,7 +185,7 @@ def test_served_answers_about_a_clip_equal_the_reference(onnx_dir, models, serve
         want = ours.generate(ids, embeds=embeds, max_new_tokens=12, vocab=tok.vocab_size)
         r = served.generate("What happens here?", image=images or None, video=clip, video_frames=4, max_tokens=12)
         assert r.text == tok.decode(want), len(images)
-        assert (r.stats["frames"], r.stats["images"]) == (4, len(images))
+        assert (r.stats["frames"], r.stats["frame_tokens"], r.stats["images"]) == (4, CFG.frame_tokens, len(images))
         assert r.stats["image_tokens"] == 4 * CFG.frame_tokens + (image.shape[0] if images else 0)
     # the same clip again comes from the image cache; at another frame count it does not
     again = served.generate("What happens here?", video=clip, video_frames=4, max_tokens=2)

@@ -153,10 +153,11 @@ OUTPUTS = (
 LOGPROBS = ("token", "logprob", "bytes", "top_logprobs")  # top_logprobs: [{token, logprob, bytes}]
 
 # Keys of the JSON in the last response's `stats`.
-STATS = ("images", "frames", "video_decode_ms", "image_encode_ms", "image_cached", "image_tokens", "image_tiles", "queue_ms", "prefill_tokens",
+STATS = ("images", "frames", "frame_tokens", "video_decode_ms", "image_encode_ms", "image_cached", "image_tokens", "image_tiles", "queue_ms", "prefill_tokens",
          "cached_tokens", "prefill_ms", "decode_tokens", "decode_ms", "decode_tokens_per_s", "prefill_tokens_per_s",
          "finish_reason", "tool_calls")
-# images: the request's images; frames: its clip's frames read (video_decode_ms decoding them);
+# images: the request's images; frames: its clip's frames read (frame_tokens positions each;
+# video_decode_ms decoding them);
 # image_encode_ms: encoding them all, a clip included; image_cached: every image's
 # embeddings came from the server's image cache (image_encode_ms 0);
 # image_tokens: context positions the images took (LLaVA-1.6: depends on the picture's size);

@@ -41,7 +41,7 @@ PAGE_FILES = {"index.html": "text/html; charset=utf-8", "app.js": "text/javascri
               "app.css": "text/css; charset=utf-8"}
 # The page loads only its own files; images are data: URLs, the camera a local stream.
 PAGE_HEADERS = {"Content-Security-Policy": "default-src 'self'; img-src 'self' data: blob:; "
-                "media-src 'self' blob: mediastream:; object-src 'none'; frame-ancestors 'none'",
+                "media-src 'self' data: blob: mediastream:; object-src 'none'; frame-ancestors 'none'",
                 "X-Content-Type-Options": "nosniff", "Cache-Control": "no-cache"}
 
 

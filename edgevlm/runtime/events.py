@@ -14,6 +14,7 @@ STOP, LENGTH, CANCELLED, TOOL_CALLS = FINISH_REASONS
 class Stats:
     images: int = 0
     frames: int = 0  # a clip's frames read (LLaVA-NeXT-Video)
+    frame_tokens: int = 0  # positions each frame took
     video_decode_ms: float = 0.0
     image_encode_ms: float = 0.0  # all of them, a clip's frames included
     image_cached: bool = False  # every image's embeddings came from the image cache (encode 0 ms)

@@ -209,14 +209,18 @@ class Intake:
             raise
 
     def _start(self, stream: Stream, ids: list[int], params, prepared, cached: list, tools) -> None:
-        clip = next((p for p in prepared.images if p.kind == "video"), None)
+        clip = next((i for i, p in enumerate(prepared.images) if p.kind == "video"), None)
 
         def request(images: list, encode_ms=0.0) -> Request:
             fields = {"image_embeds": None, "tools": tools, **self.pre.attach(ids, prepared.placed(images))}
+            video = {}
+            if clip is not None:  # its frames as read (a cached clip's from its rows)
+                per_frame = self.pre.cfg.frame_tokens
+                video = dict(frames=images[clip].shape[0] // per_frame, frame_tokens=per_frame,
+                             video_decode_ms=prepared.images[clip].decode_ms)
             return Request(ids, params=params, emit=stream.emit, fail=stream.fail, cancelled=stream.cancelled,
                            image_encode_ms=encode_ms, image_cached=bool(images) and all(c is not None for c in cached),
-                           frames=clip.frames if clip else 0, video_decode_ms=clip.decode_ms if clip else 0.0,
-                           **fields)
+                           **video, **fields)
         missing = [i for i, c in enumerate(cached) if c is None]
         if not missing:
             self.scheduler.submit(request(cached))

@@ -67,6 +67,7 @@ class Request:
     image_encode_ms: float = 0.0
     image_cached: bool = False  # the embeddings came from the image cache
     frames: int = 0  # a clip's frames (LLaVA-NeXT-Video), among image_embeds as one entry
+    frame_tokens: int = 0  # of its positions, each frame's
     video_decode_ms: float = 0.0
     cross: object = None  # cross_attention.CrossRow: a cross-attention model's image (its ids hold its token)
     tools: object = None  # tools.Toolset: the answer may be calls, read back when it ends
@@ -108,7 +109,8 @@ class _Live:
         self.fed = 0  # prefilled so far
         self.sampler, self.detok = sampler, detok
         self.stats = Stats(images=(0 if req.image_embeds is None else len(req.image_embeds)) + (req.cross is not None)
-                           - (req.frames > 0), frames=req.frames, video_decode_ms=req.video_decode_ms,
+                           - (req.frames > 0), frames=req.frames, frame_tokens=req.frame_tokens,
+                           video_decode_ms=req.video_decode_ms,
                            image_encode_ms=req.image_encode_ms, prefill_tokens=self.total,
                            image_cached=req.image_cached,
                            image_tokens=req.image_tokens if req.cross is None else req.cross.image.tokens,

@@ -1,9 +1,10 @@
 """A clip's bytes -> the frames a video model reads: decoded in memory with PyAV (FFmpeg's
 libraries, no subprocess, no temporary file), sampled uniformly over the clip.
 
-LLaVA-NeXT-Video reads a fixed number of frames spread evenly from the first to the last
-(the frame count is a request option with a model default and a cap); each frame is then
-prepared like a LLaVA-1.5 picture (resized and centre-cropped to the tower's size).
+LLaVA-NeXT-Video reads a fixed number of frames spread evenly over the clip (the frame count
+is a request option with a model default and a cap), taken as transformers' video processors
+take them: frame i * total // count, from the first; each frame is then prepared like a llava-hf
+1.5 picture (resized and centre-cropped to the tower's size).
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from __future__ import annotations
 import io
 import time
 
-import numpy as np
 from edgevlm_client.contract import BY_NAME, MAX_VIDEO_BYTES
 from PIL import Image
 
@@ -23,11 +23,11 @@ MAX_DECODED_FRAMES = 10_000  # a clip longer than this (about 5 minutes at 30 fp
 
 
 def sample_indices(total: int, frames: int) -> list[int]:
-    """`frames` indices spread evenly over 0 .. total - 1, first and last included (fewer
-    when the clip is shorter: every frame once)."""
+    """`frames` indices spread evenly over 0 .. total - 1, from the first (every frame once
+    when the clip has no more)."""
     if total <= frames:
         return list(range(total))
-    return [int(round(i)) for i in np.linspace(0, total - 1, frames)]
+    return [i * total // frames for i in range(frames)]
 
 
 def decode_clip(data: bytes, frames: int, max_pixels: int) -> tuple[list[Image.Image], float]:

@@ -5,7 +5,8 @@
 
 const $ = (id) => document.getElementById(id);
 const state = {
-  image: null,        // data URL of the conversation's image (it belongs to the first question)
+  image: null,        // data URL of the conversation's image or clip (it belongs to the first question)
+  kind: "image",      // or "video": a short clip, for a video model (LLaVA-NeXT-Video)
   messages: [],       // the conversation so far, OpenAI-shaped
   model: null,
   controller: null,   // aborts the answer being streamed
@@ -61,10 +62,14 @@ async function loadModel() {
   } catch (e) { /* the health pill says so */ }
 }
 
-function setImage(dataUrl) {
+function setImage(dataUrl, kind = "image") {
   state.image = dataUrl;
-  $("preview").src = dataUrl || "";
-  $("preview").hidden = !dataUrl;
+  state.kind = kind;
+  const clip = kind === "video";
+  $("preview").src = dataUrl && !clip ? dataUrl : "";
+  $("preview").hidden = !dataUrl || clip;
+  $("clip").src = dataUrl && clip ? dataUrl : "";
+  $("clip").hidden = !dataUrl || !clip;
   $("no-image").hidden = !!dataUrl;
   $("image-clear").hidden = !dataUrl;
   newConversation();  // one image per conversation: a new image starts a new one
@@ -72,7 +77,7 @@ function setImage(dataUrl) {
 
 function readFile(file) {
   const reader = new FileReader();
-  reader.onload = () => setImage(reader.result);
+  reader.onload = () => setImage(reader.result, file.type.startsWith("video/") ? "video" : "image");
   reader.onerror = () => showError("Could not read that file.");
   reader.readAsDataURL(file);
 }
@@ -142,8 +147,9 @@ function requestMessages(question) {
   const turns = state.messages.concat([{ role: "user", content: question }]);
   if (!state.image) return turns;
   const first = turns[0];
-  return [{ role: "user", content: [{ type: "text", text: first.content },
-                                   { type: "image_url", image_url: { url: state.image } }] }]
+  const part = state.kind === "video" ? { type: "video_url", video_url: { url: state.image } }
+                                     : { type: "image_url", image_url: { url: state.image } };
+  return [{ role: "user", content: [{ type: "text", text: first.content }, part] }]
     .concat(turns.slice(1));
 }
 
@@ -172,6 +178,7 @@ async function* events(response) {
 
 function timingLine(stats, ttftMs, tokens) {
   const parts = [];
+  if (stats && stats.frames) parts.push(`${stats.frames} frames, decoded in ${stats.video_decode_ms.toFixed(0)} ms`);
   if (stats && stats.image_cached) parts.push("image cached");
   else if (stats && stats.image_encode_ms) parts.push(`image encode ${stats.image_encode_ms.toFixed(0)} ms`);
   if (stats && stats.cached_tokens) parts.push(`${stats.cached_tokens} prompt tokens cached`);
