@@ -99,6 +99,8 @@ class CrossPreprocessor:
             raise BadRequest("prompt is required")
         raw = inputs.get("raw_prompt")
         raw = bool(np.asarray(raw).reshape(-1)[0]) if raw is not None else False
+        if inputs.get("video") is not None:
+            raise BadRequest(f"video: {self.cfg.name} takes no video (LLaVA-NeXT-Video does)")
         images = check_images(image_list(inputs))
         if len(images) > 1:
             raise BadRequest(f"{len(images)} images: this model (cross-attention) reads one image per request")
