@@ -21,6 +21,9 @@ def timing_line(stats: dict) -> str:
     image = "image cached" if stats.get("image_cached") else f"image encode {stats.get('image_encode_ms', 0):.1f} ms"
     if stats.get("image_tokens"):
         image += f" ({stats['image_tokens']} tokens)"
+    if stats.get("frames"):  # a clip: its frames, decoded before they were encoded
+        image = (f"clip {stats['frames']} frames x {stats.get('frame_tokens', 0)} tokens, decoded in "
+                 f"{stats.get('video_decode_ms', 0):.1f} ms, " + image)
     cached = f" ({stats['cached_tokens']} cached)" if stats.get("cached_tokens") else ""
     return (f"{image} | "
             f"prompt {stats.get('prefill_tokens', 0)} tokens{cached} in {stats.get('prefill_ms', 0):.1f} ms "

@@ -205,10 +205,12 @@ def read_checkpoint(path: str | Path, clip_dir: str | Path | None = None) -> Che
             raise CheckpointError(f"{path}: the checkpoint holds no CLIP vision tower (LLaVA-1.5 releases "
                                   "leave it out); pass CLIP=<local openai/clip-vit-large-patch14-336 directory>")
         tensors.update({VISION_PREFIX + k: t for k, t in _clip_tensors(Path(clip_dir)).items()})
+    # a shape no preset has is named after its directory (make's artifacts/<name>/checkpoint: <name>)
+    name = path.absolute().parent.name if path.name == "checkpoint" else path.name
     if fmt == "llava-hf":
-        config = llava_hf.config_from_hf(raw, tensors, name=path.name)
+        config = llava_hf.config_from_hf(raw, tensors, name=name)
     else:
-        config = config_from_checkpoint(raw, tensors, name=path.name)
+        config = config_from_checkpoint(raw, tensors, name=name)
     check_tensors(tensors, layout(config), where=str(path), spell=spell)
     chat_template = read_chat_template(path) if fmt == "llava-hf" else None
     config = replace(config, template=template_for(config, path, chat_template))
