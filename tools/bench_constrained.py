@@ -25,7 +25,7 @@ from edgevlm_client import AsyncClient
 
 from edgevlm.manifest import OnnxArtifacts
 from edgevlm.runtime.grammar import Grammars
-from edgevlm.runtime.tokenizer import Tokenizer
+from edgevlm.runtime.text_model import open_tokenizer
 from edgevlm.serve.repository import render_repository
 from edgevlm.serve.tritonserver import TritonServer
 
@@ -104,7 +104,7 @@ def constrained(onnx_dir: Path, quick: bool) -> dict:
                         round(stream["free"] / stream[kind] - 1, 4)
                 report["served"][str(c)] = row
             report["prompt_tokens"] = dict(PROMPT_TOKENS)
-    tok = Tokenizer(art.path("tokenizer"))
+    tok = open_tokenizer(art)
     t0 = time.perf_counter()
     grammars = Grammars(tok)
     report["vocabulary_ms"] = round((time.perf_counter() - t0) * 1e3, 1)

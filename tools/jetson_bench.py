@@ -34,7 +34,7 @@ def batched_rates(decoder, model, ids, tokens: int, batches=BATCHES) -> dict:
 
     from edgevlm.runtime.sampling import SamplingParams
     from edgevlm.runtime.scheduler import Request, Scheduler
-    from edgevlm.runtime.text_model import TextModel
+    from edgevlm.runtime.text_model import TextModel, open_tokenizer
     out = {}
     for b in batches:
         pool = decoder.open_pool(b)
@@ -100,13 +100,12 @@ def main(argv=None) -> int:
     from edgevlm.runtime.scheduler import Scheduler
     from edgevlm.runtime.text_model import TextModel
     from edgevlm.runtime.embedding import EmbeddingTable
-    from edgevlm.runtime.tokenizer import Tokenizer
     art = OnnxArtifacts.open(args.onnx)
     engines = Path(args.onnx).parent / "engines" / dev.tag
     vision = VisionEncoder(args.onnx, "tensorrt", engines)
     decoder = open_decoder(args.onnx, "tensorrt", engines)
     one = decoder.open_pool(1)
-    model = TextModel(Tokenizer(art.path("tokenizer")), EmbeddingTable(art.path("embed_tokens")), one,
+    model = TextModel(open_tokenizer(art), EmbeddingTable(art.path("embed_tokens")), one,
                       min(art.config.text.max_position, decoder.max_context))
     px = preprocess(sample_image("chelsea"), art.config.vision.image_size)[None]
     ids = tokenize_prompt(model.tok, build_prompt(QUESTION))

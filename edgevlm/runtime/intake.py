@@ -183,7 +183,7 @@ class Intake:
         clip = requests.clip_bytes(inputs)
         if clip is not None:  # the same clip sampled at another frame count is another entry
             frames = requests.scalar(inputs, "video_frames", "iu", int)
-            keys.append(image_digest(clip + f"|frames={frames or DEFAULT_FRAMES}".encode()))
+            keys.append(image_digest(image_digest(clip) + f"|frames={frames or DEFAULT_FRAMES}".encode()))
         cached = [self.image_cache.get(key) if self.image_cache.budget else None for key in keys]
         tools = requests.toolset(inputs, self.pre.tool_style)
         prepared = self.pre.from_inputs(inputs, decode=[c is None for c in cached], tools=tools)

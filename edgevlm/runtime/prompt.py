@@ -52,24 +52,15 @@ class Template:
 
     def render(self, turns: list[tuple[str, str | None]], system: str) -> str:
         """(question, answer) turns, the last answer None: the prompt the model continues."""
-        head = self.system_format.format(system)
-        if self.style == "two":
-            out, seps = head + self.sep, (self.sep, self.sep2)
+        if self.style != "llama_2":
+            # two, single, mpt: "<system><sep>" then "<role>: <message><sep>" per message (mpt's
+            # roles carry their own newline, no ": "); two ends an answer with sep2
+            colon = "" if self.style == "mpt" else ": "
+            after_answer = self.sep2 if self.style == "two" else self.sep
+            out = self.system_format.format(system) + self.sep
             for q, a in turns:
-                out += f"{self.roles[0]}: {q}{seps[0]}"
-                out += f"{self.roles[1]}: {a}{seps[1]}" if a is not None else f"{self.roles[1]}:"
-            return out
-        if self.style == "single":
-            out = head + self.sep
-            for q, a in turns:
-                out += f"{self.roles[0]}: {q}{self.sep}"
-                out += f"{self.roles[1]}: {a}{self.sep}" if a is not None else f"{self.roles[1]}:"
-            return out
-        if self.style == "mpt":
-            out = head + self.sep
-            for q, a in turns:
-                out += self.roles[0] + q + self.sep
-                out += self.roles[1] + a + self.sep if a is not None else self.roles[1]
+                out += f"{self.roles[0]}{colon}{q}{self.sep}"
+                out += f"{self.roles[1]}{colon}{a}{after_answer}" if a is not None else self.roles[1] + colon.rstrip()
             return out
         # llama_2: each question inside [INST] ... [/INST] after `sep`, each answer followed by
         # " sep2"; the system block opens the first question; the leading `sep` is stripped
@@ -122,6 +113,17 @@ def build_prompt(question: str, *, image: bool | int = True, history: Sequence[t
 CHECKPOINT = "checkpoint"  # the template name that stands for the checkpoint's own chat template
 
 
+def check_template(name: str, has_chat_template: bool) -> str:
+    """`name` if a model with (or without) a chat template can lay prompts out in it."""
+    if name == CHECKPOINT:
+        if not has_chat_template:
+            raise ValueError("template 'checkpoint': this model's checkpoint has no chat template; known: "
+                             + ", ".join(TEMPLATES))
+        return name
+    template_named(name)
+    return name
+
+
 class Layouts:
     """The prompt layouts a served model offers: its default (the manifest's, or `make repo
     TEMPLATE=`) and any other a request names; `checkpoint` is the checkpoint's chat template
@@ -133,13 +135,7 @@ class Layouts:
         self.default = self.check(default)
 
     def check(self, name: str) -> str:
-        if name == CHECKPOINT:
-            if self.chat is None:
-                raise ValueError("template 'checkpoint': this model's checkpoint has no chat template; known: "
-                                 + ", ".join(TEMPLATES))
-            return name
-        template_named(name)
-        return name
+        return check_template(name, self.chat is not None)
 
     def system(self, name: str) -> str | None:
         """The layout's own system line (None: a chat template's own choice)."""

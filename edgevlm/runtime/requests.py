@@ -224,9 +224,8 @@ class Preprocessor:
         if raw_prompt:
             laid_out = prompt
         else:  # no placeholder written: the images (then the clip) open the first turn
-            layout_system = self.layouts.system(layout) if system is None else system
-            laid_out = self.layouts.render(layout, prompt, 0 if explicit else n_images, turns, layout_system,
-                                           0 if explicit else n_videos)
+            laid_out = self._lay_out(prompt, 0 if explicit else n_images, turns, system, layout,
+                                     0 if explicit else n_videos)
         kinds = placeholders(laid_out)
         if len(kinds) != n_images + n_videos:  # a chat template that drops or adds images
             raise BadRequest(f"the {layout} template laid out {len(kinds)} of the {n_images + n_videos} "
@@ -269,9 +268,13 @@ class Preprocessor:
                    layout: str | None = None) -> list[int]:
         """The ids a question is served as (IMAGE_TOKEN_INDEX where each image goes), in the
         served layout or `layout`; system None: the layout's own line."""
+        return tokenize_prompt(self.tok, self._lay_out(question, images, history, system, layout))
+
+    def _lay_out(self, question: str, images: int, history, system: str | None, layout: str | None,
+                 videos: int = 0) -> str:
         layout = layout or self.layouts.default
         system = self.layouts.system(layout) if system is None else system
-        return tokenize_prompt(self.tok, self.layouts.render(layout, question, images, history, system))
+        return self.layouts.render(layout, question, images, history, system, videos)
 
 
 def clip_bytes(inputs: dict) -> bytes | None:

@@ -84,7 +84,7 @@ IMAGE_CACHE_MIB = 64
 
 def _template(art: OnnxArtifacts, name: str | None) -> str:
     """The layout the model serves: the export's, or one named (checked now, not at load)."""
-    from edgevlm.runtime.prompt import Layouts
+    from edgevlm.runtime.prompt import check_template
     default = art.config.template
     if name is None or name == default:
         return default
@@ -92,7 +92,7 @@ def _template(art: OnnxArtifacts, name: str | None) -> str:
         raise ManifestError(f"{art.config.name}: prompts come from its checkpoint's chat template; "
                             f"TEMPLATE={name} is not for it")
     try:
-        return Layouts(name, object() if "chat_template" in art.manifest["files"] else None).check(name)
+        return check_template(name, "chat_template" in art.manifest["files"])
     except ValueError as e:
         raise ManifestError(f"TEMPLATE={name}: {e}") from None
 
