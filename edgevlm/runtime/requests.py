@@ -17,7 +17,7 @@ from edgevlm_client.contract import (MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, MAX_IMAG
 
 from edgevlm.manifest import OnnxArtifacts
 from edgevlm.runtime.errors import BadRequest
-from edgevlm.presets import ANYRES, IMAGE_TOKEN_INDEX
+from edgevlm.presets import ANYRES
 from edgevlm.runtime import anyres
 from edgevlm.runtime.image import ImageError, load_image, preprocess_tiles
 from edgevlm.runtime.chat_template import ChatTemplate
