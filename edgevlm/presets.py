@@ -81,6 +81,8 @@ class TextConfig:
     # original_max_position_embeddings); none for the other families.
     cross_attention_layers: tuple[int, ...] = ()
     rope_scaling: tuple[float, float, float, int] | None = None
+    # linear RoPE scaling (LLaVA-NeXT-Video-7B: 2.0, its context stretched from Vicuna's 4096)
+    rope_linear_factor: float = 1.0
 
     def __post_init__(self):  # JSON gives lists back: keep the config hashable
         object.__setattr__(self, "cross_attention_layers", tuple(self.cross_attention_layers))
@@ -117,7 +119,8 @@ class ModelConfig:
     # run_llava picks for its name; a checkpoint read from disk gets model/checkpoint.template_for's.
     template: str = "vicuna_v1"
     # LLaVA-NeXT-Video: a clip's frames are pooled on the patch grid with this stride (2: 24x24
-    # -> 12x12, 144 tokens per frame) before the projector; 0: the model takes no video.
+    # -> 12x12, 144 tokens per frame) before the projector; 0: no video mode (a clip's frames
+    # are read as pictures, runtime/requests.py).
     video_pool: int = 0
 
     cross_length = 0  # images are spliced into the sequence, not attended to across
@@ -142,8 +145,9 @@ class ModelConfig:
 
     @property
     def frame_tokens(self) -> int:
-        """Tokens one video frame becomes (LLaVA-NeXT-Video's pooled grid); 0 without video."""
-        return (self.vision.grid // self.video_pool) ** 2 if self.video_pool else 0
+        """Tokens one video frame becomes: LLaVA-NeXT-Video's pooled grid; without a video mode,
+        a picture's (anyres: its base view's, no tiles)."""
+        return (self.vision.grid // self.video_pool) ** 2 if self.video_pool else self.image_tokens
 
     @property
     def max_image_tokens(self) -> int:
@@ -182,6 +186,7 @@ _LLAMA_2_7B = TextConfig(hidden_size=2560, intermediate_size=6912, num_layers=32
                          num_heads=32, num_kv_heads=32)
 _VICUNA_7B = TextConfig(hidden_size=4096, intermediate_size=11008, num_layers=32,
                         num_heads=32, num_kv_heads=32, max_position=4096, rms_norm_eps=1e-5)
+_VICUNA_7B_VIDEO = replace(_VICUNA_7B, rope_linear_factor=2.0)
 _VICUNA_13B = replace(_VICUNA_7B, hidden_size=5120, intermediate_size=13824, num_layers=40,
                       num_heads=40, num_kv_heads=40)
 # Mistral-7B-Instruct-v0.2 as LLaVA-1.6 ships it: GQA with 8 KV heads, rope theta 1e6. Its own
@@ -224,8 +229,9 @@ PRESETS: dict[str, ModelConfig] = {
     "llava-v1.6-mistral-7b": ModelConfig("llava-v1.6-mistral-7b", MLP2X_GELU, text=_MISTRAL_7B,
                                          image_aspect=ANYRES, grid_pinpoints=PINPOINTS_1_6,
                                          template="mistral_instruct"),
-    # LLaVA-NeXT-Video-7B: LLaVA-1.6 vicuna's shape (anyres for still images) plus clips
-    "llava-next-video-7b": ModelConfig("llava-next-video-7b", MLP2X_GELU, text=_VICUNA_7B, image_aspect=ANYRES,
+    # LLaVA-NeXT-Video-7B: LLaVA-1.6 vicuna's shape (anyres for still images) plus clips, its
+    # positions scaled linearly by 2 (transformers' converter sets it for the 7B, not the 34B)
+    "llava-next-video-7b": ModelConfig("llava-next-video-7b", MLP2X_GELU, text=_VICUNA_7B_VIDEO, image_aspect=ANYRES,
                                        grid_pinpoints=PINPOINTS_1_6, template="llava_v1", video_pool=2),
     "llava-next-video-34b": ModelConfig("llava-next-video-34b", MLP2X_GELU, text=_YI_34B, image_aspect=ANYRES,
                                         grid_pinpoints=PINPOINTS_1_6, template="chatml_direct", video_pool=2),
@@ -237,7 +243,7 @@ PRESETS: dict[str, ModelConfig] = {
                                    text=_TINY_LLAVA_NEXT_TEXT, image_aspect=ANYRES,
                                    grid_pinpoints=_TINY_PINPOINTS, template="llava_v1"),
     "tiny-llava-next-video": ModelConfig("tiny-llava-next-video", MLP2X_GELU, vision=_TINY_VISION,
-                                         text=_TINY_LLAVA_TEXT, image_aspect=ANYRES, grid_pinpoints=_TINY_PINPOINTS,
+                                         text=replace(_TINY_LLAVA_TEXT, rope_linear_factor=2.0), image_aspect=ANYRES, grid_pinpoints=_TINY_PINPOINTS,
                                          template="llava_v1", video_pool=2),
     "tiny-llava-v1.6-34b": ModelConfig("tiny-llava-v1.6-34b", MLP2X_GELU, vision=_TINY_VISION,
                                        text=_TINY_YI_TEXT, image_aspect=ANYRES,
@@ -302,6 +308,7 @@ class MllamaConfig:
     family = MLLAMA
     projector_type = MLLAMA
     template = "checkpoint"  # prompts come from the checkpoint's own chat template
+    video_pool = 0  # no clips: one image per request
 
     def __post_init__(self):
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))

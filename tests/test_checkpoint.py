@@ -167,3 +167,21 @@ def test_upstream_config_fields():
     assert raw["mm_projector_type"] == "ldpnetv2" and raw["num_attention_heads"] == 16
     assert raw["mm_vision_tower"] == "openai/clip-vit-large-patch14-336"
     assert raw["image_aspect_ratio"] == "pad" and raw["mm_vision_select_layer"] == -2
+
+
+@pytest.mark.parametrize("spec,factor", [
+    (None, 1.0), ({"type": "linear", "factor": 2.0}, 2.0), ({"rope_type": "linear", "factor": 2.5}, 2.5),
+    ({"rope_type": "default", "rope_theta": 10000.0}, 1.0),  # transformers 5's rope_parameters without scaling
+])
+def test_linear_rope_scaling_is_read_in_both_spellings(spec, factor):
+    from edgevlm.model.rope_scaling import linear_factor
+    assert linear_factor({"rope_scaling": spec}) == factor
+    assert linear_factor({"rope_parameters": spec}) == factor
+
+
+@pytest.mark.parametrize("kind", ["dynamic", "yarn", "llama3"])
+def test_other_rope_scaling_is_refused_by_name(kind):
+    """Read without its scaling, a model answers wrongly with no error: refuse it instead."""
+    from edgevlm.model.rope_scaling import linear_factor
+    with pytest.raises(CheckpointError, match=f"rope scaling '{kind}' is not supported"):
+        linear_factor({"rope_scaling": {"type": kind, "factor": 4.0}})

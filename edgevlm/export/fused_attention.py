@@ -35,7 +35,7 @@ def rope_tables(text: TextConfig) -> tuple[np.ndarray, np.ndarray]:
     two halves are the same table."""
     import torch
     from edgevlm.model.llama import rope
-    cos, sin = rope(torch.arange(text.max_position)[None], text.head_dim, text.rope_theta)
+    cos, sin = rope(torch.arange(text.max_position)[None], text)
     half = text.head_dim // 2
     return cos[0, 0, :, :half].numpy().copy(), sin[0, 0, :, :half].numpy().copy()
 

@@ -25,6 +25,7 @@ from edgevlm.model import llava_hf
 from edgevlm.model.canonical import (NEWLINE_KEY, PROJECTOR_PREFIX, VISION_PREFIX, CheckpointError,
                                      vision_from_tensors)
 from edgevlm.model.projector import se_width
+from edgevlm.model.rope_scaling import linear_factor
 
 PROJECTORS = (LDP, LDPV2, MLP2X_GELU)
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
@@ -277,7 +278,7 @@ def config_from_checkpoint(raw: dict, tensors: dict[str, torch.Tensor], name: st
         max_position=raw.get("max_sequence_length") or need("max_position_embeddings"),
         rms_norm_eps=need("rms_norm_eps"), rope_theta=raw.get("rope_theta", 10000.0),
         bos_token_id=raw.get("bos_token_id", 1), eos_token_id=raw.get("eos_token_id", 2),
-        pad_token_id=raw.get("pad_token_id", 0))
+        pad_token_id=raw.get("pad_token_id", 0), rope_linear_factor=linear_factor(raw))
     if ptype == MLP2X_GELU:
         # LLaVA trains and truncates at tokenizer_model_max_length (4096) whatever the LLM's
         # own positions reach (Mistral: 32768).
@@ -298,7 +299,22 @@ def config_from_checkpoint(raw: dict, tensors: dict[str, torch.Tensor], name: st
             raise CheckpointError("config.json: anyres needs mm_patch_merge_type 'spatial_unpad'")
         # The original code reads each pinpoint as (width, height); ours are (height, width).
         pinpoints = tuple((h, w) for w, h in need("image_grid_pinpoints"))
-    return match_preset(ModelConfig(name, ptype, vision, text, aspect, pinpoints))
+    return match_preset(ModelConfig(name, ptype, vision, text, aspect, pinpoints, video_pool=video_pool(raw)))
+
+
+def video_pool(raw: dict) -> int:
+    """LLaVA-NeXT-Video's original config: its `spatial_pool` resampler's stride (0: no video).
+    Only "average" pooling is read; "max" pools otherwise and "conv" has weights of its own."""
+    kind = raw.get("mm_resampler_type")
+    if not kind:
+        return 0
+    mode = raw.get("mm_spatial_pool_mode", "average")
+    if kind != "spatial_pool" or mode != "average":
+        raise CheckpointError(f"config.json: mm_resampler_type {kind!r} with mode {mode!r} is not supported "
+                              "(spatial_pool, average)")
+    if "mm_spatial_pool_stride" not in raw:
+        raise CheckpointError("config.json: missing 'mm_spatial_pool_stride'")
+    return int(raw["mm_spatial_pool_stride"])
 
 
 CHECKPOINT_TEMPLATE = "checkpoint"  # the checkpoint's own chat template (Jinja), rendered as transformers does
@@ -332,6 +348,8 @@ def template_for(cfg: ModelConfig, path: Path, chat_template: str | None) -> str
         return CHECKPOINT_TEMPLATE
     if cfg.family == "mobilevlm":
         return "vicuna_v1"
+    if cfg.video_pool:  # LLaVA-NeXT's video demo script: vicuna_v1 for the 7B, its chatml layout for the 34B
+        return "chatml_direct" if "34b" in run_llava_name(path).lower() else "vicuna_v1"
     return run_llava_template(run_llava_name(path))
 
 

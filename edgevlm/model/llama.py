@@ -83,9 +83,10 @@ def inv_frequencies(head_dim: int, theta: float, scaling=None) -> torch.Tensor:
     return torch.where(between, scaled, out)
 
 
-def rope(position_ids: torch.Tensor, head_dim: int, theta: float, scaling=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin [B, 1, S, head_dim] for the half-split ("rotate_half") RoPE convention."""
-    inv_freq = inv_frequencies(head_dim, theta, scaling)
+def rope(position_ids: torch.Tensor, cfg: TextConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [B, 1, S, head_dim] for the half-split ("rotate_half") RoPE convention. Linear
+    scaling (LLaVA-NeXT-Video) divides positions by its factor, as dividing the frequencies."""
+    inv_freq = inv_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling) / cfg.rope_linear_factor
     freqs = position_ids.float()[:, :, None] * inv_freq  # [B, S, hd/2]
     emb = torch.cat([freqs, freqs], dim=-1)[:, None]
     return emb.cos(), emb.sin()
@@ -200,7 +201,7 @@ class LlamaDecoder(nn.Module):
         else:
             # Causal mask over [past | new]: query i sits at absolute index p + i.
             mask = torch.arange(p + s)[None, :] <= (torch.arange(s) + p)[:, None]  # [S, P+S]
-        cos, sin = rope(position_ids, self.cfg.head_dim, self.cfg.rope_theta)
+        cos, sin = rope(position_ids, self.cfg)
         x = inputs_embeds
         presents = []
         for layer, kv in zip(self.model.layers, past):

@@ -18,6 +18,7 @@ import torch
 from edgevlm.model.canonical import (NEWLINE_KEY, PROJECTOR_PREFIX, VISION_PREFIX, CheckpointError,
                                      vision_from_tensors)
 from edgevlm.presets import ANYRES, CROP, MLP2X_GELU, ModelConfig, TextConfig, match_preset
+from edgevlm.model.rope_scaling import linear_factor, rope_scaling_json
 from edgevlm.runtime.prompt import SYSTEM_LLAVA_V1
 
 HF_ARCHITECTURES = ("LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration",
@@ -115,7 +116,8 @@ def config_from_hf(raw: dict, tensors: dict[str, torch.Tensor], name: str) -> Mo
         num_layers=layers, num_heads=heads, num_kv_heads=kv_rows // (hidden // heads), max_position=max_pos,
         rms_norm_eps=tc.get("rms_norm_eps") or 1e-6, rope_theta=float(rope),
         bos_token_id=tc.get("bos_token_id", 1), eos_token_id=tc.get("eos_token_id", 2),
-        pad_token_id=raw.get("pad_token_id", tc.get("pad_token_id", 0)) or 0)
+        pad_token_id=raw.get("pad_token_id", tc.get("pad_token_id", 0)) or 0,
+        rope_linear_factor=linear_factor(tc, "config.json: text_config"))
     vision = vision_from_tensors(tensors, layer)
     archs = raw.get("architectures") or []
     video = HF_ARCHITECTURES[2] in archs or raw.get("model_type") == "llava_next_video"
@@ -146,7 +148,8 @@ def hf_config(cfg: ModelConfig) -> dict:
             "intermediate_size": t.intermediate_size, "num_hidden_layers": t.num_layers,
             "num_attention_heads": t.num_heads, "num_key_value_heads": t.num_kv_heads,
             "max_position_embeddings": t.max_position, "rms_norm_eps": t.rms_norm_eps,
-            "rope_theta": t.rope_theta, "vocab_size": vocab, "torch_dtype": "float16",
+            "rope_theta": t.rope_theta, "rope_scaling": rope_scaling_json(t.rope_linear_factor),
+            "vocab_size": vocab, "torch_dtype": "float16",
             "architectures": ["MistralForCausalLM" if mistral else "LlamaForCausalLM"]}
     video = cfg.video_pool > 0  # LLaVA-NeXT-Video: <video> first, then <image>, as its release numbers them
     image_id = t.vocab_size + int(video)

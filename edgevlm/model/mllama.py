@@ -258,7 +258,7 @@ class MllamaText(nn.Module):
             write_index = position_ids[:, 0]
         else:
             causal = torch.arange(p + s)[None, :] <= (torch.arange(s) + p)[:, None]
-        cos, sin = rope(position_ids, self.cfg.head_dim, self.cfg.rope_theta, self.cfg.rope_scaling)
+        cos, sin = rope(position_ids, self.cfg)
         if cross is not None:
             bias, rows, use = cross_inputs(mask, has_image)
             images = iter(cross)

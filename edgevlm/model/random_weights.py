@@ -25,6 +25,7 @@ import torch
 from edgevlm.model import llava_hf
 from edgevlm.model.canonical import VISION_PREFIX
 from edgevlm.model.checkpoint import layout
+from edgevlm.model.rope_scaling import rope_scaling_json
 from edgevlm.presets import ANYRES, CLIP_MEAN, CLIP_STD, ModelConfig
 from edgevlm.runtime.prompt import SYSTEM_V1
 from edgevlm.staging import staged_dir
@@ -51,8 +52,6 @@ def write_random_checkpoint(out_dir: str | Path, cfg: ModelConfig, *, seed: int 
     hf = layout_format == "llava-hf"
     if hf and cfg.family != "llava":
         raise ValueError(f"{cfg.name} is not a LLaVA preset; llava-hf holds LLaVA models only")
-    if cfg.video_pool and not hf:
-        raise ValueError(f"{cfg.name}: LLaVA-NeXT-Video checkpoints are written in the llava-hf layout only")
     full = replace(cfg, text=replace(cfg.text, vocab_size=llava_hf.padded_vocab(cfg.text.vocab_size))) if hf else cfg
     tensors = random_state_dict(full, seed)
     if cfg.family == "llava" and cfg.version == "1.5" and not hf:
@@ -204,7 +203,8 @@ def llava_config(cfg: ModelConfig) -> dict:
         "initializer_range": 0.02, "max_position_embeddings": 32768 if mistral else t.max_position,
         "num_attention_heads": t.num_heads, "num_hidden_layers": t.num_layers,
         "num_key_value_heads": t.num_kv_heads, "pretraining_tp": 1, "rms_norm_eps": t.rms_norm_eps,
-        "rope_scaling": None, "rope_theta": t.rope_theta, "tie_word_embeddings": False,
+        "rope_scaling": rope_scaling_json(t.rope_linear_factor), "rope_theta": t.rope_theta,
+        "tie_word_embeddings": False,
         "torch_dtype": "float16", "use_cache": True, "vocab_size": t.vocab_size,
         "freeze_mm_mlp_adapter": False, "image_aspect_ratio": cfg.image_aspect,
         "mm_hidden_size": v.hidden_size, "mm_projector_type": cfg.projector_type,
@@ -215,6 +215,9 @@ def llava_config(cfg: ModelConfig) -> dict:
     }
     if mistral:
         out["sliding_window"] = None
+    if cfg.video_pool:  # LLaVA-NeXT's spatial_pool resampler: parameter-free in "average" mode
+        out.update(mm_resampler_type="spatial_pool", mm_spatial_pool_mode="average",
+                   mm_spatial_pool_stride=cfg.video_pool, mm_spatial_pool_out_channels=v.hidden_size)
     if anyres:  # the original code's pinpoints are (width, height)
         out.update(image_grid_pinpoints=[[w, h] for h, w in cfg.grid_pinpoints],
                    mm_patch_merge_type="spatial_unpad", tokenizer_model_max_length=t.max_position,
