@@ -115,9 +115,37 @@ def test_frames_are_taken_where_transformers_video_processors_take_them(total, f
     assert sample_indices(total, frames) == want
 
 
-def test_the_original_layout_is_not_written_for_it(tmp_path):
-    with pytest.raises(ValueError, match="llava-hf layout only"):
-        write_random_checkpoint(tmp_path / "x", CFG, layout_format="original")
+@torch.no_grad()
+def test_the_original_layout_reads_exports_and_prompts_as_llava_next(ckpt, models, tmp_path):
+    """lmms-lab's layout (LLaVA-NeXT's repository): the LLaVA-1.6 keys with the tower inside,
+    a `spatial_pool` resampler in config.json, no <video> token (a clip takes the <image>
+    index). It reads to the llava-hf copy's tensors (but the rows llava-hf adds to the
+    vocabulary); the prompt is the 7B demo's vicuna_v1 layout; the exported video encoder
+    equals the reference's pooled frames."""
+    from edgevlm.export.graphs import export_onnx
+    from edgevlm.runtime.intake import open_video_encoder
+    from edgevlm.runtime.prompt import TEMPLATES
+    from edgevlm.runtime.requests import Preprocessor
+    original = write_random_checkpoint(tmp_path / "LLaVA-NeXT-Video-7B", CFG, layout_format="original", seed=5)
+    raw = json.loads((original / "config.json").read_text())
+    assert (raw["architectures"], raw["mm_resampler_type"], raw["mm_spatial_pool_stride"]) == (
+        ["LlavaLlamaForCausalLM"], "spatial_pool", 2)
+    ck = read_checkpoint(original)
+    assert (ck.config.video_pool, ck.config.text.rope_linear_factor, ck.config.template, ck.chat_template) == (
+        2, 2.0, "vicuna_v1", None)
+    hf_tensors, vocab = models[0].tensors, ck.config.text.vocab_size
+    assert {k: v.shape for k, v in ck.tensors.items()} == {  # but the rows llava-hf adds
+        k: (vocab, *v.shape[1:]) if k in ("model.embed_tokens.weight", "lm_head.weight") else v.shape
+        for k, v in hf_tensors.items()}
+    onnx_dir = export_onnx(original, tmp_path / "onnx", log=lambda m: None)
+    ids = Preprocessor(onnx_dir)(None, "What happens here?", video=write_clip(), frames=4).input_ids.tolist()
+    layout = TEMPLATES["vicuna_v1"]
+    text = f"{layout.system}{layout.sep}{layout.roles[0]}: <image>\nWhat happens here?{layout.sep}{layout.roles[1]}:"
+    assert ids == tokenize_prompt(Tokenizer(ck.tokenizer_path), text)
+    frames = _frames()
+    got, _ = open_video_encoder(onnx_dir)(frames.numpy())
+    want = MobileVLM.from_weights(ck.config, ck.weights()).video_features(frames).reshape(got.shape).numpy()
+    assert abs(got - want).max() < 1e-4
 
 
 # --- served: a clip through tritonserver --------------------------------------------------
@@ -146,6 +174,31 @@ def write_clip(names=FRAMES, fmt: str = "mp4", codec: str = "libx264", repeat: i
 def onnx_dir(ckpt, tmp_path_factory):
     from edgevlm.export.graphs import export_onnx
     return export_onnx(ckpt, tmp_path_factory.mktemp("video-onnx") / "onnx", log=lambda m: None)
+
+
+def test_a_quantized_export_keeps_its_video_encoder(onnx_dir, tmp_path):
+    """`make quantize` writes the video encoder's int8 form (gated by its cosine to FP32) and
+    the server runs it; an export of a video model without one is refused, not read as
+    pictures."""
+    import numpy as np
+
+    from edgevlm.export.quantize import quantize_export
+    from edgevlm.manifest import OnnxArtifacts
+    from edgevlm.runtime.intake import open_video_encoder
+    out = tmp_path / "onnx-int4"
+    quantize_export(onnx_dir, out, "int4", log=lambda m: None)
+    manifest = OnnxArtifacts.open(out).manifest
+    assert manifest["files"]["video_encoder_cpu"] == "video_encoder.cpu.onnx"
+    assert manifest["quantization"]["video_encoder"]["cpu_form"]["embedding_cosine"] >= 0.98
+    frames = _frames().numpy()
+    (want, _), (got, _) = open_video_encoder(onnx_dir)(frames), open_video_encoder(out)(frames)
+    assert got.shape == want.shape == (len(FRAMES), CFG.frame_tokens, CFG.text.hidden_size)
+    cosine = (got * want).sum(-1) / (np.linalg.norm(got, axis=-1) * np.linalg.norm(want, axis=-1))
+    assert cosine.min() >= 0.98 and not np.array_equal(got, want)  # the int8 form, close to FP32
+    del manifest["files"]["video_encoder_cpu"]
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="pools a clip's frames, but the export has no video encoder"):
+        open_video_encoder(out)
 
 
 @pytest.fixture(scope="module")
@@ -207,11 +260,34 @@ def test_bad_clips_are_refused_in_one_line_and_the_server_keeps_serving(served, 
         served.generate("What happens?", video=clip, video_frames=33, max_tokens=2)
     with pytest.raises(InvalidRequest, match="the conversation has 0 <video> placeholder"):
         served.generate("<image>\nWhat happens?", image=sample_image("chelsea"), video=clip, max_tokens=2)
-    with pytest.raises(InvalidRequest, match="takes no video"):  # MobileVLM
-        client.generate("What happens?", video=clip, max_tokens=2)
     webm = write_clip(("camera", "coffee"), fmt="webm", codec="libvpx-vp9")
     assert served.generate("What happens?", video=webm, max_tokens=2).stats["frames"] == 6  # every frame of a short clip
     assert client.generate("Hi", max_tokens=2).text is not None and served.generate("Hi", max_tokens=2).text
+
+
+@pytest.mark.integration
+@torch.no_grad()
+def test_a_model_without_a_video_mode_reads_a_clips_frames_as_pictures(tiny_ckpt, tiny_onnx, client):
+    """MobileVLM: each sampled frame prepared and encoded as a picture, the frames one after
+    another at the <video> placeholder; equal to the reference fed those pictures, and the
+    frames are seen (reversed, they answer otherwise)."""
+    from edgevlm.runtime.requests import Preprocessor
+    from edgevlm.runtime.video import decode_clip
+    ck = read_checkpoint(tiny_ckpt)
+    ours, tok = MobileVLM.from_weights(ck.config, ck.weights()), Tokenizer(ck.tokenizer_path)
+    clip = write_clip()
+    pictures, _ = decode_clip(clip, 4, 50_000_000)
+    px = torch.cat([torch.from_numpy(preprocess_tiles(p, ck.config.vision.image_size, ck.config.image_aspect)[0])
+                    for p in pictures])
+    ids = Preprocessor(tiny_onnx)(None, "What happens here?", video=clip, frames=4).input_ids.tolist()
+    assert ids.count(IMAGE_TOKEN_INDEX) == 1  # one placeholder: the clip's
+    answers = [tok.decode(ours.generate(ids, embeds=[ours.video_features(x)], max_new_tokens=12,
+                                        vocab=tok.vocab_size)) for x in (px, px.flip(0))]
+    assert answers[0] != answers[1]
+    r = client.generate("What happens here?", video=clip, video_frames=4, max_tokens=12)
+    assert r.text == answers[0]
+    assert (r.stats["frames"], r.stats["frame_tokens"], r.stats["image_tokens"]) == (
+        4, ck.config.image_tokens, 4 * ck.config.image_tokens)
 
 
 @pytest.mark.integration

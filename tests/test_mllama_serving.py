@@ -191,7 +191,7 @@ def test_two_images_or_another_template_are_refused(in_process):
     with pytest.raises(BadRequest, match="2 images: this model .cross-attention. reads one image per request"):
         in_process.accept(two, _Stream())
     clip = {"prompt": np.array([b"What happens?"], dtype=object), "video": np.array([b"\x00" * 64], dtype=object)}
-    with pytest.raises(BadRequest, match="takes no video"):
+    with pytest.raises(BadRequest, match="takes no clip; send one frame as its image"):
         in_process.accept(clip, _Stream())
     other = {"prompt": np.array([b"Hi"], dtype=object), "template": np.array([b"llava_v1"], dtype=object)}
     with pytest.raises(BadRequest, match="template: this model's prompts are its checkpoint's chat template"):

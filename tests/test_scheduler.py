@@ -230,6 +230,52 @@ def test_a_queue_place_comes_back_when_a_step_after_the_encode_fails(tiny_onnx, 
         sched.close()
 
 
+def test_a_clip_is_decoded_off_the_thread_that_admits_requests(tiny_onnx, monkeypatch):
+    """While a clip is being decoded, accept has returned and a text request admitted after it
+    is answered; the clip's request then finishes (MobileVLM reading its frames as pictures);
+    a clip that does not decode fails its stream, and its queue place comes back."""
+    from edgevlm.runtime.errors import BadRequest as Refused
+    from edgevlm.runtime.image_cache import ImageCache
+    from edgevlm.runtime.intake import Intake
+    from edgevlm.runtime.observer import Quiet
+    from edgevlm.runtime.requests import Preprocessor
+    from edgevlm.runtime.runners import VisionEncoder
+    from test_llava_video import write_clip
+    model = open_text_model(tiny_onnx, max_rows=2)
+    sched = Scheduler(model, max_queue=2)
+    pre = Preprocessor(tiny_onnx, tokenizer=model.tok)
+    intake = Intake(pre, sched, VisionEncoder(tiny_onnx), image_cache=ImageCache(0), observer=Quiet(), max_batch=2,
+                    default_max_tokens=4)
+    decoding, release = threading.Event(), threading.Event()
+    real = pre.decode_clip
+
+    def held(clip):
+        decoding.set()
+        assert release.wait(PATIENCE_S)
+        real(clip)
+    monkeypatch.setattr(pre, "decode_clip", held)
+    clip = {"prompt": np.array([b"What happens?"], object), "video": np.array([write_clip()], object),
+            "video_frames": np.array([2], np.int32)}
+    try:
+        watched = Stream()
+        intake.accept(clip, watched)  # returns with the decode still held
+        assert decoding.wait(PATIENCE_S)
+        text = Stream()
+        intake.accept({"prompt": np.array([b"Hi"], object)}, text)
+        assert text.wait().error is None and not watched.done.is_set()
+        release.set()
+        assert watched.wait().error is None and (watched.stats.frames, watched.stats.frame_tokens) == (
+            2, pre.cfg.image_tokens)
+        broken = Stream()
+        intake.accept({**clip, "video": np.array([b"not a clip at all"], object)}, broken)
+        assert isinstance(broken.wait().error, Refused) and "video:" in str(broken.error)
+        assert sched.reserved == 0
+    finally:
+        release.set()
+        intake.close()
+        sched.close()
+
+
 def test_a_cancel_message_stops_the_generation_it_names(tiny_onnx):
     """In-band cancellation, in process: a cancel message naming a running generation's
     request id ends it at its next step with its final event (finish_reason cancelled); an id

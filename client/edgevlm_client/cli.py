@@ -190,7 +190,7 @@ def parser() -> argparse.ArgumentParser:
 
     ask = sub.add_parser("ask", help="ask a question, optionally about an image (streams the answer)")
     ask.add_argument("question")
-    ask.add_argument("--video", help="a video clip (mp4, webm, mkv) for a video model (LLaVA-NeXT-Video)")
+    ask.add_argument("--video", help="a video clip (mp4, webm, mkv); a model without a video mode reads its frames as pictures")
     ask.add_argument("--frames", type=int, help="frames taken from the clip (default: the server's, 8)")
     ask.add_argument("--image", action="append",
                      help="image file (JPEG, PNG, WebP, BMP, GIF); again for more, each at its <image> in the "
@@ -223,7 +223,7 @@ def parser() -> argparse.ArgumentParser:
                                                             "(default 0: as fast as the model keeps up)")
     w.add_argument("--max-frames", type=int, help="stop after answering this many frames")
     w.add_argument("--clip-seconds", type=float, default=0.0,
-                   help="ask about the last N seconds as a clip (a video model, LLaVA-NeXT-Video), not one frame")
+                   help="ask about the last N seconds as a clip, not one frame")
     w.add_argument("--format", help="FFmpeg input format (v4l2 for a camera device)")
     w.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="FFmpeg input option, e.g. rtsp_transport=tcp or video_size=640x480 (repeatable)")

@@ -77,7 +77,7 @@ INPUTS = (
            "their <image> placeholders (see IMAGES); omit for text-only"),
     # optional for Triton, so that a missing prompt gets our reason rather than Triton's
     Tensor("video", "BYTES", (1,), "a video clip (mp4, webm, mkv: what FFmpeg decodes), its frames sampled evenly, "
-           "at its <video> placeholder or after the images (LLaVA-NeXT-Video; see VIDEO)"),
+           "at its <video> placeholder or after the images (see VIDEO)"),
     Tensor("video_frames", "INT32", (1,), "frames sampled from the clip", default=8, limit=Limit(1, 32)),
     Tensor("prompt", "BYTES", (1,), "the question (or a full `v1` prompt with raw_prompt)"),
     Tensor("raw_prompt", "BOOL", (1,), "the prompt is already templated, <image> where the image goes",
@@ -112,9 +112,10 @@ RESPONSE_FORMATS = {"json_schema": "schema", "json_object": None, "regex": "patt
 # The inputs that make the prompt (image, template, tokens); the rest steer decoding.
 PROMPT_INPUTS = ("image", "video", "video_frames", "prompt", "raw_prompt", "history", "system", "template")
 
-# A video clip (LLaVA-NeXT-Video): decoded in the server with FFmpeg's libraries, `video_frames`
-# frames taken evenly from first to last (every frame of a shorter clip), each frame's tokens
-# pooled 2x2 (144 a frame at 7B); at most MAX_VIDEO_BYTES, one clip per request.
+# A video clip: decoded in the server with FFmpeg's libraries, `video_frames` frames taken
+# evenly from first to last (every frame of a shorter clip); LLaVA-NeXT-Video pools each frame's
+# tokens 2x2 (144 a frame at 7B), a model without a video mode reads each frame as a picture
+# (stats frame_tokens), Llama-3.2-Vision takes none. At most MAX_VIDEO_BYTES, one clip per request.
 MAX_VIDEO_BYTES = 64 << 20
 
 # Several images. Each image of a request takes its place at an `<image>` placeholder, in
@@ -122,7 +123,7 @@ MAX_VIDEO_BYTES = 64 << 20
 # turn, before its text (as LLaVA lays out one). A history turn keeps its images that way.
 # A cross-attention model (Llama-3.2-Vision) takes one image per request.
 IMAGE_PLACEHOLDER = "<image>"
-VIDEO_PLACEHOLDER = "<video>"  # a clip's place (LLaVA-NeXT-Video)
+VIDEO_PLACEHOLDER = "<video>"  # a clip's place
 
 # Prompt templates by name (LLaVA's conversation.py names), and `checkpoint`: the model's own
 # chat template (llava-hf, Llama-3.2-Vision). A model serves the one its checkpoint calls for

@@ -177,7 +177,7 @@ async def watch(client, source: str, questions: Sequence[str], *, every_s: float
     `max_frames` answered frames. every_s: ask at most once per this many seconds (0: as
     fast as the model keeps up). `client` is an AsyncClient; its retry of busy refusals is
     not used: a busy server costs a frame, not a wait. clip_seconds: ask about the last that
-    many seconds as a clip (a video model), not about one frame."""
+    many seconds as a clip, not about one frame."""
     if not questions:
         raise InvalidRequest("watch needs at least one question")
     frames = await asyncio.to_thread(LatestFrame, source, fmt=fmt, options=options, realtime=realtime,

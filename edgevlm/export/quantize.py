@@ -194,7 +194,7 @@ def quantize_export(onnx_dir: str | Path, out_dir: str | Path, precision: str, *
                     calib_dir: str | Path | None = None, log: Callable[[str], None] = print) -> dict:
     """Quantize an export; returns the accuracy report written into the manifest (the Q/DQ
     decoder's, with the cpu form's under "cpu_form")."""
-    from edgevlm.export.quant_check import QuantizationError, check_forms
+    from edgevlm.export.quant_check import THRESHOLDS, QuantizationError, check_forms
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     src = OnnxArtifacts.open(onnx_dir)
@@ -213,6 +213,15 @@ def quantize_export(onnx_dir: str | Path, out_dir: str | Path, precision: str, *
                                           cfg.vision.image_size, images.values())
         if vision_cosine < 0.99:
             raise QuantizationError(f"vision_encoder.fp16.onnx drifts from the W8A8 encoder: cosine {vision_cosine:.4f}")
+        video = "video_encoder" in src.manifest["files"]
+        if video:  # run by ONNX Runtime in the serving process on every target: its cpu form only
+            log("quantize: the video encoder as the cpu target's vision encoder (int8 weights, per call activations)")
+            quantize_vision_cpu(src.path("video_encoder"), tmp / "video_encoder.cpu.onnx")
+            video_cosine = _embedding_cosine(src.path("video_encoder"), tmp / "video_encoder.cpu.onnx",
+                                             cfg.vision.image_size, images.values())
+            if video_cosine < THRESHOLDS[precision]["image_cosine_min"]:
+                raise QuantizationError(f"video_encoder.cpu.onnx drifts from the FP32 video encoder: "
+                                        f"cosine {video_cosine:.4f}")
         bits = 8 if precision == "int8" else 4
         log(f"quantize: decoder INT{bits} weight-only" + (f", blocks of {INT4_BLOCK}" if bits == 4 else
                                                           ", per output channel"))
@@ -259,9 +268,11 @@ def quantize_export(onnx_dir: str | Path, out_dir: str | Path, precision: str, *
         if static:
             files.update(decoder_static="decoder.static.onnx", decoder_static_fp16="decoder.static.fp16.onnx",
                          decoder_static_cpu="decoder.static.cpu.onnx")
+        if video:
+            files.update(video_encoder_cpu="video_encoder.cpu.onnx")
         for key, name in (("vision_encoder", "vision_encoder"), ("decoder", "decoder"), ("decoder_fp16", "decoder.fp16"),
                           ("vision_encoder_fp16", "vision_encoder.fp16"), ("decoder_cpu", "decoder.cpu"),
-                          ("vision_encoder_cpu", "vision_encoder.cpu")):
+                          ("vision_encoder_cpu", "vision_encoder.cpu"), ("video_encoder_cpu", "video_encoder.cpu")):
             if (tmp / f"{name}.onnx.data").is_file():
                 files[f"{key}_data"] = f"{name}.onnx.data"
         io = {k: cleanup.io_specs(tmp / f"{k}.onnx") for k in ("vision_encoder", "decoder")}
@@ -281,6 +292,8 @@ def quantize_export(onnx_dir: str | Path, out_dir: str | Path, precision: str, *
                                                 "weights": "int8 per channel, symmetric",
                                                 "activations": "uint8 per tensor, quantized per call",
                                                 "kept_fp32": ["attention", "LayerNorm", "QuickGelu"]}},
+                **({"video_encoder": {"cpu_form": {"file": "video_encoder.cpu.onnx", "op": "DynamicQuantizeMatMul",
+                                                   "embedding_cosine": round(video_cosine, 6)}}} if video else {}),
                 "decoder": {"scheme": f"INT{bits} weight-only",
                             "weights": "per output channel, symmetric" if bits == 8 else
                             f"blocks of {INT4_BLOCK} along K, symmetric, round-to-nearest (RTN)",

@@ -64,7 +64,10 @@ class MobileVLM(nn.Module):
     def video_features(self, frames: torch.Tensor) -> torch.Tensor:
         """A clip's frames [F, 3, S, S] -> its tokens [F * frame_tokens, D] (LLaVA-NeXT-Video):
         each frame's patch grid average-pooled with stride video_pool, then projected. The
-        pooling comes before the projector, whose GELU makes the order matter."""
+        pooling comes before the projector, whose GELU makes the order matter. A model without
+        a video mode reads each frame as a picture."""
+        if not self.cfg.video_pool:
+            return self.vision(frames).reshape(-1, self.cfg.text.hidden_size)
         feats = self.vision.tower(frames)  # [F, g * g, D_vision], CLS dropped
         f, n, d = feats.shape
         g = self.cfg.vision.grid

@@ -100,7 +100,7 @@ class CrossPreprocessor:
         raw = inputs.get("raw_prompt")
         raw = bool(np.asarray(raw).reshape(-1)[0]) if raw is not None else False
         if inputs.get("video") is not None:
-            raise BadRequest(f"video: {self.cfg.name} takes no video (LLaVA-NeXT-Video does)")
+            raise BadRequest(f"video: {self.cfg.name} (cross-attention) takes no clip; send one frame as its image")
         images = check_images(image_list(inputs))
         if len(images) > 1:
             raise BadRequest(f"{len(images)} images: this model (cross-attention) reads one image per request")

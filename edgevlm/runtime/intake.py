@@ -1,14 +1,16 @@
 """A request's way from its tensors to the scheduler.
 
 Checked and preprocessed at once (requests.py: prompt, template, tokens, parameters; each
-image decoded and resized unless its embeddings are in the image cache), then refused or
-taken: a text-only request or one whose images are all cached goes to the scheduler
-directly; one with images to encode first holds a queue place (so a full server refuses
-before that work) and hands each of them to the image batcher, whose thread encodes every
-image that arrived meanwhile in one vision-encoder call and hands each its rows; those become
-the image's tokens (LLaVA-1.6: tiles packed into one picture) and enter the image cache; once
-the request's last image is in, it enters the scheduler. The place is given back on every
-path, whatever fails after the encode.
+image decoded and resized unless its embeddings are in the image cache; a clip only checked),
+then refused or taken: a text-only request or one whose images are all cached goes to the
+scheduler directly; one with images to encode first holds a queue place (so a full server
+refuses before that work) and hands each of them to the image batcher, whose thread encodes
+every image that arrived meanwhile in one vision-encoder call and hands each its rows; those
+become the image's tokens (LLaVA-1.6: tiles packed into one picture) and enter the image
+cache; once the request's last image is in, it enters the scheduler. A clip is decoded on a
+thread of its own first (two passes over the file would hold up the requests behind it),
+then encoded the same way. The place is given back on every path, whatever fails after the
+encode.
 
 A cancel message (contract.CANCEL: a request holding only the id of a generation to stop)
 marks that generation, which the scheduler ends at its next step with its final response.
@@ -24,6 +26,7 @@ import dataclasses
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
 import numpy as np
@@ -37,6 +40,7 @@ from edgevlm.runtime.errors import BadRequest
 from edgevlm.runtime.events import Event
 from edgevlm.runtime.image_cache import ImageCache, image_digest
 from edgevlm.runtime.observer import Observer, outcome_of
+from edgevlm.runtime.runners import cpu_form
 from edgevlm.runtime.scheduler import Request, Scheduler
 from edgevlm.runtime.video import DEFAULT_FRAMES
 
@@ -119,10 +123,14 @@ def open_video_encoder(onnx_dir, threads: int | None = None) -> Encode | None:
     """LLaVA-NeXT-Video's clip encoder, run in the serving process (ONNX Runtime): frames ->
     (each frame's pooled tokens, ms). None for a model without video."""
     art = OnnxArtifacts.open(onnx_dir)
-    if "video_encoder" not in art.manifest["files"]:
+    key = cpu_form(art, "video_encoder")  # a quantized export's int8 twin
+    if key not in art.manifest["files"]:
+        if art.config.video_pool:  # read as pictures, its frames would answer wrongly
+            raise ValueError(f"{art.root}: {art.config.name} pools a clip's frames, but the export has no video "
+                             "encoder (re-export it: make onnx, make quantize)")
         return None
     from edgevlm.runtime.onnxruntime import OrtVisionEncoder
-    encoder = OrtVisionEncoder(art.path("video_encoder"), threads)
+    encoder = OrtVisionEncoder(art.path(key), threads)
 
     def encode(frames: np.ndarray) -> tuple[np.ndarray, float]:
         t0 = time.perf_counter()
@@ -141,10 +149,13 @@ class Intake:
         self.images = Batcher(encode, max_batch=max_batch)
         # clips of concurrent requests encoded together, up to a default clip's frames per call
         self.videos = Batcher(encode_video, max_batch=DEFAULT_FRAMES) if encode_video is not None else None
+        # clips are decoded here, one at a time, not on the thread that admits requests
+        self.clips = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clip-decoder")
         self.named: dict[str, _Named] = {}  # request id -> its generation, while it runs
         self.lock = threading.Lock()  # guards `named`
 
     def close(self) -> None:
+        self.clips.shutdown(wait=True)  # before the batchers its decodes feed
         self.images.close()
         if self.videos is not None:
             self.videos.close()
@@ -208,6 +219,15 @@ class Intake:
                 stream.forget()
             raise
 
+    def _decode_clip(self, clip, done) -> None:
+        """On the clip decoder's thread: read the frames, then hand them to the video encoder
+        (a model without one reads them as pictures); a failure ends the request."""
+        try:
+            self.pre.decode_clip(clip)
+            (self.videos or self.images).put(clip.pixel_values, done)
+        except Exception as e:
+            done(None, 0.0, e)
+
     def _start(self, stream: Stream, ids: list[int], params, prepared, cached: list, tools) -> None:
         clip = next((i for i, p in enumerate(prepared.images) if p.kind == "video"), None)
 
@@ -247,8 +267,11 @@ class Intake:
                     place.release()  # a no-op once submit took it or the failure gave it back
         try:
             for i in missing:
-                batcher = self.videos if prepared.images[i].kind == "video" else self.images
-                batcher.put(prepared.images[i].pixel_values, lambda features, ms, error, i=i: encoded(i, features, ms, error))
+                done = lambda features, ms, error, i=i: encoded(i, features, ms, error)  # noqa: E731
+                if prepared.images[i].kind == "video":
+                    self.clips.submit(self._decode_clip, prepared.images[i], done)
+                else:
+                    self.images.put(prepared.images[i].pixel_values, done)
         except BaseException:
             gathered.fail()
             place.release()

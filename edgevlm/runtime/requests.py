@@ -17,7 +17,7 @@ from edgevlm_client.contract import (MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, MAX_IMAG
 
 from edgevlm.manifest import OnnxArtifacts
 from edgevlm.runtime.errors import BadRequest
-from edgevlm.presets import ANYRES
+from edgevlm.presets import ANYRES, CROP
 from edgevlm.runtime import anyres
 from edgevlm.runtime.image import ImageError, load_image, preprocess_tiles
 from edgevlm.runtime.chat_template import ChatTemplate
@@ -94,9 +94,10 @@ class PreparedImage:
     tokens: int = 0  # positions it takes (0: an anyres picture or a clip not decoded)
     tiles: int = 0  # a cross-attention model's: the picture's tiles
     digest: bytes = b""  # its bytes' hash (the intake's)
-    kind: str = "image"  # or "video": LLaVA-NeXT-Video's clip, through the video encoder
-    frames: int = 0  # a clip's sampled frames
+    kind: str = "image"  # or "video": a clip, through the video encoder (or as pictures)
+    frames: int = 0  # a clip's frames: asked for, then as read
     decode_ms: float = 0.0  # a clip's decoding
+    data: bytes | None = None  # a clip's bytes until Preprocessor.decode_clip reads them
 
 
 @dataclass
@@ -237,19 +238,29 @@ class Preprocessor:
         return Prepared(np.asarray(ids, np.int64), prepared, None if order == sorted(order) else order)
 
     def _clip(self, data: bytes, frames: int | None, decode: bool) -> PreparedImage:
-        if not self.cfg.video_pool:
-            raise BadRequest(f"video: {self.cfg.name} takes no video (LLaVA-NeXT-Video does)")
         frames = DEFAULT_FRAMES if frames is None else frames
         if not 1 <= frames <= MAX_FRAMES:
             raise BadRequest(f"video_frames must be in [1, {MAX_FRAMES}], got {frames}")
-        clip = PreparedImage(None, kind="video", frames=frames)
-        if decode:
-            pictures, clip.decode_ms = decode_clip(data, frames, self.max_image_pixels)
-            s = self.cfg.vision.image_size
-            clip.pixel_values = np.concatenate([preprocess_tiles(p, s, "crop")[0] for p in pictures])
-            clip.frames = len(pictures)
-            clip.tokens = clip.frames * self.cfg.frame_tokens
-        return clip
+        # positions counted at the frames asked for (a shorter clip gives fewer); decoded later,
+        # off the request thread (decode_clip), unless its embeddings are cached
+        return PreparedImage(None, kind="video", frames=frames, tokens=frames * self.cfg.frame_tokens,
+                             data=data if decode else None)
+
+    def decode_clip(self, clip: PreparedImage) -> None:
+        """Read a clip's frames into its pixel values (BadRequest for a clip that does not
+        decode): two passes over the file, so the intake runs it on a thread of its own."""
+        pictures, clip.decode_ms = decode_clip(clip.data, clip.frames, self.max_image_pixels)
+        s, aspect = self.cfg.vision.image_size, self.frame_aspect
+        clip.pixel_values = np.concatenate([preprocess_tiles(p, s, aspect)[0] for p in pictures])
+        clip.frames, clip.data = len(pictures), None
+        clip.tokens = clip.frames * self.cfg.frame_tokens
+
+    @property
+    def frame_aspect(self) -> str:
+        """How a clip's frame is resized: as LLaVA-NeXT-Video's processor does (shortest side,
+        centre crop; one view per frame, no tiles), for an anyres model without a video mode
+        too; a fixed-size model without one reads each frame as it reads a picture."""
+        return CROP if self.cfg.video_pool or self.cfg.image_aspect == ANYRES else self.cfg.image_aspect
 
     def _image(self, name: str, data: bytes, decode: bool) -> PreparedImage:
         # a fixed-size picture's positions are known without decoding it
