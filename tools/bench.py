@@ -21,6 +21,8 @@ Per model, medians of repeated runs:
               client's figures for the same load (tools/bench_aiperf.py)
   peers       FP32 / INT8 / INT4 served beside llama.cpp's MobileVLM port (f16 / q8_0 /
               q4_k_s): image encode, prefill, decode, memory, GB/s (tools/bench_peers.py)
+  video       time to first text for an 8-frame clip against one picture, frames encoded
+              per second, FP32 and INT4 served (tools/bench_video.py)
 Writes docs/bench/<model>.json, docs/BENCHMARKS.md and docs/bench_decode_vs_context.png.
 """
 
@@ -60,6 +62,8 @@ from bench_constrained import constrained
 from bench_constrained import markdown as constrained_markdown
 from bench_peers import markdown as peers_markdown
 from bench_peers import decoder_weight_bytes, peers
+from bench_video import markdown as video_markdown
+from bench_video import video
 
 ROOT = Path(__file__).resolve().parents[1]
 CONTEXTS = (200, 500, 1000)
@@ -283,6 +287,7 @@ SECTIONS = {
     "hf": ("vs_transformers",),
     "peers": ("peers",),
     "aiperf": ("aiperf",),
+    "video": ("video",),
 }
 
 
@@ -365,8 +370,22 @@ def bench_model(name: str, onnx_dir: Path, checkpoint: Path | None, quick: bool,
     if wanted("aiperf") and checkpoint is not None and (_big(art) or (only and "aiperf" in only)):
         log(f"{name}: NVIDIA aiperf through the gateway beside our client")
         run("aiperf", lambda: report.update(aiperf=aiperf(onnx_dir, checkpoint, quick)))
+    if wanted("video") and (_big(art) or quick or (only and "video" in only)):
+        log(f"{name}: a clip against one picture, served")
+        run("video", lambda: report.update(video=videos(onnx_dir, quick)))
     report["measured"] = measured
     return report
+
+
+def videos(onnx_dir: Path, quick: bool) -> dict:
+    """The video section for each export served: FP32 (unless its weights are kept 16-bit,
+    which is for building, not serving) and INT4 when `make quantize` made one beside it."""
+    out = {}
+    if OnnxArtifacts.open(onnx_dir).manifest.get("weights", {}).get("storage") != "half":
+        out["fp32"] = video(onnx_dir, quick, "fp32")
+    if (onnx_dir.parent / "onnx-int4" / "manifest.json").is_file():
+        out["int4"] = video(onnx_dir.parent / "onnx-int4", quick, "int4")
+    return out
 
 
 def soak_markdown(soak: dict) -> list[str]:
@@ -405,7 +424,7 @@ def markdown(reports: list[dict], soak: dict | None = None) -> str:
             "One decode step with the context already in the KV cache. A model whose context is shorter than "
             "1000 shows its longest instead.", "",
             "| model | contexts: ms/token | growth from 200 |", "|---|---|---|"]
-    for r in reports:
+    for r in _with(reports, "decode_ms_per_token"):
         d, g = r["decode_ms_per_token"], r["decode_growth"]
         out.append(f"| {r['model']} | " + ", ".join(f"{c}: {v:.2f}" for c, v in d.items())
                    + f" | {g['ratio']:.2f}× at {g['to']} |")
@@ -419,9 +438,7 @@ def markdown(reports: list[dict], soak: dict | None = None) -> str:
             "memory. The copy it avoids and the CUDA graph it allows matter on TensorRT (`make jetson-bench`).", "",
             "| model | concat ms/token | static ms/token | KV MB per sequence: concat / static (capacity) |",
             "|---|---|---|---|"]
-    for r in reports:
-        if "decode_static_ms_per_token" not in r:
-            continue
+    for r in _with(reports, "decode_static_ms_per_token"):
         d, st, kv = r["decode_ms_per_token"], r["decode_static_ms_per_token"], r["kv_mb_per_sequence"]
         out.append(f"| {r['model']} | " + ", ".join(f"{c}: {_ms(v)}" for c, v in d.items()) + " | "
                    + ", ".join(f"{c}: {_ms(v)}" for c, v in st.items())
@@ -429,7 +446,7 @@ def markdown(reports: list[dict], soak: dict | None = None) -> str:
     out += ["",
             "## Triton + gRPC streaming vs the in-process decode loop", "",
             "| model | in process ms/token | Triton + gRPC ms/token | ratio |", "|---|---|---|---|"]
-    for r in reports:
+    for r in _with(reports, "triton_overhead"):
         t = r["triton_overhead"]
         out.append(f"| {r['model']} | {t['in_process_ms_per_token']:.2f} | {t['triton_grpc_ms_per_token']:.2f} "
                    f"| {t['ratio']:.2f} |")
@@ -439,7 +456,7 @@ def markdown(reports: list[dict], soak: dict | None = None) -> str:
             "cost of each token after it.", "",
             "| model | prompt tokens | encode ms | prefill ms | the rest ms | client TTFT ms | "
             "first step ms | RSS MiB idle / peak |", "|---|---|---|---|---|---|---|---|"]
-    for r in reports:
+    for r in _with(reports, "ttft_with_image"):
         t = r["ttft_with_image"]
         out.append(f"| {r['model']} | {t['prompt_tokens']} | {t['image_encode_ms']:.1f} | {t['prefill_ms']:.1f} | "
                    f"{t['preprocess_and_transport_ms']:.1f} | {t['client_ttft_ms']:.1f} | {t['first_decode_ms']:.1f} | "
@@ -455,6 +472,12 @@ def markdown(reports: list[dict], soak: dict | None = None) -> str:
              "defaults) and to one with both off, in the same run.", caches_markdown),
             ("constrained", "Constrained decoding: the grammar mask's cost (served)", "", constrained_markdown),
             ("aiperf", "NVIDIA aiperf through the OpenAI gateway (served)", "", aiperf_markdown),
+            ("video", "A clip against one picture (served)",
+             "A camera asking about motion sends a clip. LLaVA-NeXT-Video pools each frame 2x2 (144 tokens a "
+             "frame at 7B); a model without a video mode (MobileVLM) reads each frame as a picture. The 7B is "
+             "measured with `python tools/bench.py --onnx llava-next-video-7b=artifacts/llava-next-video-7b-hf/onnx "
+             "--only video` after `make quantize PRESET=llava-next-video-7b FORMAT=llava-hf PRECISION=int4`.",
+             video_markdown),
             ("peers", "The cpu target against llama.cpp's MobileVLM port (served, same run)",
              "The tiers a CPU user picks between, ours served through tritonserver (`make repo PRECISION=int4`, "
              "`int8`, or FP32) and llama.cpp's `llama-mtmd-cli` on GGUFs converted from the same checkpoint by "
@@ -492,6 +515,11 @@ def markdown(reports: list[dict], soak: dict | None = None) -> str:
         out += soak_markdown(soak)
     out.append("")
     return "\n".join(fit(out))
+
+
+def _with(reports: list[dict], key: str) -> list[dict]:
+    """The reports that measured `key` (a model benched for some sections only lacks the rest)."""
+    return [r for r in reports if key in r]
 
 
 def _ms(v: float) -> str:
@@ -567,10 +595,7 @@ def main(argv=None) -> int:
             continue
         saved = out / f"{name}.json"
         previous = None
-        if only:
-            if not saved.exists():
-                raise SystemExit(f"bench: --only keeps the other sections from {saved}, which is missing: "
-                                 "run `make bench` once without ONLY")
+        if only and saved.exists():  # the other sections are kept; a new model has only these
             previous = json.loads(saved.read_text())
         report = bench_model(name, onnx_dir, ckpts.get(name), args.quick, only, previous)
         (out / f"{name}.json").write_text(json.dumps(report, indent=2) + "\n")
