@@ -544,7 +544,7 @@ def plot(reports: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6, 4))
-    for r in reports:
+    for r in _with(reports, "decode_ms_per_token"):
         d = r["decode_ms_per_token"]
         xs = [int(c) for c in d]
         ax.plot(xs, [d[str(c)] for c in xs], marker="o", label=r["model"])

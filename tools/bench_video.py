@@ -80,7 +80,7 @@ def markdown(name: str, by_precision: dict) -> list[str]:
     out = []
     for precision, v in by_precision.items():
         out += [f"### {name}, {precision}", "",
-                f"One request at a time, new frames every run ({v['runs']} runs, medians), {v['tokens']} tokens "
+                f"One request at a time, new frames every run ({_runs(v['runs'])}), {v['tokens']} tokens "
                 f"per answer, \"{v['question']}\". Image: one frame as a picture. Clip: {v['frames']} new frames as "
                 "an MP4, decoded in the server. Time to first text as the gRPC client sees it.", "",
                 "| request | TTFT ms | clip decode ms | encode ms | prefill ms | prompt tokens | frames x tokens |",
@@ -94,3 +94,7 @@ def markdown(name: str, by_precision: dict) -> list[str]:
         out += ["", f"Clip / image: time to first text **{r['clip_vs_image_ttft']:.2f}×**, encode "
                 f"{r['clip_vs_image_encode']:.2f}×; frames encoded per second: **{v['frames_per_s']:.2f}**.", ""]
     return out
+
+
+def _runs(n: int) -> str:
+    return "one run" if n == 1 else f"{n} runs, medians"
