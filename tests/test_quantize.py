@@ -13,7 +13,9 @@ import pytest
 from onnx import numpy_helper
 
 from edgevlm.manifest import OnnxArtifacts
-from edgevlm.export.quant_check import THRESHOLDS, QuantizationError, QuantReport, check_forms, check_quantized
+from edgevlm.export import quant_check
+from edgevlm.export.quant_check import (STEPS, THRESHOLDS, QuantizationError, QuantReport, check_forms,
+                                        check_quantized)
 from edgevlm.export.quantize import calibration_images
 from edgevlm.runtime.sampling import SamplingParams
 
@@ -110,6 +112,21 @@ def test_one_reference_checks_both_forms_as_separate_checks_would(quantized, tin
     assert q["accuracy"] == together[0].to_dict()
     assert q["decoder"]["cpu_form"]["accuracy"] == together[1].to_dict()
     assert together[0].to_dict() != together[1].to_dict()  # two forms, two measurements
+
+
+def test_an_export_checked_against_itself_is_exact(tiny_onnx):
+    # the free-running continuation shares the teacher-forced one's prefill (a copied row):
+    # against itself every token must agree and every greedy run be identical
+    r = check_quantized(tiny_onnx, tiny_onnx, calibration_images())
+    assert r.cases == 5 and r.greedy_identical == r.cases and r.first_divergence == [STEPS] * r.cases
+    assert r.teacher_forced_agreement == 1.0 and r.logits_max_abs_err == 0.0
+
+
+def test_long_image_prompts_check_fewer_photos(tiny_onnx, monkeypatch):
+    # an anyres 7B prompt is ~2,900 positions: the check keeps its prefills within a budget
+    # of positions per form, never below one photo, and always checks the text-only prompt
+    monkeypatch.setattr(quant_check, "PHOTO_POSITIONS", 1)
+    assert check_quantized(tiny_onnx, tiny_onnx, calibration_images()).cases == 2
 
 
 def test_quantized_export_serves_on_the_cpu_target(quantized, tmp_path):

@@ -1,13 +1,15 @@
 """A quantized export against its FP32 source, both under ONNX Runtime.
 
-Per photo (plus one text-only prompt), end to end through each export's own vision encoder
-and decoder: image-embedding cosine; prefill logit error; teacher-forced top-1 agreement
-(the quantized decoder fed the FP32 greedy tokens: does it pick the same next token?);
-and whether free-running greedy decoding gives the same tokens.
+Per photo (up to four, fewer when each image prompt is long) and one text-only prompt, end
+to end through each export's own vision encoder and decoder: image-embedding cosine; prefill
+logit error; teacher-forced top-1 agreement (the quantized decoder fed the FP32 greedy tokens:
+does it pick the same next token?); and whether free-running greedy decoding gives the same
+tokens.
 """
 
 from __future__ import annotations
 
+import gc
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -109,11 +111,20 @@ class _Pipeline:
             return feats
         return anyres.pack(feats, size, c.grid_pinpoints, c.vision.image_size, self.newline)[None]
 
-    def prefill(self, ids, image_embeds, capacity):
-        """(a one-row KV pool and its row, the prompt's last logits)."""
-        pool = self.decoder.open_pool(1, max_context=capacity)
+    def prefill(self, ids, image_embeds, capacity, rows: int = 1):
+        """(a KV pool of `rows` rows, its first row holding the prompt; the last logits)."""
+        pool = self.decoder.open_pool(rows, max_context=capacity)
         row = pool.acquire(capacity)
         return (pool, row), pool.prefill(row, self.table.embed(ids, image_embeds))
+
+    @staticmethod
+    def fork(seq):
+        """A second row of seq's pool holding the same positions: a prompt prefilled once
+        serves two continuations (at 7B with anyres, a prefill is minutes)."""
+        pool, row = seq
+        twin = pool.acquire(row.capacity)
+        pool.load(twin, pool.save(row, row.length))
+        return pool, twin
 
     def step(self, seq, token):
         pool, row = seq
@@ -130,27 +141,43 @@ def check_quantized(fp32_dir: str | Path, quant_dir: str | Path, images: dict[st
 @dataclass
 class _Expected:
     """What the FP32 export does on one case: all a quantized form is measured against."""
+    image: bytes | None
     ids: list[int]
     image_embeds: np.ndarray | None
     logits: np.ndarray          # after the prefill
     tokens: list[int]           # STEPS greedy tokens
 
 
+# Image prompt positions the check prefills per form, summed over its photos: up to 4 photos,
+# fewer when each prompt is long (an anyres 7B: ~2,900 positions, a prefill of minutes on a
+# CPU). At least one photo is always checked.
+PHOTO_POSITIONS = 6000
+
+
 def _reference(fp32_dir: Path, images: dict[str, bytes]) -> list[_Expected]:
     ref = _Pipeline(fp32_dir)
     pre = Preprocessor(fp32_dir)  # the prompts as served
-    out = []
-    for img in list(images.values())[:4] + [None]:
-        emb = None if img is None else ref.image(img)
-        ids = pre.prompt_ids(QUESTION if img is not None else TEXT_ONLY, images=int(img is not None))
-        seq, logits = ref.prefill(ids, emb, _capacity(ids, emb))
-        first, tokens = logits.copy(), []
-        for i in range(STEPS):
-            tokens.append(int(np.argmax(logits)))
-            if i + 1 < STEPS:
-                logits = ref.step(seq, tokens[-1])
-        out.append(_Expected(ids, emb, first, tokens))
+    out, positions = [], 0
+    for img in list(images.values())[:4]:
+        emb = ref.image(img)
+        ids = pre.prompt_ids(QUESTION, images=1)
+        out.append(_greedy(ref, img, ids, emb))
+        positions += _capacity(ids, emb)
+        if positions + _capacity(ids, emb) > PHOTO_POSITIONS:
+            break
+    out.append(_greedy(ref, None, pre.prompt_ids(TEXT_ONLY, images=0), None))
     return out
+
+
+def _greedy(ref: _Pipeline, image, ids, emb) -> _Expected:
+    seq, logits = ref.prefill(ids, emb, _capacity(ids, emb))
+    first, tokens = logits.copy(), []
+    for i in range(STEPS):
+        tokens.append(int(np.argmax(logits)))
+        if i + 1 < STEPS:
+            logits = ref.step(seq, tokens[-1])
+    seq[0].close()
+    return _Expected(image, ids, emb, first, tokens)
 
 
 def _capacity(ids: list[int], image_embeds: np.ndarray | None) -> int:
@@ -163,8 +190,8 @@ def check_forms(fp32_dir: str | Path, quant_dir: str | Path, images: dict[str, b
     all of them, and is released before any quantized form loads (at 7B the two together
     would not fit beside each other on a 24 GiB machine, and the reference is half the time)."""
     fp32_dir, quant_dir = Path(fp32_dir), Path(quant_dir)
-    images = dict(list(images.items())[:4])
     expected = _reference(fp32_dir, images)
+    gc.collect()  # the FP32 sessions go now, not when the collector next happens to run
     files = OnnxArtifacts.open(quant_dir).manifest["files"]
     reports = []
     for decoder, vision in forms:
@@ -174,14 +201,14 @@ def check_forms(fp32_dir: str | Path, quant_dir: str | Path, images: dict[str, b
                                  "vision_fp32": _size_mb(fp32_dir, "vision_encoder"),
                                  "vision": _size_mb(quant_dir, files[vision].removesuffix(".onnx"))})
         cosines, agree, top5, total = [], 0, 0, 0
-        for img, e in zip(list(images.values()) + [None], expected):
+        for e in expected:
             emb_q = None
-            if img is not None:
-                emb_q = q.image(img)
+            if e.image is not None:
+                emb_q = q.image(e.image)
                 cosines.extend(_cosine(e.image_embeds, emb_q).tolist())
-            capacity = _capacity(e.ids, e.image_embeds)
-            seq_t, lt = q.prefill(e.ids, emb_q, capacity)  # teacher-forced: fed the FP32 tokens
-            seq_f, lf = q.prefill(e.ids, emb_q, capacity)  # free-running
+            # one prefill, two continuations: teacher-forced (fed the FP32 tokens) and free-running
+            seq_t, lt = q.prefill(e.ids, emb_q, _capacity(e.ids, e.image_embeds), rows=2)
+            seq_f, lf = q.fork(seq_t), lt.copy()
             r.logits_cosine_min = min(r.logits_cosine_min, float(_cosine(e.logits, lt).min()))
             r.logits_max_abs_err = max(r.logits_max_abs_err, float(np.abs(e.logits - lt).max()))
             r.logits_max_abs = max(r.logits_max_abs, float(np.abs(e.logits).max()))
@@ -194,6 +221,7 @@ def check_forms(fp32_dir: str | Path, quant_dir: str | Path, images: dict[str, b
                 free_tokens.append(t_free)
                 if i + 1 < STEPS:
                     lt, lf = q.step(seq_t, t_ref), q.step(seq_f, t_free)
+            seq_t[0].close()
             r.cases += 1
             r.greedy_identical += e.tokens == free_tokens
             r.first_divergence.append(next((i for i, (a, b) in enumerate(zip(e.tokens, free_tokens)) if a != b),
@@ -203,4 +231,5 @@ def check_forms(fp32_dir: str | Path, quant_dir: str | Path, images: dict[str, b
         r.teacher_forced_agreement, r.teacher_forced_top5 = agree / total, top5 / total
         reports.append(r)
         del q
+        gc.collect()
     return reports
