@@ -28,9 +28,9 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     try:
         if checkpoint_is_mllama(args.checkpoint):
-            if args.clip or args.weights == "half":
-                raise ValueError("--clip and --weights half are for MobileVLM and LLaVA checkpoints")
-            export_mllama(args.checkpoint, args.out, log=lambda m: print(m, flush=True))
+            if args.clip:
+                raise ValueError("--clip is for MobileVLM and LLaVA checkpoints")
+            export_mllama(args.checkpoint, args.out, log=lambda m: print(m, flush=True), weights=args.weights)
             return 0
         export_onnx(args.checkpoint, args.out, clip_dir=args.clip, log=lambda m: print(m, flush=True),
                     weights=args.weights)

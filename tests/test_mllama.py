@@ -155,6 +155,15 @@ def test_both_key_spellings_read_to_the_same_weights(ckpt, tmp_path):
     assert all(torch.equal(a.tensors[k], b.tensors[k]) for k in a.tensors)
 
 
+def test_shards_hold_the_weights_one_file_holds(ckpt, tmp_path):
+    # the 11B is written shard by shard (never whole in memory), as released: five files
+    sharded = write_random_mllama(tmp_path / "sharded", CFG, seed=3, shard_bytes=200_000)
+    assert len(list(sharded.glob("model-*-of-*.safetensors"))) > 2 and (sharded / "model.safetensors.index.json").is_file()
+    a, b = read_mllama(ckpt), read_mllama(sharded)
+    assert a.tensors.keys() == b.tensors.keys()
+    assert all(torch.equal(a.tensors[k], b.tensors[k]) for k in a.tensors)
+
+
 def test_a_damaged_checkpoint_names_the_key_as_its_files_spell_it(tmp_path):
     from safetensors.torch import load_file, save_file
     t5 = write_random_mllama(tmp_path / "t5", CFG, seed=1, spelling="transformers5")

@@ -371,3 +371,48 @@ def test_a_tool_call_in_the_form_the_checkpoints_template_teaches(in_process):
     assert text.startswith('{"name":"move_to","parameters":') and stats.finish_reason == "tool_calls"
     (call,) = stats.tool_calls
     assert call["name"] == "move_to" and 1 <= json.loads(call["arguments"])["shelf"] <= 9
+
+
+@pytest.fixture(scope="module")
+def half_dir(ckpt, tmp_path_factory):
+    """The export as the 11B is made on a 24 GiB machine: the text decoder's projections kept
+    in the checkpoint's 16 bits, widened where they are used."""
+    return export_mllama(ckpt, tmp_path_factory.mktemp("mllama-half") / "onnx", log=lambda m: None, weights="half")
+
+
+def test_a_half_stored_export_answers_as_the_fp32_one_and_quantizes_the_same(half_dir, onnx_dir, precisions,
+                                                                             tmp_path):
+    # the checkpoint is bf16: both exports hold the same values, one widened at load, one per call
+    import onnx
+    from edgevlm.export.mllama_parity import ServedDecoder
+    from edgevlm.export.mllama_quantize import quantize_mllama
+    from edgevlm.manifest import OnnxArtifacts
+    from edgevlm.runtime.cross_attention import CrossImage
+    from edgevlm.runtime.cross_requests import CrossImageEncoder, CrossPreprocessor
+    from edgevlm.runtime.onnxruntime import half_stored
+    from test_quantize import _dq_weights
+    assert half_stored(half_dir / "decoder.static.onnx") and not half_stored(onnx_dir / "decoder.static.onnx")
+    t = CFG.text
+    for graph, widened in (("decoder.onnx", 7 * t.kv_layers + 5 * len(t.cross_attention_layers)),
+                           ("cross_kv.onnx", 2 * len(t.cross_attention_layers))):
+        m = onnx.load(str(half_dir / graph), load_external_data=False)
+        bf16 = {i.name for i in m.graph.initializer if i.data_type == onnx.TensorProto.BFLOAT16}
+        assert sum(n.op_type == "Cast" and n.input[0] in bf16 for n in m.graph.node) == widened, graph
+    pre = CrossPreprocessor(onnx_dir)
+    prepared = pre.from_inputs({"prompt": np.array([b"What is in the image?"], dtype=object),
+                                "image": np.array([sample_image("chelsea")], dtype=object)})
+    ids = prepared.input_ids.tolist()
+    logits = []
+    for root in (onnx_dir, half_dir):
+        kv, _ = CrossImageEncoder(root)(prepared.image.pixel_values)
+        cross = pre.attach(ids, [CrossImage([a[0] for a in kv], prepared.image.tiles, CFG.vision.tile_tokens)])
+        logits.append(ServedDecoder(root).logits(ids, cross["cross"], 8))
+    np.testing.assert_allclose(logits[1], logits[0], atol=1e-4, rtol=0)
+    # its INT4 export: the FP32 export's integers, and its gate passed
+    quantize_mllama(half_dir, tmp_path / "int4", "int4", log=lambda m: None)
+    assert OnnxArtifacts.open(tmp_path / "int4").manifest["quantization"]["accuracy"]["decoder_static_cpu"]
+    a, b = _dq_weights(tmp_path / "int4" / "decoder.onnx"), _dq_weights(precisions / "onnx-int4" / "decoder.onnx")
+    assert len(a) == len(b) == 7 * t.kv_layers + 5 * len(t.cross_attention_layers)
+    for x, y in zip(sorted(a.values(), key=lambda v: (v[0].shape, v[0].tobytes())),
+                    sorted(b.values(), key=lambda v: (v[0].shape, v[0].tobytes()))):
+        np.testing.assert_array_equal(x[0], y[0])

@@ -171,7 +171,7 @@ def export_onnx(checkpoint_dir: str | Path, out_dir: str | Path, clip_dir: str |
         raw = tmp / "raw"
         raw.mkdir()
         weights = ckpt.weights(clip_dir)
-        dtype = half_weights.half_dtype(weights) if half else None
+        dtype = half_weights.half_dtype(weights.llm.values()) if half else None
         model = half_weights.reference(cfg, weights, storage)
         if half:
             ckpt.tensors.clear()  # the model holds its own copies now: unmap the checkpoint

@@ -2,14 +2,16 @@
 weights do not fit in memory (LLaVA 7B: 27 GB of FP32 on a 24 GiB machine; an 8 or 16 GB Orin
 building its engines hits the same wall) is exported, verified and quantized.
 
-The decoder layers' seven projections keep the checkpoint's own 16-bit type (fp16 for LLaVA's
+The decoder layers' seven projections (and a cross-attention layer's four) keep the checkpoint's own 16-bit type (fp16 for LLaVA's
 releases, bf16 for ours: exact either way), stored transposed ([in, out], the MatMul's B) and
 followed by a Cast to FP32 in the graph; everything computes in FP32 as in the FP32 graphs. So:
   - export holds 2 bytes per weight, not 4, and no FP32 copy of the model ever exists;
   - ONNX Runtime must not fold those Casts when it loads the graph (that would rebuild the FP32
     weights): runtime/onnxruntime.py reads the manifest's `weights` and keeps them;
   - the quantizers take the 16-bit initializer behind the Cast as the weight.
-The embedding table, norms, lm_head and the vision encoder stay FP32: a few percent of a 7B.
+The embedding table, norms, lm_head and the vision encoder stay FP32: a few percent of a 7B
+(Llama-3.2-Vision's exporter writes its table and vision graph before it halves the rest,
+so the 11B's 42 GB of FP32 never meet in memory).
 
 The Cast is exported as an `edgevlm` placeholder op, which neither the exporter's optimizer nor
 the graph cleanup can fold, and becomes a plain Cast once the graph is clean.
@@ -30,6 +32,7 @@ PLACEHOLDER_OP = (PLACEHOLDER_DOMAIN, WIDEN_OP)
 MODES = ("auto", "fp32", "half")
 PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+CROSS_PROJECTIONS = ("cross_attn.q_proj", "cross_attn.k_proj", "cross_attn.v_proj", "cross_attn.o_proj")
 # auto: half when the FP32 decoder weights would take more than this share of the machine's
 # memory (on 24 GiB: the 1.7B stays FP32, a 7B goes half)
 AUTO_SHARE = 0.4
@@ -73,24 +76,31 @@ def choose(cfg: ModelConfig, requested: str = "auto") -> str:
     return "half" if 4 * decoder_params(cfg) > AUTO_SHARE * ram else "fp32"
 
 
-def half_dtype(weights) -> torch.dtype:
-    """The checkpoint's own 16-bit type, so storing in it loses nothing (fp16 otherwise)."""
-    dtype = next(iter(weights.llm.values())).dtype
+def half_dtype(tensors) -> torch.dtype:
+    """The checkpoint's own 16-bit type (of its decoder's tensors), so storing in it loses
+    nothing (fp16 otherwise)."""
+    dtype = next(iter(tensors)).dtype
     return dtype if dtype in (torch.float16, torch.bfloat16) else torch.float16
 
 
-def halve(model, dtype: torch.dtype) -> None:
-    """In place: the decoder layers' projections become HalfLinear, everything else FP32. One
-    tensor is converted at a time, so the peak is the 16-bit model plus one FP32 tensor."""
-    for layer in model.decoder.model.layers:
-        for path in PROJECTIONS:
+def halve(layers, dtype: torch.dtype) -> None:
+    """In place: each decoder layer's projections (PROJECTIONS, and a cross-attention layer's
+    own q/k/v/o) become HalfLinear, one tensor at a time, so the peak is the 16-bit model
+    plus one FP32 tensor."""
+    for layer in layers:
+        for path in PROJECTIONS + CROSS_PROJECTIONS:
             parent_name, name = path.split(".")
-            parent = getattr(layer, parent_name)
-            setattr(parent, name, HalfLinear(getattr(parent, name).weight, dtype))
-    for module in model.modules():
-        for name, p in list(module.named_parameters(recurse=False)):
-            if not isinstance(module, HalfLinear) and p.dtype != torch.float32:
-                setattr(module, name, nn.Parameter(p.detach().float(), requires_grad=False))
+            parent = getattr(layer, parent_name, None)
+            if parent is not None:
+                setattr(parent, name, HalfLinear(getattr(parent, name).weight, dtype))
+
+
+def widen_rest(module: nn.Module) -> None:
+    """In place: every parameter not in a HalfLinear becomes FP32."""
+    for m in module.modules():
+        for name, p in list(m.named_parameters(recurse=False)):
+            if not isinstance(m, HalfLinear) and p.dtype != torch.float32:
+                setattr(m, name, nn.Parameter(p.detach().float(), requires_grad=False))
 
 
 def storage_of(manifest: dict) -> str:
@@ -103,7 +113,8 @@ def reference(cfg: ModelConfig, weights, storage: str = "fp32"):
     if storage != "half":
         return MobileVLM.from_weights(cfg, weights)
     model = MobileVLM.from_weights(cfg, weights, dtype=None)
-    halve(model, half_dtype(weights))
+    halve(model.decoder.model.layers, half_dtype(weights.llm.values()))
+    widen_rest(model)
     return model
 
 

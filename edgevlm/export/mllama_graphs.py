@@ -32,7 +32,7 @@ import numpy as np
 import onnx
 import torch
 
-from edgevlm.export import cleanup, static_cache
+from edgevlm.export import cleanup, half_weights, static_cache
 from edgevlm.export.graphs import MAX_BATCH, _torch_export, memory_gb
 from edgevlm.manifest import write_manifest
 from edgevlm.model.mllama import Mllama
@@ -103,15 +103,24 @@ def export_vision(model: Mllama, path: Path) -> None:
     _torch_export(_Vision(model), (px, ratio, mask), path, VISION_IO, ({0: images}, {0: images}, {0: images}))
 
 
-def export_cross_kv(model: Mllama, path: Path) -> None:
+def _table(static: bool, half: bool) -> dict | None:
+    """The exporter's translations of our placeholder ops: the in-place cache write, the widening
+    of 16-bit weights."""
+    table = {**(static_cache.translation_table() if static else {}),
+             **(half_weights.translation_table() if half else {})}
+    return table or None
+
+
+def export_cross_kv(model: Mllama, path: Path, half: bool = False) -> None:
     cfg = model.cfg
     images = torch.export.Dim("images", min=1, max=MAX_BATCH)
     length = torch.export.Dim("cross", min=1, max=MAX_BATCH * cfg.vision.max_num_tiles * cfg.vision.tile_tokens)
     states = torch.zeros(2, 3 * cfg.vision.tile_tokens, cfg.text.hidden_size)
-    _torch_export(_CrossKV(model), (states,), path, cross_kv_io(cfg), ({0: images, 1: length},))
+    _torch_export(_CrossKV(model), (states,), path, cross_kv_io(cfg), ({0: images, 1: length},),
+                  _table(False, half))
 
 
-def export_decoder(model: Mllama, path: Path, static: bool) -> None:
+def export_decoder(model: Mllama, path: Path, static: bool, half: bool = False) -> None:
     cfg, t = model.cfg, model.cfg.text
     batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
     seq = torch.export.Dim("seq", min=1, max=t.max_position)
@@ -128,13 +137,17 @@ def export_decoder(model: Mllama, path: Path, static: bool) -> None:
             torch.tensor([1.0, 0.0]), *past, *images)
     shapes = ({0: batch, 1: seq}, {0: batch, 1: seq}, {0: batch, 1: seq, 2: cross}, {0: batch},
               tuple([{0: batch, 2: kv_dim} for _ in past] + [{0: batch, 2: cross} for _ in images]))
-    table = static_cache.translation_table() if static else None
-    _torch_export(_Decoder(model, static), args, path, decoder_io(cfg), shapes, table)
+    _torch_export(_Decoder(model, static), args, path, decoder_io(cfg), shapes, _table(static, half))
 
 
-def export_mllama(checkpoint_dir: str | Path, out_dir: str | Path, log=print) -> Path:
+def export_mllama(checkpoint_dir: str | Path, out_dir: str | Path, log=print, weights: str = "auto") -> Path:
     """Export a Llama-3.2-Vision checkpoint into out_dir (replaced whole, or left untouched on
-    failure)."""
+    failure). weights: fp32, half (the text decoder's projections stored 16-bit,
+    half_weights.py) or auto (half when FP32 would crowd this machine's memory: the 11B).
+
+    One part at a time, from the checkpoint's mapped tensors: the embedding table is written
+    and the vision encoder exported in FP32 and released before the text decoder is widened or
+    halved, so FP32 copies of the two never sit in memory together."""
     t0 = time.monotonic()
     _log = log
 
@@ -145,34 +158,43 @@ def export_mllama(checkpoint_dir: str | Path, out_dir: str | Path, log=print) ->
     ckpt = read_mllama(checkpoint_dir)
     cfg = ckpt.config
     out_dir = Path(out_dir)
-    log(f"onnx: {ckpt.path} -> {out_dir} ({cfg.name}, mllama, {ckpt.spelling} layout, FP32 weights)")
+    half = half_weights.choose(cfg, weights) == "half"
+    dtype = half_weights.half_dtype([ckpt.tensors["language_model.lm_head.weight"]]) if half else None
+    log(f"onnx: {ckpt.path} -> {out_dir} ({cfg.name}, mllama, {ckpt.spelling} layout, "
+        f"{'text decoder projections stored 16-bit' if half else 'FP32 weights'})")
     with staged_dir(out_dir) as tmp:
         raw = tmp / "raw"
         (raw / "static").mkdir(parents=True)
-        model = Mllama.from_weights(cfg, ckpt.weights())
+        model = Mllama.from_weights(cfg, ckpt.weights(), dtype=None)  # as stored: mapped, not copied
         template = ckpt.chat_template
         ckpt.tensors.clear()
-        gc.collect()
+        text = model.language_model
+        np.save(tmp / "embed_tokens.npy", text.model.embed_tokens.weight.detach().float().numpy())
+        _release(text.model.embed_tokens)  # the graphs take embeddings as inputs
         v = cfg.vision
         log(f"onnx: [1/4] vision encoder ({v.num_layers} local + {v.num_global_layers} global layers, "
             f"up to {v.max_num_tiles} tiles of {v.image_size} px) + projector")
+        half_weights.widen_rest(model.vision_model)
+        half_weights.widen_rest(model.multi_modal_projector)
         export_vision(model, raw / "vision_encoder.onnx")
+        _release(model.vision_model, model.multi_modal_projector)
+        if half:
+            half_weights.halve(text.model.layers, dtype)
+        half_weights.widen_rest(text)
         log(f"onnx: [2/4] cross-attention K/V ({len(cfg.text.cross_attention_layers)} layers)")
-        export_cross_kv(model, raw / "cross_kv.onnx")
+        export_cross_kv(model, raw / "cross_kv.onnx", half)
         log(f"onnx: [2/4] decoder ({cfg.text.kv_layers} self-attention + "
             f"{len(cfg.text.cross_attention_layers)} cross-attention layers)")
-        export_decoder(model, raw / "decoder.onnx", static=False)
+        export_decoder(model, raw / "decoder.onnx", static=False, half=half)
         log("onnx: [2/4] decoder, static KV cache (in-place updates)")
-        export_decoder(model, raw / "static" / "decoder.static.onnx", static=True)
-        np.save(tmp / "embed_tokens.npy", model.language_model.model.embed_tokens.weight.detach().numpy())
-        for p in [*model.parameters(), *model.buffers()]:
-            p.data = torch.empty(0)
-        del model
+        export_decoder(model, raw / "static" / "decoder.static.onnx", static=True, half=half)
+        _release(model)
+        del model, text
         gc.collect()
         log("onnx: [3/4] graph cleanup: vision encoder, cross K/V, decoder")
         cleanup.clean(raw / "vision_encoder.onnx", tmp / "vision_encoder.onnx", *VISION_IO)
-        cleanup.clean(raw / "cross_kv.onnx", tmp / "cross_kv.onnx", *cross_kv_io(cfg))
-        cleanup.clean(raw / "decoder.onnx", tmp / "decoder.onnx", *decoder_io(cfg))
+        for name, io in (("cross_kv", cross_kv_io(cfg)), ("decoder", decoder_io(cfg))):
+            cleanup.clean(raw / f"{name}.onnx", tmp / f"{name}.onnx", *io, **HALF_CLEANUP)
         log("onnx: [3/4] graph cleanup: static decoder (opset 24, weights shared with decoder.onnx)")
         _finish_static(raw / "static" / "decoder.static.onnx", tmp / "decoder.static.onnx", cfg)
         shutil.rmtree(raw)
@@ -181,15 +203,36 @@ def export_mllama(checkpoint_dir: str | Path, out_dir: str | Path, log=print) ->
             if (ckpt.path / name).is_file():
                 shutil.copy2(ckpt.path / name, tmp / name)
         (tmp / CHAT_TEMPLATE_FILE).write_text(template)
-        write_manifest(tmp, _manifest(ckpt, cfg, tmp))
+        manifest = _manifest(ckpt, cfg, tmp)
+        manifest["weights"] = ({"storage": "half", "dtype": str(dtype).removeprefix("torch."),
+                                "which": "text decoder projections (self- and cross-attention, MLP)"}
+                               if half else {"storage": "fp32"})
+        write_manifest(tmp, manifest)
     total = sum(p.stat().st_size for p in out_dir.iterdir()) / 1e6
     log(f"onnx: done in {time.monotonic() - t0:.1f} s, {total:.1f} MB in {out_dir}")
     return out_dir
 
 
+# Cleanup of a graph that may hold 16-bit weights: the Widen placeholders survive it unfolded
+# and become Casts at the end (half_weights.py)
+HALF_CLEANUP = {"allow_domains": (half_weights.PLACEHOLDER_DOMAIN,), "finish": half_weights.to_casts,
+                "unfoldable": half_weights.PLACEHOLDER_OP}
+
+
+def _release(*modules: torch.nn.Module) -> None:
+    """Free the modules' weights now: the exporter's IR keeps references to the parameters."""
+    for m in modules:
+        for t in [*m.parameters(), *m.buffers()]:
+            t.data = torch.empty(0)
+    gc.collect()
+
+
 def _finish_static(raw: Path, dst: Path, cfg: MllamaConfig) -> None:
-    cleanup.clean(raw, dst, *decoder_io(cfg), allow_domains=(static_cache.PLACEHOLDER_DOMAIN,))
-    model = static_cache.to_tensor_scatter(onnx.load(str(dst), load_external_data=False), cfg.text.kv_layers)
+    cleanup.clean(raw, dst, *decoder_io(cfg), allow_domains=(static_cache.PLACEHOLDER_DOMAIN,),
+                  unfoldable=half_weights.PLACEHOLDER_OP)
+    model = onnx.load(str(dst), load_external_data=False)
+    half_weights.to_casts(model)
+    model = static_cache.to_tensor_scatter(model, cfg.text.kv_layers)
     onnx.save_model(model, str(dst))
     static_cache.share_file_weights(dst, dst.with_name("decoder.onnx"))
 

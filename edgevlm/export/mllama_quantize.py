@@ -22,9 +22,11 @@ tokens, must keep its logits close (cosine) and pick the same next token often e
 
 from __future__ import annotations
 
+import gc
 import shutil
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -49,31 +51,68 @@ GRAPHS = ("vision_encoder", "cross_kv", "decoder", "decoder_static")
 DECODER_FP32_IO = ("inputs_embeds", "logits", "cross_mask", "has_image")
 
 
-def _check(fp32_dir: Path, quant_dir: Path, decoder_key: str, images: dict[str, bytes],
-           encoder_keys: tuple[str, str] = ("vision_encoder", "cross_kv")) -> QuantReport:
-    """The export at quant_dir (its decoder `decoder_key`, its image graphs `encoder_keys`)
-    against the FP32 one, as served."""
+@dataclass
+class _Case:
+    """One prompt of the check, with its image's inputs and the FP32 export's answer."""
+    ids: list[int]
+    image: object = None        # the prepared image (tiles, arrangement, mask), None: text only
+    want: np.ndarray = None     # FP32's logits over STEPS positions, fed its own greedy tokens
+    fp32_cross: object = None   # the FP32 export's CrossRow for the image
+
+
+def _crosses(root: Path, keys: tuple[str, str], cases: list[_Case], pre: CrossPreprocessor) -> list:
+    """Each case's CrossRow (None: text only) from the export's two image graphs, which are
+    released on return: at 11B they are not in memory beside a decoder."""
+    encoder, out = CrossImageEncoder(root, keys=keys), []
+    real = pre.cfg.vision.tile_tokens
+    for case in cases:
+        if case.image is None:
+            out.append(None)
+            continue
+        kv, _ = encoder(case.image.pixel_values)
+        out.append(pre.attach(case.ids, [CrossImage([a[0] for a in kv], case.image.tiles, real)])["cross"])
+    del encoder
+    gc.collect()
+    return out
+
+
+def _check(fp32_dir: Path, quant_dir: Path, forms: dict[str, tuple[str, str]],
+           images: dict[str, bytes]) -> dict[str, QuantReport]:
+    """Each form of the export at quant_dir (its decoder key -> its two image graphs' keys)
+    against the FP32 export, as served. The FP32 graphs run once for every form, one at a time,
+    and are released before a quantized one loads (at 11B the 16-bit-stored FP32 decoder
+    alone takes 20 GB of this machine's 24 GiB)."""
     pre = CrossPreprocessor(fp32_dir)
-    encoders = CrossImageEncoder(fp32_dir), CrossImageEncoder(quant_dir, keys=encoder_keys)
-    ref, quant = ServedDecoder(fp32_dir, "decoder_static"), ServedDecoder(quant_dir, decoder_key)
-    real = ref.cfg.vision.tile_tokens
-    report, agree, top5, cosines, image_cosines = QuantReport(), [], [], [], []
+    cases = []
     for data in [*images.values(), None]:
         inputs = {"prompt": np.array([(QUESTION if data else TEXT_ONLY).encode()], dtype=object)}
         if data is not None:
             inputs["image"] = np.array([data], dtype=object)
         prepared = pre.from_inputs(inputs)
-        ids = prepared.input_ids.tolist()
-        crosses = [None, None]
-        if data is not None:
-            for side, encoder in enumerate(encoders):
-                kv, _ = encoder(prepared.image.pixel_values)
-                image = CrossImage([a[0] for a in kv], prepared.image.tiles, real)
-                crosses[side] = pre.attach(ids, [image])["cross"]
-            for a, b in zip(crosses[0].image.kv, crosses[1].image.kv):  # the real tiles' positions
-                image_cosines.extend(_cosine(a[:, :prepared.image.tiles * real], b[:, :prepared.image.tiles * real]))
-        want = ref.logits(ids, crosses[0], STEPS)  # FP32's greedy continuation, fed to the other
-        got = quant.logits(ids, crosses[1], STEPS, [int(r.argmax()) for r in want[:-1]])
+        cases.append(_Case(prepared.input_ids.tolist(), prepared.image if data is not None else None))
+    for case, cross in zip(cases, _crosses(fp32_dir, ("vision_encoder", "cross_kv"), cases, pre)):
+        case.fp32_cross = cross
+    ref = ServedDecoder(fp32_dir, "decoder_static")
+    for case in cases:  # FP32's greedy continuation, fed to each form
+        case.want = ref.logits(case.ids, case.fp32_cross, STEPS)
+    del ref
+    gc.collect()
+    crosses = {keys: _crosses(quant_dir, keys, cases, pre) for keys in dict.fromkeys(forms.values())}
+    return {key: _measure(fp32_dir, quant_dir, key, keys, cases, crosses[keys]) for key, keys in forms.items()}
+
+
+def _measure(fp32_dir: Path, quant_dir: Path, decoder_key: str, encoder_keys: tuple[str, str],
+             cases: list[_Case], crosses: list) -> QuantReport:
+    quant = ServedDecoder(quant_dir, decoder_key)
+    real = quant.cfg.vision.tile_tokens
+    report, agree, top5, cosines, image_cosines = QuantReport(), [], [], [], []
+    for case, cross in zip(cases, crosses):
+        if cross is not None:
+            n = case.image.tiles * real  # the real tiles' positions
+            for a, b in zip(case.fp32_cross.image.kv, cross.image.kv):
+                image_cosines.extend(_cosine(a[:, :n], b[:, :n]))
+        want = case.want
+        got = quant.logits(case.ids, cross, STEPS, [int(r.argmax()) for r in want[:-1]])
         cosines.extend(_cosine(want, got))
         agree.extend(got.argmax(-1) == want.argmax(-1))
         top5.extend(int(w.argmax()) in np.argsort(g)[-5:] for w, g in zip(want, got))
@@ -83,6 +122,8 @@ def _check(fp32_dir: Path, quant_dir: Path, decoder_key: str, images: dict[str, 
         report.greedy_identical += same
         report.first_divergence.append(-1 if same else int(np.flatnonzero(got.argmax(-1) != want.argmax(-1))[0]))
         report.cases += 1
+    del quant
+    gc.collect()
     report.image_cosine_min = float(min(image_cosines))
     report.image_cosine_mean = float(np.mean(image_cosines))
     report.logits_cosine_min = float(min(cosines))
@@ -151,7 +192,7 @@ def fp16_mllama(onnx_dir: str | Path, out_dir: str | Path, *, calib_dir: str | P
         manifest = _base_manifest(src, tmp, files)
         write_manifest(tmp, manifest, hashes=False)  # provisional: lets the check open it
         log(f"fp16: checking the served graphs against FP32 ({len(images)} photos and a text-only prompt)")
-        report = _check(src.root, tmp, "decoder_static", images)
+        report = _check(src.root, tmp, {"decoder_static": ("vision_encoder", "cross_kv")}, images)["decoder_static"]
         report.raise_if_failed("fp16")  # nothing is left behind: the staged directory goes
         manifest["quantization"] = {
             "precision": "fp16", "source_onnx": str(src.root.resolve()), "source_digest": src.digest,
@@ -197,7 +238,7 @@ def quantize_mllama(onnx_dir: str | Path, out_dir: str | Path, precision: str, *
             "and a text-only prompt)")
         checks = {"decoder_static_cpu": ("vision_encoder", "cross_kv"), "decoder_static": ("vision_encoder", "cross_kv"),
                   "decoder_static_fp16": ("vision_encoder_fp16", "cross_kv_fp16")}
-        reports = {key: _check(src.root, tmp, key, images, encoders) for key, encoders in checks.items()}
+        reports = _check(src.root, tmp, checks, images)
         for report in reports.values():
             report.raise_if_failed(precision)  # nothing is left behind: the staged directory goes
         manifest["quantization"] = {

@@ -116,9 +116,10 @@ def quantize_decoder_weights(src: Path, dst: Path, bits: int) -> None:
         # yet). The static decoder is at 24 already. Opset 17 stays for INT8: per-axis
         # DequantizeLinear exists since 13.
         model = onnx.version_converter.convert_version(model, 21)
-    onnx.load_external_data_for_model(model, str(src.parent))
-    if not (weight_only.int8(model) if bits == 8 else weight_only.int4(model)):
+    base = str(src.parent)  # each weight is read from there as it is quantized
+    if not (weight_only.int8(model, base_dir=base) if bits == 8 else weight_only.int4(model, base_dir=base)):
         raise QuantizationError(f"{src.name}: no weight MatMuls to quantize")
+    onnx.load_external_data_for_model(model, base)  # what stays as it was: norms, lm_head
     onnx.save(model, str(dst), save_as_external_data=True, all_tensors_to_one_file=True,
               location=dst.name + ".data", size_threshold=1024)
 

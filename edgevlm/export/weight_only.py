@@ -9,7 +9,8 @@ weight as integers plus a DequantizeLinear feeding it (the form TensorRT builds 
 A weight is an FP32 initializer, or a 16-bit one behind a Cast (export/half_weights.py). These
 passes are ours rather than ONNX Runtime's because its quantizer wants FP32 initializers in
 memory (a 7B: 27 GB) and writes 8-bit weights only as its own MatMulNBits op. Each weight is
-converted alone, so the peak is the loaded graph plus one FP32 weight.
+read from the export's data file as it is converted (base_dir: where that file is), so the
+peak is the quantized weights so far plus one FP32 weight, not the 16-bit model.
 """
 
 from __future__ import annotations
@@ -56,11 +57,16 @@ def _replace(model: onnx.ModelProto, node, weight, cast, new_inits: list, dq: on
     node.input[1] = dq.output[0]
 
 
-def int8(model: onnx.ModelProto) -> int:
+def _read(t: onnx.TensorProto, base_dir: str) -> np.ndarray:
+    """A weight as FP32, from its data file where it is stored outside the graph."""
+    return numpy_helper.to_array(t, base_dir).astype(np.float32)
+
+
+def int8(model: onnx.ModelProto, base_dir: str = "") -> int:
     """In place; returns how many weights were quantized."""
     count = 0
     for node, t, cast in _weights(model):
-        w = numpy_helper.to_array(t).astype(np.float32)
+        w = _read(t, base_dir)
         scale = np.maximum(np.abs(w).max(axis=0), 1e-12) / 127.0
         q = np.clip(np.rint(w / scale), -127, 127).astype(np.int8)
         qt = numpy_helper.from_array(q, t.name + "_int8")
@@ -99,12 +105,12 @@ def _int4_tensor(name: str, q: np.ndarray) -> onnx.TensorProto:
     return helper.make_tensor(name, onnx.TensorProto.INT4, list(q.shape), packed.tobytes(), raw=True)
 
 
-def int4(model: onnx.ModelProto, block: int = INT4_BLOCK) -> int:
+def int4(model: onnx.ModelProto, block: int = INT4_BLOCK, base_dir: str = "") -> int:
     """In place (the graph must be at opset 21+); zero points explicit (all 0): TensorRT's ONNX
     importer takes the INT4 type from the zero point. Returns how many weights were quantized."""
     count = 0
     for node, t, cast in _weights(model):
-        q, scales = quantize_int4(numpy_helper.to_array(t).astype(np.float32), block)
+        q, scales = quantize_int4(_read(t, base_dir), block)
         qt = _int4_tensor(t.name + "_DQ_Q4", q)
         st = numpy_helper.from_array(scales, t.name + "_DQ_scales")
         zp = _int4_tensor(t.name + "_DQ_Q4_zero_point", np.zeros(scales.shape, np.int8))

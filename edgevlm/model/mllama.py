@@ -285,9 +285,12 @@ class Mllama(nn.Module):
         self.language_model = MllamaText(cfg.text, cfg.embed_rows)
 
     @classmethod
-    def from_weights(cls, cfg: MllamaConfig, tensors: dict[str, torch.Tensor]) -> Mllama:
-        model = cls(cfg)
-        model.load_state_dict({k: t.float() for k, t in tensors.items()}, strict=True)
+    def from_weights(cls, cfg: MllamaConfig, tensors: dict[str, torch.Tensor], dtype=torch.float32) -> Mllama:
+        """dtype None: the tensors as stored (the checkpoint's mapped memory, nothing copied)."""
+        with torch.device("meta"):
+            model = cls(cfg)
+        model.load_state_dict({k: t if dtype is None else t.to(dtype) for k, t in tensors.items()},
+                              strict=True, assign=True)
         return model.eval()
 
     def cross_states(self, pixel_values, ratio_ids, tile_mask) -> torch.Tensor:

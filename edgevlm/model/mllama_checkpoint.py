@@ -18,6 +18,7 @@ the top of its vocabulary, and a chat template of ours that renders Llama 3.2 Vi
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from pathlib import Path
 import torch
 
 from edgevlm.model.canonical import CheckpointError
+from edgevlm.model.random_weights import Planned, _save_weights
 from edgevlm.presets import MLLAMA, MllamaConfig, MllamaVisionConfig, TextConfig, match_preset
 from edgevlm.staging import staged_dir
 
@@ -277,12 +279,16 @@ def read_mllama(path: str | Path) -> MllamaCheckpoint:
 
 # -- writing random checkpoints ------------------------------------------------------------------------
 
-def random_tensors(cfg: MllamaConfig, seed: int) -> dict[str, torch.Tensor]:
+RELEASED_SHARD_BYTES = 5_000_000_000  # Llama-3.2-11B-Vision's five safetensors files are about this size
+
+
+def random_tensors(cfg: MllamaConfig, seed: int) -> dict[str, Planned]:
     """bf16 tensors for every key, scaled to keep activations in range; every gate non-zero
-    (tanh of 0.4..1.0), so the image and the tiles' positions change what the model says."""
+    (tanh of 0.4..1.0), so the image and the tiles' positions change what the model says.
+    Each is made when its shard is written (random_weights.Planned)."""
     g = torch.Generator().manual_seed(seed)
-    out = {}
-    for key, shape in layout(cfg).items():
+
+    def make(key, shape):
         if key.endswith("gate") or key.endswith("gate_attn") or key.endswith("gate_ffn"):
             t = 0.4 + 0.6 * torch.rand(shape, generator=g)
         elif len(shape) == 1 and key.endswith("weight"):  # norm scales: near one
@@ -294,21 +300,25 @@ def random_tensors(cfg: MllamaConfig, seed: int) -> dict[str, torch.Tensor]:
         else:
             fan_in = math.prod(shape[1:])
             t = torch.randn(shape, generator=g) * ((3.0 if key.endswith("lm_head.weight") else 1.0) / fan_in ** 0.5)
-        out[key] = t.to(torch.bfloat16)
-    return out
+        return t.to(torch.bfloat16)
+
+    return {key: Planned(tuple(shape), torch.bfloat16, functools.partial(make, key, shape))
+            for key, shape in layout(cfg).items()}
 
 
 def write_random_mllama(out_dir: str | Path, cfg: MllamaConfig, *, seed: int = 0, spelling: str = "released",
                         shard_bytes: int | None = None) -> Path:
     """A random-weight checkpoint for an mllama preset in the released layout (spelling
-    "transformers5": the keys as transformers 5 holds them), atomically."""
-    from edgevlm.model.random_weights import _save_weights
+    "transformers5": the keys as transformers 5 holds them), atomically. shard_bytes: per
+    safetensors file (default: the release's 5 GB shards for a model that size, else one file)."""
     if spelling not in SPELLINGS:
         raise ValueError(f"unknown key spelling {spelling!r} ({' or '.join(SPELLINGS)})")
     out_dir = Path(out_dir)
     tensors = random_tensors(cfg, seed)
     if spelling == "transformers5":
         tensors = {transformers5_name(k): t for k, t in tensors.items()}
+    if shard_bytes is None and sum(t.nbytes for t in tensors.values()) > RELEASED_SHARD_BYTES:
+        shard_bytes = RELEASED_SHARD_BYTES
     with staged_dir(out_dir) as tmp:
         _save_weights(tensors, tmp, "safetensors", shard_bytes)
         del tensors

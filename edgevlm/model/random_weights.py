@@ -13,11 +13,13 @@ import ast
 import collections
 import io
 import json
+import math
 import os
 import re
 import struct
 import sysconfig
-from dataclasses import replace
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -124,14 +126,32 @@ def random_state_dict(cfg: ModelConfig, seed: int) -> dict[str, torch.Tensor]:
     return out
 
 
-def _save_weights(tensors: dict[str, torch.Tensor], out: Path, fmt: str,
+@dataclass(frozen=True)
+class Planned:
+    """A tensor made only when its shard is written, so a checkpoint larger than this machine's
+    memory (Llama-3.2-11B-Vision: 21 GB of bf16) is never held whole; made in key order, the
+    values are those of making them all at once."""
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    make: Callable[[], torch.Tensor]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+def _nbytes(t: torch.Tensor | Planned) -> int:
+    return t.nbytes if isinstance(t, Planned) else t.numel() * t.element_size()
+
+
+def _save_weights(tensors: dict[str, torch.Tensor | Planned], out: Path, fmt: str,
                   shard_bytes: int | None) -> None:
     if fmt not in ("bin", "safetensors"):
         raise ValueError(f"unknown weight format {fmt!r} (bin or safetensors)")
-    shards: list[dict[str, torch.Tensor]] = [{}]
+    shards: list[dict[str, torch.Tensor | Planned]] = [{}]
     size = 0
     for k, t in tensors.items():
-        nbytes = t.numel() * t.element_size()
+        nbytes = _nbytes(t)
         if shard_bytes and shards[-1] and size + nbytes > shard_bytes:
             shards.append({})
             size = 0
@@ -140,6 +160,7 @@ def _save_weights(tensors: dict[str, torch.Tensor], out: Path, fmt: str,
     stem, ext = ("pytorch_model", "bin") if fmt == "bin" else ("model", "safetensors")
 
     def save(part, name):
+        part = {k: t.make() if isinstance(t, Planned) else t for k, t in part.items()}
         if fmt == "bin":
             torch.save(part, out / name)
         else:
@@ -154,7 +175,7 @@ def _save_weights(tensors: dict[str, torch.Tensor], out: Path, fmt: str,
         name = f"{stem}-{i:05d}-of-{len(shards):05d}.{ext}"
         save(part, name)
         weight_map.update({k: name for k in part})
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    total = sum(_nbytes(t) for t in tensors.values())
     (out / f"{stem}.{ext}.index.json").write_text(json.dumps(
         {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
 
