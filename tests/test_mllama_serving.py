@@ -416,3 +416,19 @@ def test_a_half_stored_export_answers_as_the_fp32_one_and_quantizes_the_same(hal
     for x, y in zip(sorted(a.values(), key=lambda v: (v[0].shape, v[0].tobytes())),
                     sorted(b.values(), key=lambda v: (v[0].shape, v[0].tobytes()))):
         np.testing.assert_array_equal(x[0], y[0])
+
+
+def test_the_gate_encodes_fewer_photos_when_each_is_long(precisions, onnx_dir, monkeypatch):
+    # an 11B picture is 6404 positions through a 0.9B encoder: the gate keeps its photos within
+    # a budget of positions, never below one photo, always with the text-only prompt
+    from edgevlm.export import mllama_quantize
+    from edgevlm.export.quantize import calibration_images
+    forms = {"decoder_static_cpu": ("vision_encoder", "cross_kv")}
+    whole = mllama_quantize._check(onnx_dir, precisions / "onnx-int4", forms, calibration_images())
+    assert whole["decoder_static_cpu"].cases == 5
+    monkeypatch.setattr(mllama_quantize, "CROSS_POSITIONS", 2 * CFG.cross_length)
+    two = mllama_quantize._check(onnx_dir, precisions / "onnx-int4", forms, calibration_images())
+    assert two["decoder_static_cpu"].cases == 3
+    monkeypatch.setattr(mllama_quantize, "CROSS_POSITIONS", 1)
+    assert mllama_quantize._check(onnx_dir, precisions / "onnx-int4", forms,
+                                  calibration_images())["decoder_static_cpu"].cases == 2

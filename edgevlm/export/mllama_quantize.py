@@ -60,6 +60,12 @@ class _Case:
     fp32_cross: object = None   # the FP32 export's CrossRow for the image
 
 
+# Image positions (every tile slot's) the check encodes per form, over its photos: up to 4
+# photos, fewer when each is long (at 11B a picture is 6404 positions through a 0.9B vision
+# encoder, minutes on a CPU: two photos), never fewer than one.
+CROSS_POSITIONS = 13000
+
+
 def _crosses(root: Path, keys: tuple[str, str], cases: list[_Case], pre: CrossPreprocessor) -> list:
     """Each case's CrossRow (None: text only) from the export's two image graphs, which are
     released on return: at 11B they are not in memory beside a decoder."""
@@ -83,10 +89,13 @@ def _check(fp32_dir: Path, quant_dir: Path, forms: dict[str, tuple[str, str]],
     and are released before a quantized one loads (at 11B the 16-bit-stored FP32 decoder
     alone takes 20 GB of this machine's 24 GiB)."""
     pre = CrossPreprocessor(fp32_dir)
-    cases = []
-    for data in [*images.values(), None]:
+    cases, positions = [], 0
+    for data in [*list(images.values())[:4], None]:
         inputs = {"prompt": np.array([(QUESTION if data else TEXT_ONLY).encode()], dtype=object)}
         if data is not None:
+            if positions + pre.cfg.cross_length > CROSS_POSITIONS and positions:
+                continue
+            positions += pre.cfg.cross_length
             inputs["image"] = np.array([data], dtype=object)
         prepared = pre.from_inputs(inputs)
         cases.append(_Case(prepared.input_ids.tolist(), prepared.image if data is not None else None))
