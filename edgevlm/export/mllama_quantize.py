@@ -36,7 +36,7 @@ from edgevlm.export import cleanup, matmul_nbits, static_cache
 from edgevlm.export.half import to_fp16
 from edgevlm.export.mllama_parity import ServedDecoder
 from edgevlm.export.parity import QUESTION, TEXT_ONLY
-from edgevlm.export.quant_check import STEPS, QuantReport, _cosine, _size_mb
+from edgevlm.export.quant_check import STEPS, QuantReport, _cosine, _size_mb, weights_stem
 from edgevlm.export.quantize import (FP16_DQ_OPSET, FP16_KEEP_FP32, INT4_BLOCK, PRECISIONS, VISION_KEEP_FP32,
                                      calibration_images, cast_decoder_fp16, cast_vision_fp16,
                                      quantize_decoder_weights)
@@ -139,13 +139,10 @@ def _measure(fp32_dir: Path, quant_dir: Path, decoder_key: str, encoder_keys: tu
     report.teacher_forced_agreement = float(np.mean(agree))
     report.teacher_forced_top5 = float(np.mean(top5))
     files = OnnxArtifacts.open(quant_dir).manifest["files"]
-
-    def stem(key):  # a static decoder's weights are in its concat twin's data file
-        return files[key].removesuffix(".onnx").replace("decoder.static", "decoder")
-
-    report.size_mb = {"decoder_fp32": _size_mb(fp32_dir, "decoder"), "decoder": _size_mb(quant_dir, stem(decoder_key)),
+    report.size_mb = {"decoder_fp32": _size_mb(fp32_dir, "decoder"),
+                      "decoder": _size_mb(quant_dir, weights_stem(files, decoder_key)),
                       "vision_fp32": _size_mb(fp32_dir, "vision_encoder"),
-                      "vision": _size_mb(quant_dir, stem(encoder_keys[0]))}
+                      "vision": _size_mb(quant_dir, weights_stem(files, encoder_keys[0]))}
     return report
 
 

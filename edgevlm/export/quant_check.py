@@ -21,6 +21,7 @@ from edgevlm.presets import ANYRES
 from edgevlm.runtime import anyres
 from edgevlm.runtime.image import preprocess_tiles
 from edgevlm.manifest import OnnxArtifacts
+from edgevlm.runtime.packed_rows import round_up
 from edgevlm.runtime.requests import Preprocessor
 
 QUESTION = "What is in the image? Describe it in one sentence."
@@ -88,6 +89,12 @@ def _size_mb(root: Path, key: str) -> float:
     return sum(p.stat().st_size for p in root.glob(f"{key}.onnx*")) / 2**20
 
 
+def weights_stem(files: dict[str, str], key: str) -> str:
+    """The file stem holding a graph's weights: a static decoder's are in its concat twin's
+    data file."""
+    return files[key].removesuffix(".onnx").replace("decoder.static", "decoder")
+
+
 def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     a, b = a.reshape(-1, a.shape[-1]).astype(np.float64), b.reshape(-1, b.shape[-1]).astype(np.float64)
     return (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1) + 1e-12)
@@ -95,10 +102,11 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 class _Pipeline:
     def __init__(self, root: Path, decoder: str = "decoder", vision: str = "vision_encoder"):
+        """decoder: a concat-KV graph's key, or a static one's (decoder_static*: in-place KV)."""
         art = OnnxArtifacts.open(root)
         self.cfg = art.config
         self.vision = OrtVisionEncoder(art.path(vision))
-        self.decoder = OrtDecoder(art.path(decoder), self.cfg.text)
+        self.decoder = OrtDecoder(art.path(decoder), self.cfg.text, static=decoder.startswith("decoder_static"))
         self.table = EmbeddingTable(art.path("embed_tokens"))
         self.newline = np.load(art.path("image_newline")) if self.cfg.image_aspect == ANYRES else None
 
@@ -113,7 +121,9 @@ class _Pipeline:
 
     def prefill(self, ids, image_embeds, capacity, rows: int = 1):
         """(a KV pool of `rows` rows, its first row holding the prompt; the last logits)."""
-        pool = self.decoder.open_pool(rows, max_context=capacity)
+        d = self.decoder  # a static pool of exactly `rows` such rows (its default caps at RAM/4)
+        budget = rows * round_up(capacity) * d.cfg.kv_bytes_per_position(d.kv_dtype.itemsize)
+        pool = d.open_pool(rows, budget_bytes=budget, max_context=capacity)
         row = pool.acquire(capacity)
         return (pool, row), pool.prefill(row, self.table.embed(ids, image_embeds))
 
@@ -154,8 +164,8 @@ class _Expected:
 PHOTO_POSITIONS = 6000
 
 
-def _reference(fp32_dir: Path, images: dict[str, bytes]) -> list[_Expected]:
-    ref = _Pipeline(fp32_dir)
+def _reference(fp32_dir: Path, images: dict[str, bytes], decoder: str) -> list[_Expected]:
+    ref = _Pipeline(fp32_dir, decoder)
     pre = Preprocessor(fp32_dir)  # the prompts as served
     out, positions = [], 0
     for img in list(images.values())[:4]:
@@ -190,16 +200,19 @@ def check_forms(fp32_dir: str | Path, quant_dir: str | Path, images: dict[str, b
     all of them, and is released before any quantized form loads (at 7B the two together
     would not fit beside each other on a 24 GiB machine, and the reference is half the time)."""
     fp32_dir, quant_dir = Path(fp32_dir), Path(quant_dir)
-    expected = _reference(fp32_dir, images)
+    # the FP32 graph of the forms' KV layout: a static one holds a row's KV once, where a concat
+    # row holds it twice (past and present); at 7B with anyres, 3 GB per 2,900-position row
+    static = all(d.startswith("decoder_static") for d, _ in forms)
+    expected = _reference(fp32_dir, images, "decoder_static" if static else "decoder")
     gc.collect()  # the FP32 sessions go now, not when the collector next happens to run
     files = OnnxArtifacts.open(quant_dir).manifest["files"]
     reports = []
     for decoder, vision in forms:
         q = _Pipeline(quant_dir, decoder, vision)
         r = QuantReport(size_mb={"decoder_fp32": _size_mb(fp32_dir, "decoder"),
-                                 "decoder": _size_mb(quant_dir, files[decoder].removesuffix(".onnx")),
+                                 "decoder": _size_mb(quant_dir, weights_stem(files, decoder)),
                                  "vision_fp32": _size_mb(fp32_dir, "vision_encoder"),
-                                 "vision": _size_mb(quant_dir, files[vision].removesuffix(".onnx"))})
+                                 "vision": _size_mb(quant_dir, weights_stem(files, vision))})
         cosines, agree, top5, total = [], 0, 0, 0
         for e in expected:
             emb_q = None

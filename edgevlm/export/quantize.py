@@ -314,8 +314,11 @@ def quantize_export(onnx_dir: str | Path, out_dir: str | Path, precision: str, *
             created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
         write_manifest(tmp, manifest, hashes=False)  # final one below
         log("quantize: checking the Q/DQ graphs and the cpu target's forms against FP32 with ONNX Runtime")
-        report, cpu_report = check_forms(src.root, tmp, images, [("decoder", "vision_encoder"),
-                                                                 ("decoder_cpu", "vision_encoder_cpu")])
+        # the static graphs where the export has them: what the cpu target serves (the concat
+        # twins agree with them, checked above), in a third of the KV memory
+        decoders = ("decoder_static", "decoder_static_cpu") if static else ("decoder", "decoder_cpu")
+        report, cpu_report = check_forms(src.root, tmp, images, [(decoders[0], "vision_encoder"),
+                                                                 (decoders[1], "vision_encoder_cpu")])
         report.raise_if_failed(precision)  # nothing is left behind: the staged directory goes
         cpu_report.raise_if_failed(precision)
         manifest["quantization"]["decoder"]["cpu_form"]["accuracy"] = cpu_report.to_dict()
