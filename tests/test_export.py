@@ -140,6 +140,29 @@ def test_static_decoder_writes_into_the_callers_cache_buffer(exported):
         pool.prefill(row, np.zeros((1, 5, t.hidden_size), np.float32))
 
 
+def test_a_full_static_pool_admits_a_row_the_spare_granule_crowded(exported):
+    """A lone row grows its width a granule past its need while the budget has room; a second
+    row that fits() at the rows' capacities is then still admitted, the first row's cache kept."""
+    from edgevlm.runtime.onnxruntime import OrtDecoder
+    from edgevlm.runtime.packed_rows import GRANULE
+    _, out = exported
+    art = OnnxArtifacts.open(out)
+    t = art.config.text
+    static = OrtDecoder(art.path("decoder_static"), t, static=True)
+    per = t.kv_bytes_per_position(static.kv_dtype.itemsize)
+    pool = static.open_pool(2, budget_bytes=2 * 2 * GRANULE * per)  # two rows of 2 granules
+    x = np.random.default_rng(2).standard_normal((1, GRANULE + 6, t.hidden_size)).astype(np.float32)
+    first = pool.acquire(2 * GRANULE)
+    pool.prefill(first, x)
+    assert pool.width == 3 * GRANULE  # the spare granule, while there is room for it
+    kept = pool.save(first, first.length)
+    second = pool.acquire(2 * GRANULE)
+    pool.load(second, kept)
+    for a, b in zip(pool.save(first, first.length), pool.save(second, second.length)):
+        np.testing.assert_array_equal(a, b)
+    assert pool.width * len(pool.rows) <= pool.positions
+
+
 def test_pinned_static_decoder_has_fixed_cache_shapes(exported, tmp_path):
     """make engines pins batch and cache before TensorRT parses the graph: the pinned graph
     runs at exactly that capacity and gives the unpinned graph's logits."""

@@ -72,6 +72,10 @@ class OrtPackedPool(PackedRows):
         return round_up(capacity) > self.positions
 
     def acquire(self, capacity: int, cross=None) -> Row:
+        if self.rows and (len(self.rows) + 1) * self.width > self.positions:
+            # the spare granule the rows took while they had the room leaves none for this one
+            # (fits() counted the rows at their capacities, without it)
+            self._relayout(round_up(max(r.length + 1 for r in self.rows)))
         row = super().acquire(capacity, cross)
         self.width = self.width or GRANULE
         if cross is not None:
@@ -116,9 +120,13 @@ class OrtPackedPool(PackedRows):
         target = round_up(need)
         if self.width >= target and self.width - target < 2 * GRANULE:
             return
-        n = len(self.rows)
-        if target > self.width and n * (target + GRANULE) <= self.positions:
+        if target > self.width and len(self.rows) * (target + GRANULE) <= self.positions:
             target += GRANULE
+        self._relayout(target)
+
+    def _relayout(self, target: int) -> None:
+        """Move the rows' filled positions to a row width of `target`."""
+        n = len(self.rows)
         filled = max(r.length for r in self.rows)
         for buf in self.buffers:
             kept = self._view(buf, 0, n)[:, :, :filled].copy()
