@@ -119,22 +119,43 @@ def export_decoder(model: MobileVLM, cfg: ModelConfig, path: Path, static: bool 
     kv = [torch.zeros(b, t.num_kv_heads, kv_len, t.head_dim) for _ in range(2 * t.num_layers)]
     args = (torch.zeros(b, s, t.hidden_size), torch.arange(p, p + s).repeat(b, 1), *kv)
     shapes = ({0: batch, 1: seq}, {0: batch, 1: seq}, tuple({0: batch, 2: kv_dim} for _ in kv))
+    _torch_export(_DecoderGraph(model.decoder, static), args, path, decoder_io(t.num_layers), shapes,
+                  translations(static, half))
+
+
+def translations(static: bool, half: bool) -> dict | None:
+    """The exporter's translations of our placeholder ops: the in-place cache write, the
+    widening of 16-bit weights."""
     table = {**(static_cache.translation_table() if static else {}),
              **(half_weights.translation_table() if half else {})}
-    _torch_export(_DecoderGraph(model.decoder, static), args, path, decoder_io(t.num_layers), shapes, table or None)
+    return table or None
 
 
-def finish_static(raw: Path, dst: Path, cfg: ModelConfig) -> None:
-    """Clean the static export, swap in TensorScatter (and Casts for half-stored weights),
-    share weights with decoder.onnx."""
-    names = decoder_io(cfg.text.num_layers)
+# Cleanup of a graph that may hold 16-bit weights: the Widen placeholders survive it unfolded
+# and become Casts at the end (half_weights.py)
+HALF_CLEANUP = {"allow_domains": (half_weights.PLACEHOLDER_DOMAIN,), "finish": half_weights.to_casts,
+                "unfoldable": half_weights.PLACEHOLDER_OP}
+
+
+def finish_static(raw: Path, dst: Path, names: tuple[list[str], list[str]], kv_layers: int) -> None:
+    """Clean a static export (IO `names`), swap in TensorScatter (and Casts for half-stored
+    weights), share weights with decoder.onnx."""
     cleanup.clean(raw, dst, *names, allow_domains=(static_cache.PLACEHOLDER_DOMAIN,),
                   unfoldable=half_weights.PLACEHOLDER_OP)
     model = onnx.load(str(dst), load_external_data=False)
     half_weights.to_casts(model)
-    model = static_cache.to_tensor_scatter(model, cfg.text.num_layers)
+    model = static_cache.to_tensor_scatter(model, kv_layers)
     onnx.save_model(model, str(dst))
     static_cache.share_file_weights(dst, dst.with_name("decoder.onnx"))
+
+
+def release(*modules: torch.nn.Module) -> None:
+    """Free the modules' weights now: the exporter's IR keeps references to the parameters
+    after export, so their storage is swapped out, not the modules dropped."""
+    for m in modules:
+        for t in [*m.parameters(), *m.buffers()]:
+            t.data = torch.empty(0)
+    gc.collect()
 
 
 def memory_gb() -> tuple[float, float]:
@@ -192,10 +213,7 @@ def export_onnx(checkpoint_dir: str | Path, out_dir: str | Path, clip_dir: str |
         np.save(tmp / "embed_tokens.npy", model.decoder.model.embed_tokens.weight.detach().numpy())
         if cfg.image_aspect == ANYRES:  # the runtime packs tiles (runtime/anyres.py)
             np.save(tmp / "image_newline.npy", model.image_newline.detach().float().numpy())
-        # The exporter's IR keeps references to the parameters after export: release their
-        # storage outright, and the checkpoint's mapped weights with it.
-        for t in [*model.parameters(), *model.buffers()]:
-            t.data = torch.empty(0)
+        release(model)  # and the checkpoint's mapped weights with it
         del model
         ckpt.tensors.clear()
         gc.collect()
@@ -204,11 +222,10 @@ def export_onnx(checkpoint_dir: str | Path, out_dir: str | Path, clip_dir: str |
         if cfg.video_pool:
             cleanup.clean(raw / "video_encoder.onnx", tmp / "video_encoder.onnx", *VISION_IO)
         log("onnx: [3/4] graph cleanup: decoder")
-        cleanup.clean(raw / "decoder.onnx", tmp / "decoder.onnx", *decoder_io(cfg.text.num_layers),
-                      allow_domains=(half_weights.PLACEHOLDER_DOMAIN,), finish=half_weights.to_casts,
-                      unfoldable=half_weights.PLACEHOLDER_OP)
+        cleanup.clean(raw / "decoder.onnx", tmp / "decoder.onnx", *decoder_io(cfg.text.num_layers), **HALF_CLEANUP)
         log("onnx: [3/4] graph cleanup: static decoder (opset 24, weights shared with decoder.onnx)")
-        finish_static(raw / "static" / "decoder.static.onnx", tmp / "decoder.static.onnx", cfg)
+        finish_static(raw / "static" / "decoder.static.onnx", tmp / "decoder.static.onnx",
+                      decoder_io(cfg.text.num_layers), cfg.text.num_layers)
         shutil.rmtree(raw)
         log(f"onnx: [4/4] tokenizer, manifest (prompt template: {cfg.template})")
         for name in TOKENIZER_FILES:

@@ -32,8 +32,9 @@ import numpy as np
 import onnx
 import torch
 
-from edgevlm.export import cleanup, half_weights, static_cache
-from edgevlm.export.graphs import MAX_BATCH, _torch_export, memory_gb
+from edgevlm.export import cleanup, half_weights
+from edgevlm.export.graphs import (HALF_CLEANUP, MAX_BATCH, _torch_export, finish_static, memory_gb, release,
+                                   translations)
 from edgevlm.manifest import write_manifest
 from edgevlm.model.mllama import Mllama
 from edgevlm.model.mllama_checkpoint import read_mllama
@@ -103,21 +104,13 @@ def export_vision(model: Mllama, path: Path) -> None:
     _torch_export(_Vision(model), (px, ratio, mask), path, VISION_IO, ({0: images}, {0: images}, {0: images}))
 
 
-def _table(static: bool, half: bool) -> dict | None:
-    """The exporter's translations of our placeholder ops: the in-place cache write, the widening
-    of 16-bit weights."""
-    table = {**(static_cache.translation_table() if static else {}),
-             **(half_weights.translation_table() if half else {})}
-    return table or None
-
-
 def export_cross_kv(model: Mllama, path: Path, half: bool = False) -> None:
     cfg = model.cfg
     images = torch.export.Dim("images", min=1, max=MAX_BATCH)
     length = torch.export.Dim("cross", min=1, max=MAX_BATCH * cfg.vision.max_num_tiles * cfg.vision.tile_tokens)
     states = torch.zeros(2, 3 * cfg.vision.tile_tokens, cfg.text.hidden_size)
     _torch_export(_CrossKV(model), (states,), path, cross_kv_io(cfg), ({0: images, 1: length},),
-                  _table(False, half))
+                  translations(False, half))
 
 
 def export_decoder(model: Mllama, path: Path, static: bool, half: bool = False) -> None:
@@ -137,7 +130,7 @@ def export_decoder(model: Mllama, path: Path, static: bool, half: bool = False) 
             torch.tensor([1.0, 0.0]), *past, *images)
     shapes = ({0: batch, 1: seq}, {0: batch, 1: seq}, {0: batch, 1: seq, 2: cross}, {0: batch},
               tuple([{0: batch, 2: kv_dim} for _ in past] + [{0: batch, 2: cross} for _ in images]))
-    _torch_export(_Decoder(model, static), args, path, decoder_io(cfg), shapes, _table(static, half))
+    _torch_export(_Decoder(model, static), args, path, decoder_io(cfg), shapes, translations(static, half))
 
 
 def export_mllama(checkpoint_dir: str | Path, out_dir: str | Path, log=print, weights: str = "auto") -> Path:
@@ -170,14 +163,14 @@ def export_mllama(checkpoint_dir: str | Path, out_dir: str | Path, log=print, we
         ckpt.tensors.clear()
         text = model.language_model
         np.save(tmp / "embed_tokens.npy", text.model.embed_tokens.weight.detach().float().numpy())
-        _release(text.model.embed_tokens)  # the graphs take embeddings as inputs
+        release(text.model.embed_tokens)  # the graphs take embeddings as inputs
         v = cfg.vision
         log(f"onnx: [1/4] vision encoder ({v.num_layers} local + {v.num_global_layers} global layers, "
             f"up to {v.max_num_tiles} tiles of {v.image_size} px) + projector")
         half_weights.widen_rest(model.vision_model)
         half_weights.widen_rest(model.multi_modal_projector)
         export_vision(model, raw / "vision_encoder.onnx")
-        _release(model.vision_model, model.multi_modal_projector)
+        release(model.vision_model, model.multi_modal_projector)
         if half:
             half_weights.halve(text.model.layers, dtype)
         half_weights.widen_rest(text)
@@ -188,7 +181,7 @@ def export_mllama(checkpoint_dir: str | Path, out_dir: str | Path, log=print, we
         export_decoder(model, raw / "decoder.onnx", static=False, half=half)
         log("onnx: [2/4] decoder, static KV cache (in-place updates)")
         export_decoder(model, raw / "static" / "decoder.static.onnx", static=True, half=half)
-        _release(model)
+        release(model)
         del model, text
         gc.collect()
         log("onnx: [3/4] graph cleanup: vision encoder, cross K/V, decoder")
@@ -196,7 +189,8 @@ def export_mllama(checkpoint_dir: str | Path, out_dir: str | Path, log=print, we
         for name, io in (("cross_kv", cross_kv_io(cfg)), ("decoder", decoder_io(cfg))):
             cleanup.clean(raw / f"{name}.onnx", tmp / f"{name}.onnx", *io, **HALF_CLEANUP)
         log("onnx: [3/4] graph cleanup: static decoder (opset 24, weights shared with decoder.onnx)")
-        _finish_static(raw / "static" / "decoder.static.onnx", tmp / "decoder.static.onnx", cfg)
+        finish_static(raw / "static" / "decoder.static.onnx", tmp / "decoder.static.onnx", decoder_io(cfg),
+                      cfg.text.kv_layers)
         shutil.rmtree(raw)
         log("onnx: [4/4] tokenizer, chat template, manifest")
         for name in TOKENIZER_FILES:
@@ -211,30 +205,6 @@ def export_mllama(checkpoint_dir: str | Path, out_dir: str | Path, log=print, we
     total = sum(p.stat().st_size for p in out_dir.iterdir()) / 1e6
     log(f"onnx: done in {time.monotonic() - t0:.1f} s, {total:.1f} MB in {out_dir}")
     return out_dir
-
-
-# Cleanup of a graph that may hold 16-bit weights: the Widen placeholders survive it unfolded
-# and become Casts at the end (half_weights.py)
-HALF_CLEANUP = {"allow_domains": (half_weights.PLACEHOLDER_DOMAIN,), "finish": half_weights.to_casts,
-                "unfoldable": half_weights.PLACEHOLDER_OP}
-
-
-def _release(*modules: torch.nn.Module) -> None:
-    """Free the modules' weights now: the exporter's IR keeps references to the parameters."""
-    for m in modules:
-        for t in [*m.parameters(), *m.buffers()]:
-            t.data = torch.empty(0)
-    gc.collect()
-
-
-def _finish_static(raw: Path, dst: Path, cfg: MllamaConfig) -> None:
-    cleanup.clean(raw, dst, *decoder_io(cfg), allow_domains=(static_cache.PLACEHOLDER_DOMAIN,),
-                  unfoldable=half_weights.PLACEHOLDER_OP)
-    model = onnx.load(str(dst), load_external_data=False)
-    half_weights.to_casts(model)
-    model = static_cache.to_tensor_scatter(model, cfg.text.kv_layers)
-    onnx.save_model(model, str(dst))
-    static_cache.share_file_weights(dst, dst.with_name("decoder.onnx"))
 
 
 def _manifest(ckpt, cfg: MllamaConfig, root: Path) -> dict:
