@@ -22,6 +22,7 @@ tokens, must keep its logits close (cosine) and pick the same next token often e
 
 from __future__ import annotations
 
+import filecmp
 import gc
 import shutil
 import time
@@ -34,6 +35,7 @@ import numpy as np
 
 from edgevlm.export import cleanup, matmul_nbits, static_cache
 from edgevlm.export.half import to_fp16
+from edgevlm.export.isolated import run_isolated
 from edgevlm.export.mllama_parity import ServedDecoder
 from edgevlm.export.parity import QUESTION, TEXT_ONLY
 from edgevlm.export.quant_check import STEPS, QuantReport, _cosine, _size_mb, weights_stem
@@ -66,9 +68,10 @@ class _Case:
 CROSS_POSITIONS = 13000
 
 
-def _crosses(root: Path, keys: tuple[str, str], cases: list[_Case], pre: CrossPreprocessor) -> list:
+def _crosses(root: Path, keys: tuple[str, str], cases: list[_Case]) -> list:
     """Each case's CrossRow (None: text only) from the export's two image graphs, which are
     released on return: at 11B they are not in memory beside a decoder."""
+    pre = CrossPreprocessor(root)
     encoder, out = CrossImageEncoder(root, keys=keys), []
     real = pre.cfg.vision.tile_tokens
     for case in cases:
@@ -85,9 +88,9 @@ def _crosses(root: Path, keys: tuple[str, str], cases: list[_Case], pre: CrossPr
 def _check(fp32_dir: Path, quant_dir: Path, forms: dict[str, tuple[str, str]],
            images: dict[str, bytes]) -> dict[str, QuantReport]:
     """Each form of the export at quant_dir (its decoder key -> its two image graphs' keys)
-    against the FP32 export, as served. The FP32 graphs run once for every form, one at a time,
-    and are released before a quantized one loads (at 11B the 16-bit-stored FP32 decoder
-    alone takes 20 GB of this machine's 24 GiB)."""
+    against the FP32 export, as served. The FP32 graphs run once for every form; they and each
+    form run in a process of their own (isolated.py: at 11B the 16-bit-stored FP32 decoder
+    maps 19 GB of this machine's 24 GiB, and a released session keeps its arenas)."""
     pre = CrossPreprocessor(fp32_dir)
     cases, positions = [], 0
     for data in [*list(images.values())[:4], None]:
@@ -99,19 +102,34 @@ def _check(fp32_dir: Path, quant_dir: Path, forms: dict[str, tuple[str, str]],
             inputs["image"] = np.array([data], dtype=object)
         prepared = pre.from_inputs(inputs)
         cases.append(_Case(prepared.input_ids.tolist(), prepared.image if data is not None else None))
-    for case, cross in zip(cases, _crosses(fp32_dir, ("vision_encoder", "cross_kv"), cases, pre)):
+    cases = run_isolated(_fp32_answers, fp32_dir, cases)
+    return {key: run_isolated(_measure, fp32_dir, quant_dir, key, keys, cases) for key, keys in forms.items()}
+
+
+def _fp32_answers(fp32_dir: Path, cases: list[_Case]) -> list[_Case]:
+    """The cases with the FP32 export's image K/V and its logits over its own greedy tokens."""
+    for case, cross in zip(cases, _crosses(fp32_dir, ("vision_encoder", "cross_kv"), cases)):
         case.fp32_cross = cross
     ref = ServedDecoder(fp32_dir, "decoder_static")
-    for case in cases:  # FP32's greedy continuation, fed to each form
+    for case in cases:
         case.want = ref.logits(case.ids, case.fp32_cross, STEPS)
-    del ref
-    gc.collect()
-    crosses = {keys: _crosses(quant_dir, keys, cases, pre) for keys in dict.fromkeys(forms.values())}
-    return {key: _measure(fp32_dir, quant_dir, key, keys, cases, crosses[keys]) for key, keys in forms.items()}
+    return cases
+
+
+def _carried(fp32_dir: Path, quant_dir: Path, keys: tuple[str, str]) -> bool:
+    """Are the form's image graphs the FP32 export's, copied unchanged (size and mtime kept)?"""
+    src, dst = OnnxArtifacts.open(fp32_dir), OnnxArtifacts.open(quant_dir)
+    names = [k for key in keys for k in (key, f"{key}_data")]
+    have = [k for k in names if k in src.manifest["files"]]
+    return (have == [k for k in names if k in dst.manifest["files"]]
+            and all(filecmp.cmp(src.path(k), dst.path(k), shallow=True) for k in have))
 
 
 def _measure(fp32_dir: Path, quant_dir: Path, decoder_key: str, encoder_keys: tuple[str, str],
-             cases: list[_Case], crosses: list) -> QuantReport:
+             cases: list[_Case]) -> QuantReport:
+    # image graphs carried over from FP32 make its K/V: computing it again is minutes at 11B
+    crosses = ([case.fp32_cross for case in cases] if _carried(fp32_dir, quant_dir, encoder_keys)
+               else _crosses(quant_dir, encoder_keys, cases))
     quant = ServedDecoder(quant_dir, decoder_key)
     real = quant.cfg.vision.tile_tokens
     report, agree, top5, cosines, image_cosines = QuantReport(), [], [], [], []
@@ -131,8 +149,6 @@ def _measure(fp32_dir: Path, quant_dir: Path, decoder_key: str, encoder_keys: tu
         report.greedy_identical += same
         report.first_divergence.append(-1 if same else int(np.flatnonzero(got.argmax(-1) != want.argmax(-1))[0]))
         report.cases += 1
-    del quant
-    gc.collect()
     report.image_cosine_min = float(min(image_cosines))
     report.image_cosine_mean = float(np.mean(image_cosines))
     report.logits_cosine_min = float(min(cosines))

@@ -9,12 +9,12 @@ tokens.
 
 from __future__ import annotations
 
-import gc
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from edgevlm.export.isolated import run_isolated
 from edgevlm.runtime.embedding import EmbeddingTable
 from edgevlm.runtime.onnxruntime import OrtDecoder, OrtVisionEncoder
 from edgevlm.presets import ANYRES
@@ -164,7 +164,7 @@ class _Expected:
 PHOTO_POSITIONS = 6000
 
 
-def _reference(fp32_dir: Path, images: dict[str, bytes], decoder: str) -> list[_Expected]:
+def _reference(fp32_dir: Path, images: dict[str, bytes], decoder: str, budget: int) -> list[_Expected]:
     ref = _Pipeline(fp32_dir, decoder)
     pre = Preprocessor(fp32_dir)  # the prompts as served
     out, positions = [], 0
@@ -173,7 +173,7 @@ def _reference(fp32_dir: Path, images: dict[str, bytes], decoder: str) -> list[_
         ids = pre.prompt_ids(QUESTION, images=1)
         out.append(_greedy(ref, img, ids, emb))
         positions += _capacity(ids, emb)
-        if positions + _capacity(ids, emb) > PHOTO_POSITIONS:
+        if positions + _capacity(ids, emb) > budget:
             break
     out.append(_greedy(ref, None, pre.prompt_ids(TEXT_ONLY, images=0), None))
     return out
@@ -197,52 +197,53 @@ def _capacity(ids: list[int], image_embeds: np.ndarray | None) -> int:
 def check_forms(fp32_dir: str | Path, quant_dir: str | Path, images: dict[str, bytes],
                 forms: list[tuple[str, str]]) -> list[QuantReport]:
     """One report per (decoder, vision) pair of manifest keys. The FP32 export runs once for
-    all of them, and is released before any quantized form loads (at 7B the two together
-    would not fit beside each other on a 24 GiB machine, and the reference is half the time)."""
+    all of them; it and each form run in a process of their own (isolated.py), so none is in
+    memory beside another (at 7B two would not fit on a 24 GiB machine, and a released one
+    still holds its arenas)."""
     fp32_dir, quant_dir = Path(fp32_dir), Path(quant_dir)
     # the FP32 graph of the forms' KV layout: a static one holds a row's KV once, where a concat
     # row holds it twice (past and present); at 7B with anyres, 3 GB per 2,900-position row
     static = all(d.startswith("decoder_static") for d, _ in forms)
-    expected = _reference(fp32_dir, images, "decoder_static" if static else "decoder")
-    gc.collect()  # the FP32 sessions go now, not when the collector next happens to run
+    expected = run_isolated(_reference, fp32_dir, images, "decoder_static" if static else "decoder",
+                            PHOTO_POSITIONS)
+    return [run_isolated(_measure_form, fp32_dir, quant_dir, decoder, vision, expected) for decoder, vision in forms]
+
+
+def _measure_form(fp32_dir: Path, quant_dir: Path, decoder: str, vision: str,
+                  expected: list[_Expected]) -> QuantReport:
     files = OnnxArtifacts.open(quant_dir).manifest["files"]
-    reports = []
-    for decoder, vision in forms:
-        q = _Pipeline(quant_dir, decoder, vision)
-        r = QuantReport(size_mb={"decoder_fp32": _size_mb(fp32_dir, "decoder"),
-                                 "decoder": _size_mb(quant_dir, weights_stem(files, decoder)),
-                                 "vision_fp32": _size_mb(fp32_dir, "vision_encoder"),
-                                 "vision": _size_mb(quant_dir, weights_stem(files, vision))})
-        cosines, agree, top5, total = [], 0, 0, 0
-        for e in expected:
-            emb_q = None
-            if e.image is not None:
-                emb_q = q.image(e.image)
-                cosines.extend(_cosine(e.image_embeds, emb_q).tolist())
-            # one prefill, two continuations: teacher-forced (fed the FP32 tokens) and free-running
-            seq_t, lt = q.prefill(e.ids, emb_q, _capacity(e.ids, e.image_embeds), rows=2)
-            seq_f, lf = q.fork(seq_t), lt.copy()
-            r.logits_cosine_min = min(r.logits_cosine_min, float(_cosine(e.logits, lt).min()))
-            r.logits_max_abs_err = max(r.logits_max_abs_err, float(np.abs(e.logits - lt).max()))
-            r.logits_max_abs = max(r.logits_max_abs, float(np.abs(e.logits).max()))
-            free_tokens = []
-            for i, t_ref in enumerate(e.tokens):
-                t_q, t_free = int(np.argmax(lt)), int(np.argmax(lf))
-                agree += t_ref == t_q
-                top5 += t_ref in np.argpartition(lt.reshape(-1), -5)[-5:]
-                total += 1
-                free_tokens.append(t_free)
-                if i + 1 < STEPS:
-                    lt, lf = q.step(seq_t, t_ref), q.step(seq_f, t_free)
-            seq_t[0].close()
-            r.cases += 1
-            r.greedy_identical += e.tokens == free_tokens
-            r.first_divergence.append(next((i for i, (a, b) in enumerate(zip(e.tokens, free_tokens)) if a != b),
-                                           STEPS))
-        if cosines:
-            r.image_cosine_min, r.image_cosine_mean = float(np.min(cosines)), float(np.mean(cosines))
-        r.teacher_forced_agreement, r.teacher_forced_top5 = agree / total, top5 / total
-        reports.append(r)
-        del q
-        gc.collect()
-    return reports
+    q = _Pipeline(quant_dir, decoder, vision)
+    r = QuantReport(size_mb={"decoder_fp32": _size_mb(fp32_dir, "decoder"),
+                             "decoder": _size_mb(quant_dir, weights_stem(files, decoder)),
+                             "vision_fp32": _size_mb(fp32_dir, "vision_encoder"),
+                             "vision": _size_mb(quant_dir, weights_stem(files, vision))})
+    cosines, agree, top5, total = [], 0, 0, 0
+    for e in expected:
+        emb_q = None
+        if e.image is not None:
+            emb_q = q.image(e.image)
+            cosines.extend(_cosine(e.image_embeds, emb_q).tolist())
+        # one prefill, two continuations: teacher-forced (fed the FP32 tokens) and free-running
+        seq_t, lt = q.prefill(e.ids, emb_q, _capacity(e.ids, e.image_embeds), rows=2)
+        seq_f, lf = q.fork(seq_t), lt.copy()
+        r.logits_cosine_min = min(r.logits_cosine_min, float(_cosine(e.logits, lt).min()))
+        r.logits_max_abs_err = max(r.logits_max_abs_err, float(np.abs(e.logits - lt).max()))
+        r.logits_max_abs = max(r.logits_max_abs, float(np.abs(e.logits).max()))
+        free_tokens = []
+        for i, t_ref in enumerate(e.tokens):
+            t_q, t_free = int(np.argmax(lt)), int(np.argmax(lf))
+            agree += t_ref == t_q
+            top5 += t_ref in np.argpartition(lt.reshape(-1), -5)[-5:]
+            total += 1
+            free_tokens.append(t_free)
+            if i + 1 < STEPS:
+                lt, lf = q.step(seq_t, t_ref), q.step(seq_f, t_free)
+        seq_t[0].close()
+        r.cases += 1
+        r.greedy_identical += e.tokens == free_tokens
+        r.first_divergence.append(next((i for i, (a, b) in enumerate(zip(e.tokens, free_tokens)) if a != b),
+                                       STEPS))
+    if cosines:
+        r.image_cosine_min, r.image_cosine_mean = float(np.min(cosines)), float(np.mean(cosines))
+    r.teacher_forced_agreement, r.teacher_forced_top5 = agree / total, top5 / total
+    return r
