@@ -41,6 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edgevlm.export.isolated import run_isolated
 from edgevlm.manifest import OnnxArtifacts
 from edgevlm.runtime.prompt import build_prompt, tokenize_prompt
 from edgevlm.serve.repository import render_repository
@@ -130,10 +131,11 @@ def decode_scaling(onnx_dir: Path, contexts, steps: int, runs: int, kv_cache: st
     return out
 
 
-def in_process_gaps(onnx_dir: Path, tokens: int, runs: int) -> list[float]:
-    """Gaps between streamed texts of one request on the scheduler, in process (no Triton)."""
+def in_process_gaps(onnx_dir: Path, tokens: int, runs: int, kv_budget_mib: int = 0) -> list[float]:
+    """Gaps between streamed texts of one request on the scheduler, in process (no Triton),
+    with the served one's KV pool (one row; kv_budget_mib 0: the default budget)."""
     from edgevlm.runtime.sampling import SamplingParams
-    model = open_text_model(onnx_dir)
+    model = open_text_model(onnx_dir, kv_budget_mib=kv_budget_mib)
     sched = Scheduler(model, max_queue=1)
     try:
         ids = tokenize_prompt(model.tok, build_prompt(QUESTION, image=False))
@@ -169,13 +171,14 @@ class PeakRSS:
         self._thread.join()
 
 
-def served(onnx_dir: Path, tokens: int, runs: int, ttft_tokens: int) -> dict:
-    """Triton + gRPC: per-token gaps, TTFT split with an image, server memory."""
+def served(onnx_dir: Path, tokens: int, runs: int, ttft_tokens: int, kv_budget_mib: int = 0) -> dict:
+    """Triton + gRPC: per-token gaps, TTFT split with an image, server memory (kv_budget_mib:
+    the server's KV pool, 0 its default)."""
     image = sample_image("chelsea")
     with tempfile.TemporaryDirectory() as tmp:
         # caches off: the same photo and question are sent repeatedly, and these are the cold figures
         repo = render_repository(onnx_dir, Path(tmp) / "repository", max_sequences=1,
-                                 prefix_cache_mib=0, image_cache_mib=0)
+                                 prefix_cache_mib=0, image_cache_mib=0, kv_budget_mib=kv_budget_mib)
         with TritonServer(repo) as server, PeakRSS(server) as rss:
             client = Client(server.grpc_url, timeout_s=1800)
             client.generate(QUESTION, max_tokens=4)
@@ -308,16 +311,19 @@ def _decode(report, name, onnx_dir, art, steps, runs):
         log(f"{name}: no decoder.static.onnx in this export (older `make onnx`); static KV skipped")
 
 
-def _triton(report, name, onnx_dir, art, runs, quick):
+def _triton(report, name, onnx_dir, art, runs, quick, kv_budget_mib=0):
     log(f"{name}: Triton + gRPC vs in process")
     tokens = 24 if quick else (64 if _big(art) else 200)
-    local = in_process_gaps(onnx_dir, tokens, runs)
-    s = served(onnx_dir, tokens, runs, ttft_tokens=4)
+    # in a process of its own: a released decoder's arenas stay in this one (at 11B, 7 GB that
+    # the server measured next would not have)
+    local = run_isolated(in_process_gaps, onnx_dir, tokens, runs, kv_budget_mib)
+    s = served(onnx_dir, tokens, runs, ttft_tokens=4, kv_budget_mib=kv_budget_mib)
     a, b = statistics.median(local), statistics.median(s["gaps"])
     report["triton_overhead"] = {"in_process_ms_per_token": round(a, 3), "triton_grpc_ms_per_token": round(b, 3),
                                  "ratio": round(b / a, 3), "samples": [len(local), len(s["gaps"])]}
     report["ttft_with_image"] = {**s["ttft"], "prompt_tokens": s["prompt_tokens"]}
-    report["server_rss_mb"] = {"idle": s["server_rss_idle_mb"], "peak": s["server_rss_peak_mb"]}
+    report["server_rss_mb"] = {"idle": s["server_rss_idle_mb"], "peak": s["server_rss_peak_mb"],
+                               **({"kv_budget_mib": kv_budget_mib} if kv_budget_mib else {})}
 
 
 def _big(art) -> bool:
@@ -325,7 +331,7 @@ def _big(art) -> bool:
 
 
 def bench_model(name: str, onnx_dir: Path, checkpoint: Path | None, quick: bool,
-                only: set[str] | None = None, previous: dict | None = None) -> dict:
+                only: set[str] | None = None, previous: dict | None = None, kv_budget_mib: int = 0) -> dict:
     art = OnnxArtifacts.open(onnx_dir)
     runs = 2 if quick else (3 if _big(art) else 5)
     steps = 8 if quick else 32
@@ -346,7 +352,7 @@ def bench_model(name: str, onnx_dir: Path, checkpoint: Path | None, quick: bool,
     if wanted("decode"):
         run("decode", lambda: _decode(report, name, onnx_dir, art, steps, runs))
     if wanted("triton"):
-        run("triton", lambda: _triton(report, name, onnx_dir, art, runs, quick))
+        run("triton", lambda: _triton(report, name, onnx_dir, art, runs, quick, kv_budget_mib))
     if wanted("batching") and (_big(art) or quick):  # the tiny model is all per-call overhead
         log(f"{name}: one at a time vs continuous batching, served")
         run("batching", lambda: report.update(batching=batching(onnx_dir, quick)))
@@ -578,6 +584,9 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(ROOT / "docs" / "bench"), help="the per-model JSON the doc is made from")
     ap.add_argument("--doc", default=str(ROOT / "docs" / "BENCHMARKS.md"))
     ap.add_argument("--report-only", action="store_true", help="re-render the doc from the JSON in --out")
+    ap.add_argument("--kv-budget-mib", type=int, default=0,
+                    help="the served KV pool of the triton section (0: the server's default, at most RAM/4; "
+                         "the 11B on a 24 GiB machine needs room for its image encoder beside it)")
     args = ap.parse_args(argv)
     only = None
     if args.only:
@@ -597,7 +606,7 @@ def main(argv=None) -> int:
         previous = None
         if only and saved.exists():  # the other sections are kept; a new model has only these
             previous = json.loads(saved.read_text())
-        report = bench_model(name, onnx_dir, ckpts.get(name), args.quick, only, previous)
+        report = bench_model(name, onnx_dir, ckpts.get(name), args.quick, only, previous, args.kv_budget_mib)
         (out / f"{name}.json").write_text(json.dumps(report, indent=2) + "\n")
         log(f"{name}: wrote {out / f'{name}.json'}")
         reports.append(report)

@@ -46,8 +46,8 @@ class CrossImageEncoder:
                  keys: tuple[str, str] = ("vision_encoder", "cross_kv")):
         """keys: the export's two graphs to run (a quantized export's FP16 copies for its check)."""
         art = OnnxArtifacts.open(onnx_dir)
-        self.vision = session(art.path(keys[0]), threads)
-        self.kv = session(art.path(keys[1]), threads)
+        self.vision = session(art.path(keys[0]), threads, arena=False)
+        self.kv = session(art.path(keys[1]), threads, arena=False)
         self.names = [o.name for o in self.kv.get_outputs()]
 
     def __call__(self, batch: tuple[np.ndarray, np.ndarray, np.ndarray]) -> tuple[list[np.ndarray], float]:

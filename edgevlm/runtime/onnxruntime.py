@@ -18,10 +18,14 @@ from edgevlm.runtime.ort_packed_pool import OrtPackedPool
 from edgevlm.runtime.packed_rows import round_up
 
 
-def session(path: str | Path, threads: int | None = None) -> ort.InferenceSession:
+def session(path: str | Path, threads: int | None = None, arena: bool = True) -> ort.InferenceSession:
+    """arena False: each run's buffers go back to the system when it ends, for a graph whose
+    activations dwarf its weights and that runs seldom (Llama-3.2-Vision's image encoder: 6 GB
+    at 11B, which an arena would keep beside the decoder for good)."""
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads or os.cpu_count() or 1
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.enable_cpu_mem_arena = opts.enable_mem_pattern = arena
     # An export with 16-bit weights (export/half_weights.py) widens them per call: folding those
     # Casts at load would rebuild the FP32 weights the export was made to avoid.
     disabled = ["ConstantFolding"] if half_stored(path) else None
