@@ -205,8 +205,10 @@ def test_served_answers_equal_transformers_batched_with_another_stream(start_ser
         info = client.metadata()
         assert info.model_name == CFG.name and info.family == "mllama"
         assert info.image_tokens == 1  # an image takes one context position, its <|image|> token
-        long = client.stream("Tell me a long story.", max_tokens=CFG.text.max_position - 64, temperature=0.0)
-        next(iter(long))  # that stream is decoding: the others join its steps
+        long = client.stream("Tell me a long story.", max_tokens=CFG.text.max_position - 64, temperature=0.0,
+                             ignore_eos=True)
+        deltas = iter(long)  # kept: a dropped iterator closes its stream (that cancels the generation)
+        next(deltas)  # that stream is decoding: the others join its steps
         before = server.metrics()
         got = {}
 
@@ -219,6 +221,7 @@ def test_served_answers_equal_transformers_batched_with_another_stream(start_ser
         for t in threads:
             t.join()
         after = server.metrics()
+        next(deltas)  # still decoding after the others ended: it was a row of every step between
         long.close()
         assert got == expected
         rows, steps = (f'edgevlm_decode_{name}_total{{model="mobilevlm"}}' for name in ("step_rows", "steps"))

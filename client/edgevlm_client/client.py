@@ -25,7 +25,8 @@ T = TypeVar("T")
 class Stream:
     """Iterate for text deltas; afterwards `.text` is the answer and `.stats` the server's stats.
 
-    Closing it early (break, exception, `close()`) stops the generation on the server with a
+    Closing it early (break, exception, `close()`, or dropping an iterator taken with `iter()`
+    before its end) stops the generation on the server with a
     cancel message on the same stream (contract.CANCEL), waits for its final response and
     then closes the stream; only a server that does not answer the cancel in time gets a
     gRPC-level cancel (tritonserver 2.51 can crash when one races a response).
