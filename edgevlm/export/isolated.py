@@ -19,7 +19,8 @@ from typing import TypeVar
 
 T = TypeVar("T")
 
-_PRELOAD = ["numpy", "onnxruntime", "edgevlm.export.quant_check", "edgevlm.export.mllama_quantize"]
+_PRELOAD = ["numpy", "onnxruntime", "edgevlm.export.quantize", "edgevlm.export.quant_check",
+            "edgevlm.export.mllama_quantize"]
 _context = None
 
 

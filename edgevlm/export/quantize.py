@@ -26,7 +26,6 @@ converted one at a time, 16-bit-stored weights read as they are).
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import shutil
 import time
@@ -38,6 +37,7 @@ import numpy as np
 import onnx
 
 from edgevlm.export import cleanup, matmul_nbits, static_cache, weight_only
+from edgevlm.export.isolated import run_isolated
 from edgevlm.runtime.image import preprocess
 from edgevlm.manifest import OnnxArtifacts, write_manifest
 from edgevlm.staging import staged_dir
@@ -247,9 +247,12 @@ def quantize_export(onnx_dir: str | Path, out_dir: str | Path, precision: str, *
         carried = [k for k in ("embed_tokens", "tokenizer", "image_newline") if k in src.manifest["files"]]
         for key in carried:
             shutil.copy2(src.path(key), tmp / src.manifest["files"][key])
-        agree = functools.partial(_agreement, cfg=cfg,
-                                  table_path=tmp / src.manifest["files"]["embed_tokens"],
-                                  tok_path=tmp / src.manifest["files"]["tokenizer"])
+        table_path, tok_path = tmp / src.manifest["files"]["embed_tokens"], tmp / src.manifest["files"]["tokenizer"]
+
+        def agree(quant: Path, other: Path, static: bool = False) -> float:
+            # in a process of its own, as the gate's stages: two 7B decoders' arenas stayed in
+            # this one and the gate's next form was OOM-killed beside them
+            return run_isolated(_agreement, quant, other, cfg, table_path, tok_path, static)
         qdq = tmp / "decoder.onnx"
         cosines = {"decoder.fp16.onnx": agree(qdq, tmp / "decoder.fp16.onnx")}
         if static:
